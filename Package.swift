@@ -1,0 +1,59 @@
+// swift-tools-version:6.1
+import PackageDescription
+
+let package = Package(
+    name: "NameBasedSockets",
+    platforms: [.macOS(.v13)],
+    products: [
+        .library(name: "NameBasedSockets", targets: ["NameBasedSockets"]),
+        .library(name: "NBSProtocol", targets: ["NBSProtocol"]),
+        .executable(name: "nbs-mobility", targets: ["nbs-mobility"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-crypto.git", from: "3.12.3"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+    ],
+    targets: [
+        // Pure protocol core: frames, codec, buffers, state machines. No I/O.
+        .target(
+            name: "NBSProtocol",
+            dependencies: [
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "Crypto", package: "swift-crypto"),
+            ]
+        ),
+        .target(
+            name: "NameBasedSockets",
+            dependencies: [
+                "NBSProtocol",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .executableTarget(
+            name: "nbs-mobility",
+            dependencies: [
+                "NameBasedSockets",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "NIOCore", package: "swift-nio"),
+            ]
+        ),
+        .testTarget(name: "NBSProtocolTests", dependencies: ["NBSProtocol"]),
+        .testTarget(
+            name: "NameBasedSocketsTests",
+            dependencies: [
+                "NameBasedSockets",
+                "NBSProtocol",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Crypto", package: "swift-crypto"),
+            ]
+        ),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,145 @@
+import NIOCore
+
+public struct SubflowID: Hashable, Sendable, Comparable, CustomStringConvertible {
+    public let rawValue: UInt32
+    public init(_ rawValue: UInt32) { self.rawValue = rawValue }
+    public static func < (a: Self, b: Self) -> Bool { a.rawValue < b.rawValue }
+    public var description: String { "sf\(rawValue)" }
+}
+
+/// The sender's side of the data sequence space: bytes the application wrote that the peer has not
+/// acknowledged at the data level. Each sent segment remembers its subflow, so the data of a subflow
+/// that dies can be sent again on the others.
+public struct SendBuffer: Sendable {
+    public struct Segment: Sendable, Equatable {
+        public var sequence: UInt64
+        public var length: Int
+        public var subflow: SubflowID
+        public var needsReinjection: Bool
+        public var end: UInt64 { sequence + UInt64(length) }
+    }
+
+    public struct Transmission: Sendable {
+        public var sequence: UInt64
+        public var payload: ByteBuffer
+        public var isReinjection: Bool
+    }
+
+    private var chunks = CircularBuffer<(start: UInt64, bytes: ByteBuffer)>()
+    private var inFlight = CircularBuffer<Segment>()
+    private var reinjectionCount = 0
+    /// Every byte below this has been acknowledged by the peer.
+    public private(set) var acknowledged: UInt64 = 0
+    /// First byte never sent.
+    public private(set) var nextNew: UInt64 = 0
+    /// One past the last byte the application wrote.
+    public private(set) var end: UInt64 = 0
+    public let capacity: Int
+
+    public init(capacity: Int) { self.capacity = capacity }
+
+    public var bufferedBytes: Int { Int(end - acknowledged) }
+    public var freeSpace: Int { max(0, capacity - bufferedBytes) }
+    public var hasReinjectionPending: Bool { reinjectionCount > 0 }
+    public var unsentBytes: Int { Int(end - nextNew) }
+    public var inFlightSegments: Int { inFlight.count }
+
+    /// The caller enforces `capacity` (by not completing writes); the buffer itself never refuses
+    /// what the application already handed over.
+    public mutating func append(_ bytes: ByteBuffer) {
+        guard bytes.readableBytes > 0 else { return }
+        chunks.append((end, bytes))
+        end += UInt64(bytes.readableBytes)
+    }
+
+    public enum AcknowledgeError: Error, Equatable { case beyondSent(ack: UInt64, sent: UInt64) }
+
+    /// Returns the number of bytes newly acknowledged. Stale acks (reordered across subflows) are
+    /// harmless; an ack of bytes never sent is a protocol violation.
+    @discardableResult
+    public mutating func acknowledge(upTo ack: UInt64) throws(AcknowledgeError) -> Int {
+        guard ack <= nextNew else { throw .beyondSent(ack: ack, sent: nextNew) }
+        guard ack > acknowledged else { return 0 }
+        let freed = Int(ack - acknowledged)
+        acknowledged = ack
+        while let first = inFlight.first, first.sequence < ack {
+            if first.end <= ack {
+                if first.needsReinjection { reinjectionCount -= 1 }
+                inFlight.removeFirst()
+            } else {
+                let cut = Int(ack - first.sequence)
+                inFlight[inFlight.startIndex].sequence = ack
+                inFlight[inFlight.startIndex].length -= cut
+                break
+            }
+        }
+        while let first = chunks.first, first.start < ack {
+            let chunkEnd = first.start + UInt64(first.bytes.readableBytes)
+            if chunkEnd <= ack {
+                chunks.removeFirst()
+            } else {
+                chunks[chunks.startIndex].bytes.moveReaderIndex(forwardBy: Int(ack - first.start))
+                chunks[chunks.startIndex].start = ack
+                break
+            }
+        }
+        return freed
+    }
+
+    /// Marks everything in flight on `subflow` for sending again; returns how many bytes.
+    @discardableResult
+    public mutating func reinject(from subflow: SubflowID) -> Int {
+        var bytes = 0
+        for i in inFlight.indices where inFlight[i].subflow == subflow && !inFlight[i].needsReinjection {
+            inFlight[i].needsReinjection = true
+            reinjectionCount += 1
+            bytes += inFlight[i].length
+        }
+        return bytes
+    }
+
+    /// The next segment to put on `subflow`: data awaiting reinjection first, then new data below
+    /// `windowEdge` (the peer's acknowledged sequence plus its window).
+    public mutating func nextTransmission(on subflow: SubflowID, maxLength: Int, windowEdge: UInt64) -> Transmission? {
+        if reinjectionCount > 0, let i = inFlight.firstIndex(where: { $0.needsReinjection }) {
+            inFlight[i].needsReinjection = false
+            inFlight[i].subflow = subflow
+            reinjectionCount -= 1
+            let segment = inFlight[i]
+            return Transmission(sequence: segment.sequence, payload: slice(segment.sequence, segment.length), isReinjection: true)
+        }
+        guard nextNew < end, nextNew < windowEdge else { return nil }
+        let (chunkIndex, offset) = locate(nextNew)
+        let chunk = chunks[chunkIndex]
+        let length = min(maxLength, chunk.bytes.readableBytes - offset, Int(windowEdge - nextNew))
+        let payload = chunk.bytes.getSlice(at: chunk.bytes.readerIndex + offset, length: length)!
+        let segment = Segment(sequence: nextNew, length: length, subflow: subflow, needsReinjection: false)
+        inFlight.append(segment)
+        nextNew += UInt64(length)
+        return Transmission(sequence: segment.sequence, payload: payload, isReinjection: false)
+    }
+
+    /// Segments never cross a chunk boundary, so a segment is always one zero-copy slice.
+    private func slice(_ sequence: UInt64, _ length: Int) -> ByteBuffer {
+        let (chunkIndex, offset) = locate(sequence)
+        let chunk = chunks[chunkIndex]
+        return chunk.bytes.getSlice(at: chunk.bytes.readerIndex + offset, length: length)!
+    }
+
+    private func locate(_ sequence: UInt64) -> (CircularBuffer<(start: UInt64, bytes: ByteBuffer)>.Index, Int) {
+        // Binary search: the chunk with the greatest start <= sequence.
+        var low = 0
+        var high = chunks.count - 1
+        while low < high {
+            let mid = (low + high + 1) / 2
+            if chunks[chunks.index(chunks.startIndex, offsetBy: mid)].start <= sequence { low = mid } else { high = mid - 1 }
+        }
+        let index = chunks.index(chunks.startIndex, offsetBy: low)
+        return (index, Int(sequence - chunks[index].start))
+    }
+
+    /// Bytes in flight per subflow, for statistics and tests.
+    public func inFlightBytes(on subflow: SubflowID) -> Int {
+        inFlight.reduce(0) { $1.subflow == subflow && !$1.needsReinjection ? $0 + $1.length : $0 }
+    }
+}

@@ -1,0 +1,311 @@
+import NIOCore
+
+public enum MultipathPolicy: String, Sendable, CaseIterable, Codable {
+    /// All subflows, the lowest-RTT writable one first (MPTCP's default scheduler).
+    case aggregate
+    /// The primary (first non-backup) subflow only; the others stand by until it fails.
+    case handover
+    /// The lowest-RTT subflow only, so queues stay short.
+    case interactive
+}
+
+public enum SessionProtocolError: Error, Equatable, Sendable, CustomStringConvertible {
+    case dataBeyondWindow(sequence: UInt64, rightEdge: UInt64)
+    case dataAfterFin(sequence: UInt64, final: UInt64)
+    case ackBeyondSent(ack: UInt64, sent: UInt64)
+    case conflictingFin(UInt64, UInt64)
+
+    public var description: String {
+        switch self {
+        case .dataBeyondWindow(let s, let e): "DATA at \(s) beyond the receive window (right edge \(e))"
+        case .dataAfterFin(let s, let f): "DATA at \(s) past DATA_FIN at \(f)"
+        case .ackBeyondSent(let a, let s): "DATA_ACK \(a) for data never sent (sent up to \(s))"
+        case .conflictingFin(let a, let b): "DATA_FIN moved from \(a) to \(b)"
+        }
+    }
+}
+
+/// The data plane of one session as a value type: send buffer, reassembly, scheduler, data-level
+/// acknowledgements and DATA_FIN. It performs no I/O. The engine feeds it frames and subflow state
+/// changes and pulls `nextTransmission()` until it returns nil.
+public struct SessionCore: Sendable {
+    public struct Configuration: Sendable {
+        public var policy: MultipathPolicy = .aggregate
+        public var maxSegmentSize = 32 * 1024
+        public var sendBufferCapacity = 8 * 1024 * 1024
+        public var receiveCapacity = 8 * 1024 * 1024
+        public init() {}
+    }
+
+    public struct SubflowStats: Sendable, Equatable {
+        public var bytesSent = 0
+        public var bytesReceived = 0
+        public var reinjectedBytes = 0
+        public var duplicateBytesReceived = 0
+    }
+
+    struct Subflow: Sendable {
+        var id: SubflowID
+        var backup: Bool
+        var writable = true
+        var alive = true
+        var smoothedRTT: Double?  // milliseconds
+        var stats = SubflowStats()
+    }
+
+    public enum Transmission: Sendable, Equatable {
+        case data(SubflowID, sequence: UInt64, payload: ByteBuffer, reinjection: Bool)
+        case dataAck(SubflowID, Frame.DataAck)
+        case dataFin(SubflowID, Frame.DataFin)
+
+        public var subflow: SubflowID {
+            switch self {
+            case .data(let s, _, _, _), .dataAck(let s, _), .dataFin(let s, _): s
+            }
+        }
+    }
+
+    private enum LocalFin: Sendable, Equatable {
+        case open
+        case pending
+        case sent(SubflowID)
+        case acknowledged
+    }
+
+    public let configuration: Configuration
+    public private(set) var send: SendBuffer
+    public private(set) var receive: ReassemblyBuffer
+    private var subflows: [SubflowID: Subflow] = [:]
+    /// Establishment order; the first non-backup subflow is the primary.
+    private var order: [SubflowID] = []
+    private var peerWindowEdge: UInt64
+    private var localFin = LocalFin.open
+    public private(set) var remoteFinalSequence: UInt64?
+    private var lastAdvertisedAck: UInt64 = 0
+    private var lastAdvertisedEdge: UInt64 = 0
+    private var ackOwed = false
+    private var lastDataSubflow: SubflowID?
+    public private(set) var reinjectedBytes = 0
+
+    public init(configuration: Configuration = .init(), peerInitialWindow: UInt32 = 0) {
+        self.configuration = configuration
+        self.send = SendBuffer(capacity: configuration.sendBufferCapacity)
+        self.receive = ReassemblyBuffer(capacity: configuration.receiveCapacity)
+        self.peerWindowEdge = UInt64(peerInitialWindow)
+    }
+
+    // MARK: subflows
+
+    public mutating func addSubflow(_ id: SubflowID, backup: Bool) {
+        precondition(subflows[id] == nil, "subflow \(id) added twice")
+        subflows[id] = Subflow(id: id, backup: backup)
+        order.append(id)
+    }
+
+    public mutating func setWritable(_ id: SubflowID, _ writable: Bool) {
+        subflows[id]?.writable = writable
+    }
+
+    public mutating func setBackup(_ id: SubflowID, _ backup: Bool) {
+        subflows[id]?.backup = backup
+    }
+
+    public mutating func recordRTT(_ id: SubflowID, milliseconds sample: Double) {
+        guard let old = subflows[id]?.smoothedRTT else {
+            subflows[id]?.smoothedRTT = sample
+            return
+        }
+        subflows[id]?.smoothedRTT = old * 7 / 8 + sample / 8
+    }
+
+    /// The subflow is gone (closed, reset, retired). Its unacknowledged data is queued to go out on
+    /// the others at once. Returns the number of bytes queued for reinjection.
+    @discardableResult
+    public mutating func removeSubflow(_ id: SubflowID) -> Int {
+        guard subflows[id]?.alive == true else { return 0 }
+        subflows[id]!.alive = false
+        let bytes = send.reinject(from: id)
+        if localFin == .sent(id) { localFin = .pending }
+        if lastDataSubflow == id { lastDataSubflow = nil }
+        if receive.nextExpected > 0 || remoteFinalSequence != nil { ackOwed = true }
+        return bytes
+    }
+
+    public var aliveSubflows: [SubflowID] { order.filter { subflows[$0]!.alive } }
+    public func stats(_ id: SubflowID) -> SubflowStats? { subflows[id]?.stats }
+    public func smoothedRTT(_ id: SubflowID) -> Double? { subflows[id]?.smoothedRTT }
+    public func isBackup(_ id: SubflowID) -> Bool { subflows[id]?.backup ?? false }
+
+    // MARK: application side
+
+    public var writableSpace: Int { localFin == .open ? send.freeSpace : 0 }
+
+    public mutating func write(_ bytes: ByteBuffer) {
+        precondition(localFin == .open, "write after finish")
+        send.append(bytes)
+    }
+
+    /// The application has nothing more to send: a DATA_FIN follows the data.
+    public mutating func finish() {
+        if localFin == .open { localFin = .pending }
+    }
+
+    public mutating func read(maxBytes: Int = .max) -> ByteBuffer? {
+        guard let bytes = receive.read(maxBytes: maxBytes) else { return nil }
+        // Re-open the window once a quarter of it is free again, so a sender blocked on a full
+        // window resumes without waiting for new data to trigger an acknowledgement.
+        if receive.rightEdge - lastAdvertisedEdge >= UInt64(configuration.receiveCapacity / 4) { ackOwed = true }
+        return bytes
+    }
+
+    public var readableBytes: Int { receive.readyBytes }
+    /// The peer's DATA_FIN has arrived and every byte before it has been read.
+    public var isReadFinished: Bool {
+        guard let final = remoteFinalSequence else { return false }
+        return receive.nextExpected == final && receive.readyBytes == 0
+    }
+    /// Our DATA_FIN and every byte before it are acknowledged.
+    public var isWriteFinished: Bool { localFin == .acknowledged }
+    public var isFinished: Bool { isReadFinished && isWriteFinished }
+    public var unacknowledgedBytes: Int { send.bufferedBytes }
+
+    // MARK: frames from the peer
+
+    public enum Outcome: Sendable, Equatable {
+        case none
+        /// New in-order data is readable.
+        case dataReadable
+        /// Send space was freed or the peer's window opened.
+        case sendProgress
+        case peerFinished
+    }
+
+    public mutating func receiveData(_ data: Frame.Data, on id: SubflowID) throws(SessionProtocolError) -> Outcome {
+        let length = data.payload.readableBytes
+        subflows[id]?.stats.bytesReceived += length
+        if let final = remoteFinalSequence, data.sequence + UInt64(length) > final {
+            throw .dataAfterFin(sequence: data.sequence, final: final)
+        }
+        lastDataSubflow = id
+        switch receive.insert(sequence: data.sequence, data.payload) {
+        case .accepted(let inOrder):
+            if receive.nextExpected - lastAdvertisedAck >= UInt64(ackThreshold) { ackOwed = true }
+            if let final = remoteFinalSequence, receive.nextExpected == final { ackOwed = true }
+            return inOrder > 0 ? .dataReadable : .none
+        case .duplicate:
+            subflows[id]?.stats.duplicateBytesReceived += length
+            return .none
+        case .beyondWindow:
+            throw .dataBeyondWindow(sequence: data.sequence, rightEdge: receive.rightEdge)
+        }
+    }
+
+    private var ackThreshold: Int { min(64 * 1024, configuration.receiveCapacity / 8) }
+
+    /// End of a read batch on a subflow: acknowledge whatever arrived since the last DATA_ACK.
+    public mutating func readBatchComplete() {
+        if receive.nextExpected > lastAdvertisedAck { ackOwed = true }
+    }
+
+    public mutating func receiveAck(_ ack: Frame.DataAck) throws(SessionProtocolError) -> Outcome {
+        var dataAck = ack.cumulativeAck
+        var finAcked = false
+        if localFin != .open, localFin != .acknowledged, send.nextNew == send.end, dataAck == send.end + 1 {
+            finAcked = true
+            dataAck = send.end
+        }
+        let freed: Int
+        do {
+            freed = try send.acknowledge(upTo: dataAck)
+        } catch {
+            throw .ackBeyondSent(ack: ack.cumulativeAck, sent: send.nextNew)
+        }
+        let edge = dataAck + UInt64(ack.window)
+        let windowOpened = edge > peerWindowEdge
+        if windowOpened { peerWindowEdge = edge }
+        if finAcked {
+            localFin = .acknowledged
+            return .sendProgress
+        }
+        return freed > 0 || windowOpened ? .sendProgress : .none
+    }
+
+    public mutating func receiveFin(_ fin: Frame.DataFin) throws(SessionProtocolError) -> Outcome {
+        if let known = remoteFinalSequence {
+            guard known == fin.finalSequence else { throw .conflictingFin(known, fin.finalSequence) }
+            ackOwed = true  // the peer resends a FIN whose ack it lost with a subflow
+            return .none
+        }
+        guard fin.finalSequence >= receive.nextExpected, fin.finalSequence <= receive.rightEdge else {
+            throw .dataAfterFin(sequence: receive.nextExpected, final: fin.finalSequence)
+        }
+        remoteFinalSequence = fin.finalSequence
+        if receive.nextExpected == fin.finalSequence { ackOwed = true }
+        return .peerFinished
+    }
+
+    // MARK: what to send next
+
+    /// The next frame to put on the wire, or nil when nothing may be sent now. Acknowledgements
+    /// go first, then reinjected data, then new data, then DATA_FIN.
+    public mutating func nextTransmission() -> Transmission? {
+        if ackOwed, let target = ackSubflow() {
+            ackOwed = false
+            var cumulative = receive.nextExpected
+            if let final = remoteFinalSequence, final == receive.nextExpected { cumulative = final + 1 }
+            lastAdvertisedAck = receive.nextExpected
+            lastAdvertisedEdge = receive.rightEdge
+            return .dataAck(target, .init(cumulativeAck: cumulative, window: receive.window))
+        }
+        let hasData = send.hasReinjectionPending || (send.unsentBytes > 0 && send.nextNew < peerWindowEdge)
+        if hasData, let target = scheduledSubflow() {
+            let segment = send.nextTransmission(on: target, maxLength: configuration.maxSegmentSize, windowEdge: peerWindowEdge)!
+            let length = segment.payload.readableBytes
+            subflows[target]!.stats.bytesSent += length
+            if segment.isReinjection {
+                subflows[target]!.stats.reinjectedBytes += length
+                reinjectedBytes += length
+            }
+            return .data(target, sequence: segment.sequence, payload: segment.payload, reinjection: segment.isReinjection)
+        }
+        if localFin == .pending, send.unsentBytes == 0, !send.hasReinjectionPending, let target = scheduledSubflow() ?? ackSubflow() {
+            localFin = .sent(target)
+            return .dataFin(target, .init(finalSequence: send.end))
+        }
+        return nil
+    }
+
+    /// Acknowledgements are small and latency-critical: they go on the subflow data last came
+    /// from, else on any live one, regardless of writability.
+    private func ackSubflow() -> SubflowID? {
+        if let last = lastDataSubflow, subflows[last]?.alive == true { return last }
+        return aliveSubflows.first
+    }
+
+    /// The scheduler's decision for the next data segment, according to the policy.
+    func scheduledSubflow() -> SubflowID? {
+        let alive = order.compactMap { subflows[$0] }.filter(\.alive)
+        let regular = alive.filter { !$0.backup }
+        // Backups carry data only when no regular subflow is left.
+        let pool = regular.isEmpty ? alive : regular
+        switch configuration.policy {
+        case .handover:
+            guard let primary = pool.first, primary.writable else { return nil }
+            return primary.id
+        case .interactive:
+            guard let fastest = pool.min(by: Self.fasterFirst), fastest.writable else { return nil }
+            return fastest.id
+        case .aggregate:
+            return pool.filter(\.writable).min(by: Self.fasterFirst)?.id
+        }
+    }
+
+    /// Unmeasured subflows sort after measured ones; ties keep establishment order (min is stable).
+    private static func fasterFirst(_ a: Subflow, _ b: Subflow) -> Bool {
+        switch (a.smoothedRTT, b.smoothedRTT) {
+        case let (x?, y?): x < y
+        case (_?, nil): true
+        default: false
+        }
+    }
+}
