@@ -42,6 +42,7 @@ public struct SessionCore: Sendable {
         public var bytesReceived = 0
         public var reinjectedBytes = 0
         public var duplicateBytesReceived = 0
+        public init() {}
     }
 
     struct Subflow: Sendable {
@@ -210,7 +211,9 @@ public struct SessionCore: Sendable {
     public mutating func receiveAck(_ ack: Frame.DataAck) throws(SessionProtocolError) -> Outcome {
         var dataAck = ack.cumulativeAck
         var finAcked = false
-        if localFin != .open, localFin != .acknowledged, send.nextNew == send.end, dataAck == send.end + 1 {
+        // The DATA_FIN occupies one sequence number after the data; its ack may arrive more than
+        // once (on several subflows), or after the subflow that carried it died.
+        if localFin != .open, send.nextNew == send.end, dataAck == send.end + 1 {
             finAcked = true
             dataAck = send.end
         }
@@ -223,7 +226,7 @@ public struct SessionCore: Sendable {
         let edge = dataAck + UInt64(ack.window)
         let windowOpened = edge > peerWindowEdge
         if windowOpened { peerWindowEdge = edge }
-        if finAcked {
+        if finAcked, localFin != .acknowledged {
             localFin = .acknowledged
             return .sendProgress
         }

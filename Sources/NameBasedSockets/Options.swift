@@ -1,0 +1,163 @@
+import NBSProtocol
+import NIOCore
+import NIOPosix
+
+public typealias MultipathPolicy = NBSProtocol.MultipathPolicy
+
+/// Options for `NBS.open` and `NBS.listen`.
+public struct NBSOptions: Sendable {
+    public var policy: MultipathPolicy = .aggregate
+    /// Most subflows a session runs (and, on a listener, accepts per session).
+    public var maxSubflows = 8
+    public var resolver: any NameResolver = SystemResolver()
+    /// Local addresses to open subflows from. nil: the host's usable addresses, read at open.
+    public var localAddresses: [SocketAddress]?
+    public var eventLoopGroup: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton
+    public var connectTimeout: TimeAmount = .seconds(5)
+    /// How long a new subflow may take to complete OPEN/ACCEPT or JOIN.
+    public var handshakeTimeout: TimeAmount = .seconds(5)
+    /// How long `close()` waits for the peer's DATA_FIN and acknowledgements before aborting.
+    public var closeTimeout: TimeAmount = .seconds(30)
+    public var probeInterval: TimeAmount = .seconds(1)
+    public var sendBufferCapacity = 8 * 1024 * 1024
+    public var receiveCapacity = 8 * 1024 * 1024
+    public var maxSegmentSize = 32 * 1024
+    /// Listener only: sessions handed out by `accept()` are queued up to this many; more are refused.
+    public var acceptBacklog = 128
+    /// Listener only: addresses to bind. nil: the IPv6 wildcard (dual-stack), else IPv4's.
+    public var bindAddresses: [SocketAddress]?
+
+    public init() {}
+
+    var coreConfiguration: SessionCore.Configuration {
+        var c = SessionCore.Configuration()
+        c.policy = policy
+        c.maxSegmentSize = min(maxSegmentSize, NBSWire.maxDataPayload)
+        c.sendBufferCapacity = sendBufferCapacity
+        c.receiveCapacity = receiveCapacity
+        return c
+    }
+}
+
+public enum NBSError: Error, Sendable, Equatable, CustomStringConvertible {
+    case invalidName(String)
+    case nameResolutionFailed(name: String, reason: String)
+    case noUsableAddressPairs(peer: String)
+    case connectFailed(peer: String, reason: String)
+    case refused(reason: CloseReason, message: String)
+    case handshakeFailed(String)
+    case allSubflowsLost
+    case abortedByPeer(reason: CloseReason, message: String)
+    case aborted(reason: CloseReason, message: String)
+    case protocolViolation(String)
+    case writeAfterFinish
+    case closeTimedOut
+    case listenerClosed
+    case bindFailed(String)
+
+    public var description: String {
+        switch self {
+        case .invalidName(let n): "invalid name '\(n)'"
+        case .nameResolutionFailed(let name, let reason): "cannot resolve '\(name)': \(reason)"
+        case .noUsableAddressPairs(let peer): "no usable (local, remote) address pair of the same family for '\(peer)'"
+        case .connectFailed(let peer, let reason): "cannot reach '\(peer)': \(reason)"
+        case .refused(let reason, let message): "the peer refused the session: \(reason)\(message.isEmpty ? "" : ": \(message)")"
+        case .handshakeFailed(let why): "handshake failed: \(why)"
+        case .allSubflowsLost: "every subflow of the session was lost"
+        case .abortedByPeer(let reason, let message): "the peer aborted the session: \(reason)\(message.isEmpty ? "" : ": \(message)")"
+        case .aborted(let reason, let message): "session aborted: \(reason)\(message.isEmpty ? "" : ": \(message)")"
+        case .protocolViolation(let why): "protocol violation: \(why)"
+        case .writeAfterFinish: "write after the session was finished"
+        case .closeTimedOut: "the peer did not finish the session in time"
+        case .listenerClosed: "the listener is closed"
+        case .bindFailed(let why): "cannot listen: \(why)"
+        }
+    }
+}
+
+/// How far the peer's name was verified (DESIGN.md, Security). This version verifies nothing yet.
+public enum PeerVerification: String, Sendable, Codable {
+    case claimed
+    case dnsConfirmed
+    case keyVerified
+}
+
+public enum SubflowState: String, Sendable, Codable {
+    case connecting
+    case active
+    case backup
+    case closed
+}
+
+public struct SubflowInfo: Sendable, Equatable {
+    public var id: UInt32
+    public var local: SocketAddress
+    public var remote: SocketAddress
+    public var interface: String?
+    public var state: SubflowState
+    public var rttMilliseconds: Double?
+    public var bytesSent: Int
+    public var bytesReceived: Int
+    public var reinjectedBytes: Int
+    public var closeReason: String?
+}
+
+public enum SessionEvent: Sendable, Equatable {
+    case subflowUp(SubflowInfo)
+    case subflowDown(SubflowInfo, reason: String)
+    /// Data of a lost subflow queued for sending again on the others.
+    case reinjected(bytes: Int, from: UInt32)
+    case addressAnnounced(SocketAddress)
+    case addressRemoved(SocketAddress)
+    case waiting
+    case resumed
+    case closed
+    case failed(NBSError)
+}
+
+extension SocketAddress {
+    var hostString: String { ipAddress ?? description }
+    var isLoopbackAddress: Bool {
+        guard let ip = ipAddress else { return false }
+        return ip.hasPrefix("127.") || ip == "::1"
+    }
+    var isLinkLocalAddress: Bool { (ipAddress?.lowercased().hasPrefix("fe80:")) ?? false }
+    var familyIsIPv4: Bool { if case .v4 = self { true } else { false } }
+    var familyIsIPv6: Bool { if case .v6 = self { true } else { false } }
+
+    func sameFamily(_ other: SocketAddress) -> Bool {
+        (familyIsIPv4 && other.familyIsIPv4) || (familyIsIPv6 && other.familyIsIPv6)
+    }
+
+    /// A dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d; report them as the IPv4 they are.
+    var unmapped: SocketAddress {
+        guard case .v6 = self, let ip = ipAddress, ip.lowercased().hasPrefix("::ffff:"), ip.contains("."),
+            let v4 = try? SocketAddress(ipAddress: String(ip.dropFirst(7)), port: port ?? 0)
+        else { return self }
+        return v4
+    }
+
+    func withPort(_ port: Int) -> SocketAddress {
+        (try? SocketAddress(ipAddress: hostString, port: port)) ?? self
+    }
+
+    var wireAddress: WireAddress? {
+        var bytes: [UInt8]
+        switch self {
+        case .v4(let a):
+            bytes = withUnsafeBytes(of: a.address.sin_addr) { Array($0) }
+        case .v6(let a):
+            bytes = withUnsafeBytes(of: a.address.sin6_addr) { Array($0) }
+        default:
+            return nil
+        }
+        return WireAddress(bytes: bytes, port: UInt16(port ?? 0))
+    }
+
+    init?(_ wire: WireAddress) {
+        var storage = ByteBuffer(bytes: wire.bytes)
+        let packed = storage.readBytes(length: storage.readableBytes) ?? []
+        guard let address = try? SocketAddress(packedIPAddress: ByteBuffer(bytes: packed), port: Int(wire.port)) else { return nil }
+        self = address
+    }
+}

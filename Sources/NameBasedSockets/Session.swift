@@ -1,0 +1,93 @@
+import NBSProtocol
+import NIOCore
+
+/// A name-based, multipath byte stream. Safe to use from any task; its work runs on one event loop.
+public final class Session: Sendable {
+    public enum Role: String, Sendable { case opener, listener }
+
+    public let localName: String
+    public let peerName: String
+    public let port: Int
+    public let role: Role
+    /// How far `peerName` was verified. Verification is not implemented yet: always `.claimed`.
+    public let peerVerification: PeerVerification
+    /// Subflow, address and lifecycle events. One consumer; the newest 1024 are kept if unread.
+    public let events: AsyncStream<SessionEvent>
+    let engine: NIOLoopBound<SessionEngine>
+    let loop: any EventLoop
+
+    init(engine: SessionEngine) {
+        self.localName = engine.localName
+        self.peerName = engine.peerName
+        self.port = engine.port
+        self.role = engine.role == .opener ? .opener : .listener
+        self.peerVerification = .claimed
+        self.events = engine.events
+        self.engine = NIOLoopBound(engine, eventLoop: engine.loop)
+        self.loop = engine.loop
+    }
+
+    /// Up to `maxBytes` of in-order data; nil once the peer has finished and everything is read.
+    public func read(maxBytes: Int = 1 << 20) async throws -> ByteBuffer? {
+        let engine = self.engine
+        return try await loop.flatSubmit { engine.value.read(maxBytes: maxBytes) }.get()
+    }
+
+    /// Returns once the session has buffered the bytes (backpressure: it waits while the send
+    /// buffer is full). Bytes are delivered exactly once, in order, whichever subflows carry them.
+    public func write(_ bytes: ByteBuffer) async throws {
+        let engine = self.engine
+        try await loop.flatSubmit { engine.value.write(bytes) }.get()
+    }
+
+    public func write(_ bytes: some Sequence<UInt8>) async throws {
+        try await write(ByteBuffer(bytes: bytes))
+    }
+
+    /// Half-close: a DATA_FIN follows what was written. Reading goes on.
+    public func finish() async {
+        let engine = self.engine
+        try? await loop.submit { engine.value.finish() }.get()
+    }
+
+    /// Graceful close: DATA_FIN, then wait until the peer's DATA_FIN arrived, everything was read
+    /// and both sides' data is acknowledged. Fails if that takes longer than `closeTimeout`.
+    public func close() async throws {
+        let engine = self.engine
+        try await loop.flatSubmit { engine.value.close() }.get()
+    }
+
+    /// Immediate end: ABORT to the peer on every subflow; buffered data is dropped.
+    public func abort(reason: String = "") async {
+        let engine = self.engine
+        try? await loop.submit { engine.value.abort(reason: .applicationAbort, message: reason) }.get()
+    }
+
+    public var subflows: [SubflowInfo] {
+        get async {
+            let engine = self.engine
+            return (try? await loop.submit { engine.value.subflowInfos }.get()) ?? []
+        }
+    }
+
+    public var statistics: SessionStatistics {
+        get async {
+            let engine = self.engine
+            return (try? await loop.submit { engine.value.statistics }.get()) ?? SessionStatistics()
+        }
+    }
+}
+
+public struct SessionStatistics: Sendable, Equatable {
+    public var maxConcurrentSubflows = 0
+    public var reinjectedBytes = 0
+    public var unacknowledgedBytes = 0
+    public var duplicateBytesReceived = 0
+}
+
+extension SessionEngine {
+    var statistics: SessionStatistics {
+        SessionStatistics(maxConcurrentSubflows: maxConcurrentSubflows, reinjectedBytes: core.reinjectedBytes,
+                          unacknowledgedBytes: core.unacknowledgedBytes, duplicateBytesReceived: core.receive.duplicateBytes)
+    }
+}

@@ -1,0 +1,554 @@
+import Logging
+import NBSProtocol
+import NIOCore
+import NIOPosix
+
+/// Runs one session: it owns the subflow channels and feeds a `SessionCore`, performing what the
+/// core decides. Confined to one event loop; every subflow of the session lives on that loop, so
+/// nothing here needs a lock.
+final class SessionEngine: SubflowDelegate {
+    enum Role { case opener, listener }
+
+    enum State: Equatable {
+        case open
+        /// Both DATA_FINs are acknowledged; CLOSE sent, subflows shutting down.
+        case closing
+        case closed
+        case failed(NBSError)
+    }
+
+    struct SubflowRecord {
+        let handler: SubflowHandler
+        var machine: SubflowStateMachine
+        let local: SocketAddress
+        let remote: SocketAddress
+        let interface: String?
+        var backup: Bool
+        var pendingJoin: Frame.Join?
+        var established = false
+        var closed = false
+        var closeReason: String?
+    }
+
+    let loop: any EventLoop
+    let role: Role
+    let localName: String
+    let peerName: String
+    let port: Int
+    let options: NBSOptions
+    let logger: Logger
+    private(set) var core: SessionCore
+    private var joins: JoinAuthenticator
+    private var signals: SignalAuthenticator
+    private var records: [SubflowID: SubflowRecord] = [:]
+    private var nextSubflowID: UInt32 = 0
+    private(set) var state = State.open
+    private(set) var maxConcurrentSubflows = 0
+    let addressBook: LocalAddressBook
+    var peerAddresses: [SocketAddress]
+
+    private var readWaiters = CircularBuffer<(maxBytes: Int, promise: EventLoopPromise<ByteBuffer?>)>()
+    private var writeWaiters = CircularBuffer<(bytes: ByteBuffer, promise: EventLoopPromise<Void>)>()
+    private var finishRequested = false
+    private var closeWaiters: [EventLoopPromise<Void>] = []
+    private let eventContinuation: AsyncStream<SessionEvent>.Continuation
+    let events: AsyncStream<SessionEvent>
+    private var pumping = false
+    private var probeTask: RepeatedTask?
+    private var lingerTask: Scheduled<Void>?
+    /// Called once when the session ends, so a listener can forget its token.
+    var onTerminate: (() -> Void)?
+
+    init(loop: any EventLoop, role: Role, localName: String, peerName: String, port: Int, options: NBSOptions,
+         keys: SessionKeys, token: UInt64, peerInitialWindow: UInt32, addressBook: LocalAddressBook, peerAddresses: [SocketAddress]) {
+        self.loop = loop
+        self.role = role
+        self.localName = localName
+        self.peerName = peerName
+        self.port = port
+        self.options = options
+        self.core = SessionCore(configuration: options.coreConfiguration, peerInitialWindow: peerInitialWindow)
+        self.joins = JoinAuthenticator(keys: keys, token: token)
+        self.signals = SignalAuthenticator(keys: keys, localRole: role == .opener ? .client : .server)
+        self.addressBook = addressBook
+        self.peerAddresses = peerAddresses
+        var logger = Logger(label: "nbs.session")
+        logger[metadataKey: "session"] = "\(String(token, radix: 16))"
+        self.logger = logger
+        (events, eventContinuation) = AsyncStream.makeStream(of: SessionEvent.self, bufferingPolicy: .bufferingNewest(1024))
+    }
+
+    private var bound: NIOLoopBound<SessionEngine> { NIOLoopBound(self, eventLoop: loop) }
+
+    // MARK: subflows
+
+    private func allocateID() -> SubflowID {
+        defer { nextSubflowID += 1 }
+        return SubflowID(nextSubflowID)
+    }
+
+    var liveSubflowCount: Int { records.values.filter { !$0.closed }.count }
+
+    /// Adopts a subflow whose handshake already completed (the first one, or a verified JOIN).
+    func adoptEstablished(_ handler: SubflowHandler, machine: SubflowStateMachine, local: SocketAddress, remote: SocketAddress, backup: Bool, rttSample: Double? = nil) {
+        loop.preconditionInEventLoop()
+        let id = allocateID()
+        handler.id = id
+        handler.delegate = self
+        records[id] = SubflowRecord(handler: handler, machine: machine, local: local.unmapped, remote: remote.unmapped,
+                                    interface: addressBook.interface(for: local.unmapped), backup: backup, established: true)
+        core.addSubflow(id, backup: backup)
+        if let rttSample { core.recordRTT(id, milliseconds: rttSample) }
+        core.setWritable(id, handler.isWritable)
+        maxConcurrentSubflows = max(maxConcurrentSubflows, core.aliveSubflows.count)
+        eventContinuation.yield(.subflowUp(info(id)))
+        startProbingIfNeeded()
+        pump()
+    }
+
+    /// Opener: the full mesh of same-family (local, remote) pairs, within the subflow limit,
+    /// without the pairs already in use.
+    func joinMissingPairs() {
+        guard role == .opener, state == .open else { return }
+        var budget = options.maxSubflows - liveSubflowCount
+        guard budget > 0 else { return }
+        let inUse = Set(records.values.filter { !$0.closed }.map { PairKey(local: $0.local.hostString, remote: $0.remote.hostString) })
+        for remote in peerAddresses {
+            let locals = options.localAddresses?.filter { $0.sameFamily(remote) } ?? addressBook.usable(towards: remote)
+            for local in locals where budget > 0 {
+                guard !inUse.contains(PairKey(local: local.hostString, remote: remote.hostString)) else { continue }
+                budget -= 1
+                startJoin(from: local, to: remote)
+            }
+        }
+    }
+
+    private struct PairKey: Hashable {
+        var local: String
+        var remote: String
+    }
+
+    private func startJoin(from local: SocketAddress, to remote: SocketAddress) {
+        let bound = self.bound
+        let backup = options.policy == .handover && core.aliveSubflows.contains { !core.isBackup($0) }
+        SubflowConnector.connect(on: loop, from: local, to: remote, options: options).whenComplete { result in
+            let engine = bound.value
+            switch result {
+            case .success(let channel):
+                guard let handler = try? channel.pipeline.syncOperations.handler(type: SubflowHandler.self) else { return }
+                engine.joinConnected(handler, local: local, remote: remote, backup: backup)
+            case .failure(let error):
+                engine.logger.debug("join \(local.hostString) → \(remote.hostString) failed: \(error)")
+            }
+        }
+    }
+
+    private func joinConnected(_ handler: SubflowHandler, local: SocketAddress, remote: SocketAddress, backup: Bool) {
+        guard state == .open, liveSubflowCount < options.maxSubflows else {
+            handler.writeAndClose(nil)
+            return
+        }
+        let id = allocateID()
+        handler.id = id
+        handler.delegate = self
+        let join = joins.makeJoin(backup: backup)
+        records[id] = SubflowRecord(handler: handler, machine: .openerSide(joining: true), local: local, remote: remote,
+                                    interface: addressBook.interface(for: local), backup: backup, pendingJoin: join)
+        handler.write(.join(join))
+        handler.handshakeSentAt = .now()
+        let bound = self.bound
+        loop.scheduleTask(in: options.handshakeTimeout) {
+            let engine = bound.value
+            if let record = engine.records[id], !record.established, !record.closed {
+                engine.retire(id, reason: "JOIN timed out", abort: .timeout)
+            }
+        }
+    }
+
+    /// Listener: a JOIN arrived on a new connection for this session's token.
+    func verifyJoin(_ join: Frame.Join) -> JoinAuthenticator.JoinVerdict {
+        guard state == .open else { return .refused(.shuttingDown) }
+        guard liveSubflowCount < options.maxSubflows else { return .refused(.tooManySubflows) }
+        return joins.verify(join)
+    }
+
+    /// Closes one subflow; its unacknowledged data goes out on the others at once.
+    func retire(_ id: SubflowID, reason: String, abort: CloseReason? = nil) {
+        guard let record = records[id], !record.closed else { return }
+        if let abort {
+            record.handler.writeAndClose(record.established ? signals.close(abort, reason, abort: true) : .abort(.init(reason: abort, message: reason)))
+        } else {
+            record.handler.writeAndClose(nil)
+        }
+        subflowGone(id, reason: reason)
+    }
+
+    private func subflowGone(_ id: SubflowID, reason: String) {
+        guard var record = records[id], !record.closed else { return }
+        record.closed = true
+        record.closeReason = reason
+        record.machine.closed()
+        records[id] = record
+        guard record.established else {
+            checkSubflowsLeft()
+            return
+        }
+        let reinjected = core.removeSubflow(id)
+        if state == .open {
+            logger.info("subflow \(id) \(record.local.hostString) → \(record.remote.hostString) down: \(reason); reinjecting \(reinjected) bytes")
+            eventContinuation.yield(.subflowDown(info(id), reason: reason))
+            if reinjected > 0 { eventContinuation.yield(.reinjected(bytes: reinjected, from: id.rawValue)) }
+            checkSubflowsLeft()
+            pump()
+        } else if state == .closing {
+            checkClosingDone()
+        }
+    }
+
+    private func checkSubflowsLeft() {
+        guard state == .open, core.aliveSubflows.isEmpty else { return }
+        let pending = records.values.contains { !$0.closed && !$0.established }
+        if !pending { fail(.allSubflowsLost, notifyPeer: nil) }
+    }
+
+    // MARK: SubflowDelegate
+
+    func subflow(_ handler: SubflowHandler, received frame: Frame) {
+        let id = handler.id
+        guard var record = records[id] else { return }
+        let action = record.machine.receive(frame)
+        records[id] = record
+        switch action {
+        case .ignore:
+            break
+        case .handshake(let frame):
+            handleJoinAck(id, frame)
+        case .session(let frame):
+            handleSessionFrame(id, frame)
+        case .peerClosed(let close):
+            guard signals.accept(.close(close)) else {
+                retire(id, reason: "unauthenticated CLOSE", abort: .authenticationFailed)
+                return
+            }
+            // The peer finished; its TCP FIN follows. Nothing to do until then.
+        case .peerAborted(let close):
+            if record.established ? signals.accept(.abort(close)) : true {
+                if record.established {
+                    fail(.abortedByPeer(reason: close.reason, message: close.message), notifyPeer: nil)
+                } else {
+                    retire(id, reason: "JOIN refused: \(close.reason) \(close.message)")
+                }
+            } else {
+                logger.warning("dropped an ABORT that failed authentication")
+            }
+        case .protocolViolation(let why):
+            retire(id, reason: why, abort: .protocolViolation)
+        }
+    }
+
+    private func handleJoinAck(_ id: SubflowID, _ frame: Frame) {
+        guard case .joinAck(let ack) = frame, var record = records[id], let join = record.pendingJoin else {
+            retire(id, reason: "unexpected handshake frame", abort: .protocolViolation)
+            return
+        }
+        guard joins.verify(ack, for: join) else {
+            retire(id, reason: "JOIN_ACK failed authentication", abort: .authenticationFailed)
+            return
+        }
+        record.pendingJoin = nil
+        record.machine.handshakeCompleted()
+        record.established = true
+        records[id] = record
+        let rtt = record.handler.handshakeSentAt.map { Double((NIODeadline.now() - $0).nanoseconds) / 1e6 }
+        core.addSubflow(id, backup: record.backup)
+        if let rtt { core.recordRTT(id, milliseconds: rtt) }
+        core.setWritable(id, record.handler.isWritable)
+        maxConcurrentSubflows = max(maxConcurrentSubflows, core.aliveSubflows.count)
+        eventContinuation.yield(.subflowUp(info(id)))
+        pump()
+    }
+
+    private func handleSessionFrame(_ id: SubflowID, _ frame: Frame) {
+        do {
+            let outcome: SessionCore.Outcome
+            switch frame {
+            case .data(let data):
+                outcome = try core.receiveData(data, on: id)
+            case .dataAck(let ack):
+                outcome = try core.receiveAck(ack)
+            case .dataFin(let fin):
+                outcome = try core.receiveFin(fin)
+            case .probe(let probe):
+                records[id]?.handler.write(.probeAck(probe))
+                return
+            case .probeAck(let probe):
+                let now = NIODeadline.now().uptimeNanoseconds
+                if probe.identifier <= now { core.recordRTT(id, milliseconds: Double(now - probe.identifier) / 1e6) }
+                return
+            case .addAddress, .removeAddress, .priority:
+                handleSignal(id, frame)
+                return
+            default:
+                retire(id, reason: "\(frame.type) not allowed here", abort: .protocolViolation)
+                return
+            }
+            if outcome != .none { pump() }
+        } catch {
+            fail(.protocolViolation(error.description), notifyPeer: .protocolViolation)
+        }
+    }
+
+    private func handleSignal(_ id: SubflowID, _ frame: Frame) {
+        guard signals.accept(frame) else {
+            logger.warning("dropped a \(frame.type) that failed authentication (\(signals.rejected) so far)")
+            return
+        }
+        switch frame {
+        case .addAddress(let add):
+            guard let address = SocketAddress(add.address) else { return }
+            eventContinuation.yield(.addressAnnounced(address))
+            if !peerAddresses.contains(address) { peerAddresses.append(address) }
+            joinMissingPairs()
+        case .removeAddress(let remove):
+            guard let address = SocketAddress(remove.address) else { return }
+            eventContinuation.yield(.addressRemoved(address))
+            peerAddresses.removeAll { $0.hostString == address.hostString }
+            for (sid, record) in records where !record.closed && record.remote.hostString == address.hostString {
+                retire(sid, reason: "peer removed \(address.hostString)")
+            }
+        case .priority(let prio):
+            records[id]?.backup = prio.backup
+            core.setBackup(id, prio.backup)
+            pump()
+        default:
+            break
+        }
+    }
+
+    func subflowReadComplete(_ handler: SubflowHandler) {
+        core.readBatchComplete()
+        pump()
+    }
+
+    func subflowWritabilityChanged(_ handler: SubflowHandler, writable: Bool) {
+        core.setWritable(handler.id, writable)
+        if writable { pump() }
+    }
+
+    func subflowInputClosed(_ handler: SubflowHandler) {
+        // The peer closed its side of this subflow. While the session is closing that is the
+        // normal end; otherwise the subflow is lost.
+        if state == .closing || state == .closed {
+            handler.writeAndClose(nil)
+        } else {
+            retire(handler.id, reason: "peer closed the connection")
+        }
+    }
+
+    func subflowClosed(_ handler: SubflowHandler, error: (any Error)?) {
+        subflowGone(handler.id, reason: error.map { "\($0)" } ?? "connection closed")
+    }
+
+    // MARK: the pump: perform what the core decides
+
+    func pump() {
+        guard !pumping else { return }
+        pumping = true
+        defer { pumping = false }
+        acceptQueuedWrites()
+        if state == .open || state == .closing {
+            var touched: Set<SubflowID> = []
+            while let transmission = core.nextTransmission() {
+                let id = transmission.subflow
+                guard let handler = records[id]?.handler else { continue }
+                switch transmission {
+                case .data(_, let sequence, let payload, _):
+                    handler.writeData(sequence: sequence, payload: payload)
+                    if !handler.isWritable { core.setWritable(id, false) }
+                case .dataAck(_, let ack):
+                    handler.write(.dataAck(ack), flush: false)
+                case .dataFin(_, let fin):
+                    handler.write(.dataFin(fin), flush: false)
+                }
+                touched.insert(id)
+            }
+            for id in touched { records[id]?.handler.flush() }
+        }
+        serveReaders()
+        if state == .open, core.isFinished { beginClosing() }
+    }
+
+    private func serveReaders() {
+        while let waiter = readWaiters.first {
+            if let bytes = core.read(maxBytes: waiter.maxBytes) {
+                readWaiters.removeFirst()
+                waiter.promise.succeed(bytes)
+            } else if core.isReadFinished {
+                readWaiters.removeFirst()
+                waiter.promise.succeed(nil)
+            } else if case .failed(let error) = state {
+                readWaiters.removeFirst()
+                waiter.promise.fail(error)
+            } else {
+                break
+            }
+        }
+    }
+
+    private func acceptQueuedWrites() {
+        while var waiter = writeWaiters.first, core.writableSpace > 0 {
+            let space = core.writableSpace
+            if waiter.bytes.readableBytes <= space {
+                core.write(waiter.bytes)
+                writeWaiters.removeFirst()
+                waiter.promise.succeed(())
+            } else {
+                core.write(waiter.bytes.readSlice(length: space)!)
+                writeWaiters[writeWaiters.startIndex] = waiter
+            }
+        }
+        if finishRequested, writeWaiters.isEmpty { core.finish() }
+    }
+
+    // MARK: application calls (on the loop)
+
+    func read(maxBytes: Int) -> EventLoopFuture<ByteBuffer?> {
+        let promise = loop.makePromise(of: ByteBuffer?.self)
+        readWaiters.append((maxBytes, promise))
+        let hadData = core.readableBytes > 0
+        serveReaders()
+        if hadData { pump() }  // reading may have re-opened the window
+        return promise.futureResult
+    }
+
+    func write(_ bytes: ByteBuffer) -> EventLoopFuture<Void> {
+        if case .failed(let error) = state { return loop.makeFailedFuture(error) }
+        guard state == .open, !finishRequested else { return loop.makeFailedFuture(NBSError.writeAfterFinish) }
+        let promise = loop.makePromise(of: Void.self)
+        writeWaiters.append((bytes, promise))
+        pump()
+        return promise.futureResult
+    }
+
+    func finish() {
+        guard state == .open else { return }
+        finishRequested = true
+        pump()
+    }
+
+    func close() -> EventLoopFuture<Void> {
+        switch state {
+        case .closed: return loop.makeSucceededVoidFuture()
+        case .failed(let error): return loop.makeFailedFuture(error)
+        default: break
+        }
+        let promise = loop.makePromise(of: Void.self)
+        closeWaiters.append(promise)
+        finish()
+        let bound = self.bound
+        loop.scheduleTask(in: options.closeTimeout) {
+            let engine = bound.value
+            if engine.state == .open || engine.state == .closing {
+                engine.fail(.closeTimedOut, notifyPeer: .timeout)
+            }
+        }
+        return promise.futureResult
+    }
+
+    func abort(reason: CloseReason, message: String) {
+        fail(.aborted(reason: reason, message: message), notifyPeer: reason)
+    }
+
+    // MARK: endings
+
+    private func beginClosing() {
+        state = .closing
+        probeTask?.cancel()
+        for (_, record) in records where !record.closed && record.established {
+            record.handler.write(signals.close(.normal, "", abort: false), flush: false)
+            record.handler.shutdownOutput()
+        }
+        for (id, record) in records where !record.closed && !record.established {
+            record.handler.writeAndClose(nil)
+            records[id]!.closed = true
+        }
+        let bound = self.bound
+        // Subflows whose peer never closes its side are closed after a short linger.
+        lingerTask = loop.scheduleTask(in: .seconds(2)) {
+            for record in bound.value.records.values where !record.closed { record.handler.writeAndClose(nil) }
+        }
+        checkClosingDone()
+    }
+
+    private func checkClosingDone() {
+        guard state == .closing, records.values.allSatisfy(\.closed) else { return }
+        lingerTask?.cancel()
+        state = .closed
+        for waiter in closeWaiters { waiter.succeed(()) }
+        closeWaiters.removeAll()
+        serveReaders()
+        eventContinuation.yield(.closed)
+        eventContinuation.finish()
+        terminated()
+    }
+
+    private func terminated() {
+        onTerminate?()
+        onTerminate = nil
+        // Closed subflows no longer report; dropping the delegate breaks the handler ↔ engine cycle.
+        for record in records.values where record.closed { record.handler.delegate = nil }
+    }
+
+    func fail(_ error: NBSError, notifyPeer reason: CloseReason?) {
+        guard state == .open || state == .closing else { return }
+        logger.info("session failed: \(error)")
+        state = .failed(error)
+        probeTask?.cancel()
+        lingerTask?.cancel()
+        for (id, record) in records where !record.closed {
+            let frame: Frame? = reason.map { record.established ? signals.close($0, error.description, abort: true) : .abort(.init(reason: $0, message: error.description)) }
+            record.handler.writeAndClose(frame)
+            records[id]!.closed = true
+            records[id]!.closeReason = error.description
+            core.removeSubflow(id)
+        }
+        for waiter in readWaiters { waiter.promise.fail(error) }
+        readWaiters.removeAll()
+        for waiter in writeWaiters { waiter.promise.fail(error) }
+        writeWaiters.removeAll()
+        for waiter in closeWaiters { waiter.fail(error) }
+        closeWaiters.removeAll()
+        eventContinuation.yield(.failed(error))
+        eventContinuation.finish()
+        terminated()
+    }
+
+    // MARK: liveness and statistics
+
+    private func startProbingIfNeeded() {
+        guard probeTask == nil else { return }
+        let bound = self.bound
+        probeTask = loop.scheduleRepeatedTask(initialDelay: options.probeInterval, delay: options.probeInterval) { _ in
+            bound.value.sendProbes()
+        }
+    }
+
+    private func sendProbes() {
+        guard state == .open else { return }
+        let now = NIODeadline.now().uptimeNanoseconds
+        for record in records.values where record.established && !record.closed {
+            record.handler.write(.probe(.init(identifier: now)))
+        }
+    }
+
+    func info(_ id: SubflowID) -> SubflowInfo {
+        let record = records[id]!
+        let stats = core.stats(id) ?? .init()
+        let state: SubflowState = record.closed ? .closed : !record.established ? .connecting : record.backup ? .backup : .active
+        return SubflowInfo(id: id.rawValue, local: record.local, remote: record.remote, interface: record.interface, state: state,
+                           rttMilliseconds: core.smoothedRTT(id), bytesSent: stats.bytesSent, bytesReceived: stats.bytesReceived,
+                           reinjectedBytes: stats.reinjectedBytes, closeReason: record.closeReason)
+    }
+
+    var subflowInfos: [SubflowInfo] { records.keys.sorted().map(info) }
+}

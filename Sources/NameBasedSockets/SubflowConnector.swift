@@ -1,0 +1,32 @@
+import NBSProtocol
+import NIOCore
+import NIOPosix
+
+/// Socket set-up shared by every subflow, opened or accepted.
+enum SubflowConnector {
+    /// TCP_NOTSENT_LOWAT (Linux): the kernel holds at most this much unsent data per subflow, so
+    /// the scheduler, not a deep socket buffer, decides which path carries the next segment, and
+    /// little is stranded on a path that dies.
+    static let notSentLowWatermark = 128 * 1024
+    static let tcpNotSentLowat = NIOBSDSocket.Option(rawValue: 25)
+
+    static func configure(_ channel: any Channel) -> EventLoopFuture<Void> {
+        channel.eventLoop.makeCompletedFuture {
+            let sync = channel.pipeline.syncOperations
+            try sync.addHandler(ByteToMessageHandler(FrameDecoderHandler()))
+            try sync.addHandler(SubflowHandler())
+        }
+    }
+
+    static func connect(on loop: any EventLoop, from local: SocketAddress, to remote: SocketAddress, options: NBSOptions) -> EventLoopFuture<any Channel> {
+        ClientBootstrap(group: loop)
+            .connectTimeout(options.connectTimeout)
+            .channelOption(.allowRemoteHalfClosure, value: true)
+            .channelOption(.tcpOption(.tcp_nodelay), value: 1)
+            .channelOption(.tcpOption(tcpNotSentLowat), value: notSentLowWatermark)
+            .channelOption(.writeBufferWaterMark, value: .init(low: 64 * 1024, high: 256 * 1024))
+            .channelInitializer { configure($0) }
+            .bind(to: local)
+            .connect(to: remote)
+    }
+}

@@ -1,0 +1,140 @@
+import NBSProtocol
+import NIOCore
+
+/// Bytes to frames, via the pure FrameDecoder.
+struct FrameDecoderHandler: ByteToMessageDecoder {
+    typealias InboundOut = Frame
+    var decoder = FrameDecoder(expectPreamble: true)
+
+    mutating func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws -> DecodingState {
+        guard let frame = try decoder.next(from: &buffer) else { return .needMoreData }
+        context.fireChannelRead(Self.wrapInboundOut(frame))
+        return .continue
+    }
+
+    mutating func decodeLast(context: ChannelHandlerContext, buffer: inout ByteBuffer, seenEOF: Bool) throws -> DecodingState {
+        while try decode(context: context, buffer: &buffer) == .continue {}
+        return .needMoreData
+    }
+}
+
+/// What a subflow channel reports; implemented by the session engine and, before a session
+/// exists, by the listener. Always called on the channel's event loop.
+protocol SubflowDelegate: AnyObject {
+    func subflow(_ handler: SubflowHandler, received frame: Frame)
+    func subflowReadComplete(_ handler: SubflowHandler)
+    func subflowWritabilityChanged(_ handler: SubflowHandler, writable: Bool)
+    func subflowInputClosed(_ handler: SubflowHandler)
+    func subflowClosed(_ handler: SubflowHandler, error: (any Error)?)
+}
+
+/// The last handler of every subflow pipeline. Owns no protocol logic: it forwards to its
+/// delegate and writes what it is told to.
+final class SubflowHandler: ChannelInboundHandler {
+    typealias InboundIn = Frame
+    typealias OutboundOut = ByteBuffer
+
+    /// Strong: a subflow keeps its session alive. The engine breaks the cycle when it ends.
+    var delegate: (any SubflowDelegate)?
+    /// When this side sent OPEN or JOIN, for the first RTT sample.
+    var handshakeSentAt: NIODeadline?
+    private(set) var context: ChannelHandlerContext?
+    private var firstError: (any Error)?
+    private var reportedClosed = false
+    var id = SubflowID(0)
+    var preambleSent = false
+
+    init() {}
+
+    var channel: (any Channel)? { context?.channel }
+    var isWritable: Bool { context?.channel.isWritable ?? false }
+    var isActive: Bool { context?.channel.isActive ?? false }
+
+    func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+    func handlerRemoved(context: ChannelHandlerContext) { self.context = nil }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        delegate?.subflow(self, received: Self.unwrapInboundIn(data))
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        delegate?.subflowReadComplete(self)
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        delegate?.subflowWritabilityChanged(self, writable: context.channel.isWritable)
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if event is ChannelEvent, case .inputClosed = event as! ChannelEvent {
+            delegate?.subflowInputClosed(self)
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        if firstError == nil { firstError = error }
+        context.close(promise: nil)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        reportClosed()
+    }
+
+    private func reportClosed() {
+        guard !reportedClosed else { return }
+        reportedClosed = true
+        delegate?.subflowClosed(self, error: firstError)
+    }
+
+    // MARK: writing
+
+    private func ensurePreamble(into buffer: inout ByteBuffer) {
+        if !preambleSent {
+            NBSWire.writePreamble(into: &buffer)
+            preambleSent = true
+        }
+    }
+
+    func write(_ frame: Frame, flush: Bool = true) {
+        guard let context else { return }
+        var buffer = context.channel.allocator.buffer(capacity: 64)
+        ensurePreamble(into: &buffer)
+        FrameEncoder.encode(frame, into: &buffer)
+        context.write(Self.wrapOutboundOut(buffer), promise: nil)
+        if flush { context.flush() }
+    }
+
+    /// DATA as a header plus the payload slice itself: the payload is never copied.
+    func writeData(sequence: UInt64, payload: ByteBuffer) {
+        guard let context else { return }
+        var header = context.channel.allocator.buffer(capacity: 20)
+        ensurePreamble(into: &header)
+        FrameEncoder.encodeDataHeader(sequence: sequence, payloadLength: payload.readableBytes, into: &header)
+        context.write(Self.wrapOutboundOut(header), promise: nil)
+        context.write(Self.wrapOutboundOut(payload), promise: nil)
+    }
+
+    func flush() { context?.flush() }
+
+    /// Sends `frame` (typically ABORT or CLOSE), then closes once it is on the wire.
+    func writeAndClose(_ frame: Frame?) {
+        guard let context else { return }
+        if let frame {
+            var buffer = context.channel.allocator.buffer(capacity: 64)
+            ensurePreamble(into: &buffer)
+            FrameEncoder.encode(frame, into: &buffer)
+            let channel = context.channel
+            context.writeAndFlush(Self.wrapOutboundOut(buffer)).whenComplete { _ in channel.close(promise: nil) }
+        } else {
+            context.close(promise: nil)
+        }
+    }
+
+    /// Graceful end of a subflow: FIN after what is queued; the peer's FIN completes the close.
+    func shutdownOutput() {
+        guard let context else { return }
+        context.flush()
+        context.close(mode: .output, promise: nil)
+    }
+}

@@ -1,0 +1,226 @@
+import ArgumentParser
+import Crypto
+import Foundation
+import NameBasedSockets
+import NIOCore
+
+@main
+struct NBSMobility: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "nbs-mobility",
+        abstract: "Name Based Sockets: multipath, mobile sessions opened by name.",
+        subcommands: [Serve.self, Connect.self]
+    )
+}
+
+struct CommonOptions: ParsableArguments {
+    @Option(name: .long, help: "This host's name, sent in the handshake.")
+    var name: String
+
+    @Flag(name: .long, help: "Print one JSON object per session as the last line.")
+    var json = false
+
+    @Option(name: .long, help: "Most subflows per session.")
+    var maxSubflows = 8
+
+    @Option(name: .customLong("local"), help: "A local address to open subflows from (repeatable); default: every usable address.")
+    var localAddresses: [String] = []
+
+    func options(policy: MultipathPolicy = .aggregate) throws -> NBSOptions {
+        var options = NBSOptions()
+        options.policy = policy
+        options.maxSubflows = maxSubflows
+        if !localAddresses.isEmpty {
+            options.localAddresses = try localAddresses.map {
+                do { return try SocketAddress(ipAddress: $0, port: 0) } catch { throw ValidationError("--local \($0) is not an IP address") }
+            }
+        }
+        return options
+    }
+}
+
+extension MultipathPolicy: ExpressibleByArgument {}
+
+struct Serve: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Accept sessions for --name and sink or echo their bytes.")
+
+    @OptionGroup var common: CommonOptions
+    @Option(name: .long, help: "TCP port to listen on.") var port: Int
+    @Flag(name: .long, help: "Read and discard, reporting the checksum.") var sink = false
+    @Flag(name: .long, help: "Send every byte back.") var echo = false
+    @Flag(name: .long, help: "Serve one session, then exit with its status.") var once = false
+
+    func validate() throws {
+        guard sink != echo else { throw ValidationError("choose exactly one of --sink or --echo") }
+        guard (1...65535).contains(port) else { throw ValidationError("--port must be 1...65535") }
+    }
+
+    func run() async throws {
+        let listener: Listener
+        do {
+            listener = try await NBS.listen(localName: common.name, port: port, options: try common.options())
+        } catch {
+            throw CLIError("cannot listen on port \(port): \(error)", hint: "is another process using the port?")
+        }
+        if !common.json {
+            print("listening as \(common.name) on port \(listener.port) (\(listener.boundAddresses.map(\.description).joined(separator: ", ")))")
+        }
+        if once {
+            let session = try await listener.accept()
+            let report = await serveSession(session)
+            await listener.close()
+            if !report.completed { throw ExitCode(1) }
+            return
+        }
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            while true {
+                let session = try await listener.accept()
+                group.addTask { _ = await serveSession(session) }
+            }
+        }
+    }
+
+    private func serveSession(_ session: Session) async -> TransferReport {
+        let recorder = EventRecorder(session: session)
+        var report = TransferReport(role: "server", session: session)
+        var receiver = ReceiveMeter()
+        do {
+            while let chunk = try await session.read() {
+                receiver.record(chunk)
+                if echo { try await session.write(chunk) }
+            }
+            try await session.close()
+            report.completed = true
+        } catch {
+            report.error = "\(error)"
+            await session.abort(reason: "\(error)")
+        }
+        report.fill(receiver: receiver)
+        await report.finish(session: session, recorder: recorder)
+        report.print(json: common.json)
+        return report
+    }
+}
+
+struct Connect: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Open a session to PEER_NAME:PORT and send deterministic pseudo-random data.")
+
+    @OptionGroup var common: CommonOptions
+    @Argument(help: "The peer, as NAME:PORT.") var peer: String
+    @Option(name: .long, help: "Bytes to send (suffixes K, M, G: powers of 1024).") var bytes: String?
+    @Option(name: .long, help: "Send for this many seconds.") var duration: Double?
+    @Option(name: .long, help: "aggregate, handover or interactive.") var policy: MultipathPolicy = .aggregate
+
+    func validate() throws {
+        guard (bytes == nil) != (duration == nil) else { throw ValidationError("give exactly one of --bytes or --duration") }
+        if let bytes, parseByteCount(bytes) == nil { throw ValidationError("--bytes \(bytes) is not a byte count") }
+        if let duration, !(duration > 0) { throw ValidationError("--duration must be positive") }
+        _ = try peerParts()
+    }
+
+    func peerParts() throws -> (String, Int) {
+        guard let colon = peer.lastIndex(of: ":"), let port = Int(peer[peer.index(after: colon)...]), (1...65535).contains(port) else {
+            throw ValidationError("PEER must be NAME:PORT, got '\(peer)'")
+        }
+        var host = String(peer[..<colon])
+        if host.hasPrefix("["), host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+        return (host, port)
+    }
+
+    func run() async throws {
+        let (peerName, port) = try peerParts()
+        let session: Session
+        do {
+            session = try await NBS.open(localName: common.name, peerName: peerName, port: port, options: try common.options(policy: policy))
+        } catch let error as NBSError {
+            throw CLIError.from(error, peer: peer)
+        }
+        let recorder = EventRecorder(session: session)
+        var report = TransferReport(role: "client", session: session)
+        var generator = PatternGenerator()
+        var sender = SHA256()
+        let limit = bytes.flatMap(parseByteCount)
+        let deadline = duration.map { ContinuousClock.now + .milliseconds(Int($0 * 1000)) }
+        // Anything the peer sends back (an echo server) is read and checksummed too.
+        let reader = Task { () -> (bytes: Int, digest: String) in
+            var meter = ReceiveMeter()
+            while let chunk = try await session.read() { meter.record(chunk) }
+            return (meter.bytes, meter.digest)
+        }
+        do {
+            var sent = 0
+            while true {
+                if let limit, sent >= limit { break }
+                if let deadline, ContinuousClock.now >= deadline { break }
+                let size = min(256 * 1024, limit.map { $0 - sent } ?? Int.max)
+                let chunk = generator.next(size)
+                chunk.withUnsafeReadableBytes { sender.update(bufferPointer: $0) }
+                try await session.write(chunk)
+                sent += size
+            }
+            report.bytes = sent
+            report.sha256 = hex(sender.finalize())
+            await session.finish()
+            let echoed = try await reader.value
+            try await session.close()
+            report.completed = true
+            if echoed.bytes > 0 {
+                report.echoBytes = echoed.bytes
+                report.echoSHA256 = echoed.digest
+            }
+        } catch {
+            reader.cancel()
+            report.error = "\(error)"
+            await session.abort(reason: "\(error)")
+        }
+        report.seconds = report.elapsed
+        await report.finish(session: session, recorder: recorder)
+        report.print(json: common.json)
+        if !report.completed { throw ExitCode(1) }
+    }
+}
+
+/// "16M", "64MiB", "1048576", "1G".
+func parseByteCount(_ text: String) -> Int? {
+    var digits = text.trimmingCharacters(in: .whitespaces).uppercased()
+    for suffix in ["IB", "B"] where digits.hasSuffix(suffix) && digits.count > suffix.count { digits.removeLast(suffix.count); break }
+    var multiplier = 1
+    if let last = digits.last, let shift = ["K": 10, "M": 20, "G": 30][String(last)] {
+        multiplier = 1 << shift
+        digits.removeLast()
+    }
+    guard let value = Int(digits), value >= 0 else { return nil }
+    return value * multiplier
+}
+
+/// A deterministic byte stream (xorshift64*), so both ends and scripts can reproduce it.
+struct PatternGenerator {
+    private var state: UInt64 = 0x9E37_79B9_7F4A_7C15
+
+    mutating func next(_ count: Int) -> ByteBuffer {
+        var buffer = ByteBufferAllocator().buffer(capacity: count)
+        buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: count) { raw in
+            var s = state
+            var i = 0
+            while i + 8 <= count {
+                s ^= s >> 12
+                s ^= s << 25
+                s ^= s >> 27
+                raw.storeBytes(of: (s &* 0x2545_F491_4F6C_DD1D).littleEndian, toByteOffset: i, as: UInt64.self)
+                i += 8
+            }
+            while i < count {
+                s ^= s >> 12
+                s ^= s << 25
+                s ^= s >> 27
+                raw[i] = UInt8(truncatingIfNeeded: s &* 0x2545_F491_4F6C_DD1D)
+                i += 1
+            }
+            state = s
+            return count
+        }
+        return buffer
+    }
+}
+
+func hex(_ digest: some Sequence<UInt8>) -> String { digest.map { String(format: "%02x", $0) }.joined() }

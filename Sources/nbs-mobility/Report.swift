@@ -1,0 +1,170 @@
+import Crypto
+import Foundation
+import NameBasedSockets
+import NIOCore
+
+/// Receiver-side checksum, byte count and the longest gap between deliveries.
+struct ReceiveMeter {
+    private var hash = SHA256()
+    private(set) var bytes = 0
+    private var last: ContinuousClock.Instant?
+    private(set) var maxStall: Duration = .zero
+    private(set) var first: ContinuousClock.Instant?
+    private(set) var lastAt: ContinuousClock.Instant?
+
+    mutating func record(_ chunk: ByteBuffer) {
+        let now = ContinuousClock.now
+        if let last { maxStall = max(maxStall, now - last) } else { first = now }
+        last = now
+        lastAt = now
+        bytes += chunk.readableBytes
+        chunk.withUnsafeReadableBytes { hash.update(bufferPointer: $0) }
+    }
+
+    var digest: String { hex(hash.finalize()) }
+}
+
+/// Collects session events with timestamps for the JSON report.
+final class EventRecorder: Sendable {
+    private let task: Task<[(Double, String)], Never>
+
+    init(session: Session) {
+        let start = ContinuousClock.now
+        task = Task {
+            var seen: [(Double, String)] = []
+            for await event in session.events {
+                let t = (ContinuousClock.now - start).seconds
+                seen.append((t, describe(event)))
+            }
+            return seen
+        }
+    }
+
+    var events: [(Double, String)] { get async { await task.value } }
+}
+
+func describe(_ event: SessionEvent) -> String {
+    switch event {
+    case .subflowUp(let s): "subflow \(s.id) up \(s.local.ipAddress ?? "?") -> \(s.remote.ipAddress ?? "?")"
+    case .subflowDown(let s, let reason): "subflow \(s.id) down \(s.local.ipAddress ?? "?") -> \(s.remote.ipAddress ?? "?"): \(reason)"
+    case .reinjected(let bytes, let from): "reinjected \(bytes) bytes from subflow \(from)"
+    case .addressAnnounced(let a): "peer announced \(a.ipAddress ?? "?")"
+    case .addressRemoved(let a): "peer removed \(a.ipAddress ?? "?")"
+    case .waiting: "waiting: no path"
+    case .resumed: "resumed"
+    case .closed: "closed"
+    case .failed(let e): "failed: \(e)"
+    }
+}
+
+extension Duration {
+    var seconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
+}
+
+struct TransferReport {
+    let role: String
+    let localName: String
+    let peerName: String
+    let verification: String
+    let started = ContinuousClock.now
+    var bytes = 0
+    var sha256 = ""
+    var seconds = 0.0
+    var maxStallMs = 0.0
+    var subflowsMax = 0
+    var reinjected = 0
+    var subflows: [SubflowInfo] = []
+    var events: [(Double, String)] = []
+    var echoBytes: Int?
+    var echoSHA256: String?
+    var completed = false
+    var error: String?
+
+    init(role: String, session: Session) {
+        self.role = role
+        localName = session.localName
+        peerName = session.peerName
+        verification = session.peerVerification.rawValue
+    }
+
+    var elapsed: Double { (ContinuousClock.now - started).seconds }
+
+    mutating func fill(receiver: ReceiveMeter) {
+        bytes = receiver.bytes
+        sha256 = receiver.digest
+        maxStallMs = receiver.maxStall.seconds * 1000
+        if let first = receiver.first, let last = receiver.lastAt, last > first {
+            seconds = (last - first).seconds
+        } else {
+            seconds = elapsed
+        }
+    }
+
+    mutating func finish(session: Session, recorder: EventRecorder) async {
+        subflows = await session.subflows
+        let stats = await session.statistics
+        subflowsMax = stats.maxConcurrentSubflows
+        reinjected = stats.reinjectedBytes
+        events = await recorder.events
+    }
+
+    var goodputMbps: Double { seconds > 0 ? Double(bytes) * 8 / seconds / 1e6 : 0 }
+
+    func print(json: Bool) {
+        if json {
+            var object: [String: Any] = [
+                "role": role, "local_name": localName, "peer_name": peerName, "peer_verification": verification,
+                "bytes": bytes, "sha256": sha256, "seconds": round3(seconds), "goodput_mbps": round3(goodputMbps),
+                "max_stall_ms": round3(maxStallMs), "subflows_max": subflowsMax, "reinjected_bytes": reinjected,
+                "completed": completed,
+                "subflows": subflows.map { s -> [String: Any] in
+                    var o: [String: Any] = ["local": s.local.ipAddress ?? "?", "remote": s.remote.ipAddress ?? "?", "state": s.state.rawValue,
+                                            "bytes_sent": s.bytesSent, "bytes_received": s.bytesReceived, "reinjected_bytes": s.reinjectedBytes,
+                                            "rtt_ms": s.rttMilliseconds.map(round3) ?? NSNull()]
+                    if let i = s.interface { o["interface"] = i }
+                    return o
+                },
+                "events": events.map { ["t": round3($0.0), "event": $0.1] },
+            ]
+            if let echoBytes { object["echo_bytes"] = echoBytes }
+            if let echoSHA256 { object["echo_sha256"] = echoSHA256 }
+            if let error { object["error"] = error }
+            let data = try! JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])
+            Swift.print(String(decoding: data, as: UTF8.self))
+        } else {
+            Swift.print("\(role) \(localName) <-> \(peerName) [\(verification)]: \(completed ? "completed" : "FAILED: \(error ?? "?")")")
+            Swift.print(String(format: "  %d bytes in %.3f s = %.2f Mbit/s, max stall %.1f ms, sha256 %@", bytes, seconds, goodputMbps, maxStallMs, sha256))
+            for s in subflows {
+                Swift.print("  subflow \(s.id) \(s.local.ipAddress ?? "?") -> \(s.remote.ipAddress ?? "?") \(s.state.rawValue) sent \(s.bytesSent) received \(s.bytesReceived) reinjected \(s.reinjectedBytes) rtt \(s.rttMilliseconds.map { String(format: "%.2f ms", $0) } ?? "-")")
+            }
+        }
+    }
+}
+
+func round3(_ x: Double) -> Double { (x * 1000).rounded() / 1000 }
+
+/// A user-facing failure: what happened and what to try. Exit status 1.
+struct CLIError: Error, CustomStringConvertible {
+    let message: String
+    let hint: String?
+    init(_ message: String, hint: String? = nil) {
+        self.message = message
+        self.hint = hint
+    }
+    var description: String { hint.map { "\(message)\n  hint: \($0)" } ?? message }
+
+    static func from(_ error: NBSError, peer: String) -> CLIError {
+        switch error {
+        case .nameResolutionFailed:
+            CLIError("\(error)", hint: "check the name, /etc/hosts (or /etc/netns/NS/hosts inside a namespace) and DNS")
+        case .refused(.nameNotServed, _):
+            CLIError("\(error)", hint: "the listener on that port serves another name; use the name it serves")
+        case .noUsableAddressPairs:
+            CLIError("\(error)", hint: "this host has no address of the same family (IPv4/IPv6) as the peer; see `ip addr`")
+        case .connectFailed:
+            CLIError("\(error)", hint: "is `nbs-mobility serve` running there, and is the port right?")
+        default:
+            CLIError("\(error)")
+        }
+    }
+}
