@@ -93,6 +93,8 @@ public struct SessionCore: Sendable {
         self.send = SendBuffer(capacity: configuration.sendBufferCapacity)
         self.receive = ReassemblyBuffer(capacity: configuration.receiveCapacity)
         self.peerWindowEdge = UInt64(peerInitialWindow)
+        // The first DATA_ACK announces our receive window; the peer sends nothing before it.
+        self.ackOwed = true
     }
 
     // MARK: subflows
@@ -168,6 +170,13 @@ public struct SessionCore: Sendable {
     /// Our DATA_FIN and every byte before it are acknowledged.
     public var isWriteFinished: Bool { localFin == .acknowledged }
     public var isFinished: Bool { isReadFinished && isWriteFinished }
+    /// Nothing is left to cross the network: every byte up to the peer's DATA_FIN has arrived and
+    /// our DATA_FIN is acknowledged. The subflows can close even if the application has not read
+    /// everything yet.
+    public var isTransportFinished: Bool {
+        guard let final = remoteFinalSequence else { return false }
+        return receive.nextExpected == final && isWriteFinished
+    }
     public var unacknowledgedBytes: Int { send.bufferedBytes }
 
     // MARK: frames from the peer

@@ -91,3 +91,11 @@ extension SessionEngine {
                           unacknowledgedBytes: core.unacknowledgedBytes, duplicateBytesReceived: core.receive.duplicateBytes)
     }
 }
+
+extension Session {
+    /// Test hook: reset one subflow's TCP connection, as a failing path would.
+    func killSubflow(_ id: UInt32) async {
+        let engine = self.engine
+        try? await loop.submit { engine.value.killSubflow(id) }.get()
+    }
+}

@@ -375,7 +375,7 @@ final class SessionEngine: SubflowDelegate {
             for id in touched { records[id]?.handler.flush() }
         }
         serveReaders()
-        if state == .open, core.isFinished { beginClosing() }
+        if state == .open, core.isTransportFinished { beginClosing() }
     }
 
     private func serveReaders() {
@@ -551,4 +551,13 @@ final class SessionEngine: SubflowDelegate {
     }
 
     var subflowInfos: [SubflowInfo] { records.keys.sorted().map(info) }
+}
+
+extension SessionEngine {
+    /// Test hook: make a subflow die as a network failure would, with a TCP reset.
+    func killSubflow(_ raw: UInt32) {
+        guard let record = records[SubflowID(raw)], !record.closed, let channel = record.handler.channel else { return }
+        let reset = (channel as? any SocketOptionProvider)?.setSoLinger(linger(l_onoff: 1, l_linger: 0)) ?? loop.makeSucceededVoidFuture()
+        reset.whenComplete { _ in channel.close(promise: nil) }
+    }
 }

@@ -1,0 +1,253 @@
+import Crypto
+import NBSProtocol
+import NIOCore
+import NIOPosix
+import Testing
+
+@testable import NameBasedSockets
+
+/// Real sockets on loopback. 127.0.0.1, 127.0.0.2, ... and ::1 stand in for a multihomed host.
+@Suite("Loopback sessions", .timeLimit(.minutes(3)))
+struct LoopbackTests {
+    @Test("open by name, transfer both ways, close gracefully")
+    func echoRoundTrip() async throws {
+        let server = try await listener()
+        let serverTask = Task {
+            let session = try await server.accept()
+            #expect(session.localName == "server.test")
+            #expect(session.peerName == "client.test")
+            #expect(session.peerVerification == .claimed)
+            while let chunk = try await session.read() { try await session.write(chunk) }
+            try await session.close()
+        }
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: loopbackOptions())
+        let data = pattern(300_000)
+        let echoed = Task { try await drain(client) }
+        try await client.write(data)
+        await client.finish()
+        let (count, digest) = try await withTimeout(30) { try await echoed.value }
+        #expect(count == data.readableBytes)
+        #expect(digest == sha256(data))
+        try await client.close()
+        try await serverTask.value
+        await server.close()
+    }
+
+    @Test("64 MiB over three subflows while two of them are reset: every byte once, in order")
+    func transferSurvivesKilledSubflows() async throws {
+        let server = try await listener()
+        let received = Task { () -> (Int, [UInt8], SessionStatistics) in
+            let session = try await server.accept()
+            let result = try await drain(session)
+            try await session.close()
+            return (result.bytes, result.digest, await session.statistics)
+        }
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port,
+                                        options: loopbackOptions(locals: ["127.0.0.1", "127.0.0.2", "127.0.0.3"]))
+        try await waitForSubflows(client, count: 3)
+        let total = 64 * 1024 * 1024
+        let chunk = pattern(1024 * 1024, seed: 7)
+        var hash = SHA256()
+        for i in 0..<(total / chunk.readableBytes) {
+            try await client.write(chunk)
+            chunk.withUnsafeReadableBytes { hash.update(bufferPointer: $0) }
+            // Reset whichever live subflow carries the most, so its unacknowledged data must be
+            // reinjected on the others.
+            if i == 16 || i == 40 { await client.killSubflow(try #require(await busiestLiveSubflow(client))) }
+        }
+        await client.finish()
+        let (count, digest, serverStats) = try await withTimeout(120, "receiving 64 MiB") { try await received.value }
+        try await client.close()
+        #expect(count == total)
+        #expect(digest == Array(hash.finalize()))
+        let subflows = await client.subflows
+        #expect(subflows.count == 3)
+        #expect(subflows.filter { $0.bytesSent > 0 }.count >= 2)
+        #expect(subflows.filter { $0.closeReason != nil }.count >= 2)
+        let stats = await client.statistics
+        #expect(stats.maxConcurrentSubflows == 3)
+        #expect(stats.reinjectedBytes > 0)
+        _ = serverStats
+        await server.close()
+    }
+
+    @Test("a name with A and AAAA records gets an IPv4 and an IPv6 subflow")
+    func dualStack() async throws {
+        let server = try await listener()
+        let accepted = Task { try await server.accept() }
+        var options = NBSOptions()
+        options.resolver = StaticResolver(["server.test": ["127.0.0.1", "::1"]])
+        options.localAddresses = [try SocketAddress(ipAddress: "127.0.0.1", port: 0), try SocketAddress(ipAddress: "::1", port: 0)]
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options)
+        try await waitForSubflows(client, count: 2)
+        let families = Set(await client.subflows.map { $0.remote.protocol == .inet6 ? 6 : 4 })
+        #expect(families == [4, 6])
+        let session = try await accepted.value
+        await client.abort(reason: "test over")
+        await session.abort()
+        await server.close()
+    }
+
+    @Test("the subflow limit caps the full mesh")
+    func subflowLimit() async throws {
+        let server = try await listener()
+        let accepted = Task { try await server.accept() }
+        var options = loopbackOptions(locals: ["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4"])
+        options.maxSubflows = 2
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options)
+        try await waitForSubflows(client, count: 2)
+        try await Task.sleep(for: .milliseconds(200))
+        #expect(await client.subflows.filter { $0.state != .closed }.count == 2)
+        await client.abort()
+        _ = try? await accepted.value
+        await server.close()
+    }
+
+    @Test("an OPEN for a name the listener does not serve is refused with that reason")
+    func wrongNameRefused() async throws {
+        let server = try await listener("server.test")
+        var options = loopbackOptions(peers: ["other.test": ["127.0.0.1"]])
+        options.handshakeTimeout = .seconds(5)
+        await #expect(throws: NBSError.refused(reason: .nameNotServed, message: "this listener serves server.test, not other.test")) {
+            _ = try await NBS.open(localName: "client.test", peerName: "other.test", port: server.port, options: options)
+        }
+        await server.close()
+    }
+
+    @Test("losing the last subflow fails the session with a clear error")
+    func lastSubflowLost() async throws {
+        let server = try await listener()
+        let accepted = Task { try await server.accept() }
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: loopbackOptions())
+        let serverSession = try await accepted.value
+        await client.killSubflow(0)
+        await #expect(throws: NBSError.allSubflowsLost) {
+            _ = try await withTimeout(10) { try await client.read() }
+        }
+        await #expect(throws: NBSError.allSubflowsLost) {
+            _ = try await withTimeout(10) { try await serverSession.read() }
+        }
+        await server.close()
+    }
+
+    @Test("garbage, a bad JOIN and an unknown token are refused without disturbing a live session")
+    func badInputIsolated() async throws {
+        let server = try await listener()
+        let accepted = Task { try await server.accept() }
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: loopbackOptions())
+        let serverSession = try await accepted.value
+
+        // Not NBS at all.
+        let garbage = try await RawPeer.exchange(port: server.port, send: Array("GET / HTTP/1.0\r\n\r\n".utf8))
+        #expect(garbage.closed)
+        // A well-formed JOIN for a token that does not exist.
+        var join = ByteBuffer()
+        NBSWire.writePreamble(into: &join)
+        FrameEncoder.encode(.join(.init(token: 42, nonce: randomBytes(16), backup: false, mac: randomBytes(32))), into: &join)
+        let unknown = try await RawPeer.exchange(port: server.port, send: Array(join.readableBytesView))
+        #expect(unknown.frames.contains { if case .abort(let c) = $0 { c.reason == .unknownToken } else { false } })
+        // An oversized frame header.
+        var huge = ByteBuffer()
+        NBSWire.writePreamble(into: &huge)
+        huge.writeBytes([FrameType.open.rawValue, 0, 0x7F, 0xFF, 0xFF, 0xFF])
+        let tooLarge = try await RawPeer.exchange(port: server.port, send: Array(huge.readableBytesView))
+        #expect(tooLarge.closed)
+
+        // The live session is untouched.
+        let data = pattern(100_000, seed: 3)
+        try await client.write(data)
+        await client.finish()
+        let (count, digest) = try await withTimeout(20) { try await drain(serverSession) }
+        #expect(count == 100_000)
+        #expect(digest == sha256(data))
+        try await serverSession.close()
+        try await client.close()
+        await server.close()
+    }
+
+    @Test("writes wait while the peer does not read (backpressure), and resume when it does")
+    func backpressure() async throws {
+        var options = loopbackOptions()
+        options.sendBufferCapacity = 256 * 1024
+        options.receiveCapacity = 256 * 1024
+        var serverOptions = NBSOptions()
+        serverOptions.receiveCapacity = 256 * 1024
+        let server = try await listener(options: serverOptions)
+        let accepted = Task { try await server.accept() }
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options)
+        let serverSession = try await accepted.value
+        // Far more than the send buffer, receive window and socket buffers together.
+        let block = pattern(256 * 1024, seed: 5)
+        let writer = Task {
+            for _ in 0..<64 { try await client.write(block) }
+            await client.finish()
+        }
+        try await Task.sleep(for: .milliseconds(500))
+        let unacknowledged = await client.statistics.unacknowledgedBytes
+        #expect(unacknowledged <= options.sendBufferCapacity)
+        let (count, _) = try await withTimeout(60) { try await drain(serverSession) }
+        try await writer.value
+        #expect(count == 64 * 256 * 1024)
+        try await serverSession.close()
+        try await client.close()
+        await server.close()
+    }
+}
+
+func busiestLiveSubflow(_ session: Session) async -> UInt32? {
+    await session.subflows.filter { $0.state == .active }.max { $0.bytesSent < $1.bytesSent }?.id
+}
+
+func waitForSubflows(_ session: Session, count: Int, seconds: Double = 10) async throws {
+    let deadline = ContinuousClock.now + .milliseconds(Int(seconds * 1000))
+    while ContinuousClock.now < deadline {
+        if await session.subflows.filter({ $0.state == .active || $0.state == .backup }).count >= count { return }
+        try await Task.sleep(for: .milliseconds(10))
+    }
+    Issue.record("fewer than \(count) subflows came up within \(seconds) s: \(await session.subflows)")
+}
+
+/// A plain TCP peer that sends bytes and collects what comes back until the connection closes.
+enum RawPeer {
+    struct Result: Sendable {
+        var bytes: [UInt8]
+        var closed: Bool
+        var frames: [Frame] {
+            var buffer = ByteBuffer(bytes: bytes)
+            var decoder = FrameDecoder(expectPreamble: true)
+            var frames: [Frame] = []
+            while let frame = try? decoder.next(from: &buffer) { frames.append(frame) }
+            return frames
+        }
+    }
+
+    final class Collector: ChannelInboundHandler, Sendable {
+        typealias InboundIn = ByteBuffer
+        let promise: EventLoopPromise<Result>
+        let received: NIOLoopBoundBox<[UInt8]>
+        init(promise: EventLoopPromise<Result>, loop: any EventLoop) {
+            self.promise = promise
+            self.received = .init([], eventLoop: loop)
+        }
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            received.value += Array(Self.unwrapInboundIn(data).readableBytesView)
+        }
+        func channelInactive(context: ChannelHandlerContext) {
+            promise.succeed(Result(bytes: received.value, closed: true))
+        }
+        func errorCaught(context: ChannelHandlerContext, error: any Error) { context.close(promise: nil) }
+    }
+
+    static func exchange(port: Int, send: [UInt8], seconds: Int64 = 10) async throws -> Result {
+        let loop = MultiThreadedEventLoopGroup.singleton.next()
+        let promise = loop.makePromise(of: Result.self)
+        let channel = try await ClientBootstrap(group: loop)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(Collector(promise: promise, loop: loop)) }
+            }
+            .connect(host: "127.0.0.1", port: port).get()
+        try await channel.writeAndFlush(ByteBuffer(bytes: send))
+        loop.scheduleTask(in: .seconds(seconds)) { channel.close(promise: nil) }
+        return try await promise.futureResult.get()
+    }
+}
