@@ -8,6 +8,7 @@
 #   netns-scripts/bench-aggregation.sh [--rate MBIT] [--bytes N] [--cases tcp,mptcp,nbs]
 # Env: NBS_BIN (default .build/debug/nbs-mobility), NBS_BENCH_TIMEOUT (s per case, default 120).
 set -euo pipefail
+# shellcheck source=netns-scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
 
 rate=10
@@ -54,7 +55,8 @@ except (OSError, ValueError):
 ok = crc == "0" and src == "0" and j.get("bytes") == int(size)
 g = float(j.get("goodput_mbps") or 0)
 print(json.dumps({
-    "case": name, "ok": ok, "bytes": j.get("bytes"), "seconds": j.get("seconds"), "goodput_mbps": g,
+    "case": name, "ok": ok, "bytes": j.get("bytes"),
+    "seconds": round(float(j["seconds"]), 3) if j.get("seconds") is not None else None, "goodput_mbps": round(g, 2),
     "percent_of_sum": round(100 * g / (2 * float(rate)), 1) if float(rate) else None,
     "subflows_max": j.get("subflows_max"), "max_stall_ms": j.get("max_stall_ms"),
     "client_tx_bytes_path1": int(tx1), "client_tx_bytes_path2": int(tx2),

@@ -222,12 +222,22 @@ nbs_gc_stale() {
         [[ -d $ns ]] || continue
         ip netns list | awk '{print $1}' | grep -qxF "${ns##*/}" || rm -rf "$ns"
     done
+    rmdir /etc/netns 2>/dev/null || true
 }
 
 # ---------------------------------------------------------------------------------------------- path events
 # nbs_link_down PATHNO [c|s]: take a path's veth down (default: on the client; the peer loses carrier).
+# As on any Linux host, the kernel then also deletes that side's IPv6 addresses (keep_addr_on_down=0);
+# the IPv4 ones stay.
 nbs_link_down() { ip -n "$(nbs_ns_side "${2:-c}")" link set "nbs$1" down; }
-nbs_link_up() { ip -n "$(nbs_ns_side "${2:-c}")" link set "nbs$1" up; }
+
+# nbs_link_up PATHNO [c|s]: bring it back up, and its IPv6 address with it.
+nbs_link_up() {
+    local side=${2:-c} ns
+    ns=$(nbs_ns_side "$side")
+    ip -n "$ns" link set "nbs$1" up
+    ip -n "$ns" addr replace "$(nbs_addr "${side:0:1}" 6 "$1")" dev "nbs$1" nodad
+}
 
 # nbs_addr SIDE FAMILY PATHNO -> "ADDRESS/PREFIX" of that side (c|s), family (4|6) and path (1|2).
 nbs_addr() {

@@ -4,6 +4,7 @@
 # A scenario passes with exit 0 and is skipped with exit 77. Without root or a working `ip netns`, all are
 # skipped. Env: NBS_BIN, NBS_SCENARIO_TIMEOUT (s per scenario, default 300), NBS_RUN_ALL_LOGS (keep logs there).
 set -euo pipefail
+# shellcheck source=netns-scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
 
 tmo=${NBS_SCENARIO_TIMEOUT:-300}
