@@ -8,6 +8,7 @@ let package = Package(
         .library(name: "NameBasedSockets", targets: ["NameBasedSockets"]),
         .library(name: "NBSProtocol", targets: ["NBSProtocol"]),
         .executable(name: "nbs-mobility", targets: ["nbs-mobility"]),
+        .executable(name: "nbs-bench", targets: ["nbs-bench"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
@@ -41,6 +42,15 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "NIOCore", package: "swift-nio"),
+            ]
+        ),
+        // Benchmarks print figures (BENCHMARKS.md); they are not part of the test suite's verdict.
+        .executableTarget(
+            name: "nbs-bench",
+            dependencies: [
+                "NameBasedSockets",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
             ]
         ),
         .testTarget(name: "NBSProtocolTests", dependencies: ["NBSProtocol"]),

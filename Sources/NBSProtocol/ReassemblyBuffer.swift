@@ -115,19 +115,28 @@ public struct ReassemblyBuffer: Sendable {
         return true
     }
 
-    /// Up to `maxBytes` of in-order data, or nil when none is ready.
+    /// Up to `maxBytes` of in-order data, or nil when none is ready. Several ready segments are
+    /// joined into one buffer (one copy), because each read costs the application a hop to the
+    /// event loop, which is dearer than copying.
     public mutating func read(maxBytes: Int = .max) -> ByteBuffer? {
-        guard var first = ready.first else { return nil }
-        if first.readableBytes <= maxBytes {
-            ready.removeFirst()
-            readyBytes -= first.readableBytes
-            consumed += UInt64(first.readableBytes)
-            return first
+        guard var first = ready.first, maxBytes > 0 else { return nil }
+        if first.readableBytes >= maxBytes || ready.count == 1 {
+            let take = min(maxBytes, first.readableBytes)
+            let part = first.readSlice(length: take)!
+            if first.readableBytes == 0 { ready.removeFirst() } else { ready[ready.startIndex] = first }
+            readyBytes -= take
+            consumed += UInt64(take)
+            return part
         }
-        let part = first.readSlice(length: maxBytes)!
-        ready[ready.startIndex] = first
-        readyBytes -= maxBytes
-        consumed += UInt64(maxBytes)
-        return part
+        var joined = ByteBufferAllocator().buffer(capacity: min(maxBytes, readyBytes))
+        while joined.readableBytes < maxBytes, var next = ready.first {
+            let take = min(maxBytes - joined.readableBytes, next.readableBytes)
+            var part = next.readSlice(length: take)!
+            joined.writeBuffer(&part)
+            if next.readableBytes == 0 { ready.removeFirst() } else { ready[ready.startIndex] = next }
+        }
+        readyBytes -= joined.readableBytes
+        consumed += UInt64(joined.readableBytes)
+        return joined
     }
 }

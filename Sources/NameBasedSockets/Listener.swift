@@ -39,7 +39,8 @@ public final class Listener: Sendable {
                     .childChannelOption(.allowRemoteHalfClosure, value: true)
                     .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
                     .childChannelOption(.tcpOption(SubflowConnector.tcpNotSentLowat), value: SubflowConnector.notSentLowWatermark)
-                    .childChannelOption(.writeBufferWaterMark, value: .init(low: 64 * 1024, high: 256 * 1024))
+                    .childChannelOption(.writeBufferWaterMark, value: SubflowConnector.writeWaterMark)
+                    .childChannelOption(.recvAllocator, value: SubflowConnector.receiveAllocator)
                     .childChannelInitializer { channel in
                         SubflowConnector.configure(channel).flatMapThrowing {
                             let handler = try channel.pipeline.syncOperations.handler(type: SubflowHandler.self)

@@ -10,6 +10,10 @@ enum SubflowConnector {
     static let notSentLowWatermark = 128 * 1024
     static let tcpNotSentLowat = NIOBSDSocket.Option(rawValue: 25)
 
+    static let writeWaterMark = ChannelOptions.Types.WriteBufferWaterMark(low: 64 * 1024, high: 256 * 1024)
+    /// Large reads: fewer system calls and fewer read batches (each may trigger a DATA_ACK).
+    static let receiveAllocator = AdaptiveRecvByteBufferAllocator(minimum: 64 * 1024, initial: 256 * 1024, maximum: 1024 * 1024)
+
     static func configure(_ channel: any Channel) -> EventLoopFuture<Void> {
         channel.eventLoop.makeCompletedFuture {
             let sync = channel.pipeline.syncOperations
@@ -24,7 +28,8 @@ enum SubflowConnector {
             .channelOption(.allowRemoteHalfClosure, value: true)
             .channelOption(.tcpOption(.tcp_nodelay), value: 1)
             .channelOption(.tcpOption(tcpNotSentLowat), value: notSentLowWatermark)
-            .channelOption(.writeBufferWaterMark, value: .init(low: 64 * 1024, high: 256 * 1024))
+            .channelOption(.writeBufferWaterMark, value: writeWaterMark)
+            .channelOption(.recvAllocator, value: receiveAllocator)
             .channelInitializer { configure($0) }
             .bind(to: local)
             .connect(to: remote)

@@ -1,0 +1,187 @@
+// Loopback benchmarks: one NBS subflow against plain TCP, and session set-up against TCP connect,
+// in the same process and the same run. Prints a table and one JSON line per case.
+//
+//   swift run -c release nbs-bench [--bytes N] [--opens N]
+
+import Foundation
+import NameBasedSockets
+import NIOCore
+import NIOPosix
+
+let arguments = CommandLine.arguments
+func argument(_ name: String, default value: Int) -> Int {
+    guard let i = arguments.firstIndex(of: name), i + 1 < arguments.count, let v = Int(arguments[i + 1]) else { return value }
+    return v
+}
+let totalBytes = argument("--bytes", default: 4 << 30)
+let opens = argument("--opens", default: 200)
+let chunkSize = 1 << 20
+let chunk = ByteBuffer(repeating: 0x5A, count: chunkSize)
+let group = MultiThreadedEventLoopGroup.singleton
+
+func cpuSeconds() -> Double {
+    var usage = rusage()
+    getrusage(RUSAGE_SELF.rawValue, &usage)
+    return Double(usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) + Double(usage.ru_utime.tv_usec + usage.ru_stime.tv_usec) / 1e6
+}
+
+struct Measurement {
+    let name: String
+    let bytes: Int
+    let seconds: Double
+    let cpu: Double
+    var gbps: Double { Double(bytes) * 8 / seconds / 1e9 }
+    var cpuPerGiB: Double { cpu / (Double(bytes) / Double(1 << 30)) }
+}
+
+// MARK: plain TCP with SwiftNIO
+
+final class CountingSink: ChannelInboundHandler, @unchecked Sendable {
+    typealias InboundIn = ByteBuffer
+    let target: Int
+    let done: EventLoopPromise<Void>
+    var received = 0
+    init(target: Int, done: EventLoopPromise<Void>) {
+        self.target = target
+        self.done = done
+    }
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        received += Self.unwrapInboundIn(data).readableBytes
+        if received >= target { done.succeed(()) }
+    }
+}
+
+final class BulkWriter: ChannelInboundHandler, @unchecked Sendable {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+    let target: Int
+    var sent = 0
+    init(target: Int) { self.target = target }
+    func channelActive(context: ChannelHandlerContext) { pump(context) }
+    func channelWritabilityChanged(context: ChannelHandlerContext) { pump(context) }
+    private func pump(_ context: ChannelHandlerContext) {
+        while context.channel.isWritable, sent < target {
+            context.write(Self.wrapOutboundOut(chunk), promise: nil)
+            sent += chunkSize
+        }
+        context.flush()
+    }
+}
+
+func plainTCP(bytes: Int) async throws -> Measurement {
+    let done = group.next().makePromise(of: Void.self)
+    let server = try await ServerBootstrap(group: group)
+        .childChannelInitializer { channel in
+            channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(CountingSink(target: bytes, done: done)) }
+        }
+        .bind(host: "127.0.0.1", port: 0).get()
+    let cpu0 = cpuSeconds()
+    let start = ContinuousClock.now
+    let client = try await ClientBootstrap(group: group)
+        .channelInitializer { channel in
+            channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(BulkWriter(target: bytes)) }
+        }
+        .connect(to: server.localAddress!).get()
+    try await done.futureResult.get()
+    let seconds = (ContinuousClock.now - start).asSeconds
+    let cpu = cpuSeconds() - cpu0
+    try await client.close()
+    try await server.close()
+    return Measurement(name: "plain TCP (SwiftNIO)", bytes: bytes, seconds: seconds, cpu: cpu)
+}
+
+// MARK: NBS, one subflow
+
+func nbsSession(bytes: Int) async throws -> Measurement {
+    var options = NBSOptions()
+    options.localAddresses = [try SocketAddress(ipAddress: "127.0.0.1", port: 0)]
+    options.resolver = StaticResolver(["bench.server": ["127.0.0.1"]])
+    let listener = try await NBS.listen(localName: "bench.server", port: 0, options: options)
+    let receiver = Task {
+        let session = try await listener.accept()
+        var received = 0
+        while let data = try await session.read() { received += data.readableBytes }
+        try await session.close()
+        return received
+    }
+    let cpu0 = cpuSeconds()
+    let start = ContinuousClock.now
+    let session = try await NBS.open(localName: "bench.client", peerName: "bench.server", port: listener.port, options: options)
+    var sent = 0
+    while sent < bytes {
+        try await session.write(chunk)
+        sent += chunkSize
+    }
+    await session.finish()
+    let received = try await receiver.value
+    let seconds = (ContinuousClock.now - start).asSeconds
+    let cpu = cpuSeconds() - cpu0
+    try await session.close()
+    await listener.close()
+    precondition(received == sent, "NBS delivered \(received) of \(sent) bytes")
+    return Measurement(name: "NBS, 1 subflow", bytes: bytes, seconds: seconds, cpu: cpu)
+}
+
+// MARK: set-up latency
+
+func tcpConnectLatency(count: Int) async throws -> [Double] {
+    let server = try await ServerBootstrap(group: group).bind(host: "127.0.0.1", port: 0).get()
+    var samples: [Double] = []
+    for _ in 0..<count {
+        let start = ContinuousClock.now
+        let channel = try await ClientBootstrap(group: group).connect(to: server.localAddress!).get()
+        samples.append((ContinuousClock.now - start).asSeconds * 1000)
+        try await channel.close()
+    }
+    try await server.close()
+    return samples
+}
+
+func nbsOpenLatency(count: Int) async throws -> [Double] {
+    var options = NBSOptions()
+    options.localAddresses = [try SocketAddress(ipAddress: "127.0.0.1", port: 0)]
+    options.resolver = StaticResolver(["bench.server": ["127.0.0.1"]])
+    let listener = try await NBS.listen(localName: "bench.server", port: 0, options: options)
+    let acceptor = Task {
+        for _ in 0..<count {
+            let session = try await listener.accept()
+            try await session.write(ByteBuffer(bytes: [1]))
+            Task { _ = try? await session.read(); await session.abort() }
+        }
+    }
+    var samples: [Double] = []
+    for _ in 0..<count {
+        let start = ContinuousClock.now
+        let session = try await NBS.open(localName: "bench.client", peerName: "bench.server", port: listener.port, options: options)
+        _ = try await session.read()  // first byte from the server
+        samples.append((ContinuousClock.now - start).asSeconds * 1000)
+        await session.abort()
+    }
+    try await acceptor.value
+    await listener.close()
+    return samples
+}
+
+extension Duration {
+    var asSeconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
+}
+
+func median(_ xs: [Double]) -> Double { xs.sorted()[xs.count / 2] }
+func json(_ object: [String: Any]) -> String {
+    String(decoding: try! JSONSerialization.data(withJSONObject: object, options: [.sortedKeys]), as: UTF8.self)
+}
+
+let tcp = try await plainTCP(bytes: totalBytes)
+let nbs = try await nbsSession(bytes: totalBytes)
+let tcpSetup = try await tcpConnectLatency(count: opens)
+let nbsSetup = try await nbsOpenLatency(count: opens)
+
+print(String(format: "%-24@ %10@ %12@ %14@", "case" as NSString, "Gbit/s" as NSString, "CPU s/GiB" as NSString, "ratio to TCP" as NSString))
+for m in [tcp, nbs] {
+    print(String(format: "%-24@ %10.2f %12.3f %14.2f", m.name as NSString, m.gbps, m.cpuPerGiB, m.gbps / tcp.gbps))
+}
+print(String(format: "set-up, median of %d: TCP connect %.3f ms, NBS open to first byte %.3f ms", opens, median(tcpSetup), median(nbsSetup)))
+for m in [tcp, nbs] {
+    print(json(["case": m.name, "bytes": m.bytes, "seconds": m.seconds, "goodput_gbps": m.gbps, "cpu_s_per_gib": m.cpuPerGiB, "ratio_to_tcp": m.gbps / tcp.gbps]))
+}
+print(json(["case": "setup_latency", "samples": opens, "tcp_connect_ms_median": median(tcpSetup), "nbs_open_first_byte_ms_median": median(nbsSetup)]))
