@@ -9,6 +9,7 @@ let package = Package(
         .library(name: "NBSProtocol", targets: ["NBSProtocol"]),
         .executable(name: "nbs-mobility", targets: ["nbs-mobility"]),
         .executable(name: "nbs-bench", targets: ["nbs-bench"]),
+        .library(name: "NBSNetlink", targets: ["NBSNetlink"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
@@ -17,6 +18,13 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
     ],
     targets: [
+        // libmnl's macros (mnl_attr_for_each, NLMSG_*, IFA_RTA...) cannot be imported by Swift, so the
+        // shim header turns each into a prefixed `static inline` function.
+        .systemLibrary(name: "CMnl", pkgConfig: "libmnl", providers: [.apt(["libmnl-dev"])]),
+        // The interface monitor: the only module that imports CMnl.
+        .target(name: "NBSNetlink", dependencies: ["CMnl"]),
+        .executableTarget(name: "nbs-netlink-probe", dependencies: ["NBSNetlink"]),
+        .testTarget(name: "NBSNetlinkTests", dependencies: ["NBSNetlink"]),
         // Pure protocol core: frames, codec, buffers, state machines. No I/O.
         .target(
             name: "NBSProtocol",
@@ -29,6 +37,7 @@ let package = Package(
             name: "NameBasedSockets",
             dependencies: [
                 "NBSProtocol",
+                "NBSNetlink",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Crypto", package: "swift-crypto"),
@@ -39,6 +48,7 @@ let package = Package(
             name: "nbs-mobility",
             dependencies: [
                 "NameBasedSockets",
+                "NBSNetlink",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "NIOCore", package: "swift-nio"),
@@ -58,6 +68,7 @@ let package = Package(
             name: "NameBasedSocketsTests",
             dependencies: [
                 "NameBasedSockets",
+                "NBSNetlink",
                 "NBSProtocol",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),

@@ -50,6 +50,8 @@ public struct SessionCore: Sendable {
         var backup: Bool
         var writable = true
         var alive = true
+        /// Stalled (no TCP progress): carries nothing until it recovers; its data went elsewhere.
+        var suspended = false
         var smoothedRTT: Double?  // milliseconds
         var stats = SubflowStats()
     }
@@ -135,6 +137,27 @@ public struct SessionCore: Sendable {
     }
 
     public var aliveSubflows: [SubflowID] { order.filter { subflows[$0]!.alive } }
+    /// Alive and not suspended: the subflows that can carry data now.
+    public var usableSubflows: [SubflowID] { order.filter { subflows[$0]!.alive && !subflows[$0]!.suspended } }
+    public func isSuspended(_ id: SubflowID) -> Bool { subflows[id]?.suspended ?? false }
+
+    /// The subflow stopped making progress (a silent path failure, or a long timeout): what it
+    /// carries is sent again elsewhere now, as MPTCP reinjects on a subflow RTO, but the subflow
+    /// stays open in case it recovers. Returns the bytes queued for reinjection.
+    @discardableResult
+    public mutating func suspendSubflow(_ id: SubflowID) -> Int {
+        guard subflows[id]?.alive == true, subflows[id]?.suspended == false else { return 0 }
+        subflows[id]!.suspended = true
+        let bytes = send.reinject(from: id)
+        if localFin == .sent(id) { localFin = .pending }
+        if lastDataSubflow == id { lastDataSubflow = nil }
+        return bytes
+    }
+
+    public mutating func resumeSubflow(_ id: SubflowID) {
+        guard subflows[id]?.alive == true else { return }
+        subflows[id]!.suspended = false
+    }
     public func stats(_ id: SubflowID) -> SubflowStats? { subflows[id]?.stats }
     public func smoothedRTT(_ id: SubflowID) -> Double? { subflows[id]?.smoothedRTT }
     public func isBackup(_ id: SubflowID) -> Bool { subflows[id]?.backup ?? false }
@@ -290,13 +313,13 @@ public struct SessionCore: Sendable {
     /// Acknowledgements are small and latency-critical: they go on the subflow data last came
     /// from, else on any live one, regardless of writability.
     private func ackSubflow() -> SubflowID? {
-        if let last = lastDataSubflow, subflows[last]?.alive == true { return last }
-        return aliveSubflows.first
+        if let last = lastDataSubflow, subflows[last]?.alive == true, subflows[last]?.suspended == false { return last }
+        return usableSubflows.first ?? aliveSubflows.first
     }
 
     /// The scheduler's decision for the next data segment, according to the policy.
     func scheduledSubflow() -> SubflowID? {
-        let alive = order.compactMap { subflows[$0] }.filter(\.alive)
+        let alive = order.compactMap { subflows[$0] }.filter { $0.alive && !$0.suspended }
         let regular = alive.filter { !$0.backup }
         // Backups carry data only when no regular subflow is left.
         let pool = regular.isEmpty ? alive : regular

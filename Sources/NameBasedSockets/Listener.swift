@@ -160,7 +160,7 @@ final class ListenerState: SubflowDelegate {
         }
         handler.write(.accept(accept))
         let engine = SessionEngine(loop: loop, role: .listener, localName: localName, peerName: open.sourceName, port: local.port ?? 0,
-                                   options: options, keys: keys, token: token, peerInitialWindow: 0, addressBook: LocalAddressBook.current(),
+                                   options: options, keys: keys, token: token, peerInitialWindow: 0, addressBook: LocalAddressBook.current(monitor: options.interfaceMonitor),
                                    peerAddresses: [remote])
         sessions[token] = engine
         let bound = NIOLoopBound(self, eventLoop: loop)
@@ -168,6 +168,7 @@ final class ListenerState: SubflowDelegate {
         var established = machine
         established.handshakeCompleted()
         engine.adoptEstablished(handler, machine: established, local: local, remote: remote, backup: false)
+        engine.startPathManagement()
         let session = Session(engine: engine)
         if let waiter = waiters.popFirst() { waiter.succeed(session) } else { ready.append(session) }
     }

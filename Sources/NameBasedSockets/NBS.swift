@@ -12,7 +12,7 @@ public enum NBS {
         try validate(peerName)
         guard (1...65535).contains(port) else { throw NBSError.connectFailed(peer: peerName, reason: "port \(port) is out of range") }
         let remotes = try await options.resolver.resolve(peerName, port: port)
-        let book = LocalAddressBook.current()
+        let book = LocalAddressBook.current(monitor: options.interfaceMonitor)
         var pairs: [(SocketAddress, SocketAddress)] = []
         for remote in remotes {
             let locals = options.localAddresses?.filter { $0.sameFamily(remote) } ?? book.usable(towards: remote)
@@ -94,7 +94,7 @@ final class OpenAttempt: SubflowDelegate {
                 machine.handshakeCompleted()
                 let rtt = handler.handshakeSentAt.map { Double((NIODeadline.now() - $0).nanoseconds) / 1e6 }
                 engine.adoptEstablished(handler, machine: machine, local: channel.localAddress ?? local, remote: remote, backup: false, rttSample: rtt)
-                engine.joinMissingPairs()
+                engine.startPathManagement()
                 return Session(engine: engine)
             }.flatMapErrorThrowing { error in
                 timeout.cancel()

@@ -1,3 +1,4 @@
+import NBSNetlink
 import NBSProtocol
 import NIOCore
 import NIOPosix
@@ -8,7 +9,7 @@ public typealias MultipathPolicy = NBSProtocol.MultipathPolicy
 public struct NBSOptions: Sendable {
     public var policy: MultipathPolicy = .aggregate
     /// Most subflows a session runs (and, on a listener, accepts per session).
-    public var maxSubflows = 8
+    public var maxSubflows = 4
     public var resolver: any NameResolver = SystemResolver()
     /// Local addresses to open subflows from. nil: the host's usable addresses, read at open.
     public var localAddresses: [SocketAddress]?
@@ -19,6 +20,20 @@ public struct NBSOptions: Sendable {
     /// How long `close()` waits for the peer's DATA_FIN and acknowledgements before aborting.
     public var closeTimeout: TimeAmount = .seconds(30)
     public var probeInterval: TimeAmount = .seconds(1)
+    /// Follows interfaces and addresses: subflows on a lost address or interface are retired at
+    /// once, new addresses are joined and announced. nil: the local addresses read at open, fixed.
+    public var interfaceMonitor: (any InterfaceMonitor)? = SharedInterfaceMonitor.instance
+    /// With every path lost, the session waits this long for one to come back before failing.
+    public var waitingGracePeriod: TimeAmount = .seconds(60)
+    /// While waiting, the opener re-resolves the peer's name and tries to JOIN this often.
+    public var rejoinInterval: TimeAmount = .milliseconds(500)
+    /// A subflow with data in flight and no TCP acknowledgement for max(this, RTO + 2 RTT) is
+    /// declared dead (a blackhole: no netlink event will come) and its data reinjected.
+    public var minimumStallTimeout: TimeAmount = .milliseconds(300)
+    /// A stalled subflow that gets no acknowledgement for this long after being suspended is closed.
+    public var stallRetirement: TimeAmount = .seconds(3)
+    /// How often subflows are checked for stalls while the session is active.
+    public var livenessInterval: TimeAmount = .milliseconds(50)
     public var sendBufferCapacity = 8 * 1024 * 1024
     public var receiveCapacity = 8 * 1024 * 1024
     public var maxSegmentSize = 32 * 1024
@@ -85,6 +100,8 @@ public enum PeerVerification: String, Sendable, Codable {
 public enum SubflowState: String, Sendable, Codable {
     case connecting
     case active
+    /// No TCP progress: suspended from scheduling, its data reinjected elsewhere.
+    case stalled
     case backup
     case closed
 }
@@ -105,6 +122,7 @@ public struct SubflowInfo: Sendable, Equatable {
 public enum SessionEvent: Sendable, Equatable {
     case subflowUp(SubflowInfo)
     case subflowDown(SubflowInfo, reason: String)
+    case subflowStalled(SubflowInfo, silentMilliseconds: Int)
     /// Data of a lost subflow queued for sending again on the others.
     case reinjected(bytes: Int, from: UInt32)
     case addressAnnounced(SocketAddress)

@@ -1,3 +1,4 @@
+import NBSNetlink
 import NIOCore
 import NIOPosix
 
@@ -87,7 +88,12 @@ private func canonicalNameKey(_ name: String) -> String {
 struct LocalAddressBook: Sendable {
     var entries: [(address: SocketAddress, interface: String)]
 
-    static func current() -> LocalAddressBook {
+    /// From the interface monitor when there is one (the same view that later events update),
+    /// else from the system's interface list.
+    static func current(monitor: (any InterfaceMonitor)?) -> LocalAddressBook {
+        if let monitor {
+            return LocalAddressBook(entries: PathPlanner.localAddresses(from: monitor.snapshot))
+        }
         let devices = (try? System.enumerateDevices()) ?? []
         var entries: [(SocketAddress, String)] = []
         for device in devices {
@@ -96,6 +102,20 @@ struct LocalAddressBook: Sendable {
             if !entries.contains(where: { $0.0 == plain }) { entries.append((plain, device.name)) }
         }
         return LocalAddressBook(entries: entries)
+    }
+
+    var addresses: [SocketAddress] { entries.map(\.address) }
+
+    mutating func add(_ address: SocketAddress, interface: String) -> Bool {
+        guard !entries.contains(where: { $0.address == address }) else { return false }
+        entries.append((address, interface))
+        return true
+    }
+
+    mutating func remove(_ ip: String) -> Bool {
+        let before = entries.count
+        entries.removeAll { $0.address.hostString == ip }
+        return entries.count != before
     }
 
     func interface(for address: SocketAddress) -> String? {

@@ -1,4 +1,5 @@
 import Logging
+import NBSNetlink
 import NBSProtocol
 import NIOCore
 import NIOPosix
@@ -44,7 +45,17 @@ final class SessionEngine: SubflowDelegate {
     private var nextSubflowID: UInt32 = 0
     private(set) var state = State.open
     private(set) var maxConcurrentSubflows = 0
-    let addressBook: LocalAddressBook
+    var addressBook: LocalAddressBook
+    /// Pairs with a connect or JOIN in progress, so the mesh is not opened twice.
+    private var connectingPairs: Set<PathPlanner.Pair> = []
+    private(set) var waitingSince: NIODeadline?
+    private var graceTask: Scheduled<Void>?
+    private var rejoinTask: RepeatedTask?
+    private var livenessTask: RepeatedTask?
+    private var monitorSubscription: InterfaceEventSubscription?
+    private var announcedAddressIDs: [String: UInt8] = [:]
+    private var suspendedSince: [SubflowID: NIODeadline] = [:]
+    private(set) var rejectedSignals = 0
     var peerAddresses: [SocketAddress]
 
     private var readWaiters = CircularBuffer<(maxBytes: Int, promise: EventLoopPromise<ByteBuffer?>)>()
@@ -102,43 +113,41 @@ final class SessionEngine: SubflowDelegate {
         core.setWritable(id, handler.isWritable)
         maxConcurrentSubflows = max(maxConcurrentSubflows, core.aliveSubflows.count)
         eventContinuation.yield(.subflowUp(info(id)))
+        pathRestored()
         startProbingIfNeeded()
         pump()
     }
 
+    /// Local addresses subflows may start from: the fixed list from the options, else what the
+    /// interface monitor currently deems usable.
+    var candidateLocalAddresses: [SocketAddress] { options.localAddresses ?? addressBook.addresses }
+
     /// Opener: the full mesh of same-family (local, remote) pairs, within the subflow limit,
-    /// without the pairs already in use.
+    /// without the pairs already in use or being connected.
     func joinMissingPairs() {
         guard role == .opener, state == .open else { return }
-        var budget = options.maxSubflows - liveSubflowCount
-        guard budget > 0 else { return }
-        let inUse = Set(records.values.filter { !$0.closed }.map { PairKey(local: $0.local.hostString, remote: $0.remote.hostString) })
-        for remote in peerAddresses {
-            let locals = options.localAddresses?.filter { $0.sameFamily(remote) } ?? addressBook.usable(towards: remote)
-            for local in locals where budget > 0 {
-                guard !inUse.contains(PairKey(local: local.hostString, remote: remote.hostString)) else { continue }
-                budget -= 1
-                startJoin(from: local, to: remote)
-            }
-        }
+        let live = records.values.filter { !$0.closed }
+        let inUse = Set(live.map { PathPlanner.Pair(local: $0.local.hostString, remote: $0.remote.hostString) }).union(connectingPairs)
+        let plan = PathPlanner.joins(locals: candidateLocalAddresses, peers: peerAddresses, inUse: inUse,
+                                     liveCount: live.count + connectingPairs.count, maxSubflows: options.maxSubflows,
+                                     policy: options.policy, hasRegularSubflow: core.aliveSubflows.contains { !core.isBackup($0) })
+        for join in plan { startJoin(from: join.local, to: join.remote, backup: join.backup) }
     }
 
-    private struct PairKey: Hashable {
-        var local: String
-        var remote: String
-    }
-
-    private func startJoin(from local: SocketAddress, to remote: SocketAddress) {
+    private func startJoin(from local: SocketAddress, to remote: SocketAddress, backup: Bool) {
         let bound = self.bound
-        let backup = options.policy == .handover && core.aliveSubflows.contains { !core.isBackup($0) }
+        let pair = PathPlanner.Pair(local: local.hostString, remote: remote.hostString)
+        connectingPairs.insert(pair)
         SubflowConnector.connect(on: loop, from: local, to: remote, options: options).whenComplete { result in
             let engine = bound.value
+            engine.connectingPairs.remove(pair)
             switch result {
             case .success(let channel):
                 guard let handler = try? channel.pipeline.syncOperations.handler(type: SubflowHandler.self) else { return }
                 engine.joinConnected(handler, local: local, remote: remote, backup: backup)
             case .failure(let error):
                 engine.logger.debug("join \(local.hostString) → \(remote.hostString) failed: \(error)")
+                engine.checkSubflowsLeft()
             }
         }
     }
@@ -175,12 +184,10 @@ final class SessionEngine: SubflowDelegate {
     /// Closes one subflow; its unacknowledged data goes out on the others at once.
     func retire(_ id: SubflowID, reason: String, abort: CloseReason? = nil) {
         guard let record = records[id], !record.closed else { return }
-        if let abort {
-            record.handler.writeAndClose(record.established ? signals.close(abort, reason, abort: true) : .abort(.init(reason: abort, message: reason)))
-        } else {
-            record.handler.writeAndClose(nil)
-        }
+        let farewell: Frame? = abort.map { record.established ? signals.close($0, reason, abort: true) : .abort(.init(reason: $0, message: reason)) }
+        // Account for the loss (and reinject) before closing: the close reports back synchronously.
         subflowGone(id, reason: reason)
+        record.handler.writeAndClose(farewell)
     }
 
     private func subflowGone(_ id: SubflowID, reason: String) {
@@ -205,10 +212,161 @@ final class SessionEngine: SubflowDelegate {
         }
     }
 
+    /// Losing every path is not fatal: the session waits for one to come back (a new local
+    /// address, or the peer at a new address) for the grace period.
     private func checkSubflowsLeft() {
-        guard state == .open, core.aliveSubflows.isEmpty else { return }
-        let pending = records.values.contains { !$0.closed && !$0.established }
-        if !pending { fail(.allSubflowsLost, notifyPeer: nil) }
+        guard state == .open, core.aliveSubflows.isEmpty, waitingSince == nil else { return }
+        let pending = records.values.contains { !$0.closed && !$0.established } || !connectingPairs.isEmpty
+        guard options.waitingGracePeriod > .zero else {
+            if !pending { fail(.allSubflowsLost, notifyPeer: nil) }
+            return
+        }
+        waitingSince = .now()
+        logger.info("every path lost; waiting up to \(options.waitingGracePeriod) for one to return")
+        eventContinuation.yield(.waiting)
+        let bound = self.bound
+        graceTask = loop.scheduleTask(in: options.waitingGracePeriod) {
+            let engine = bound.value
+            if engine.waitingSince != nil { engine.fail(.allSubflowsLost, notifyPeer: nil) }
+        }
+        if role == .opener {
+            rejoinTask = loop.scheduleRepeatedTask(initialDelay: .zero, delay: options.rejoinInterval) { _ in
+                bound.value.rejoin()
+            }
+        }
+    }
+
+    /// While waiting: ask the resolver again (both ends may have moved) and try the mesh.
+    private func rejoin() {
+        guard state == .open, waitingSince != nil else { return }
+        joinMissingPairs()
+        let bound = self.bound
+        let resolver = options.resolver
+        let name = peerName
+        let port = self.port
+        Task {
+            guard let fresh = try? await resolver.resolve(name, port: port) else { return }
+            bound.eventLoop.execute { bound.value.learnPeerAddresses(fresh) }
+        }
+    }
+
+    private func learnPeerAddresses(_ addresses: [SocketAddress]) {
+        var added = false
+        for address in addresses.map(\.unmapped) where !peerAddresses.contains(where: { $0.hostString == address.hostString }) {
+            peerAddresses.append(address)
+            added = true
+        }
+        if added { joinMissingPairs() }
+    }
+
+    private func pathRestored() {
+        guard waitingSince != nil else { return }
+        waitingSince = nil
+        graceTask?.cancel()
+        rejoinTask?.cancel()
+        graceTask = nil
+        rejoinTask = nil
+        logger.info("a path is back; resuming")
+        eventContinuation.yield(.resumed)
+    }
+
+    // MARK: path management: interfaces, addresses, stalls
+
+    /// Subscribes to the interface monitor and starts stall detection. The monitor first replays
+    /// the current state; addresses already known are no-ops.
+    func startPathManagement() {
+        joinMissingPairs()
+        startLivenessChecks()
+        guard let monitor = options.interfaceMonitor else { return }
+        let bound = self.bound
+        let loop = self.loop
+        monitorSubscription = monitor.onEvent { event in
+            loop.execute { bound.value.interfaceEvent(event) }
+        }
+    }
+
+    func interfaceEvent(_ event: InterfaceEvent) {
+        guard state == .open else { return }
+        let live = records.filter { !$0.value.closed }.map { (id: $0.key.rawValue, local: $0.value.local.hostString, interface: $0.value.interface) }
+        let affected = PathPlanner.affected(by: event, subflows: live)
+        for id in affected.ids { retire(SubflowID(id), reason: affected.reason) }
+        if let removed = affected.removedAddress, addressBook.remove(removed) || !affected.ids.isEmpty {
+            withdraw(removed)
+        }
+        if case .addressAdded(let address) = event, options.localAddresses == nil,
+            let socketAddress = try? SocketAddress(ipAddress: PathPlanner.normalizedIP(address.address), port: 0),
+            address.isUsableForSubflows, addressBook.add(socketAddress, interface: address.interfaceName) {
+            logger.info("new local address \(socketAddress.hostString) on \(address.interfaceName)")
+            announce(socketAddress)
+            joinMissingPairs()
+        }
+    }
+
+    /// ADD_ADDR on a live subflow. The listener announces its port so the opener can join it.
+    private func announce(_ address: SocketAddress) {
+        guard let carrier = core.aliveSubflows.first, let record = records[carrier] else { return }
+        let ip = address.hostString
+        let id = announcedAddressIDs[ip] ?? UInt8(truncatingIfNeeded: announcedAddressIDs.count + 1)
+        announcedAddressIDs[ip] = id
+        guard let wire = address.withPort(role == .listener ? port : 0).wireAddress else { return }
+        record.handler.write(signals.addAddress(wire, id: id))
+    }
+
+    private func withdraw(_ ip: String) {
+        guard let carrier = core.aliveSubflows.first, let record = records[carrier],
+            let wire = (try? SocketAddress(ipAddress: ip, port: 0))?.wireAddress
+        else { return }
+        announcedAddressIDs[ip] = nil
+        record.handler.write(signals.removeAddress(wire))
+    }
+
+    private func startLivenessChecks() {
+        guard livenessTask == nil, options.livenessInterval > .zero else { return }
+        let bound = self.bound
+        livenessTask = loop.scheduleRepeatedTask(initialDelay: options.livenessInterval, delay: options.livenessInterval) { _ in
+            bound.value.checkStalls()
+        }
+    }
+
+    /// A blackhole sends no netlink event: the subflow's TCP simply stops getting ACKs. The kernel
+    /// knows (TCP_INFO), however much data queues in front of a probe. A subflow silent for longer
+    /// than max(minimumStallTimeout, RTO + 2 RTT) with data in flight is suspended (its data goes
+    /// elsewhere at once); it resumes when ACKs return, and is retired if they do not within
+    /// `stallRetirement`.
+    private func checkStalls() {
+        guard state == .open else { return }
+        let floor = Int64(options.minimumStallTimeout.nanoseconds / 1_000_000)
+        let bound = self.bound
+        for (id, record) in records where record.established && !record.closed {
+            guard let channel = record.handler.channel as? any SocketOptionProvider else { continue }
+            channel.getTCPInfo().whenSuccess { info in
+                let engine = bound.value
+                let limit = max(floor, Int64(info.tcpi_rto / 1000) + 2 * Int64(info.tcpi_rtt / 1000))
+                let silentMs = Int64(info.tcpi_last_ack_recv)
+                engine.stallCheck(id, inFlight: info.tcpi_unacked > 0, silentMs: silentMs, limitMs: limit)
+            }
+        }
+    }
+
+    func stallCheck(_ id: SubflowID, inFlight: Bool, silentMs: Int64, limitMs: Int64) {
+        guard state == .open, let record = records[id], record.established, !record.closed else { return }
+        if core.isSuspended(id) {
+            if silentMs < limitMs {
+                suspendedSince[id] = nil
+                core.resumeSubflow(id)
+                logger.info("subflow \(id) recovered")
+                pump()
+            } else if let since = suspendedSince[id], NIODeadline.now() - since > options.stallRetirement {
+                retire(id, reason: "no TCP acknowledgement for \(silentMs) ms")
+            }
+        } else if inFlight, silentMs > limitMs {
+            suspendedSince[id] = .now()
+            let bytes = core.suspendSubflow(id)
+            logger.info("subflow \(id) stalled: no TCP acknowledgement for \(silentMs) ms (limit \(limitMs) ms); reinjecting \(bytes) bytes")
+            eventContinuation.yield(.subflowStalled(info(id), silentMilliseconds: Int(silentMs)))
+            if bytes > 0 { eventContinuation.yield(.reinjected(bytes: bytes, from: id.rawValue)) }
+            pump()
+        }
     }
 
     // MARK: SubflowDelegate
@@ -239,6 +397,7 @@ final class SessionEngine: SubflowDelegate {
                     retire(id, reason: "JOIN refused: \(close.reason) \(close.message)")
                 }
             } else {
+                rejectedSignals += 1
                 logger.warning("dropped an ABORT that failed authentication")
             }
         case .protocolViolation(let why):
@@ -265,6 +424,7 @@ final class SessionEngine: SubflowDelegate {
         core.setWritable(id, record.handler.isWritable)
         maxConcurrentSubflows = max(maxConcurrentSubflows, core.aliveSubflows.count)
         eventContinuation.yield(.subflowUp(info(id)))
+        pathRestored()
         pump()
     }
 
@@ -300,15 +460,16 @@ final class SessionEngine: SubflowDelegate {
 
     private func handleSignal(_ id: SubflowID, _ frame: Frame) {
         guard signals.accept(frame) else {
+            rejectedSignals += 1
             logger.warning("dropped a \(frame.type) that failed authentication (\(signals.rejected) so far)")
             return
         }
         switch frame {
         case .addAddress(let add):
-            guard let address = SocketAddress(add.address) else { return }
+            guard let announced = SocketAddress(add.address) else { return }
+            let address = announced.port == 0 ? announced.withPort(port) : announced
             eventContinuation.yield(.addressAnnounced(address))
-            if !peerAddresses.contains(address) { peerAddresses.append(address) }
-            joinMissingPairs()
+            learnPeerAddresses([address])
         case .removeAddress(let remove):
             guard let address = SocketAddress(remove.address) else { return }
             eventContinuation.yield(.addressRemoved(address))
@@ -493,6 +654,11 @@ final class SessionEngine: SubflowDelegate {
     }
 
     private func terminated() {
+        graceTask?.cancel()
+        rejoinTask?.cancel()
+        livenessTask?.cancel()
+        monitorSubscription?.cancel()
+        monitorSubscription = nil
         onTerminate?()
         onTerminate = nil
         // Closed subflows no longer report; dropping the delegate breaks the handler ↔ engine cycle.
@@ -544,7 +710,8 @@ final class SessionEngine: SubflowDelegate {
     func info(_ id: SubflowID) -> SubflowInfo {
         let record = records[id]!
         let stats = core.stats(id) ?? .init()
-        let state: SubflowState = record.closed ? .closed : !record.established ? .connecting : record.backup ? .backup : .active
+        let state: SubflowState = record.closed ? .closed : !record.established ? .connecting
+            : core.isSuspended(id) ? .stalled : record.backup ? .backup : .active
         return SubflowInfo(id: id.rawValue, local: record.local, remote: record.remote, interface: record.interface, state: state,
                            rttMilliseconds: core.smoothedRTT(id), bytesSent: stats.bytesSent, bytesReceived: stats.bytesReceived,
                            reinjectedBytes: stats.reinjectedBytes, closeReason: record.closeReason)

@@ -7,10 +7,10 @@ enum SubflowConnector {
     /// TCP_NOTSENT_LOWAT (Linux): the kernel holds at most this much unsent data per subflow, so
     /// the scheduler, not a deep socket buffer, decides which path carries the next segment, and
     /// little is stranded on a path that dies.
-    static let notSentLowWatermark = 128 * 1024
+    static let notSentLowWatermark = 32 * 1024
     static let tcpNotSentLowat = NIOBSDSocket.Option(rawValue: 25)
 
-    static let writeWaterMark = ChannelOptions.Types.WriteBufferWaterMark(low: 64 * 1024, high: 256 * 1024)
+    static let writeWaterMark = ChannelOptions.Types.WriteBufferWaterMark(low: 32 * 1024, high: 64 * 1024)
     /// Large reads: fewer system calls and fewer read batches (each may trigger a DATA_ACK).
     static let receiveAllocator = AdaptiveRecvByteBufferAllocator(minimum: 64 * 1024, initial: 256 * 1024, maximum: 1024 * 1024)
 

@@ -9,7 +9,7 @@ struct NBSMobility: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "nbs-mobility",
         abstract: "Name Based Sockets: multipath, mobile sessions opened by name.",
-        subcommands: [Serve.self, Connect.self]
+        subcommands: [Serve.self, Connect.self, Monitor.self]
     )
 }
 
@@ -21,7 +21,7 @@ struct CommonOptions: ParsableArguments {
     var json = false
 
     @Option(name: .long, help: "Most subflows per session.")
-    var maxSubflows = 8
+    var maxSubflows = 4
 
     @Option(name: .customLong("local"), help: "A local address to open subflows from (repeatable); default: every usable address.")
     var localAddresses: [String] = []

@@ -9,12 +9,25 @@ struct ReceiveMeter {
     private(set) var bytes = 0
     private var last: ContinuousClock.Instant?
     private(set) var maxStall: Duration = .zero
+    /// When the longest stall began.
+    private(set) var maxStallStart: ContinuousClock.Instant?
+    /// Every gap of 100 ms or more (the first 100), so a scenario can look at the stall after its
+    /// fault rather than at start-up.
+    private(set) var stalls: [(start: ContinuousClock.Instant, length: Duration)] = []
     private(set) var first: ContinuousClock.Instant?
     private(set) var lastAt: ContinuousClock.Instant?
 
     mutating func record(_ chunk: ByteBuffer) {
         let now = ContinuousClock.now
-        if let last { maxStall = max(maxStall, now - last) } else { first = now }
+        if let last {
+            if now - last >= .milliseconds(100), stalls.count < 100 { stalls.append((last, now - last)) }
+            if now - last > maxStall {
+                maxStall = now - last
+                maxStallStart = last
+            }
+        } else {
+            first = now
+        }
         last = now
         lastAt = now
         bytes += chunk.readableBytes
@@ -47,6 +60,7 @@ func describe(_ event: SessionEvent) -> String {
     switch event {
     case .subflowUp(let s): "subflow \(s.id) up \(s.local.ipAddress ?? "?") -> \(s.remote.ipAddress ?? "?")"
     case .subflowDown(let s, let reason): "subflow \(s.id) down \(s.local.ipAddress ?? "?") -> \(s.remote.ipAddress ?? "?"): \(reason)"
+    case .subflowStalled(let s, let ms): "subflow \(s.id) stalled (no TCP ack for \(ms) ms) \(s.local.ipAddress ?? "?") -> \(s.remote.ipAddress ?? "?")"
     case .reinjected(let bytes, let from): "reinjected \(bytes) bytes from subflow \(from)"
     case .addressAnnounced(let a): "peer announced \(a.ipAddress ?? "?")"
     case .addressRemoved(let a): "peer removed \(a.ipAddress ?? "?")"
@@ -71,6 +85,9 @@ struct TransferReport {
     var sha256 = ""
     var seconds = 0.0
     var maxStallMs = 0.0
+    /// Seconds from the start of the report to the beginning of the longest stall.
+    var maxStallAt: Double?
+    var stalls: [(at: Double, ms: Double)] = []
     var subflowsMax = 0
     var reinjected = 0
     var subflows: [SubflowInfo] = []
@@ -93,6 +110,8 @@ struct TransferReport {
         bytes = receiver.bytes
         sha256 = receiver.digest
         maxStallMs = receiver.maxStall.seconds * 1000
+        maxStallAt = receiver.maxStallStart.map { ($0 - started).seconds }
+        stalls = receiver.stalls.map { (($0.start - started).seconds, $0.length.seconds * 1000) }
         if let first = receiver.first, let last = receiver.lastAt, last > first {
             seconds = (last - first).seconds
         } else {
@@ -115,7 +134,8 @@ struct TransferReport {
             var object: [String: Any] = [
                 "role": role, "local_name": localName, "peer_name": peerName, "peer_verification": verification,
                 "bytes": bytes, "sha256": sha256, "seconds": round3(seconds), "goodput_mbps": round3(goodputMbps),
-                "max_stall_ms": round3(maxStallMs), "subflows_max": subflowsMax, "reinjected_bytes": reinjected,
+                "max_stall_ms": round3(maxStallMs), "max_stall_at_s": maxStallAt.map(round3) ?? NSNull(),
+                "stalls": stalls.map { ["at_s": round3($0.at), "ms": round3($0.ms)] }, "subflows_max": subflowsMax, "reinjected_bytes": reinjected,
                 "completed": completed,
                 "subflows": subflows.map { s -> [String: Any] in
                     var o: [String: Any] = ["local": s.local.ipAddress ?? "?", "remote": s.remote.ipAddress ?? "?", "state": s.state.rawValue,

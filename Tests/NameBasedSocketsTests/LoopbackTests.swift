@@ -114,20 +114,50 @@ struct LoopbackTests {
         await server.close()
     }
 
-    @Test("losing the last subflow fails the session with a clear error")
-    func lastSubflowLost() async throws {
+    @Test("losing every path is not fatal: the session waits, rejoins and delivers everything")
+    func waitsAndResumes() async throws {
+        let server = try await listener()
+        let received = Task { () -> (Int, [UInt8]) in
+            let session = try await server.accept()
+            let result = try await drain(session)
+            try await session.close()
+            return result
+        }
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: loopbackOptions())
+        let recorder = Task { () -> [SessionEvent] in
+            var seen: [SessionEvent] = []
+            for await event in client.events { seen.append(event) }
+            return seen
+        }
+        let data = pattern(4 * 1024 * 1024, seed: 11)
+        try await client.write(data.getSlice(at: 0, length: 2 * 1024 * 1024)!)
+        await client.killSubflow(0)
+        try await client.write(data.getSlice(at: 2 * 1024 * 1024, length: 2 * 1024 * 1024)!)
+        await client.finish()
+        let (count, digest) = try await withTimeout(30) { try await received.value }
+        try await client.close()
+        #expect(count == data.readableBytes)
+        #expect(digest == sha256(data))
+        let events = await recorder.value
+        #expect(events.contains(.waiting))
+        #expect(events.contains(.resumed))
+        await server.close()
+    }
+
+    @Test("after the grace period without a path, the session fails with a clear error on both ends")
+    func graceExpires() async throws {
         let server = try await listener()
         let accepted = Task { try await server.accept() }
-        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: loopbackOptions())
+        var options = loopbackOptions()
+        options.waitingGracePeriod = .milliseconds(300)
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options)
         let serverSession = try await accepted.value
+        await server.close()  // nothing to rejoin
         await client.killSubflow(0)
         await #expect(throws: NBSError.allSubflowsLost) {
             _ = try await withTimeout(10) { try await client.read() }
         }
-        await #expect(throws: NBSError.allSubflowsLost) {
-            _ = try await withTimeout(10) { try await serverSession.read() }
-        }
-        await server.close()
+        await serverSession.abort()
     }
 
     @Test("garbage, a bad JOIN and an unknown token are refused without disturbing a live session")

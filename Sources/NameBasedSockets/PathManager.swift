@@ -1,0 +1,117 @@
+import NBSNetlink
+import NIOCore
+
+/// The path manager's decisions as pure functions of the session's state: which subflows should
+/// exist, and which must go when an address or interface does. The engine performs them.
+enum PathPlanner {
+    struct Pair: Hashable, Sendable {
+        var local: String
+        var remote: String
+    }
+
+    struct Join: Equatable, Sendable {
+        var local: SocketAddress
+        var remote: SocketAddress
+        var backup: Bool
+    }
+
+    /// The full mesh of same-family pairs, minus the pairs in use or being connected, within the
+    /// subflow limit. Loopback addresses pair only with loopback peers. When the limit cuts the mesh,
+    /// pairs are taken so that every local and every remote address gets a subflow before any gets
+    /// a second, and a local address prefers the remote that shares its longest prefix (on a
+    /// multihomed host that is usually the path through its own interface). Under `handover` every
+    /// new subflow is a backup while a regular one exists.
+    static func joins(locals: [SocketAddress], peers: [SocketAddress], inUse: Set<Pair>, liveCount: Int, maxSubflows: Int,
+                      policy: MultipathPolicy, hasRegularSubflow: Bool) -> [Join] {
+        var candidates: [(local: SocketAddress, remote: SocketAddress, prefix: Int, order: Int)] = []
+        for remote in peers {
+            for local in locals where local.sameFamily(remote) && local.isLoopbackAddress == remote.isLoopbackAddress {
+                guard !inUse.contains(Pair(local: local.hostString, remote: remote.hostString)) else { continue }
+                candidates.append((local, remote, commonPrefixLength(local, remote), candidates.count))
+            }
+        }
+        var localUse: [String: Int] = [:]
+        var remoteUse: [String: Int] = [:]
+        for pair in inUse {
+            localUse[pair.local, default: 0] += 1
+            remoteUse[pair.remote, default: 0] += 1
+        }
+        var result: [Join] = []
+        var regular = hasRegularSubflow
+        var budget = maxSubflows - liveCount
+        while budget > 0, !candidates.isEmpty {
+            let best = candidates.indices.min { a, b in
+                let x = candidates[a], y = candidates[b]
+                let useX = localUse[x.local.hostString, default: 0] + remoteUse[x.remote.hostString, default: 0]
+                let useY = localUse[y.local.hostString, default: 0] + remoteUse[y.remote.hostString, default: 0]
+                if useX != useY { return useX < useY }
+                if x.prefix != y.prefix { return x.prefix > y.prefix }
+                return x.order < y.order
+            }!
+            let chosen = candidates.remove(at: best)
+            localUse[chosen.local.hostString, default: 0] += 1
+            remoteUse[chosen.remote.hostString, default: 0] += 1
+            result.append(Join(local: chosen.local, remote: chosen.remote, backup: policy == .handover && regular))
+            regular = true
+            budget -= 1
+        }
+        return result
+    }
+
+    static func commonPrefixLength(_ a: SocketAddress, _ b: SocketAddress) -> Int {
+        guard let x = a.wireAddress?.bytes, let y = b.wireAddress?.bytes, x.count == y.count else { return 0 }
+        var bits = 0
+        for (p, q) in zip(x, y) {
+            let diff = p ^ q
+            if diff == 0 {
+                bits += 8
+                continue
+            }
+            bits += diff.leadingZeroBitCount
+            break
+        }
+        return bits
+    }
+
+    /// Subflows that lose their local address or interface go at once: waiting for TCP to notice
+    /// would stall the session for seconds.
+    static func affected(by event: InterfaceEvent, subflows: [(id: UInt32, local: String, interface: String?)]) -> (ids: [UInt32], reason: String, removedAddress: String?) {
+        switch event {
+        case .addressRemoved(let address):
+            let ip = normalizedIP(address.address)
+            return (subflows.filter { $0.local == ip }.map(\.id), "address \(ip) removed", ip)
+        case .interfaceDown(let interface), .interfaceRemoved(let interface):
+            return (subflows.filter { $0.interface == interface.name }.map(\.id), "interface \(interface.name) down", nil)
+        default:
+            return ([], "", nil)
+        }
+    }
+
+    /// Usable local addresses for subflows from a monitor table: what the monitor deems usable, plus
+    /// loopback addresses (usable towards loopback peers only, which `joins` enforces).
+    static func localAddresses(from table: InterfaceTable) -> [(address: SocketAddress, interface: String)] {
+        var result: [(SocketAddress, String)] = []
+        for entry in table.addresses where entry.isUsableForSubflows || (entry.isLoopback && !entry.isTentative) {
+            guard let address = try? SocketAddress(ipAddress: normalizedIP(entry.address), port: 0) else { continue }
+            if !result.contains(where: { $0.0 == address }) { result.append((address, entry.interfaceName)) }
+        }
+        return result
+    }
+
+    static func normalizedIP(_ text: String) -> String {
+        (try? SocketAddress(ipAddress: text, port: 0))?.ipAddress ?? text
+    }
+}
+
+/// One netlink monitor per process, started on first use, shared by every session.
+enum SharedInterfaceMonitor {
+    static let instance: (any InterfaceMonitor)? = {
+        guard let monitor = try? NetlinkInterfaceMonitor() else { return nil }
+        do {
+            try monitor.start()
+            return monitor
+        } catch {
+            return nil
+        }
+    }()
+}
