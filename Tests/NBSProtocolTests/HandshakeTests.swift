@@ -286,15 +286,13 @@ struct HandshakeTests {
         for frame in frames {
             let received = try overTheWire(frame)
             #expect(received == frame)
-            let accepted289 = serverSignals.accept(received)
-            #expect(accepted289, "\(frame.type)")
-            // The same signal again is a replay.
-            let accepted291 = serverSignals.accept(received)
-            #expect(!accepted291, "replayed \(frame.type)")
+            // Accepted once; the same signal again is a replay.
+            let verdicts = [serverSignals.accept(received), serverSignals.accept(received)]
+            #expect(verdicts == [true, false], "\(frame.type)")
             // A client-made signal fed back to the client.
             var clientCopy = clientSignals
-            let accepted294 = clientCopy.accept(received)
-            #expect(!accepted294, "reflected \(frame.type)")
+            let reflected = clientCopy.accept(received)
+            #expect(!reflected, "reflected \(frame.type)")
         }
         #expect(serverSignals.rejected == frames.count)
 
@@ -344,15 +342,13 @@ struct HandshakeTests {
         }
         #expect(variants.count == 9)
         for frame in variants {
-            let accepted344 = server.accept(frame)
-            #expect(!accepted344, "\(frame)")
+            let accepted = server.accept(frame)
+            #expect(!accepted, "\(frame)")
         }
         #expect(server.rejected == variants.count)
         // Not signals at all.
-        let accepted348 = server.accept(.probe(.init(identifier: 1)))
-        #expect(!accepted348)
-        let accepted349 = server.accept(.data(.init(sequence: 0, payload: buffer([1]))))
-        #expect(!accepted349)
+        let others = [Frame.probe(.init(identifier: 1)), .data(.init(sequence: 0, payload: buffer([1])))].map { server.accept($0) }
+        #expect(others == [false, false])
     }
 
     @Test("signals are accepted only in increasing sequence")
@@ -363,15 +359,9 @@ struct HandshakeTests {
         let first = client.addAddress(Samples.v4, id: 1)
         let second = client.priority(backup: true)
         let third = client.removeAddress(Samples.v4)
-        let accepted360 = server.accept(second)
-        #expect(accepted360)
         // An older signal, even a genuine one never seen before, is refused after a newer one.
-        let accepted362 = server.accept(first)
-        #expect(!accepted362)
-        let accepted363 = server.accept(third)
-        #expect(accepted363)
-        let accepted364 = server.accept(second)
-        #expect(!accepted364)
+        let verdicts = [second, first, third, second].map { server.accept($0) }
+        #expect(verdicts == [true, false, true, false])
     }
 
     @Test("CLOSE and ABORT are authenticated")
@@ -386,35 +376,27 @@ struct HandshakeTests {
             return
         }
         #expect(c.mac.count == NBSWire.macLength && ab.mac.count == NBSWire.macLength)
-        #expect(server.accept(try overTheWire(close)))
-        #expect(server.accept(try overTheWire(abort)))
-        // Idempotent: a repeat is accepted (documented: no sequence number).
-        let accepted382 = server.accept(close)
-        #expect(accepted382)
         // A long reason is cut to 200 bytes on the wire, and the MAC still verifies.
-        #expect(server.accept(try overTheWire(client.close(.timeout, String(repeating: "t", count: 300), abort: true))))
+        let long = client.close(.timeout, String(repeating: "t", count: 300), abort: true)
+        let genuine = try [close, abort, long].map(overTheWire).map { server.accept($0) }
+        #expect(genuine == [true, true, true])
+        // Idempotent: a repeat is accepted (documented: no sequence number).
+        let repeated = server.accept(close)
+        #expect(repeated)
 
-        let accepted386 = server.accept(.abort(c))  // a CLOSE's MAC does not make an ABORT
-        #expect(!accepted386)
-        let accepted387 = server.accept(.close(ab))
-        #expect(!accepted387)
-        var x = c
-        x.reason = .shuttingDown
-        let accepted390 = server.accept(.close(x))
-        #expect(!accepted390)
-        x = c
-        x.message = "bye!"
-        let accepted393 = server.accept(.close(x))
-        #expect(!accepted393)
-        x = c
-        x.mac = []
-        let accepted396 = server.accept(.close(x))  // unauthenticated once the session has keys
-        #expect(!accepted396)
-        let accepted397 = client.accept(close)  // reflected
-        #expect(!accepted397)
+        var otherReason = c
+        otherReason.reason = .shuttingDown
+        var otherMessage = c
+        otherMessage.message = "bye!"
+        var noMAC = c
+        noMAC.mac = []  // unauthenticated, once the session has keys
+        let forged: [Frame] = [.abort(c), .close(ab), .close(otherReason), .close(otherMessage), .close(noMAC)]
+        #expect(forged.map { server.accept($0) } == [false, false, false, false, false])
+        let reflected = client.accept(close)
+        #expect(!reflected)
         // The server's own close verifies at the client.
-        let accepted399 = client.accept(server.close(.normal, "", abort: false))
-        #expect(accepted399)
+        let fromServer = client.accept(server.close(.normal, "", abort: false))
+        #expect(fromServer)
     }
 
     @Test("MAC verification needs the exact length")

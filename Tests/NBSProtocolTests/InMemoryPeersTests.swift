@@ -17,11 +17,15 @@ final class TwoPeerSimulation {
         var segment: Int
         var bytesEachWay: Int
         var kills: Int
-        var killPrimary = false
+        /// Kill the subflow carrying the most data first (the primary under handover).
+        var killBusiest = false
         var backup = false
+        /// One subflow goes silent for a while (a blackhole): both sides suspend it, then it recovers.
+        var stall = false
 
         var testDescription: String {
-            "seed \(seed): \(subflows) subflows\(backup ? " (one backup)" : ""), \(policy), \(segment)-byte segments, \(kills) killed\(killPrimary ? " (primary first)" : "")"
+            "seed \(seed): \(subflows) subflows\(backup ? " (one backup)" : ""), \(policy), \(segment)-byte segments, "
+                + "\(kills) killed\(killBusiest ? " (busiest first)" : "")\(stall ? ", one stalls" : "")"
         }
     }
 
@@ -65,6 +69,17 @@ final class TwoPeerSimulation {
     var signalsSent = [0, 0]
     var signalsAccepted = [0, 0]
     var lastProgress = 0
+    var stalled: (subflow: Int, since: Int, suspended: Bool)?
+    var stallsDone = 0
+    var suspensionQueued = [0, 0]
+    var reported = false
+
+    /// Records the first of a kind of failure that would otherwise repeat for every frame.
+    func reportOnce(_ message: String) {
+        guard !reported else { return }
+        reported = true
+        Issue.record(Comment(rawValue: message))
+    }
 
     init(_ scenario: Scenario) {
         self.scenario = scenario
@@ -102,7 +117,7 @@ final class TwoPeerSimulation {
 
     func send(_ frame: Frame, peer p: Int, subflow i: Int, preamble: Bool = false) {
         guard alive[i] else {
-            Issue.record("peer \(p) sends \(frame.type) on dead subflow \(i)")
+            reportOnce("peer \(p) sends \(frame.type) on dead subflow \(i)")
             return
         }
         if preamble { NBSWire.writePreamble(into: &wire[i][p]) }
@@ -123,7 +138,7 @@ final class TwoPeerSimulation {
     /// One pipe delivers some bytes; the receiver decodes and handles every complete frame.
     func deliver() throws {
         var candidates: [(Int, Int)] = []
-        for i in 0..<n where alive[i] {
+        for i in 0..<n where alive[i] && stalled?.subflow != i {
             for from in 0..<2 where wire[i][from].readableBytes > 0 { candidates.append((i, from)) }
         }
         guard let (i, from) = candidates.randomElement(using: &rng) else { return }
@@ -149,6 +164,7 @@ final class TwoPeerSimulation {
             if let bytes = cores[p]?.removeSubflow(id(i)) { reinjectionQueued[p] += bytes }
             if signalSubflow[p] == i { signalSubflow[p] = nil }
         }
+        if stalled?.subflow == i { stalled = nil }
         killed.append(i)
     }
 
@@ -168,8 +184,8 @@ final class TwoPeerSimulation {
         case .peerAborted(let close):
             Issue.record("peer \(p), subflow \(i): unexpected ABORT \(close.reason)")
         case .peerClosed(let close):
-            let accepted171 = signals[p]!.accept(.close(close))
-            #expect(accepted171, "CLOSE failed authentication")
+            let authentic = signals[p]!.accept(.close(close))
+            #expect(authentic, "CLOSE failed authentication")
             closesAccepted[p] += 1
         case .handshake(let frame):
             try handshakeFrame(frame, peer: p, subflow: i)
@@ -194,9 +210,9 @@ final class TwoPeerSimulation {
                                                             receiveWindow: UInt32(configuration.receiveCapacity))
             joins[p] = JoinAuthenticator(keys: keys, token: token)
             signals[p] = SignalAuthenticator(keys: keys, localRole: .server)
-            // The listener in Sources/ passes 0 here, which deadlocks a server that speaks first
-            // (SessionCoreTests.serverSpeaksFirst); the opener's window is given instead.
-            cores[p] = SessionCore(configuration: configuration, peerInitialWindow: UInt32(configuration.receiveCapacity))
+            // As the listener does: the OPEN carries no window, so the server waits for the
+            // opener's first DATA_ACK before it sends data.
+            cores[p] = SessionCore(configuration: configuration, peerInitialWindow: 0)
             send(.accept(accept), peer: p, subflow: i, preamble: true)
             established(p, i, backup: false)
         case .accept(let accept):
@@ -236,12 +252,12 @@ final class TwoPeerSimulation {
         case .probeAck(let probe):
             cores[p]!.recordRTT(id(i), milliseconds: Double(clock - Int(probe.identifier)) + 1)
         case .addAddress, .removeAddress:
-            let accepted238 = signals[p]!.accept(frame)
-            #expect(accepted238, "\(frame.type) failed authentication")
+            let authentic = signals[p]!.accept(frame)
+            #expect(authentic, "\(frame.type) failed authentication")
             signalsAccepted[p] += 1
         case .priority(let prio):
-            let accepted241 = signals[p]!.accept(frame)
-            #expect(accepted241, "PRIO failed authentication")
+            let authentic = signals[p]!.accept(frame)
+            #expect(authentic, "PRIO failed authentication")
             signalsAccepted[p] += 1
             cores[p]!.setBackup(id(i), prio.backup)
         default:
@@ -261,7 +277,7 @@ final class TwoPeerSimulation {
                 return
             }
             let i = Int(t.subflow.rawValue)
-            #expect(added[p][i] && alive[i], "peer \(p) scheduled on subflow \(i) which is not up")
+            if !added[p][i] || !alive[i] { reportOnce("peer \(p) scheduled \(t) on subflow \(i), which is not up") }
             switch t {
             case .data(_, let sequence, let payload, _):
                 #expect(payload.readableBytes > 0 && payload.readableBytes <= scenario.segment)
@@ -332,28 +348,58 @@ final class TwoPeerSimulation {
         send(frame, peer: p, subflow: i)
     }
 
+    private func inFlight(_ i: Int) -> Int {
+        (0..<2).reduce(0) { $0 + (cores[$1]?.send.inFlightBytes(on: id(i)) ?? 0) }
+    }
+
+    /// Kills subflows at evenly spaced points of the transfer, each while it carries data.
     func maybeKill() {
         guard killed.count < scenario.kills else { return }
         let progress = Double(received[0] + received[1]) / Double(2 * scenario.bytesEachWay)
         guard progress >= Double(killed.count + 1) / Double(scenario.kills + 2) else { return }
         let up = (0..<n).filter { alive[$0] && added[0][$0] && added[1][$0] }
-        guard up.count >= 2 else { return }
-        let victim = scenario.killPrimary && killed.isEmpty && up.contains(0) ? 0 : up.randomElement(using: &rng)!
+        let busy = up.filter { inFlight($0) > 0 }
+        guard up.count >= 2, !busy.isEmpty else { return }
+        let victim = scenario.killBusiest && killed.isEmpty ? busy.max { inFlight($0) < inFlight($1) }! : busy.randomElement(using: &rng)!
         kill(victim)
         lastProgress = clock
+    }
+
+    /// A subflow carrying data goes silent in both directions; after a while both sides suspend
+    /// it (as the engine does when TCP makes no progress), later it recovers and is resumed.
+    func maybeStall() {
+        if var s = stalled {
+            if !s.suspended, clock - s.since > 50 {
+                for p in 0..<2 { suspensionQueued[p] += cores[p]!.suspendSubflow(id(s.subflow)) }
+                s.suspended = true
+                stalled = s
+            } else if clock - s.since > 600 {
+                for p in 0..<2 { cores[p]!.resumeSubflow(id(s.subflow)) }
+                stalled = nil
+                stallsDone += 1
+                lastProgress = clock
+            }
+            return
+        }
+        guard scenario.stall, stallsDone == 0 else { return }
+        let progress = Double(received[0] + received[1]) / Double(2 * scenario.bytesEachWay)
+        guard progress >= 0.45 else { return }
+        guard let victim = (0..<n).filter({ alive[$0] && added[0][$0] && added[1][$0] && inFlight($0) > 0 }).randomElement(using: &rng) else { return }
+        stalled = (victim, clock, false)
     }
 
     // MARK: the run
 
     func run() throws {
         start()
-        while !finished {
+        while !finished || stalled != nil {
             clock += 1
-            if clock - lastProgress > 200_000 {
+            if clock - lastProgress > 100_000 {
                 Issue.record("stalled at step \(clock): \(diagnostics())")
                 return
             }
             maybeKill()
+            maybeStall()
             let p = Int.random(in: 0...1, using: &rng)
             switch Int.random(in: 0..<100, using: &rng) {
             case 0..<35: try deliver()
@@ -405,12 +451,13 @@ final class TwoPeerSimulation {
 struct InMemoryPeersTests {
     static let scenarios: [TwoPeerSimulation.Scenario] = [
         .init(seed: 1, subflows: 2, policy: .aggregate, segment: 32 * 1024, bytesEachWay: 3 << 20, kills: 1),
-        .init(seed: 2, subflows: 3, policy: .aggregate, segment: NBSWire.maxDataPayload, bytesEachWay: 3 << 20, kills: 2),
+        .init(seed: 2, subflows: 3, policy: .aggregate, segment: NBSWire.maxDataPayload, bytesEachWay: 3 << 20, kills: 2, stall: true),
         .init(seed: 3, subflows: 4, policy: .aggregate, segment: 1000, bytesEachWay: 1 << 20, kills: 2, backup: true),
-        .init(seed: 4, subflows: 3, policy: .handover, segment: 16 * 1024, bytesEachWay: 3 << 20, kills: 1, killPrimary: true),
-        .init(seed: 5, subflows: 2, policy: .interactive, segment: 8 * 1024, bytesEachWay: 2 << 20, kills: 1, killPrimary: true),
+        .init(seed: 4, subflows: 3, policy: .handover, segment: 16 * 1024, bytesEachWay: 3 << 20, kills: 1, killBusiest: true),
+        .init(seed: 5, subflows: 2, policy: .interactive, segment: 8 * 1024, bytesEachWay: 2 << 20, kills: 1, killBusiest: true, stall: true),
         .init(seed: 6, subflows: 4, policy: .interactive, segment: 32 * 1024, bytesEachWay: 3 << 20, kills: 2, backup: true),
-        .init(seed: 7, subflows: 3, policy: .handover, segment: 4096, bytesEachWay: 2 << 20, kills: 2, killPrimary: true, backup: true),
+        .init(seed: 7, subflows: 3, policy: .handover, segment: 4096, bytesEachWay: 2 << 20, kills: 2, killBusiest: true, backup: true, stall: true),
+        .init(seed: 8, subflows: 2, policy: .aggregate, segment: 2000, bytesEachWay: 2 << 20, kills: 0, stall: true),
     ]
 
     @Test("every byte arrives once, in order, both ways, across a killed subflow", arguments: scenarios)
@@ -421,7 +468,13 @@ struct InMemoryPeersTests {
         #expect(sim.received == [scenario.bytesEachWay, scenario.bytesEachWay])
         #expect(sim.written == [scenario.bytesEachWay, scenario.bytesEachWay])
         #expect(sim.killed.count == scenario.kills)
-        if scenario.killPrimary { #expect(sim.killed.first == 0) }
+        // Each kill caught data in flight, which was sent again.
+        if scenario.kills > 0 { #expect(sim.reinjectionQueued[0] + sim.reinjectionQueued[1] > 0) }
+        if scenario.stall {
+            #expect(sim.stallsDone == 1)
+            #expect(sim.suspensionQueued[0] + sim.suspensionQueued[1] > 0)
+        }
+        #expect(sim.cores.map { $0?.reinjectedBytes ?? 0 }.reduce(0, +) > 0 || scenario.kills + (scenario.stall ? 1 : 0) == 0)
         for p in 0..<2 {
             var core = try #require(sim.cores[p])
             #expect(core.isReadFinished && core.isWriteFinished)
@@ -436,7 +489,6 @@ struct InMemoryPeersTests {
         #expect(sim.signalsAccepted[0] + sim.signalsAccepted[1] > 0)
         try sim.close()
         #expect(sim.closesAccepted == [1, 1])
-        print("DEBUG \(scenario.testDescription): steps \(sim.clock) reinjected \(sim.cores.map { $0?.reinjectedBytes ?? -1 }) queued \(sim.reinjectionQueued) dup \(sim.cores.map { $0?.receive.duplicateBytes ?? -1 }) signals \(sim.signalsAccepted) stats \(sim.cores.map { c in (0..<scenario.subflows).map { c?.stats(SubflowID(UInt32($0)))?.bytesSent ?? -1 } })")
     }
 
     @Test("the scenarios are deterministic")

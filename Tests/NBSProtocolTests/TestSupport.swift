@@ -148,8 +148,3 @@ enum Samples {
     /// Small frames only (no 64 KiB DATA), for tests that are quadratic in frame size.
     static var small: [Frame] { all.filter { encoded($0).readableBytes < 2048 } }
 }
-
-extension Frame {
-    /// Length of the frame's payload as encoded.
-    var payloadLength: Int { encoded(self).readableBytes - NBSWire.frameHeaderLength }
-}
