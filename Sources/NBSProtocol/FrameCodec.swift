@@ -105,16 +105,16 @@ public enum FrameEncoder {
             b.writeInteger(p.identifier)
         case .close(let c), .abort(let c):
             b.writeInteger(c.reason.rawValue)
-            let message = String(decoding: Array(c.message.utf8.prefix(NBSWire.maxReasonLength)), as: UTF8.self)
-            b.writeInteger(UInt8(message.utf8.count))
-            b.writeString(message)
+            let message = Array(truncatedUTF8(c.message, maxBytes: NBSWire.maxReasonLength).utf8)
+            b.writeInteger(UInt8(message.count))
+            b.writeBytes(message)
             b.writeInteger(UInt8(c.mac.count))
             b.writeBytes(c.mac)
         }
     }
 
     private static func writeName(_ name: String, into b: inout ByteBuffer) {
-        let bytes = Array(name.utf8.prefix(NBSWire.maxNameLength))
+        let bytes = Array(truncatedUTF8(name, maxBytes: NBSWire.maxNameLength).utf8)
         b.writeInteger(UInt8(bytes.count))
         b.writeBytes(bytes)
     }
@@ -224,7 +224,9 @@ public struct FrameDecoder: Sendable {
             let reason = CloseReason(rawValue: try r.u16()) ?? .unknown
             let messageLength = Int(try r.u8())
             guard messageLength <= NBSWire.maxReasonLength else { throw .malformed(type, "reason text too long") }
-            let message = String(decoding: try r.bytes(messageLength), as: UTF8.self)
+            guard let message = String(validating: try r.bytes(messageLength), as: UTF8.self) else {
+                throw .malformed(type, "reason text is not UTF-8")
+            }
             let macLength = Int(try r.u8())
             guard macLength == 0 || macLength == NBSWire.macLength else { throw .malformed(type, "bad MAC length \(macLength)") }
             let close = Frame.Close(reason: reason, message: message, mac: try r.bytes(macLength))
@@ -233,6 +235,20 @@ public struct FrameDecoder: Sendable {
         guard r.buffer.readableBytes == 0 else { throw .malformed(type, "\(r.buffer.readableBytes) trailing bytes") }
         return frame
     }
+}
+
+/// The longest prefix of `text` that fits in `maxBytes` of UTF-8 without splitting a character.
+public func truncatedUTF8(_ text: String, maxBytes: Int) -> String {
+    guard text.utf8.count > maxBytes else { return text }
+    var result = ""
+    var used = 0
+    for character in text {
+        let size = character.utf8.count
+        guard used + size <= maxBytes else { break }
+        result.append(character)
+        used += size
+    }
+    return result
 }
 
 struct PayloadReader {

@@ -32,7 +32,9 @@ public struct ReassemblyBuffer: Sendable {
     public mutating func insert(sequence: UInt64, _ bytes: ByteBuffer) -> InsertOutcome {
         var start = sequence
         var data = bytes
-        let end = sequence + UInt64(data.readableBytes)
+        // A peer picks `sequence`: the sum must not trap.
+        let (end, overflow) = sequence.addingReportingOverflow(UInt64(data.readableBytes))
+        guard !overflow else { return .beyondWindow }
         guard end > nextExpected else {
             duplicateBytes += data.readableBytes
             return .duplicate
@@ -72,10 +74,18 @@ public struct ReassemblyBuffer: Sendable {
                 continue
             }
             var data = entry.bytes
-            data.moveReaderIndex(forwardBy: Int(nextExpected - entry.sequence))
+            let overlap = Int(nextExpected - entry.sequence)
+            duplicateBytes += overlap
+            data.moveReaderIndex(forwardBy: overlap)
             appendReady(data)
         }
         outOfOrder.removeFirst(removed)
+    }
+
+    /// Highest sequence held (in order or not), for checking a DATA_FIN against what arrived.
+    public var highestReceived: UInt64 {
+        guard let last = outOfOrder.last else { return nextExpected }
+        return max(nextExpected, last.sequence + UInt64(last.bytes.readableBytes))
     }
 
     /// Stores the parts of [start, start+len) not already held. Returns false if nothing was new.

@@ -111,7 +111,7 @@ public struct SendBuffer: Sendable {
         guard nextNew < end, nextNew < windowEdge else { return nil }
         let (chunkIndex, offset) = locate(nextNew)
         let chunk = chunks[chunkIndex]
-        let length = min(maxLength, chunk.bytes.readableBytes - offset, Int(windowEdge - nextNew))
+        let length = min(maxLength, chunk.bytes.readableBytes - offset, Int(clamping: windowEdge - nextNew))
         let payload = chunk.bytes.getSlice(at: chunk.bytes.readerIndex + offset, length: length)!
         let segment = Segment(sequence: nextNew, length: length, subflow: subflow, needsReinjection: false)
         inFlight.append(segment)

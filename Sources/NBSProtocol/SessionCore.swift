@@ -151,6 +151,8 @@ public struct SessionCore: Sendable {
         let bytes = send.reinject(from: id)
         if localFin == .sent(id) { localFin = .pending }
         if lastDataSubflow == id { lastDataSubflow = nil }
+        // Our acks may have been on the stalled subflow too: repeat them on a live one.
+        if receive.nextExpected > 0 || remoteFinalSequence != nil { ackOwed = true }
         return bytes
     }
 
@@ -216,8 +218,9 @@ public struct SessionCore: Sendable {
     public mutating func receiveData(_ data: Frame.Data, on id: SubflowID) throws(SessionProtocolError) -> Outcome {
         let length = data.payload.readableBytes
         subflows[id]?.stats.bytesReceived += length
-        if let final = remoteFinalSequence, data.sequence + UInt64(length) > final {
-            throw .dataAfterFin(sequence: data.sequence, final: final)
+        if let final = remoteFinalSequence {
+            let (end, overflow) = data.sequence.addingReportingOverflow(UInt64(length))
+            if overflow || end > final { throw .dataAfterFin(sequence: data.sequence, final: final) }
         }
         lastDataSubflow = id
         switch receive.insert(sequence: data.sequence, data.payload) {
@@ -226,7 +229,10 @@ public struct SessionCore: Sendable {
             if let final = remoteFinalSequence, receive.nextExpected == final { ackOwed = true }
             return inOrder > 0 ? .dataReadable : .none
         case .duplicate:
+            // A duplicate means the sender is reinjecting: it has likely lost our acks with a
+            // subflow, so acknowledge again rather than leave it waiting at its window.
             subflows[id]?.stats.duplicateBytesReceived += length
+            ackOwed = true
             return .none
         case .beyondWindow:
             throw .dataBeyondWindow(sequence: data.sequence, rightEdge: receive.rightEdge)
@@ -271,7 +277,8 @@ public struct SessionCore: Sendable {
             ackOwed = true  // the peer resends a FIN whose ack it lost with a subflow
             return .none
         }
-        guard fin.finalSequence >= receive.nextExpected, fin.finalSequence <= receive.rightEdge else {
+        // Data already held beyond the FIN (out of order) contradicts it.
+        guard fin.finalSequence >= receive.highestReceived, fin.finalSequence <= receive.rightEdge else {
             throw .dataAfterFin(sequence: receive.nextExpected, final: fin.finalSequence)
         }
         remoteFinalSequence = fin.finalSequence

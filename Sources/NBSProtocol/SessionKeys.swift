@@ -104,7 +104,7 @@ public struct SessionKeys: Sendable {
     }
 
     public static func closeFields(_ reason: CloseReason, message: String) -> [UInt8] {
-        withUnsafeBytes(of: reason.rawValue.bigEndian) { Array($0) } + Array(message.utf8.prefix(NBSWire.maxReasonLength))
+        withUnsafeBytes(of: reason.rawValue.bigEndian) { Array($0) } + Array(truncatedUTF8(message, maxBytes: NBSWire.maxReasonLength).utf8)
     }
 }
 

@@ -51,7 +51,8 @@ public struct SubflowStateMachine: Sendable, Equatable {
         case (.established, .close(let c)), (.closing, .close(let c)):
             state = .closing
             return .peerClosed(c)
-        case (.established, .open), (.established, .accept), (.established, .join), (.established, .joinAck):
+        case (.established, .open), (.established, .accept), (.established, .join), (.established, .joinAck),
+             (.closing, .open), (.closing, .accept), (.closing, .join), (.closing, .joinAck):
             return .protocolViolation("\(frame.type) on an established subflow")
         case (.established, _), (.closing, _):
             return .session(frame)

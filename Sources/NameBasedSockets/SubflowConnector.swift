@@ -10,7 +10,7 @@ enum SubflowConnector {
     static let notSentLowWatermark = 32 * 1024
     static let tcpNotSentLowat = NIOBSDSocket.Option(rawValue: 25)
 
-    static let writeWaterMark = ChannelOptions.Types.WriteBufferWaterMark(low: 32 * 1024, high: 64 * 1024)
+    static let writeWaterMark = ChannelOptions.Types.WriteBufferWaterMark(low: 64 * 1024, high: 256 * 1024)
     /// Large reads: fewer system calls and fewer read batches (each may trigger a DATA_ACK).
     static let receiveAllocator = AdaptiveRecvByteBufferAllocator(minimum: 64 * 1024, initial: 256 * 1024, maximum: 1024 * 1024)
 

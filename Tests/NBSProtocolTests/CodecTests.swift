@@ -78,15 +78,14 @@ struct CodecTests {
         #expect(decoded == .close(.init(reason: .timeout, message: String(repeating: "m", count: 200), mac: Samples.mac)))
     }
 
-    /// FrameEncoder cuts the reason text at 200 *bytes*, which can split a UTF-8 scalar. The
-    /// partial scalar becomes U+FFFD (3 bytes), the message grows to 201 or 202 bytes, and the
-    /// peer's decoder rejects the frame as malformed ("reason text too long").
+    /// The reason text is cut to 200 bytes on a character boundary: cutting inside a UTF-8 scalar
+    /// used to produce U+FFFD, a 202-byte text, and a frame the peer rejected as malformed.
     @Test("a CLOSE reason cut inside a multi-byte character still decodes")
     func closeMessageCutInsideScalar() throws {
         for message in [String(repeating: "a", count: 199) + "é", String(repeating: "a", count: 198) + "€"] {
             var bytes = encoded(.abort(.init(reason: .applicationAbort, message: message, mac: Samples.mac)))
             var decoder = FrameDecoder(expectPreamble: false)
-            withKnownIssue("FrameEncoder truncates CLOSE/ABORT text mid-scalar and emits >200 bytes (FrameCodec.swift, writePayload .close/.abort)") {
+            do {
                 let decoded = try decoder.next(from: &bytes)
                 guard case .abort(let close) = decoded else {
                     Issue.record("expected an ABORT, got \(String(describing: decoded))")
@@ -98,21 +97,15 @@ struct CodecTests {
         }
     }
 
-    /// The decoder accepts any bytes as reason text and replaces invalid UTF-8 with U+FFFD (3 bytes
-    /// each), so a 200-byte reason can decode to a 600-byte string, which the encoder then cuts
-    /// (mid-scalar) and the MAC check covers differently than the sender's bytes.
-    @Test("a decoded reason text is at most 200 bytes")
-    func decodedReasonTextIsBounded() throws {
+    /// Reason text must be UTF-8: decoding invalid bytes leniently used to turn a 200-byte reason
+    /// into a 600-byte string whose MAC no longer matched the sender's bytes.
+    @Test("a reason text that is not UTF-8 is a typed malformed-frame error")
+    func invalidReasonTextRejected() throws {
         let payload: [UInt8] = [0, 0, 200] + [UInt8](repeating: 0xFF, count: 200) + [0]
         var b = rawFrame(type: FrameType.close.rawValue, payload: payload)
         var decoder = FrameDecoder(expectPreamble: false)
-        let frame = try decoder.next(from: &b)
-        withKnownIssue("FrameDecoder decodes non-UTF-8 CLOSE/ABORT text leniently; the result can exceed 200 bytes (FrameCodec.swift, parse .close/.abort)") {
-            guard case .close(let close) = frame else {
-                Issue.record("expected a CLOSE")
-                return
-            }
-            #expect(close.message.utf8.count <= NBSWire.maxReasonLength)
+        #expect(throws: FrameDecodingError.malformed(.close, "reason text is not UTF-8")) {
+            _ = try decoder.next(from: &b)
         }
     }
 

@@ -88,15 +88,8 @@ struct StateMachineTests {
             var machine = start.machine
             let action = machine.receive(frame)
             let (kind, state) = expected(start, type)
-            // SubflowStateMachine.receive falls through to `case (.closing, _): .session(frame)`
-            // for OPEN/ACCEPT/JOIN/JOIN_ACK: only `.established` rejects handshake frames.
-            let knownIssue = start == .closing && Self.handshakeTypes.contains(type)
-            withKnownIssue("a handshake frame on a closing subflow is passed to the session instead of being a violation", isIntermittent: false) {
-                #expect(self.kind(action, for: frame) == kind, "\(start) + \(type)")
-                if let state { #expect(machine.state == state, "\(start) + \(type)") }
-            } when: {
-                knownIssue
-            }
+            #expect(self.kind(action, for: frame) == kind, "\(start) + \(type)")
+            if let state { #expect(machine.state == state, "\(start) + \(type)") }
         }
     }
 
