@@ -153,7 +153,10 @@ final class SessionEngine: SubflowDelegate {
     }
 
     private func joinConnected(_ handler: SubflowHandler, local: SocketAddress, remote: SocketAddress, backup: Bool) {
-        guard state == .open, liveSubflowCount < options.maxSubflows else {
+        // The address may have gone while the connection was being made.
+        guard state == .open, liveSubflowCount < options.maxSubflows,
+            candidateLocalAddresses.contains(where: { $0.hostString == local.hostString })
+        else {
             handler.writeAndClose(nil)
             return
         }
@@ -295,7 +298,7 @@ final class SessionEngine: SubflowDelegate {
         }
         if case .addressAdded(let address) = event, options.localAddresses == nil,
             let socketAddress = try? SocketAddress(ipAddress: PathPlanner.normalizedIP(address.address), port: 0),
-            address.isUsableForSubflows, addressBook.add(socketAddress, interface: address.interfaceName) {
+            address.isUsableForSubflows || address.isLoopback, addressBook.add(socketAddress, interface: address.interfaceName) {
             logger.info("new local address \(socketAddress.hostString) on \(address.interfaceName)")
             announce(socketAddress)
             joinMissingPairs()

@@ -1,0 +1,195 @@
+import NBSNetlink
+import NIOCore
+import Synchronization
+import Testing
+
+@testable import NameBasedSockets
+
+private func address(_ ip: String) -> SocketAddress { try! SocketAddress(ipAddress: ip, port: 0) }
+private func peer(_ ip: String) -> SocketAddress { try! SocketAddress(ipAddress: ip, port: 7000) }
+
+@Suite("Path planner (pure)")
+struct PathPlannerTests {
+    let locals = [address("192.0.2.1"), address("198.51.100.1"), address("2001:db8:1::1")]
+    let peers = [peer("198.51.100.2"), peer("192.0.2.2"), peer("2001:db8:1::2")]
+
+    @Test("the full mesh is every same-family pair")
+    func fullMesh() {
+        let joins = PathPlanner.joins(locals: locals, peers: peers, inUse: [], liveCount: 0, maxSubflows: 16, policy: .aggregate, hasRegularSubflow: false)
+        #expect(joins.count == 5)  // 2 × 2 IPv4 + 1 × 1 IPv6
+        #expect(joins.allSatisfy { $0.local.sameFamily($0.remote) })
+        #expect(joins.allSatisfy { !$0.backup })
+    }
+
+    @Test("under a limit every address is covered before any is doubled, same-prefix pairs first")
+    func spreadsUnderLimit() {
+        let joins = PathPlanner.joins(locals: locals, peers: peers, inUse: [], liveCount: 0, maxSubflows: 3, policy: .aggregate, hasRegularSubflow: false)
+        let pairs = Set(joins.map { "\($0.local.ipAddress!)>\($0.remote.ipAddress!)" })
+        #expect(pairs == ["192.0.2.1>192.0.2.2", "198.51.100.1>198.51.100.2", "2001:db8:1::1>2001:db8:1::2"])
+    }
+
+    @Test("pairs in use or connecting are not opened again, and the limit counts them")
+    func respectsInUse() {
+        let inUse: Set<PathPlanner.Pair> = [.init(local: "192.0.2.1", remote: "192.0.2.2")]
+        let joins = PathPlanner.joins(locals: locals, peers: peers, inUse: inUse, liveCount: 1, maxSubflows: 2, policy: .aggregate, hasRegularSubflow: true)
+        #expect(joins.count == 1)
+        #expect(!joins.contains { $0.local.ipAddress == "192.0.2.1" && $0.remote.ipAddress == "192.0.2.2" })
+    }
+
+    @Test("handover: new subflows are backups once a regular one exists")
+    func handoverBackups() {
+        let fresh = PathPlanner.joins(locals: locals, peers: peers, inUse: [], liveCount: 0, maxSubflows: 3, policy: .handover, hasRegularSubflow: false)
+        #expect(fresh.map { $0.backup } == [false, true, true])
+        let later = PathPlanner.joins(locals: locals, peers: peers, inUse: [], liveCount: 1, maxSubflows: 3, policy: .handover, hasRegularSubflow: true)
+        #expect(later.allSatisfy { $0.backup })
+    }
+
+    @Test("loopback addresses pair only with loopback peers")
+    func loopbackPairing() {
+        let joins = PathPlanner.joins(locals: [address("127.0.0.1"), address("192.0.2.1")], peers: [peer("127.0.0.1"), peer("192.0.2.2")],
+                                      inUse: [], liveCount: 0, maxSubflows: 8, policy: .aggregate, hasRegularSubflow: false)
+        #expect(joins.count == 2)
+        #expect(joins.allSatisfy { $0.local.isLoopbackAddress == $0.remote.isLoopbackAddress })
+    }
+
+    @Test("an address or interface going away names exactly the subflows on it")
+    func affectedSubflows() {
+        let subflows: [(id: UInt32, local: String, interface: String?)] = [(0, "192.0.2.1", "eth0"), (1, "198.51.100.1", "wlan0"), (2, "192.0.2.1", "eth0")]
+        let removed = PathPlanner.affected(by: .addressRemoved(.init(interfaceIndex: 2, interfaceName: "eth0", family: .inet, address: "192.0.2.1", prefixLength: 24)), subflows: subflows)
+        #expect(removed.ids.sorted() == [0, 2])
+        #expect(removed.removedAddress == "192.0.2.1")
+        let down = PathPlanner.affected(by: .interfaceDown(.init(index: 3, name: "wlan0", isUp: false)), subflows: subflows)
+        #expect(down.ids == [1])
+        let added = PathPlanner.affected(by: .addressAdded(.init(interfaceIndex: 3, interfaceName: "wlan0", family: .inet, address: "203.0.113.7", prefixLength: 24)), subflows: subflows)
+        #expect(added.ids.isEmpty)
+    }
+
+    @Test("an address storm never plans more than the limit")
+    func stormBounded() {
+        let many = (1...250).map { address("203.0.113.\($0)") }
+        let joins = PathPlanner.joins(locals: many, peers: [peer("203.0.113.254"), peer("198.51.100.2")], inUse: [], liveCount: 3,
+                                      maxSubflows: 8, policy: .aggregate, hasRegularSubflow: true)
+        #expect(joins.count == 5)
+    }
+}
+
+/// An interface monitor a test drives event by event: the injectable edge of the path manager.
+final class TestInterfaceMonitor: InterfaceMonitor {
+    private let state: Mutex<(table: InterfaceTable, continuations: [AsyncStream<InterfaceEvent>.Continuation])>
+
+    init(addresses: [String]) {
+        var table = InterfaceTable()
+        _ = table.apply(.newLink(.init(index: 1, name: "lo", isUp: true, isLoopback: true)))
+        for ip in addresses {
+            _ = table.apply(.newAddress(.init(interfaceIndex: 1, interfaceName: "lo", family: ip.contains(":") ? .inet6 : .inet, address: ip, prefixLength: 8, scope: 0)))
+        }
+        state = Mutex((table, []))
+    }
+
+    func start() throws {}
+    var snapshot: InterfaceTable { state.withLock { $0.table } }
+    var events: AsyncStream<InterfaceEvent> {
+        let (stream, continuation) = AsyncStream.makeStream(of: InterfaceEvent.self)
+        state.withLock { $0.continuations.append(continuation) }
+        return stream
+    }
+    func stop() { state.withLock { for c in $0.continuations { c.finish() } } }
+
+    func send(_ event: InterfaceEvent) {
+        state.withLock { for c in $0.continuations { c.yield(event) } }
+    }
+
+    static func loopback(_ ip: String) -> InterfaceAddress {
+        .init(interfaceIndex: 1, interfaceName: "lo", family: .inet, address: ip, prefixLength: 8, scope: 0)
+    }
+}
+
+@Suite("Path manager on loopback", .timeLimit(.minutes(2)))
+struct PathManagerLoopbackTests {
+    func options(_ monitor: TestInterfaceMonitor) -> NBSOptions {
+        var options = NBSOptions()
+        options.interfaceMonitor = monitor
+        options.resolver = StaticResolver(["server.test": ["127.0.0.1"]])
+        return options
+    }
+
+    @Test("an address removed: its subflow is retired at once, its data reinjected, nothing lost")
+    func addressRemoved() async throws {
+        let server = try await listener(options: { var o = NBSOptions(); o.interfaceMonitor = nil; return o }())
+        let received = Task { () -> (Int, [UInt8]) in
+            let session = try await server.accept()
+            let result = try await drain(session)
+            try await session.close()
+            return result
+        }
+        let monitor = TestInterfaceMonitor(addresses: ["127.0.0.1", "127.0.0.2"])
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options(monitor))
+        try await waitForSubflows(client, count: 2)
+        let data = pattern(16 * 1024 * 1024, seed: 21)
+        try await client.write(data.getSlice(at: 0, length: 8 * 1024 * 1024)!)
+        monitor.send(.addressRemoved(TestInterfaceMonitor.loopback("127.0.0.2")))
+        try await client.write(data.getSlice(at: 8 * 1024 * 1024, length: 8 * 1024 * 1024)!)
+        await client.finish()
+        let (count, digest) = try await withTimeout(60) { try await received.value }
+        try await client.close()
+        #expect(count == data.readableBytes)
+        #expect(digest == sha256(data))
+        let gone = await client.subflows.filter { $0.local.ipAddress == "127.0.0.2" }
+        #expect(gone.count == 1)
+        #expect(gone.first?.state == .closed)
+        #expect(gone.first?.closeReason == "address 127.0.0.2 removed")
+        await server.close()
+    }
+
+    @Test("an address added: a subflow joins from it and the peer hears ADD_ADDR")
+    func addressAdded() async throws {
+        let server = try await listener(options: { var o = NBSOptions(); o.interfaceMonitor = nil; return o }())
+        let accepted = Task { try await server.accept() }
+        let monitor = TestInterfaceMonitor(addresses: ["127.0.0.1"])
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options(monitor))
+        let serverSession = try await accepted.value
+        let announced = Task { () -> SocketAddress? in
+            for await event in serverSession.events { if case .addressAnnounced(let a) = event { return a } }
+            return nil
+        }
+        try await waitForSubflows(client, count: 1)
+        monitor.send(.addressAdded(TestInterfaceMonitor.loopback("127.0.0.3")))
+        try await waitForSubflows(client, count: 2)
+        #expect(await client.subflows.contains { $0.local.ipAddress == "127.0.0.3" && $0.state == .active })
+        let heard = try await withTimeout(10) { await announced.value }
+        #expect(heard?.ipAddress == "127.0.0.3")
+        await client.abort()
+        await serverSession.abort()
+        await server.close()
+    }
+
+    @Test("an address storm neither exceeds the subflow limit nor leaks subflows")
+    func addressStorm() async throws {
+        let server = try await listener(options: { var o = NBSOptions(); o.interfaceMonitor = nil; return o }())
+        let received = Task { () -> Int in
+            let session = try await server.accept()
+            let result = try await drain(session)
+            try await session.close()
+            return result.bytes
+        }
+        let monitor = TestInterfaceMonitor(addresses: ["127.0.0.1"])
+        var opts = options(monitor)
+        opts.maxSubflows = 4
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: opts)
+        for round in 0..<3 {
+            for i in 1...100 { monitor.send(.addressAdded(TestInterfaceMonitor.loopback("127.0.\(round + 1).\(i)"))) }
+            try await client.write(pattern(256 * 1024, seed: UInt64(round)))
+            for i in 1...100 { monitor.send(.addressRemoved(TestInterfaceMonitor.loopback("127.0.\(round + 1).\(i)"))) }
+            #expect(await client.subflows.filter { $0.state != .closed }.count <= 4)
+        }
+        try await Task.sleep(for: .milliseconds(300))
+        let live = await client.subflows.filter { $0.state != .closed }
+        #expect(live.count <= 4)
+        #expect(live.allSatisfy { $0.local.ipAddress == "127.0.0.1" })
+        await client.finish()
+        let count = try await withTimeout(30) { try await received.value }
+        #expect(count == 3 * 256 * 1024)
+        try await client.close()
+        await server.close()
+    }
+}
