@@ -53,6 +53,8 @@ public struct SessionCore: Sendable {
         /// Stalled (no TCP progress): carries nothing until it recovers; its data went elsewhere.
         var suspended = false
         var smoothedRTT: Double?  // milliseconds
+        /// A slow path gets smaller segments, so reinjected data waits behind less of them.
+        var segmentLimit: Int?
         var stats = SubflowStats()
     }
 
@@ -109,6 +111,10 @@ public struct SessionCore: Sendable {
 
     public mutating func setWritable(_ id: SubflowID, _ writable: Bool) {
         subflows[id]?.writable = writable
+    }
+
+    public mutating func setSegmentLimit(_ id: SubflowID, _ bytes: Int?) {
+        subflows[id]?.segmentLimit = bytes.map { max(1024, $0) }
     }
 
     public mutating func setBackup(_ id: SubflowID, _ backup: Bool) {
@@ -301,7 +307,8 @@ public struct SessionCore: Sendable {
         }
         let hasData = send.hasReinjectionPending || (send.unsentBytes > 0 && send.nextNew < peerWindowEdge)
         if hasData, let target = scheduledSubflow() {
-            let segment = send.nextTransmission(on: target, maxLength: configuration.maxSegmentSize, windowEdge: peerWindowEdge)!
+            let maxLength = min(configuration.maxSegmentSize, subflows[target]!.segmentLimit ?? .max)
+            let segment = send.nextTransmission(on: target, maxLength: maxLength, windowEdge: peerWindowEdge)!
             let length = segment.payload.readableBytes
             subflows[target]!.stats.bytesSent += length
             if segment.isReinjection {

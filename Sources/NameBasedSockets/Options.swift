@@ -27,9 +27,12 @@ public struct NBSOptions: Sendable {
     public var waitingGracePeriod: TimeAmount = .seconds(60)
     /// While waiting, the opener re-resolves the peer's name and tries to JOIN this often.
     public var rejoinInterval: TimeAmount = .milliseconds(500)
-    /// A subflow with data in flight and no TCP acknowledgement for max(this, RTO + 2 RTT) is
-    /// declared dead (a blackhole: no netlink event will come) and its data reinjected.
-    public var minimumStallTimeout: TimeAmount = .milliseconds(300)
+    /// A subflow with data in flight, a TCP timeout retransmission and no acknowledgement for
+    /// max(this, 2 RTT) is suspended (a blackhole: no netlink event will come) and its data
+    /// reinjected on the others.
+    public var minimumStallTimeout: TimeAmount = .milliseconds(200)
+    /// How much of its own rate each subflow may queue beyond what TCP has in flight.
+    public var queueTarget: TimeAmount = .milliseconds(20)
     /// A stalled subflow that gets no acknowledgement for this long after being suspended is closed.
     public var stallRetirement: TimeAmount = .seconds(3)
     /// How often subflows are checked for stalls while the session is active.

@@ -55,6 +55,7 @@ final class SessionEngine: SubflowDelegate {
     private var monitorSubscription: InterfaceEventSubscription?
     private var announcedAddressIDs: [String: UInt8] = [:]
     private var suspendedSince: [SubflowID: NIODeadline] = [:]
+    private var queueHighWaterMark: [SubflowID: Int] = [:]
     private(set) var rejectedSignals = 0
     var peerAddresses: [SocketAddress]
 
@@ -331,45 +332,63 @@ final class SessionEngine: SubflowDelegate {
         }
     }
 
-    /// A blackhole sends no netlink event: the subflow's TCP simply stops getting ACKs. The kernel
-    /// knows (TCP_INFO), however much data queues in front of a probe. A subflow silent for longer
-    /// than max(minimumStallTimeout, RTO + 2 RTT) with data in flight is suspended (its data goes
-    /// elsewhere at once); it resumes when ACKs return, and is retired if they do not within
-    /// `stallRetirement`.
+    /// Every `livenessInterval`, each subflow's TCP_INFO: to find stalls, and to size its queues.
     private func checkStalls() {
         guard state == .open else { return }
-        let floor = Int64(options.minimumStallTimeout.nanoseconds / 1_000_000)
         let bound = self.bound
         for (id, record) in records where record.established && !record.closed {
             guard let channel = record.handler.channel as? any SocketOptionProvider else { continue }
             channel.getTCPInfo().whenSuccess { info in
                 let engine = bound.value
-                let limit = max(floor, Int64(info.tcpi_rto / 1000) + 2 * Int64(info.tcpi_rtt / 1000))
-                let silentMs = Int64(info.tcpi_last_ack_recv)
-                engine.stallCheck(id, inFlight: info.tcpi_unacked > 0, silentMs: silentMs, limitMs: limit)
+                engine.stallCheck(id, TCPProgress(info))
+                engine.resizeQueues(id, TCPProgress(info))
             }
         }
     }
 
-    func stallCheck(_ id: SubflowID, inFlight: Bool, silentMs: Int64, limitMs: Int64) {
+    /// A blackhole sends no netlink event: the subflow's TCP just stops getting ACKs, and the kernel
+    /// retransmits on its RTO. Data in flight, at least one RTO retransmission and no ACK for
+    /// max(minimumStallTimeout, 2 RTT) suspends the subflow: its data goes elsewhere at once
+    /// (MPTCP reinjects on a subflow RTO too). An ACK after that resumes it; none within
+    /// `stallRetirement` retires it. Requiring the retransmission keeps an idle subflow that just
+    /// sent a probe from looking stalled.
+    func stallCheck(_ id: SubflowID, _ tcp: TCPProgress) {
         guard state == .open, let record = records[id], record.established, !record.closed else { return }
+        let floor = options.minimumStallTimeout.nanoseconds / 1_000_000
+        let limitMs = max(floor, 2 * tcp.rttMs)
         if core.isSuspended(id) {
-            if silentMs < limitMs {
+            guard let since = suspendedSince[id] else { return }
+            let suspendedMs = (NIODeadline.now() - since).nanoseconds / 1_000_000
+            if tcp.silentMs < suspendedMs {
                 suspendedSince[id] = nil
                 core.resumeSubflow(id)
-                logger.info("subflow \(id) recovered")
+                logger.info("subflow \(id) recovered: TCP acknowledged again")
                 pump()
-            } else if let since = suspendedSince[id], NIODeadline.now() - since > options.stallRetirement {
-                retire(id, reason: "no TCP acknowledgement for \(silentMs) ms")
+            } else if NIODeadline.now() - since > options.stallRetirement {
+                retire(id, reason: "no TCP acknowledgement for \(tcp.silentMs) ms")
             }
-        } else if inFlight, silentMs > limitMs {
+        } else if tcp.inFlight, tcp.timeoutRetransmissions > 0, tcp.silentMs > limitMs {
             suspendedSince[id] = .now()
             let bytes = core.suspendSubflow(id)
-            logger.info("subflow \(id) stalled: no TCP acknowledgement for \(silentMs) ms (limit \(limitMs) ms); reinjecting \(bytes) bytes")
-            eventContinuation.yield(.subflowStalled(info(id), silentMilliseconds: Int(silentMs)))
+            logger.info("subflow \(id) stalled: no TCP acknowledgement for \(tcp.silentMs) ms after a timeout retransmission; reinjecting \(bytes) bytes")
+            eventContinuation.yield(.subflowStalled(info(id), silentMilliseconds: Int(tcp.silentMs)))
             if bytes > 0 { eventContinuation.yield(.reinjected(bytes: bytes, from: id.rawValue)) }
             pump()
         }
+    }
+
+    /// Each subflow queues about `queueTarget` of its own rate beyond what TCP has in flight:
+    /// enough to keep a fast path busy, little enough that data stranded on a path that dies, and
+    /// the queue that reinjected data waits behind on a slow survivor, stay small.
+    private func resizeQueues(_ id: SubflowID, _ tcp: TCPProgress) {
+        guard let record = records[id], !record.closed, let channel = record.handler.channel, tcp.bytesPerSecond > 0 else { return }
+        let target = Int(tcp.bytesPerSecond * options.queueTarget.seconds)
+        let high = max(16 * 1024, min(1 << 20, Int(UInt(max(target, 1)).roundedUpToPowerOfTwo)))
+        guard queueHighWaterMark[id] != high else { return }
+        queueHighWaterMark[id] = high
+        core.setSegmentLimit(id, high)
+        channel.setOption(.writeBufferWaterMark, value: .init(low: high / 2, high: high)).whenComplete { _ in }
+        channel.setOption(.tcpOption(SubflowConnector.tcpNotSentLowat), value: max(8 * 1024, high / 2)).whenComplete { _ in }
     }
 
     // MARK: SubflowDelegate
@@ -730,4 +749,41 @@ extension SessionEngine {
         let reset = (channel as? any SocketOptionProvider)?.setSoLinger(linger(l_onoff: 1, l_linger: 0)) ?? loop.makeSucceededVoidFuture()
         reset.whenComplete { _ in channel.close(promise: nil) }
     }
+}
+
+/// What the engine reads from TCP_INFO.
+struct TCPProgress {
+    var inFlight: Bool
+    /// Milliseconds since the last ACK.
+    var silentMs: Int64
+    var rttMs: Int64
+    /// Consecutive RTO retransmissions without an ACK.
+    var timeoutRetransmissions: Int
+    /// cwnd × MSS / RTT: roughly what the path carries.
+    var bytesPerSecond: Double
+
+    init(_ info: tcp_info) {
+        inFlight = info.tcpi_unacked > 0
+        silentMs = Int64(info.tcpi_last_ack_recv)
+        rttMs = Int64(info.tcpi_rtt / 1000)
+        timeoutRetransmissions = Int(info.tcpi_retransmits)
+        let rtt = Double(max(info.tcpi_rtt, 1)) / 1e6
+        bytesPerSecond = Double(info.tcpi_snd_cwnd) * Double(info.tcpi_snd_mss) / rtt
+    }
+
+    init(inFlight: Bool, silentMs: Int64, rttMs: Int64, timeoutRetransmissions: Int, bytesPerSecond: Double = 0) {
+        self.inFlight = inFlight
+        self.silentMs = silentMs
+        self.rttMs = rttMs
+        self.timeoutRetransmissions = timeoutRetransmissions
+        self.bytesPerSecond = bytesPerSecond
+    }
+}
+
+extension TimeAmount {
+    var seconds: Double { Double(nanoseconds) / 1e9 }
+}
+
+extension UInt {
+    var roundedUpToPowerOfTwo: UInt { self <= 1 ? 1 : 1 << (UInt.bitWidth - (self - 1).leadingZeroBitCount) }
 }
