@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A narrated demo: two multihomed hosts in namespaces, two 10 Mbit/s paths, one NBS session by name that uses
-# both. With NBS_DEMO_FAILOVER=1 the client's path-1 link goes down 1.5 s into the transfer.
-# Env: NBS_BIN, NBS_RATE (default 10), NBS_BYTES (default 32 MiB), NBS_DEMO_FAILOVER (0/1),
+# both. The client's path-1 link goes down 1.5 s into the transfer and comes back 3 s later
+# (NBS_DEMO_FAILOVER=0 skips that).
+# Env: NBS_BIN, NBS_RATE (default 10), NBS_BYTES (default 32 MiB), NBS_DEMO_FAILOVER (1 default, 0 to skip),
 #      NBS_DEMO_POLICY (default aggregate), NBS_TIMEOUT (s, default 120).
 set -euo pipefail
 # shellcheck source=netns-scripts/lib.sh
@@ -40,10 +41,13 @@ say "Client: nbs-mobility connect --name $NBS_CLIENT_NAME $NBS_SERVER_NAME:$port
 t0=$(date +%s.%N)
 nbs_connect_bg cpid "$port" "$out" "$bytes" --policy "$policy"
 
-if [[ ${NBS_DEMO_FAILOVER:-0} == 1 ]]; then
+failover=${NBS_DEMO_FAILOVER:-1}
+if [[ $failover == 1 ]]; then
     sleep 1.5
-    say "Failover: taking the client's path-1 link ($NBS_IF_1) down mid-transfer"
+    say "Failover: taking the client's path-1 link ($NBS_IF_1) down mid-transfer (netlink tells the session at once)"
     nbs_link_down 1 c
+    # The link comes back while the per-second counters below run.
+    (sleep 3 && nbs_link_up 1 c && echo && echo "==> Return: path-1 link up again; the session announces and re-joins it") &
 fi
 
 # While it runs, show the per-path counters once a second (bounded by the transfer's own timeout).
@@ -68,5 +72,5 @@ nbs_json_pretty "$out.server"
 say "Verdict"
 awk -v a="$t0" -v b="$t1" 'BEGIN { printf "wall time %.1f s\n", b - a }'
 min_active=2
-[[ ${NBS_DEMO_FAILOVER:-0} == 1 ]] && min_active=1
+[[ $failover == 1 ]] && min_active=1
 nbs_check "$out" "$bytes" "$crc" "$src" --min-active-subflows "$min_active"
