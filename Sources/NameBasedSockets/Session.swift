@@ -83,16 +83,29 @@ public struct SessionStatistics: Sendable, Equatable {
     public var reinjectedBytes = 0
     public var unacknowledgedBytes = 0
     public var duplicateBytesReceived = 0
+    /// ADD_ADDR, REMOVE_ADDR, PRIO, CLOSE or ABORT frames dropped because they failed authentication.
+    public var rejectedSignals = 0
 }
 
 extension SessionEngine {
     var statistics: SessionStatistics {
         SessionStatistics(maxConcurrentSubflows: maxConcurrentSubflows, reinjectedBytes: core.reinjectedBytes,
-                          unacknowledgedBytes: core.unacknowledgedBytes, duplicateBytesReceived: core.receive.duplicateBytes)
+                          unacknowledgedBytes: core.unacknowledgedBytes, duplicateBytesReceived: core.receive.duplicateBytes,
+                          rejectedSignals: rejectedSignals)
     }
 }
 
 extension Session {
+    /// Test hook: handle `frame` as if it had arrived on subflow `id`.
+    func receiveForTesting(_ frame: Frame, onSubflow id: UInt32) async {
+        let engine = self.engine
+        try? await loop.submit {
+            let engine = engine.value
+            guard let handler = engine.handlerForTesting(id) else { return }
+            engine.subflow(handler, received: frame)
+        }.get()
+    }
+
     /// Test hook: reset one subflow's TCP connection, as a failing path would.
     func killSubflow(_ id: UInt32) async {
         let engine = self.engine

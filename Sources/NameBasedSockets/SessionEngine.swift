@@ -743,6 +743,8 @@ final class SessionEngine: SubflowDelegate {
 }
 
 extension SessionEngine {
+    func handlerForTesting(_ raw: UInt32) -> SubflowHandler? { records[SubflowID(raw)]?.handler }
+
     /// Test hook: make a subflow die as a network failure would, with a TCP reset.
     func killSubflow(_ raw: UInt32) {
         guard let record = records[SubflowID(raw)], !record.closed, let channel = record.handler.channel else { return }

@@ -1,3 +1,4 @@
+import NBSProtocol
 import NBSNetlink
 import NIOCore
 import Synchronization
@@ -190,6 +191,78 @@ struct PathManagerLoopbackTests {
         let count = try await withTimeout(30) { try await received.value }
         #expect(count == 3 * 256 * 1024)
         try await client.close()
+        await server.close()
+    }
+}
+
+@Suite("Address signalling on loopback", .timeLimit(.minutes(2)))
+struct AddressSignallingTests {
+    @Test("the listener announces a new address and the opener joins it")
+    func listenerAnnounces() async throws {
+        let serverMonitor = TestInterfaceMonitor(addresses: ["127.0.0.1"])
+        var serverOptions = NBSOptions()
+        serverOptions.interfaceMonitor = serverMonitor
+        let server = try await listener(options: serverOptions)
+        let accepted = Task { try await server.accept() }
+        var options = loopbackOptions()
+        options.interfaceMonitor = nil
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options)
+        let serverSession = try await accepted.value
+        try await waitForSubflows(client, count: 1)
+        serverMonitor.send(.addressAdded(TestInterfaceMonitor.loopback("127.0.0.5")))
+        try await waitForSubflows(client, count: 2)
+        #expect(await client.subflows.contains { $0.remote.ipAddress == "127.0.0.5" && $0.state == .active })
+        await client.abort()
+        await serverSession.abort()
+        await server.close()
+    }
+
+    @Test("forged ADD_ADDR and REMOVE_ADDR are dropped and counted; the session goes on")
+    func forgedSignalsDropped() async throws {
+        let server = try await listener(options: { var o = NBSOptions(); o.interfaceMonitor = nil; return o }())
+        let received = Task { () -> (Int, [UInt8], SessionStatistics) in
+            let session = try await server.accept()
+            let result = try await drain(session)
+            try await session.close()
+            return (result.bytes, result.digest, await session.statistics)
+        }
+        var options = loopbackOptions()
+        options.interfaceMonitor = nil
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options)
+        let forged = Frame.addAddress(.init(addressID: 9, address: WireAddress(bytes: [127, 0, 0, 9], port: UInt16(server.port))!,
+                                            sequence: 1, mac: [UInt8](repeating: 0xAB, count: 32)))
+        await client.receiveForTesting(forged, onSubflow: 0)
+        let forgedRemove = Frame.removeAddress(.init(address: WireAddress(bytes: [127, 0, 0, 1], port: 0)!, sequence: 2, mac: [UInt8](repeating: 1, count: 32)))
+        await client.receiveForTesting(forgedRemove, onSubflow: 0)
+        #expect(await client.statistics.rejectedSignals == 2)
+        #expect(await client.subflows.filter { $0.state == .active }.count == 1)
+        let data = pattern(1 << 20, seed: 4)
+        try await client.write(data)
+        await client.finish()
+        let (count, digest, _) = try await withTimeout(20) { try await received.value }
+        #expect(count == data.readableBytes)
+        #expect(digest == sha256(data))
+        try await client.close()
+        await server.close()
+    }
+
+    @Test("a listener refuses JOINs beyond its subflow limit")
+    func listenerSubflowLimit() async throws {
+        var serverOptions = NBSOptions()
+        serverOptions.maxSubflows = 2
+        serverOptions.interfaceMonitor = nil
+        let server = try await listener(options: serverOptions)
+        let accepted = Task { try await server.accept() }
+        var options = loopbackOptions(locals: ["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4"])
+        options.maxSubflows = 4
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options)
+        let serverSession = try await accepted.value
+        try await waitForSubflows(client, count: 2)
+        try await Task.sleep(for: .milliseconds(300))
+        #expect(await serverSession.subflows.filter { $0.state != .closed }.count == 2)
+        #expect(await client.subflows.filter { $0.state == .active }.count == 2)
+        await client.abort()
+        await serverSession.abort()
         await server.close()
     }
 }
