@@ -31,7 +31,7 @@ public enum SessionProtocolError: Error, Equatable, Sendable, CustomStringConver
 public struct SessionCore: Sendable {
     public struct Configuration: Sendable {
         public var policy: MultipathPolicy = .aggregate
-        public var maxSegmentSize = 32 * 1024
+        public var maxSegmentSize = 64 * 1024
         public var sendBufferCapacity = 8 * 1024 * 1024
         public var receiveCapacity = 8 * 1024 * 1024
         public init() {}

@@ -39,7 +39,7 @@ public struct NBSOptions: Sendable {
     public var livenessInterval: TimeAmount = .milliseconds(50)
     public var sendBufferCapacity = 8 * 1024 * 1024
     public var receiveCapacity = 8 * 1024 * 1024
-    public var maxSegmentSize = 32 * 1024
+    public var maxSegmentSize = 64 * 1024
     /// Listener only: sessions handed out by `accept()` are queued up to this many; more are refused.
     public var acceptBacklog = 128
     /// Listener only: addresses to bind. nil: the IPv6 wildcard (dual-stack), else IPv4's.

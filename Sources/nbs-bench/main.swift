@@ -1,7 +1,10 @@
 // Loopback benchmarks: one NBS subflow against plain TCP, and session set-up against TCP connect,
 // in the same process and the same run. Prints a table and one JSON line per case.
 //
-//   swift run -c release nbs-bench [--bytes N] [--opens N]
+//   swift run -c release nbs-bench [--bytes N] [--opens N] [--rounds N]
+//
+// Plain TCP and NBS alternate for --rounds rounds and the medians are compared, because this
+// machine's loopback rate varies by 2x from one second to the next.
 
 import Foundation
 import NameBasedSockets
@@ -15,6 +18,7 @@ func argument(_ name: String, default value: Int) -> Int {
 }
 let totalBytes = argument("--bytes", default: 4 << 30)
 let opens = argument("--opens", default: 200)
+let rounds = max(1, argument("--rounds", default: 3))
 let chunkSize = 1 << 20
 let chunk = ByteBuffer(repeating: 0x5A, count: chunkSize)
 let group = MultiThreadedEventLoopGroup.singleton
@@ -171,17 +175,28 @@ func json(_ object: [String: Any]) -> String {
     String(decoding: try! JSONSerialization.data(withJSONObject: object, options: [.sortedKeys]), as: UTF8.self)
 }
 
-let tcp = try await plainTCP(bytes: totalBytes)
-let nbs = try await nbsSession(bytes: totalBytes)
+var tcpRuns: [Measurement] = []
+var nbsRuns: [Measurement] = []
+for _ in 0..<rounds {
+    tcpRuns.append(try await plainTCP(bytes: totalBytes))
+    nbsRuns.append(try await nbsSession(bytes: totalBytes))
+}
 let tcpSetup = try await tcpConnectLatency(count: opens)
 let nbsSetup = try await nbsOpenLatency(count: opens)
 
-print(String(format: "%-24@ %10@ %12@ %14@", "case" as NSString, "Gbit/s" as NSString, "CPU s/GiB" as NSString, "ratio to TCP" as NSString))
+func medianRun(_ runs: [Measurement]) -> Measurement { runs.sorted { $0.gbps < $1.gbps }[runs.count / 2] }
+let tcp = medianRun(tcpRuns)
+let nbs = medianRun(nbsRuns)
+
+func pad(_ text: String, _ width: Int) -> String { text.padding(toLength: width, withPad: " ", startingAt: 0) }
+print(pad("case (median of \(rounds))", 28) + pad("Gbit/s", 10) + pad("CPU s/GiB", 12) + "ratio to TCP")
 for m in [tcp, nbs] {
-    print(String(format: "%-24@ %10.2f %12.3f %14.2f", m.name as NSString, m.gbps, m.cpuPerGiB, m.gbps / tcp.gbps))
+    print(pad(m.name, 28) + pad(String(format: "%.2f", m.gbps), 10) + pad(String(format: "%.3f", m.cpuPerGiB), 12) + String(format: "%.2f", m.gbps / tcp.gbps))
 }
+print("all rounds, Gbit/s: TCP " + tcpRuns.map { String(format: "%.1f", $0.gbps) }.joined(separator: " ")
+      + "; NBS " + nbsRuns.map { String(format: "%.1f", $0.gbps) }.joined(separator: " "))
 print(String(format: "set-up, median of %d: TCP connect %.3f ms, NBS open to first byte %.3f ms", opens, median(tcpSetup), median(nbsSetup)))
 for m in [tcp, nbs] {
-    print(json(["case": m.name, "bytes": m.bytes, "seconds": m.seconds, "goodput_gbps": m.gbps, "cpu_s_per_gib": m.cpuPerGiB, "ratio_to_tcp": m.gbps / tcp.gbps]))
+    print(json(["case": m.name, "bytes": m.bytes, "rounds": rounds, "seconds": m.seconds, "goodput_gbps": m.gbps, "cpu_s_per_gib": m.cpuPerGiB, "ratio_to_tcp": m.gbps / tcp.gbps]))
 }
 print(json(["case": "setup_latency", "samples": opens, "tcp_connect_ms_median": median(tcpSetup), "nbs_open_first_byte_ms_median": median(nbsSetup)]))
