@@ -169,6 +169,19 @@ public struct FrameDecoder: Sendable {
         }
     }
 
+    /// How many more bytes `buffer` needs before `next` can return the next preamble or frame
+    /// (0: it can now). A header that announces too long a frame throws, as `next` would.
+    public func bytesMissing(in buffer: ByteBuffer) throws(FrameDecodingError) -> Int {
+        if expectation == .preamble { return max(0, NBSWire.preambleLength - buffer.readableBytes) }
+        guard buffer.readableBytes >= NBSWire.frameHeaderLength,
+            let rawType: UInt8 = buffer.getInteger(at: buffer.readerIndex),
+            let length: UInt32 = buffer.getInteger(at: buffer.readerIndex + 2)
+        else { return NBSWire.frameHeaderLength - buffer.readableBytes }
+        let limit = FrameType(rawValue: rawType)?.maxPayload ?? NBSWire.maxControlPayload
+        guard Int(length) <= limit else { throw .frameTooLarge(type: rawType, length: Int(length), limit: limit) }
+        return max(0, NBSWire.frameHeaderLength + Int(length) - buffer.readableBytes)
+    }
+
     /// nil: not enough bytes yet. Throws when the bytes cannot be an NBS preamble, which is how a
     /// listener tells a legacy client apart.
     public static func checkPreamble(_ buffer: ByteBuffer) throws(FrameDecodingError) -> Bool? {

@@ -17,7 +17,7 @@ enum SubflowConnector {
     static func configure(_ channel: any Channel) -> EventLoopFuture<Void> {
         channel.eventLoop.makeCompletedFuture {
             let sync = channel.pipeline.syncOperations
-            try sync.addHandler(ByteToMessageHandler(FrameDecoderHandler()))
+            try sync.addHandler(FrameReader())
             try sync.addHandler(SubflowHandler())
         }
     }

@@ -1,20 +1,52 @@
 import NBSProtocol
 import NIOCore
 
-/// Bytes to frames, via the pure FrameDecoder.
-struct FrameDecoderHandler: ByteToMessageDecoder {
+/// Bytes to frames, via the pure FrameDecoder, without copying DATA payloads: frames are parsed in
+/// the buffer each read delivers and payloads are slices of it. Only a frame split across two
+/// reads is copied, so at most one frame per read (ByteToMessageHandler would copy every read into
+/// its cumulation buffer while slices of the previous one are alive).
+final class FrameReader: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
     typealias InboundOut = Frame
-    var decoder = FrameDecoder(expectPreamble: true)
 
-    mutating func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws -> DecodingState {
-        guard let frame = try decoder.next(from: &buffer) else { return .needMoreData }
-        context.fireChannelRead(Self.wrapInboundOut(frame))
-        return .continue
-    }
+    private var decoder = FrameDecoder(expectPreamble: true)
+    /// The start of a frame (or preamble) whose end has not arrived yet.
+    private var carry: ByteBuffer?
+    private var failed = false
 
-    mutating func decodeLast(context: ChannelHandlerContext, buffer: inout ByteBuffer, seenEOF: Bool) throws -> DecodingState {
-        while try decode(context: context, buffer: &buffer) == .continue {}
-        return .needMoreData
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !failed else { return }
+        var incoming = Self.unwrapInboundIn(data)
+        do {
+            while var partial = carry {
+                let missing = try decoder.bytesMissing(in: partial)
+                if missing > 0 {
+                    guard incoming.readableBytes > 0 else {
+                        carry = partial
+                        return
+                    }
+                    var piece = incoming.readSlice(length: min(missing, incoming.readableBytes))!
+                    partial.writeBuffer(&piece)
+                    carry = partial
+                    continue  // the header may be complete now, and tell how much more is needed
+                }
+                if let frame = try decoder.next(from: &partial) { context.fireChannelRead(Self.wrapInboundOut(frame)) }
+                carry = partial.readableBytes > 0 ? partial : nil
+            }
+            while let frame = try decoder.next(from: &incoming) {
+                context.fireChannelRead(Self.wrapInboundOut(frame))
+            }
+            if incoming.readableBytes > 0 {
+                // Copy the tail so the big read buffer is not kept alive for it.
+                var tail = context.channel.allocator.buffer(capacity: incoming.readableBytes + NBSWire.frameHeaderLength + 8 + NBSWire.maxDataPayload)
+                tail.writeBuffer(&incoming)
+                carry = tail
+            }
+        } catch {
+            failed = true
+            carry = nil
+            context.fireErrorCaught(error)
+        }
     }
 }
 
