@@ -28,7 +28,7 @@ public final class Session: Sendable {
     }
 
     /// Up to `maxBytes` of in-order data; nil once the peer has finished and everything is read.
-    public func read(maxBytes: Int = 1 << 20) async throws -> ByteBuffer? {
+    public func read(maxBytes: Int = 4 << 20) async throws -> ByteBuffer? {
         let engine = self.engine
         return try await loop.flatSubmit { engine.value.read(maxBytes: maxBytes) }.get()
     }

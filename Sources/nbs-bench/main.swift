@@ -104,7 +104,7 @@ func nbsSession(bytes: Int) async throws -> Measurement {
     let receiver = Task {
         let session = try await listener.accept()
         var received = 0
-        while let data = try await session.read() { received += data.readableBytes }
+        while let data = try await session.read(maxBytes: 4 << 20) { received += data.readableBytes }
         try await session.close()
         return received
     }
