@@ -32,7 +32,7 @@ public struct NBSOptions: Sendable {
     /// reinjected on the others.
     public var minimumStallTimeout: TimeAmount = .milliseconds(200)
     /// How much of its own rate each subflow may queue beyond what TCP has in flight.
-    public var queueTarget: TimeAmount = .milliseconds(20)
+    public var queueTarget: TimeAmount = .milliseconds(10)
     /// A stalled subflow that gets no acknowledgement for this long after being suspended is closed.
     public var stallRetirement: TimeAmount = .seconds(3)
     /// How often subflows are checked for stalls while the session is active.

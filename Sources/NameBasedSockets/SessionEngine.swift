@@ -383,12 +383,12 @@ final class SessionEngine: SubflowDelegate {
     private func resizeQueues(_ id: SubflowID, _ tcp: TCPProgress) {
         guard let record = records[id], !record.closed, let channel = record.handler.channel, tcp.bytesPerSecond > 0 else { return }
         let target = Int(tcp.bytesPerSecond * options.queueTarget.seconds)
-        let high = max(16 * 1024, min(1 << 20, Int(UInt(max(target, 1)).roundedUpToPowerOfTwo)))
+        let high = max(8 * 1024, min(1 << 20, Int(UInt(max(target, 1)).roundedUpToPowerOfTwo)))
         guard queueHighWaterMark[id] != high else { return }
         queueHighWaterMark[id] = high
         core.setSegmentLimit(id, high)
         channel.setOption(.writeBufferWaterMark, value: .init(low: high / 2, high: high)).whenComplete { _ in }
-        channel.setOption(.tcpOption(SubflowConnector.tcpNotSentLowat), value: max(8 * 1024, high / 2)).whenComplete { _ in }
+        channel.setOption(.tcpOption(SubflowConnector.tcpNotSentLowat), value: max(4 * 1024, high / 2)).whenComplete { _ in }
     }
 
     // MARK: SubflowDelegate
