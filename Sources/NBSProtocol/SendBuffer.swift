@@ -41,6 +41,7 @@ public struct SendBuffer: Sendable {
     public var bufferedBytes: Int { Int(end - acknowledged) }
     public var freeSpace: Int { max(0, capacity - bufferedBytes) }
     public var hasReinjectionPending: Bool { reinjectionCount > 0 }
+    public var pendingReinjectionBytes: Int { inFlight.reduce(0) { $1.needsReinjection ? $0 + $1.length : $0 } }
     public var unsentBytes: Int { Int(end - nextNew) }
     public var inFlightSegments: Int { inFlight.count }
 

@@ -106,6 +106,12 @@ extension Session {
         }.get()
     }
 
+    /// Test hook: see SessionEngine.retireBusiestSubflowForTesting.
+    func retireBusiestSubflow() async -> Int {
+        let engine = self.engine
+        return (try? await loop.submit { engine.value.retireBusiestSubflowForTesting() }.get()) ?? 0
+    }
+
     /// Test hook: reset one subflow's TCP connection, as a failing path would.
     func killSubflow(_ id: UInt32) async {
         let engine = self.engine

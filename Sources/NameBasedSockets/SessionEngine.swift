@@ -745,6 +745,16 @@ final class SessionEngine: SubflowDelegate {
 extension SessionEngine {
     func handlerForTesting(_ raw: UInt32) -> SubflowHandler? { records[SubflowID(raw)]?.handler }
 
+    /// Test hook: retire the live subflow with the most data in flight, now; returns the bytes
+    /// that were queued for reinjection (0, and nothing retired, when none has data in flight).
+    func retireBusiestSubflowForTesting() -> Int {
+        let busiest = core.aliveSubflows.max { core.send.inFlightBytes(on: $0) < core.send.inFlightBytes(on: $1) }
+        guard let id = busiest, core.send.inFlightBytes(on: id) > 0 else { return 0 }
+        let before = core.reinjectedBytes + core.send.pendingReinjectionBytes
+        retire(id, reason: "reset by test", abort: nil)
+        return core.reinjectedBytes + core.send.pendingReinjectionBytes - before
+    }
+
     /// Test hook: make a subflow die as a network failure would, with a TCP reset.
     func killSubflow(_ raw: UInt32) {
         guard let record = records[SubflowID(raw)], !record.closed, let channel = record.handler.channel else { return }
