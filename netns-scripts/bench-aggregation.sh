@@ -5,7 +5,9 @@
 #   nbs    nbs-mobility serve --sink / connect --policy aggregate (skipped if NBS_BIN is missing)
 # Prints one JSON line per case on stdout, then a table. Goodput is the receiver's.
 #
-#   netns-scripts/bench-aggregation.sh [--rate MBIT] [--bytes N] [--cases tcp,mptcp,nbs]
+#   netns-scripts/bench-aggregation.sh [--rate MBIT] [--bytes N] [--cases tcp,mptcp,nbs] [--srcroute]
+# --srcroute adds per-source-address policy routing on both hosts (see lib.sh), so every subflow leaves by
+# the interface that owns its source address, cross pairs included.
 # Env: NBS_BIN (default .build/debug/nbs-mobility), NBS_BENCH_TIMEOUT (s per case, default 120).
 set -euo pipefail
 # shellcheck source=netns-scripts/lib.sh
@@ -14,12 +16,14 @@ source "$(dirname "$0")/lib.sh"
 rate=10
 bytes=$((16 * 1024 * 1024))
 cases=tcp,mptcp,nbs
+srcroute=0
 while (($#)); do
     case $1 in
         --rate) rate=$2; shift 2 ;;
         --bytes) bytes=$2; shift 2 ;;
         --cases) cases=$2; shift 2 ;;
-        -h | --help) sed -n '2,9p' "$0"; exit 0 ;;
+        --srcroute) srcroute=1; shift ;;
+        -h | --help) sed -n '2,11p' "$0"; exit 0 ;;
         *) nbs_die "unknown argument $1" ;;
     esac
 done
@@ -29,13 +33,22 @@ xfer=$NBS_LIB_DIR/tools/mptcp_xfer.py
 nbs_require_netns
 nbs_cleanup_on_exit
 nbs_tmpdir
-nbs_topology_create --rate "$rate"
+topo_args=(--rate "$rate")
+((srcroute)) && topo_args+=(--srcroute)
+nbs_topology_create "${topo_args[@]}"
 
 # Kernel MPTCP: two subflows allowed on both sides, the client's second address is a subflow endpoint.
 for ns in "$NBS_NS_C" "$NBS_NS_S"; do
     ip -n "$ns" mptcp limits set subflow 2 add_addr_accepted 2
 done
-ip -n "$NBS_NS_C" mptcp endpoint add "${NBS_C4[2]}" dev "$NBS_IF_2" subflow
+# Without --srcroute the endpoint is bound to nbs2 so that its subflow (198.51.100.1 -> 192.0.2.2, a cross
+# pair) leaves by nbs2. With --srcroute the routing does that, and a bound subflow would drop the server's
+# answers, which come back by the interface of the server's source address (nbs1).
+if ((srcroute)); then
+    ip -n "$NBS_NS_C" mptcp endpoint add "${NBS_C4[2]}" subflow
+else
+    ip -n "$NBS_NS_C" mptcp endpoint add "${NBS_C4[2]}" dev "$NBS_IF_2" subflow
+fi
 
 ROWS=()
 FAILED=0
@@ -43,9 +56,9 @@ FAILED=0
 # record CASE SERVER_JSON CLIENT_RC SERVER_RC TX1 TX2 [NOTE]
 record() {
     local name=$1 sj=$2 crc=$3 src=$4 tx1=$5 tx2=$6 line
-    line=$(python3 - "$name" "$sj" "$crc" "$src" "$tx1" "$tx2" "$rate" "$bytes" <<'EOF'
+    line=$(python3 - "$name" "$sj" "$crc" "$src" "$tx1" "$tx2" "$rate" "$bytes" "$srcroute" <<'EOF'
 import json, sys
-name, sj, crc, src, tx1, tx2, rate, size = sys.argv[1:]
+name, sj, crc, src, tx1, tx2, rate, size, srcroute = sys.argv[1:]
 j = {}
 try:
     lines = [l for l in open(sj).read().splitlines() if l.strip()]
@@ -60,7 +73,8 @@ print(json.dumps({
     "percent_of_sum": round(100 * g / (2 * float(rate)), 1) if float(rate) else None,
     "subflows_max": j.get("subflows_max"), "max_stall_ms": j.get("max_stall_ms"),
     "client_tx_bytes_path1": int(tx1), "client_tx_bytes_path2": int(tx2),
-    "rate_mbit_per_path": float(rate), "exit_codes": {"client": int(crc), "server": int(src)},
+    "rate_mbit_per_path": float(rate), "srcroute": srcroute == "1",
+    "exit_codes": {"client": int(crc), "server": int(src)},
 }))
 EOF
     )

@@ -558,6 +558,23 @@ nbs_flap() {
     done
 }
 
+# nbs_addr_storm SIDE COUNT [PAUSE_S]: add COUNT (<= 200) extra addresses on nbs2 of SIDE (198.51.100.20.. /24 and
+# 2001:db8:2::1:0.. /64, both families, in one `ip -batch`), wait PAUSE_S (default 0.5), and delete them again.
+nbs_addr_storm() {
+    local side=$1 n=$2 pause=${3:-0.5} ns i
+    ns=$(nbs_ns_side "$side")
+    ((n >= 1 && n <= 200)) || nbs_die "nbs_addr_storm: COUNT must be 1..200"
+    for ((i = 0; i < n; i++)); do
+        printf 'address add 198.51.100.%d/24 dev nbs2\n' $((20 + i))
+        printf 'address add 2001:db8:2::1:%x/64 dev nbs2 nodad\n' "$i"
+    done | ip -n "$ns" -batch -
+    sleep "$pause"
+    for ((i = 0; i < n; i++)); do
+        printf 'address del 198.51.100.%d/24 dev nbs2\n' $((20 + i))
+        printf 'address del 2001:db8:2::1:%x/64 dev nbs2\n' "$i"
+    done | ip -n "$ns" -batch -
+}
+
 # nbs_addr SIDE FAMILY PATHNO -> "ADDRESS/PREFIX" of that side (c|s), family (4|6) and path (1|2).
 nbs_addr() {
     case $1$2 in
@@ -771,7 +788,7 @@ nbs_fail() { echo "FAIL: $*"; NBS_FAILS=$((NBS_FAILS + 1)); }
 # codes 0, same byte count and SHA-256 on both sides, the receiver's max_stall_ms <= BOUND_MS), that the fault
 # happened, and no nbs_fail before; print the events and "PASS NAME: max_stall_ms X ..." or "FAIL NAME ...".
 nbs_verdict() {
-    local name=$1 prefix=$2 bytes=$3 bound=$4 stall
+    local name=$1 prefix=$2 bytes=$3 bound=$4 stall after
     shift 4
     nbs_check "$prefix" "$bytes" "$NBS_CRC" "$NBS_SRC" --max-stall-ms "$bound" "$@" || NBS_FAILS=$((NBS_FAILS + 1))
     [[ -n ${NBS_FAULT_AT-} ]] || nbs_fail "the transfer ended before the fault was injected (raise NBS_BYTES)"
@@ -779,8 +796,11 @@ nbs_verdict() {
     echo "--- events"
     nbs_events "$prefix"
     stall=$(nbs_json "$prefix.server" 'j.get("max_stall_ms")' 2>/dev/null || echo "?")
+    # The longest gap that ended after the fault (the receiver's clock starts a little after the client's).
+    after=$(nbs_json "$prefix.server" "max([s['ms'] for s in j['stalls'] if s['at_s'] + s['ms'] / 1000 >= ${NBS_FAULT_AT:-0} - 0.3] or [0])" \
+        2>/dev/null || echo "n/a")
     if ((NBS_FAILS == 0)); then
-        echo "PASS $name: max_stall_ms $stall (bound $bound ms), fault at ${NBS_FAULT_AT}s"
+        echo "PASS $name: max_stall_ms $stall (bound $bound ms), after the fault $after ms, fault at ${NBS_FAULT_AT}s"
         return 0
     fi
     echo "FAIL $name: max_stall_ms $stall (bound $bound ms), $NBS_FAILS failed check(s)"

@@ -2,7 +2,8 @@
 # Run every netns-scripts/scenarios/*.sh (or the ones named as arguments), each bounded in time, and print
 # one line per scenario and a last line "N passed, N failed" (", N skipped" when any were skipped).
 # A scenario passes with exit 0 and is skipped with exit 77. Without root or a working `ip netns`, all are
-# skipped. Env: NBS_BIN, NBS_SCENARIO_TIMEOUT (s per scenario, default 300), NBS_RUN_ALL_LOGS (keep logs there).
+# skipped. Env: NBS_BIN, NBS_SCENARIO_TIMEOUT (s per scenario, default 300), NBS_RUN_ALL_LOGS (keep logs there),
+# and whatever the scenarios read (e.g. NBS_SRCROUTE=1: per-source policy routing in every topology).
 set -euo pipefail
 # shellcheck source=netns-scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
@@ -40,7 +41,12 @@ for s in "${scenarios[@]}"; do
     took=$((SECONDS - start))
     nbs_gc_stale 2>>"$log" # only matters when a scenario had to be killed
     case $rc in
-        0) passed=$((passed + 1)); echo "PASS $name (${took}s)" ;;
+        0)
+            passed=$((passed + 1))
+            # The scenario's own verdict line ("PASS NAME: max_stall_ms ..."), when it prints one.
+            detail=$(grep -m1 "^PASS $name: " "$log" | sed "s/^PASS $name: //" || true)
+            echo "PASS $name (${took}s)${detail:+: $detail}"
+            ;;
         77) skipped=$((skipped + 1)); echo "SKIP $name: $(grep -m1 -o 'skip: .*' "$log" || echo 'skipped')" ;;
         *)
             failed=$((failed + 1))

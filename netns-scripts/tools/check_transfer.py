@@ -3,11 +3,13 @@
 
   check_transfer.py CLIENT_OUT SERVER_OUT --bytes N [--min-active-subflows K]
                     [--client-rc RC] [--server-rc RC] [--max-stall-ms MS]
+                    [--max-sent-share PREFIXES PCT]
 
 Each OUT file's last non-empty line must be one JSON object. Prints "PASS: ..." or "FAIL: reason; ..."
 and exits 0 or 1.
 """
 import argparse
+import ipaddress
 import json
 import sys
 
@@ -39,6 +41,9 @@ def main():
     p.add_argument("--server-rc", type=int, default=0)
     p.add_argument("--max-stall-ms", type=float, default=None,
                    help="fail when the receiver's max_stall_ms exceeds this")
+    p.add_argument("--max-sent-share", nargs=2, metavar=("PREFIXES", "PCT"), default=None,
+                   help="client subflows whose local address is in one of PREFIXES (comma-separated) sent at "
+                        "most PCT %% of all the client subflows' bytes_sent")
     a = p.parse_args()
 
     errors = []
@@ -53,6 +58,8 @@ def main():
         except ValueError as e:
             errors.append(str(e))
             continue
+        if j.get("error"):
+            errors.append("%s error: %s" % (name, j.get("error")))
         if name == "client":
             c = j
         else:
@@ -71,6 +78,24 @@ def main():
                 len(active), a.min_active_subflows,
                 ", ".join("%s->%s %s" % (f.get("local"), f.get("remote"), f.get("bytes_sent")) for f in subflows)
                 or "no subflows reported"))
+        if a.max_sent_share is not None:
+            nets = [ipaddress.ip_network(x) for x in a.max_sent_share[0].split(",") if x]
+            pct = float(a.max_sent_share[1])
+
+            def inside(addr):
+                try:
+                    ip = ipaddress.ip_address(str(addr).split("%")[0])
+                except ValueError:
+                    return False
+                return any(ip.version == n.version and ip in n for n in nets)
+
+            total = sum(int(f.get("bytes_sent") or 0) for f in subflows if isinstance(f, dict))
+            part = sum(int(f.get("bytes_sent") or 0) for f in subflows if isinstance(f, dict) and inside(f.get("local")))
+            share = 100.0 * part / total if total else 0.0
+            print("share of bytes_sent from %s: %d of %d B (%.1f %%)" % (a.max_sent_share[0], part, total, share))
+            if share > pct:
+                errors.append("subflows from %s sent %.1f %% of the bytes, want <= %s %%" % (
+                    a.max_sent_share[0], share, a.max_sent_share[1]))
         if a.max_stall_ms is not None and (s.get("max_stall_ms") or 0) > a.max_stall_ms:
             errors.append("receiver stalled %s ms > %s ms" % (s.get("max_stall_ms"), a.max_stall_ms))
 

@@ -1,13 +1,21 @@
 #!/usr/bin/env python3
 """Bulk transfer over plain TCP or kernel MPTCP, for the reference figures NBS is measured against.
 
-  mptcp_xfer.py server --port P [--bind ADDR] [--proto tcp|mptcp] [--timeout S]
-  mptcp_xfer.py client --connect ADDR --port P --bytes N [--proto tcp|mptcp] [--timeout S]
+  mptcp_xfer.py server --port P [--bind ADDR] [--proto tcp|mptcp] [--timeout S] [--recv-timeout S]
+  mptcp_xfer.py client --connect ADDR --port P (--bytes N | --duration S) [--proto tcp|mptcp] [--timeout S]
+                       [--stall-timeout S]
 
 The server accepts one connection, reads until EOF, answers with the byte count and the SHA-256 of what it
-read (one line), and exits. The client sends N deterministic pseudo-random bytes, shuts down its sending
-side and waits for that answer. Each prints one JSON line. The receiver's figure (first byte to EOF) is the
-goodput; the client's also includes the handshake and the final answer.
+read (one line), and exits. The client sends N deterministic pseudo-random bytes (or sends for S seconds,
+at most N bytes when both are given), shuts down its sending side and waits for that answer. Each prints
+one JSON line. The receiver's figure (first byte to EOF) is the goodput; the client's also includes the
+handshake and the final answer. The receiver reports max_stall_ms, the longest gap between two received
+chunks (for failover measurements), max_stall_at_s (when it began, seconds after accept), stalls (every gap
+of 100 ms or more: at_s, ms), and, for MPTCP, events when its number of subflows changes.
+
+A connection that stops delivering (no data for --recv-timeout seconds at the server, a send or the final
+answer blocked for --stall-timeout seconds at the client, or a reset) ends the run with "survived": false,
+an "error" starting with "did not survive", and exit status 1; --timeout bounds the whole run either way.
 """
 import argparse
 import hashlib
@@ -56,79 +64,143 @@ def server(args):
     ls.listen(1)
     ls.settimeout(args.timeout)
     conn, peer = ls.accept()
-    conn.settimeout(args.timeout)
-    deadline = time.monotonic() + args.timeout
+    t0 = time.monotonic()
+    deadline = t0 + args.timeout
+    recv_timeout = args.recv_timeout or args.timeout
     h = hashlib.sha256()
     n = 0
     first = None
     max_gap = 0.0
     last = None
     subflows = 0
+    current = None
+    events = []
+    stalls = []  # every gap of 100 ms or more (the first 100): start (s after accept) and length
+    max_gap_at = None
+    error = None
     while True:
-        buf = conn.recv(256 * 1024)
+        now = time.monotonic()
+        if now >= deadline:
+            error = "timed out after %.0f s (--timeout)" % args.timeout
+            break
+        conn.settimeout(min(recv_timeout, deadline - now))
+        try:
+            buf = conn.recv(256 * 1024)
+        except socket.timeout:
+            now = time.monotonic()
+            if now >= deadline:
+                error = "timed out after %.0f s (--timeout)" % args.timeout
+            else:
+                error = "did not survive: no data for %.1f s" % recv_timeout
+            break
+        except OSError as e:
+            now = time.monotonic()
+            error = "did not survive: %s" % e
+            break
         now = time.monotonic()
         if not buf:
             break
         if first is None:
             first = now
         if last is not None:
-            max_gap = max(max_gap, now - last)
+            gap = now - last
+            if gap > max_gap:
+                max_gap, max_gap_at = gap, last - t0
+            if gap >= 0.1 and len(stalls) < 100:
+                stalls.append({"at_s": round(last - t0, 3), "ms": round(gap * 1000, 1)})
         last = now
         n += len(buf)
         h.update(buf)
         if args.proto == "mptcp":
-            subflows = max(subflows, mptcp_subflows(conn) or 0)
-        if now > deadline:
-            sys.exit("server: timed out")
+            k = mptcp_subflows(conn)
+            if k is not None and k != current:
+                events.append({"t": round(now - t0, 3), "event": "subflows %d" % k})
+                current = k
+            subflows = max(subflows, k or 0)
     end = time.monotonic()
     digest = h.hexdigest()
-    conn.sendall(("%d %s\n" % (n, digest)).encode())
+    if error is None:
+        try:
+            conn.settimeout(recv_timeout)
+            conn.sendall(("%d %s\n" % (n, digest)).encode())
+        except OSError as e:
+            error = "did not survive: answer: %s" % e
+    else:
+        # The gap that ended the run is a stall too.
+        since = last if last is not None else t0
+        if end - since > max_gap:
+            max_gap, max_gap_at = end - since, since - t0
+        stalls.append({"at_s": round(since - t0, 3), "ms": round((end - since) * 1000, 1)})
+        events.append({"t": round(end - t0, 3), "event": error})
     conn.close()
-    secs = (end - first) if first is not None else 0.0
+    secs = ((last if error else end) - first) if first is not None else 0.0
     print(json.dumps({
         "role": "server", "proto": args.proto, "peer": peer[0], "bytes": n, "sha256": digest,
         "seconds": round(secs, 3), "goodput_mbps": round(n * 8 / secs / 1e6, 2) if secs > 0 else 0.0,
-        "max_stall_ms": round(max_gap * 1000, 1), "subflows_max": subflows if args.proto == "mptcp" else 1,
+        "max_stall_ms": round(max_gap * 1000, 1),
+        "max_stall_at_s": round(max_gap_at, 3) if max_gap_at is not None else None, "stalls": stalls,
+        "subflows_max": subflows if args.proto == "mptcp" else 1, "events": events, "survived": error is None, "completed": error is None, "error": error,
     }), flush=True)
+    return 0 if error is None else 1
 
 
 def client(args):
     fam = family_of(args.connect)
     s = socket.socket(fam, socket.SOCK_STREAM, proto_number(args.proto))
-    s.settimeout(args.timeout)
+    stall = args.stall_timeout or args.timeout
+    s.settimeout(min(stall, args.timeout))
     block = memoryview(pattern())
-    deadline = time.monotonic() + args.timeout
     t0 = time.monotonic()
-    s.connect((args.connect, args.port))
+    deadline = t0 + args.timeout
+    send_until = t0 + args.duration if args.duration else None
+    limit = args.bytes if args.bytes is not None else (None if args.duration else 16 * 1024 * 1024)
     h = hashlib.sha256()
-    left = args.bytes
+    sent = 0
     subflows = 0
-    while left > 0:
-        off = (args.bytes - left) % len(block)
-        chunk = block[off:off + min(CHUNK, left, len(block) - off)]
-        s.sendall(chunk)
-        h.update(chunk)
-        left -= len(chunk)
-        if args.proto == "mptcp":
-            subflows = max(subflows, mptcp_subflows(s) or 0)
-        if time.monotonic() > deadline:
-            sys.exit("client: timed out")
-    s.shutdown(socket.SHUT_WR)
+    error = None
     answer = b""
-    while not answer.endswith(b"\n"):
-        buf = s.recv(256)
-        if not buf:
-            break
-        answer += buf
+    try:
+        s.connect((args.connect, args.port))
+        while limit is None or sent < limit:
+            now = time.monotonic()
+            if send_until is not None and now >= send_until:
+                break
+            if now >= deadline:
+                raise TimeoutError("timed out after %.0f s (--timeout)" % args.timeout)
+            off = sent % len(block)
+            want = CHUNK if limit is None else min(CHUNK, limit - sent)
+            chunk = block[off:off + min(want, len(block) - off)]
+            s.sendall(chunk)
+            h.update(chunk)
+            sent += len(chunk)
+            if args.proto == "mptcp":
+                subflows = max(subflows, mptcp_subflows(s) or 0)
+        s.shutdown(socket.SHUT_WR)
+        while not answer.endswith(b"\n") and len(answer) < 256:
+            if time.monotonic() >= deadline:
+                raise TimeoutError("timed out after %.0f s (--timeout)" % args.timeout)
+            buf = s.recv(256)
+            if not buf:
+                break
+            answer += buf
+    except socket.timeout:
+        error = "did not survive: blocked for %.1f s (sent %d bytes)" % (stall, sent)
+    except TimeoutError as e:
+        error = str(e)
+    except OSError as e:
+        error = "did not survive: %s (sent %d bytes)" % (e, sent)
     t1 = time.monotonic()
     s.close()
-    parts = answer.decode().split()
-    ok = len(parts) == 2 and int(parts[0]) == args.bytes and parts[1] == h.hexdigest()
+    parts = answer.decode(errors="replace").split()
+    ok = error is None and len(parts) == 2 and parts[0] == str(sent) and parts[1] == h.hexdigest()
+    if error is None and not ok:
+        error = "the receiver's answer %r does not match %d bytes %s" % (answer[:100], sent, h.hexdigest())
     secs = t1 - t0
     print(json.dumps({
-        "role": "client", "proto": args.proto, "bytes": args.bytes, "sha256": h.hexdigest(),
-        "seconds": round(secs, 3), "goodput_mbps": round(args.bytes * 8 / secs / 1e6, 2),
+        "role": "client", "proto": args.proto, "bytes": sent, "sha256": h.hexdigest(),
+        "seconds": round(secs, 3), "goodput_mbps": round(sent * 8 / secs / 1e6, 2) if secs > 0 else 0.0,
         "subflows_max": subflows if args.proto == "mptcp" else 1, "verified": ok,
+        "survived": error is None or not error.startswith("did not survive"), "completed": ok, "error": error,
     }), flush=True)
     return 0 if ok else 1
 
@@ -140,11 +212,16 @@ def main():
     ps.add_argument("--bind", default="0.0.0.0")
     pc = sub.add_parser("client")
     pc.add_argument("--connect", required=True)
-    pc.add_argument("--bytes", type=int, default=16 * 1024 * 1024)
+    pc.add_argument("--bytes", type=int, default=None, help="bytes to send (default 16 MiB without --duration)")
+    pc.add_argument("--duration", type=float, default=None, help="send for this many seconds")
+    pc.add_argument("--stall-timeout", type=float, default=None,
+                    help="give up when a send or the answer blocks this long (s; default --timeout)")
+    ps.add_argument("--recv-timeout", type=float, default=None,
+                    help="give up when nothing arrives for this long (s; default --timeout)")
     for q in (ps, pc):
         q.add_argument("--port", type=int, required=True)
         q.add_argument("--proto", choices=["tcp", "mptcp"], default="tcp")
-        q.add_argument("--timeout", type=float, default=60.0, help="bound on the whole transfer (s)")
+        q.add_argument("--timeout", type=float, default=60.0, help="bound on the whole run (s)")
     args = p.parse_args()
     return server(args) if args.role == "server" else client(args)
 
