@@ -48,6 +48,7 @@ if [[ $failover == 1 ]]; then
     nbs_link_down 1 c
     # The link comes back while the per-second counters below run.
     (sleep 3 && nbs_link_up 1 c && echo && echo "==> Return: path-1 link up again; the session announces and re-joins it") &
+    nbs_on_exit "kill $! 2>/dev/null"
 fi
 
 # While it runs, show the per-path counters once a second (bounded by the transfer's own timeout).

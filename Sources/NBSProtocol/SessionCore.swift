@@ -147,6 +147,8 @@ public struct SessionCore: Sendable {
     public var usableSubflows: [SubflowID] { order.filter { subflows[$0]!.alive && !subflows[$0]!.suspended } }
     public func isSuspended(_ id: SubflowID) -> Bool { subflows[id]?.suspended ?? false }
 
+
+
     /// The subflow stopped making progress (a silent path failure, or a long timeout): what it
     /// carries is sent again elsewhere now, as MPTCP reinjects on a subflow RTO, but the subflow
     /// stays open in case it recovers. Returns the bytes queued for reinjection.
@@ -345,9 +347,20 @@ public struct SessionCore: Sendable {
             guard let fastest = pool.min(by: Self.fasterFirst), fastest.writable else { return nil }
             return fastest.id
         case .aggregate:
-            return pool.filter(\.writable).min(by: Self.fasterFirst)?.id
+            // A subflow much slower than the fastest holds the receiver's head of line for longer
+            // than waiting for the fast one would (the idea of the ECF/BLEST schedulers): data
+            // waits for the fast subflows rather than go there.
+            let fastest = pool.compactMap(\.smoothedRTT).min()
+            let usable = pool.filter { subflow in
+                guard let fastest, let rtt = subflow.smoothedRTT else { return true }
+                return rtt <= Self.slowFactor * fastest + Self.slowMarginMs
+            }
+            return usable.filter(\.writable).min(by: Self.fasterFirst)?.id
         }
     }
+
+    static let slowFactor = 4.0
+    static let slowMarginMs = 20.0
 
     /// Unmeasured subflows sort after measured ones; ties keep establishment order (min is stable).
     private static func fasterFirst(_ a: Subflow, _ b: Subflow) -> Bool {

@@ -130,6 +130,8 @@ public enum SessionEvent: Sendable, Equatable {
     case reinjected(bytes: Int, from: UInt32)
     case addressAnnounced(SocketAddress)
     case addressRemoved(SocketAddress)
+    /// While waiting, the peer's name was resolved again and gave addresses not known before.
+    case peerResolved(name: String, addresses: [SocketAddress])
     case waiting
     case resumed
     case closed

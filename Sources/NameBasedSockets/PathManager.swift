@@ -58,6 +58,39 @@ enum PathPlanner {
         return result
     }
 
+    /// With the subflow limit reached, a local address that has no subflow at all (say, an
+    /// interface that came back) should not be left out while another local address has two: the
+    /// doubled-up subflow that least matches its peer's prefix is the one to replace.
+    static func replacement(locals: [SocketAddress], peers: [SocketAddress], live: [(id: UInt32, local: SocketAddress, remote: SocketAddress)],
+                            maxSubflows: Int) -> (retire: UInt32, for: SocketAddress)? {
+        guard live.count >= maxSubflows else { return nil }
+        let used = Dictionary(grouping: live, by: { $0.local.hostString })
+        guard let uncovered = locals.first(where: { local in
+            used[local.hostString] == nil && peers.contains { local.sameFamily($0) && local.isLoopbackAddress == $0.isLoopbackAddress }
+        }) else { return nil }
+        let doubled = live.filter { (used[$0.local.hostString]?.count ?? 0) >= 2 }
+        guard let victim = doubled.min(by: { commonPrefixLength($0.local, $0.remote) < commonPrefixLength($1.local, $1.remote) }) else { return nil }
+        return (victim.id, uncovered)
+    }
+
+    /// At the limit, a subflow to a remote address that shares much less of its local address's
+    /// prefix than another, unused, remote does (a cross pair taken while the direct peer address
+    /// was unknown, e.g. before the peer re-announced it) gives way to the better pair.
+    static func upgrade(peers: [SocketAddress], live: [(id: UInt32, local: SocketAddress, remote: SocketAddress)],
+                        maxSubflows: Int) -> UInt32? {
+        guard live.count >= maxSubflows else { return nil }
+        let inUse = Set(live.map { Pair(local: $0.local.hostString, remote: $0.remote.hostString) })
+        for subflow in live {
+            let current = commonPrefixLength(subflow.local, subflow.remote)
+            let better = peers.contains { remote in
+                remote.sameFamily(subflow.local) && !inUse.contains(Pair(local: subflow.local.hostString, remote: remote.hostString))
+                    && commonPrefixLength(subflow.local, remote) >= current + 8
+            }
+            if better { return subflow.id }
+        }
+        return nil
+    }
+
     static func commonPrefixLength(_ a: SocketAddress, _ b: SocketAddress) -> Int {
         guard let x = a.wireAddress?.bytes, let y = b.wireAddress?.bytes, x.count == y.count else { return 0 }
         var bits = 0

@@ -56,6 +56,8 @@ final class SessionEngine: SubflowDelegate {
     private var announcedAddressIDs: [String: UInt8] = [:]
     private var suspendedSince: [SubflowID: NIODeadline] = [:]
     private var queueHighWaterMark: [SubflowID: Int] = [:]
+    private var pendingInterfaceEvents: [InterfaceEvent] = []
+    private var refusedJoinRetries = 0
     private(set) var rejectedSignals = 0
     var peerAddresses: [SocketAddress]
 
@@ -129,9 +131,19 @@ final class SessionEngine: SubflowDelegate {
         guard role == .opener, state == .open else { return }
         let live = records.values.filter { !$0.closed }
         let inUse = Set(live.map { PathPlanner.Pair(local: $0.local.hostString, remote: $0.remote.hostString) }).union(connectingPairs)
+        let established = records.filter { !$0.value.closed && $0.value.established }
+            .map { (id: $0.key.rawValue, local: $0.value.local, remote: $0.value.remote) }
+        if connectingPairs.isEmpty,
+            let swap = PathPlanner.replacement(locals: candidateLocalAddresses, peers: peerAddresses, live: established, maxSubflows: options.maxSubflows) {
+            return replace(SubflowID(swap.retire), reason: "replaced by a subflow from \(swap.for.hostString)")
+        }
+        if connectingPairs.isEmpty, let worse = PathPlanner.upgrade(peers: peerAddresses, live: established, maxSubflows: options.maxSubflows) {
+            return replace(SubflowID(worse), reason: "replaced by a closer pair")
+        }
         let plan = PathPlanner.joins(locals: candidateLocalAddresses, peers: peerAddresses, inUse: inUse,
                                      liveCount: live.count + connectingPairs.count, maxSubflows: options.maxSubflows,
                                      policy: options.policy, hasRegularSubflow: core.aliveSubflows.contains { !core.isBackup($0) })
+        logger.debug("mesh: locals \(candidateLocalAddresses.map(\.hostString)) peers \(peerAddresses.map(\.hostString)) in use \(inUse.map { "\($0.local)>\($0.remote)" }) -> \(plan.map { "\($0.local.hostString)>\($0.remote.hostString)" })")
         for join in plan { startJoin(from: join.local, to: join.remote, backup: join.backup) }
     }
 
@@ -250,17 +262,22 @@ final class SessionEngine: SubflowDelegate {
         let port = self.port
         Task {
             guard let fresh = try? await resolver.resolve(name, port: port) else { return }
-            bound.eventLoop.execute { bound.value.learnPeerAddresses(fresh) }
+            bound.eventLoop.execute { bound.value.learnPeerAddresses(fresh, resolved: true) }
         }
     }
 
-    private func learnPeerAddresses(_ addresses: [SocketAddress]) {
+    private func learnPeerAddresses(_ addresses: [SocketAddress], resolved: Bool = false) {
         var added = false
         for address in addresses.map(\.unmapped) where !peerAddresses.contains(where: { $0.hostString == address.hostString }) {
             peerAddresses.append(address)
             added = true
         }
-        if added { joinMissingPairs() }
+        guard added else { return }
+        if resolved {
+            logger.info("re-resolved \(peerName): \(addresses.map(\.hostString).joined(separator: ", "))")
+            eventContinuation.yield(.peerResolved(name: peerName, addresses: addresses))
+        }
+        joinMissingPairs()
     }
 
     private func pathRestored() {
@@ -289,20 +306,59 @@ final class SessionEngine: SubflowDelegate {
         }
     }
 
+    /// Events are handled in batches a few milliseconds long: an address storm (hundreds added and
+    /// removed) then costs one pass, and an address that comes and goes within a batch costs nothing.
     func interfaceEvent(_ event: InterfaceEvent) {
         guard state == .open else { return }
+        pendingInterfaceEvents.append(event)
+        guard pendingInterfaceEvents.count == 1 else { return }
+        let bound = self.bound
+        loop.scheduleTask(in: Self.interfaceEventBatching) { bound.value.processInterfaceEvents() }
+    }
+
+    static let interfaceEventBatching = TimeAmount.milliseconds(5)
+
+    private func processInterfaceEvents() {
+        let events = pendingInterfaceEvents
+        pendingInterfaceEvents = []
+        guard state == .open else { return }
+        // Links first, at once; for addresses only the last word on each counts.
+        var lastWord: [String: InterfaceEvent] = [:]
+        var order: [String] = []
+        for event in events {
+            switch event {
+            case .addressAdded(let address), .addressRemoved(let address):
+                let ip = PathPlanner.normalizedIP(address.address)
+                if lastWord[ip] == nil { order.append(ip) }
+                lastWord[ip] = event
+            default:
+                retireAffected(by: event)
+            }
+        }
+        var added = false
+        for ip in order {
+            guard let event = lastWord[ip] else { continue }
+            if case .addressAdded(let address) = event {
+                guard options.localAddresses == nil, address.isUsableForSubflows || address.isLoopback,
+                    let socketAddress = try? SocketAddress(ipAddress: ip, port: 0),
+                    addressBook.add(socketAddress, interface: address.interfaceName)
+                else { continue }
+                logger.info("new local address \(ip) on \(address.interfaceName)")
+                announce(socketAddress)
+                added = true
+            } else {
+                retireAffected(by: event)
+            }
+        }
+        if added { joinMissingPairs() }
+    }
+
+    private func retireAffected(by event: InterfaceEvent) {
         let live = records.filter { !$0.value.closed }.map { (id: $0.key.rawValue, local: $0.value.local.hostString, interface: $0.value.interface) }
         let affected = PathPlanner.affected(by: event, subflows: live)
         for id in affected.ids { retire(SubflowID(id), reason: affected.reason) }
         if let removed = affected.removedAddress, addressBook.remove(removed) || !affected.ids.isEmpty {
             withdraw(removed)
-        }
-        if case .addressAdded(let address) = event, options.localAddresses == nil,
-            let socketAddress = try? SocketAddress(ipAddress: PathPlanner.normalizedIP(address.address), port: 0),
-            address.isUsableForSubflows || address.isLoopback, addressBook.add(socketAddress, interface: address.interfaceName) {
-            logger.info("new local address \(socketAddress.hostString) on \(address.interfaceName)")
-            announce(socketAddress)
-            joinMissingPairs()
         }
     }
 
@@ -340,8 +396,10 @@ final class SessionEngine: SubflowDelegate {
             guard let channel = record.handler.channel as? any SocketOptionProvider else { continue }
             channel.getTCPInfo().whenSuccess { info in
                 let engine = bound.value
-                engine.stallCheck(id, TCPProgress(info))
-                engine.resizeQueues(id, TCPProgress(info))
+                let progress = TCPProgress(info)
+                if info.tcpi_rtt > 0 { engine.core.recordRTT(id, milliseconds: Double(info.tcpi_rtt) / 1000) }
+                engine.stallCheck(id, progress)
+                engine.resizeQueues(id, progress)
             }
         }
     }
@@ -417,6 +475,7 @@ final class SessionEngine: SubflowDelegate {
                     fail(.abortedByPeer(reason: close.reason, message: close.message), notifyPeer: nil)
                 } else {
                     retire(id, reason: "JOIN refused: \(close.reason) \(close.message)")
+                    retryRefusedJoin(close.reason)
                 }
             } else {
                 rejectedSignals += 1
@@ -425,6 +484,20 @@ final class SessionEngine: SubflowDelegate {
         case .protocolViolation(let why):
             retire(id, reason: why, abort: .protocolViolation)
         }
+    }
+
+    private func replace(_ id: SubflowID, reason: String) {
+        retire(id, reason: reason)
+        joinMissingPairs()
+    }
+
+    /// A JOIN that replaces a subflow can reach the listener before the close of the one it
+    /// replaces, and be refused for the subflow limit: try the mesh again shortly, a few times.
+    private func retryRefusedJoin(_ reason: CloseReason) {
+        guard reason == .tooManySubflows, refusedJoinRetries < 5 else { return }
+        refusedJoinRetries += 1
+        let bound = self.bound
+        loop.scheduleTask(in: .milliseconds(200 << refusedJoinRetries)) { bound.value.joinMissingPairs() }
     }
 
     private func handleJoinAck(_ id: SubflowID, _ frame: Frame) {
@@ -448,6 +521,9 @@ final class SessionEngine: SubflowDelegate {
         eventContinuation.yield(.subflowUp(info(id)))
         pathRestored()
         pump()
+        refusedJoinRetries = 0
+        // Addresses learnt while this JOIN was in flight may call for a better mesh now.
+        joinMissingPairs()
     }
 
     private func handleSessionFrame(_ id: SubflowID, _ frame: Frame) {

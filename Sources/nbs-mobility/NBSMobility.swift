@@ -1,11 +1,32 @@
 import ArgumentParser
 import Crypto
 import Foundation
+import Logging
 import NameBasedSockets
 import NIOCore
 
 @main
 struct NBSMobility: AsyncParsableCommand {
+    /// Library logs go to stderr at NBS_LOG_LEVEL (trace, debug, info, notice, warning, error; default info).
+    static func main() async {
+        let level = ProcessInfo.processInfo.environment["NBS_LOG_LEVEL"].flatMap(Logger.Level.init(rawValue:)) ?? .info
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
+        do {
+            var command = try parseAsRoot()
+            if var asyncCommand = command as? AsyncParsableCommand {
+                try await asyncCommand.run()
+            } else {
+                try command.run()
+            }
+        } catch {
+            exit(withError: error)
+        }
+    }
+
     static let configuration = CommandConfiguration(
         commandName: "nbs-mobility",
         abstract: "Name Based Sockets: multipath, mobile sessions opened by name.",

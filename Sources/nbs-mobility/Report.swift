@@ -64,6 +64,7 @@ func describe(_ event: SessionEvent) -> String {
     case .reinjected(let bytes, let from): "reinjected \(bytes) bytes from subflow \(from)"
     case .addressAnnounced(let a): "peer announced \(a.ipAddress ?? "?")"
     case .addressRemoved(let a): "peer removed \(a.ipAddress ?? "?")"
+    case .peerResolved(let name, let addresses): "re-resolved \(name) -> \(addresses.compactMap(\.ipAddress).joined(separator: ", "))"
     case .waiting: "waiting: no path"
     case .resumed: "resumed"
     case .closed: "closed"

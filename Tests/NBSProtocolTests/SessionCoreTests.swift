@@ -198,7 +198,7 @@ struct SessionCoreTests {
     func aggregateSpreads() {
         var core = makeCore(coreConfiguration(policy: .aggregate, segment: 100), peerWindow: .max, subflows: [(a, false), (b, false)])
         core.recordRTT(a, milliseconds: 5)
-        core.recordRTT(b, milliseconds: 50)
+        core.recordRTT(b, milliseconds: 30)
         core.write(buffer(patternBytes(1000, seed: 4)))
         #expect(core.nextTransmission()?.subflow == a)
         core.setWritable(a, false)
@@ -208,6 +208,20 @@ struct SessionCoreTests {
         #expect(core.nextTransmission()?.subflow == a)
         #expect(core.stats(a)?.bytesSent == 200)
         #expect(core.stats(b)?.bytesSent == 200)
+    }
+
+    @Test("aggregate keeps data off a subflow far slower than the fastest, and uses it when alone")
+    func aggregateSkipsFarSlower() {
+        var core = makeCore(coreConfiguration(policy: .aggregate, segment: 100), peerWindow: .max, subflows: [(a, false), (b, false)])
+        core.recordRTT(a, milliseconds: 20)
+        core.recordRTT(b, milliseconds: 900)
+        core.write(buffer(patternBytes(1000, seed: 5)))
+        core.setWritable(a, false)
+        #expect(core.nextTransmission() == nil)
+        core.setWritable(a, true)
+        #expect(core.nextTransmission()?.subflow == a)
+        core.removeSubflow(a)
+        #expect(core.nextTransmission()?.subflow == b)
     }
 
     @Test("RTT samples are smoothed")

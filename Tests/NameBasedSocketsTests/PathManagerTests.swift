@@ -266,3 +266,42 @@ struct AddressSignallingTests {
         await server.close()
     }
 }
+
+@Suite("Path planner: rebalancing")
+struct PathPlannerRebalanceTests {
+    @Test("a local address left without a subflow at the limit replaces a doubled-up cross pair")
+    func replacesCrossPair() {
+        let locals = [address("192.0.2.1"), address("198.51.100.1")]
+        let live: [(id: UInt32, local: SocketAddress, remote: SocketAddress)] = [
+            (0, address("198.51.100.1"), peer("198.51.100.2")),
+            (1, address("198.51.100.1"), peer("192.0.2.2")),
+        ]
+        let swap = PathPlanner.replacement(locals: locals, peers: [peer("192.0.2.2"), peer("198.51.100.2")], live: live, maxSubflows: 2)
+        #expect(swap?.retire == 1)
+        #expect(swap?.for.ipAddress == "192.0.2.1")
+    }
+
+    @Test("nothing is replaced below the limit, or when every local address is covered")
+    func noNeedlessReplacement() {
+        let locals = [address("192.0.2.1"), address("198.51.100.1")]
+        let peers = [peer("192.0.2.2"), peer("198.51.100.2")]
+        let covered: [(id: UInt32, local: SocketAddress, remote: SocketAddress)] = [(0, address("192.0.2.1"), peer("192.0.2.2")), (1, address("198.51.100.1"), peer("198.51.100.2"))]
+        #expect(PathPlanner.replacement(locals: locals, peers: peers, live: covered, maxSubflows: 2) == nil)
+        let one: [(id: UInt32, local: SocketAddress, remote: SocketAddress)] = [(0, address("198.51.100.1"), peer("198.51.100.2"))]
+        #expect(PathPlanner.replacement(locals: locals, peers: peers, live: one, maxSubflows: 2) == nil)
+    }
+}
+
+extension PathPlannerRebalanceTests {
+    @Test("at the limit, a cross pair gives way once the same-prefix peer address is known")
+    func upgradesCrossPair() {
+        let live: [(id: UInt32, local: SocketAddress, remote: SocketAddress)] = [
+            (4, address("192.0.2.1"), peer("198.51.100.2")),
+            (3, address("198.51.100.1"), peer("198.51.100.2")),
+        ]
+        let peers = [peer("198.51.100.2"), peer("192.0.2.2")]
+        #expect(PathPlanner.upgrade(peers: peers, live: live, maxSubflows: 2) == 4)
+        #expect(PathPlanner.upgrade(peers: [peer("198.51.100.2")], live: live, maxSubflows: 2) == nil)
+        #expect(PathPlanner.upgrade(peers: peers, live: live, maxSubflows: 3) == nil)
+    }
+}
