@@ -1,4 +1,5 @@
 import NBSNetlink
+import NBSProtocol
 import NIOCore
 import NIOPosix
 
@@ -67,21 +68,15 @@ public struct SystemResolver: NameResolver {
 public struct StaticResolver: NameResolver {
     public var table: [String: [String]]
     public init(_ table: [String: [String]]) {
-        self.table = Dictionary(uniqueKeysWithValues: table.map { (canonicalNameKey($0.key), $0.value) })
+        self.table = Dictionary(uniqueKeysWithValues: table.map { (canonicalName($0.key), $0.value) })
     }
 
     public func resolve(_ name: String, port: Int) async throws -> [SocketAddress] {
-        guard let ips = table[canonicalNameKey(name)], !ips.isEmpty else {
+        guard let ips = table[canonicalName(name)], !ips.isEmpty else {
             throw NBSError.nameResolutionFailed(name: name, reason: "not in the static table")
         }
         return try ips.map { try SocketAddress(ipAddress: $0, port: port) }
     }
-}
-
-private func canonicalNameKey(_ name: String) -> String {
-    var n = name.lowercased()
-    while n.hasSuffix(".") { n.removeLast() }
-    return n
 }
 
 /// The host's addresses that subflows may start from, with the interface that owns each.

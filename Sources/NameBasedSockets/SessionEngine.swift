@@ -111,14 +111,19 @@ final class SessionEngine: SubflowDelegate {
         handler.delegate = self
         records[id] = SubflowRecord(handler: handler, machine: machine, local: local.unmapped, remote: remote.unmapped,
                                     interface: addressBook.interface(for: local.unmapped), backup: backup, established: true)
+        subflowEstablished(id, backup: backup, rttSample: rttSample)
+        startProbingIfNeeded()
+        pump()
+    }
+
+    /// The subflow's handshake is done: it joins the data plane.
+    private func subflowEstablished(_ id: SubflowID, backup: Bool, rttSample: Double?) {
         core.addSubflow(id, backup: backup)
         if let rttSample { core.recordRTT(id, milliseconds: rttSample) }
-        core.setWritable(id, handler.isWritable)
+        core.setWritable(id, records[id]?.handler.isWritable ?? false)
         maxConcurrentSubflows = max(maxConcurrentSubflows, core.aliveSubflows.count)
         eventContinuation.yield(.subflowUp(info(id)))
         pathRestored()
-        startProbingIfNeeded()
-        pump()
     }
 
     /// Local addresses subflows may start from: the fixed list from the options, else what the
@@ -198,9 +203,14 @@ final class SessionEngine: SubflowDelegate {
     }
 
     /// Closes one subflow; its unacknowledged data goes out on the others at once.
+    /// ABORT is authenticated once the subflow belongs to the session; before that there is no key.
+    private func abortFrame(for record: SubflowRecord, _ reason: CloseReason, _ message: String) -> Frame {
+        record.established ? signals.close(reason, message, abort: true) : .abort(.init(reason: reason, message: message))
+    }
+
     func retire(_ id: SubflowID, reason: String, abort: CloseReason? = nil) {
         guard let record = records[id], !record.closed else { return }
-        let farewell: Frame? = abort.map { record.established ? signals.close($0, reason, abort: true) : .abort(.init(reason: $0, message: reason)) }
+        let farewell = abort.map { abortFrame(for: record, $0, reason) }
         // Account for the loss (and reinject) before closing: the close reports back synchronously.
         subflowGone(id, reason: reason)
         record.handler.writeAndClose(farewell)
@@ -514,12 +524,7 @@ final class SessionEngine: SubflowDelegate {
         record.established = true
         records[id] = record
         let rtt = record.handler.handshakeSentAt.map { Double((NIODeadline.now() - $0).nanoseconds) / 1e6 }
-        core.addSubflow(id, backup: record.backup)
-        if let rtt { core.recordRTT(id, milliseconds: rtt) }
-        core.setWritable(id, record.handler.isWritable)
-        maxConcurrentSubflows = max(maxConcurrentSubflows, core.aliveSubflows.count)
-        eventContinuation.yield(.subflowUp(info(id)))
-        pathRestored()
+        subflowEstablished(id, backup: record.backup, rttSample: rtt)
         pump()
         refusedJoinRetries = 0
         // Addresses learnt while this JOIN was in flight may call for a better mesh now.
@@ -770,7 +775,7 @@ final class SessionEngine: SubflowDelegate {
         probeTask?.cancel()
         lingerTask?.cancel()
         for (id, record) in records where !record.closed {
-            let frame: Frame? = reason.map { record.established ? signals.close($0, error.description, abort: true) : .abort(.init(reason: $0, message: error.description)) }
+            let frame = reason.map { abortFrame(for: record, $0, error.description) }
             record.handler.writeAndClose(frame)
             records[id]!.closed = true
             records[id]!.closeReason = error.description
