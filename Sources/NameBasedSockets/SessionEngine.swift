@@ -320,6 +320,11 @@ final class SessionEngine: SubflowDelegate {
     /// removed) then costs one pass, and an address that comes and goes within a batch costs nothing.
     func interfaceEvent(_ event: InterfaceEvent) {
         guard state == .open else { return }
+        // A loss that takes live subflows with it is handled at once: every millisecond of it is
+        // a stall for the receiver. Everything else waits for the batch.
+        if pendingInterfaceEvents.isEmpty, !PathPlanner.affected(by: event, subflows: liveSubflowSummary).ids.isEmpty {
+            return retireAffected(by: event)
+        }
         pendingInterfaceEvents.append(event)
         guard pendingInterfaceEvents.count == 1 else { return }
         let bound = self.bound
@@ -363,9 +368,12 @@ final class SessionEngine: SubflowDelegate {
         if added { joinMissingPairs() }
     }
 
+    private var liveSubflowSummary: [(id: UInt32, local: String, interface: String?)] {
+        records.filter { !$0.value.closed }.map { (id: $0.key.rawValue, local: $0.value.local.hostString, interface: $0.value.interface) }
+    }
+
     private func retireAffected(by event: InterfaceEvent) {
-        let live = records.filter { !$0.value.closed }.map { (id: $0.key.rawValue, local: $0.value.local.hostString, interface: $0.value.interface) }
-        let affected = PathPlanner.affected(by: event, subflows: live)
+        let affected = PathPlanner.affected(by: event, subflows: liveSubflowSummary)
         for id in affected.ids { retire(SubflowID(id), reason: affected.reason) }
         if let removed = affected.removedAddress, addressBook.remove(removed) || !affected.ids.isEmpty {
             withdraw(removed)
