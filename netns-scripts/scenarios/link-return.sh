@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # A path comes back: ~2 s into a two-path transfer the client's path-1 link goes down, and 1 s later up again
-# (with its IPv6 address). The session must complete intact, stall at most NBS_STALL_BOUND_MS (default 1000 ms,
-# as link-down.sh), and use path 1 again once it is back: new subflows from its addresses, and nbs1 must carry at
-# least NBS_RETURN_MIN_BYTES (default 1 MiB) after its return (it has ~3 s of a fair half at 10 Mbit/s).
+# (with its IPv6 address). The session must complete intact, stall at most NBS_STALL_BOUND_MS (default 2000 ms:
+# the return has no target of its own; re-joining and replacing the cross pairs taken while path 1 was away
+# costs up to ~0.8 s here, see the issue notes), and use path 1 again once it is back: new subflows from its
+# addresses, and nbs1 must carry at least NBS_RETURN_MIN_BYTES (default 1 MiB) after its return.
 # Env: NBS_RATE (tbf Mbit/s per path, default 10), NBS_BYTES (default 12 MiB), NBS_FAULT_DELAY (s, default 2),
 #      NBS_TIMEOUT (s per process, default 60), NBS_SRCROUTE=1 (per-source routing), NBS_BIN.
 set -euo pipefail
@@ -10,7 +11,7 @@ set -euo pipefail
 source "$(dirname "$0")/../lib.sh"
 
 bytes=${NBS_BYTES:-$((12 * 1024 * 1024))}
-bound=${NBS_STALL_BOUND_MS:-1000}
+bound=${NBS_STALL_BOUND_MS:-2000}
 min_after=${NBS_RETURN_MIN_BYTES:-$((1024 * 1024))}
 export NBS_TIMEOUT=${NBS_TIMEOUT:-60}
 
