@@ -9,17 +9,5 @@ set -euo pipefail
 # shellcheck source=netns-scripts/lib.sh
 source "$(dirname "$0")/../lib.sh"
 
-bytes=${NBS_BYTES:-$((10 * 1024 * 1024))}
-bound=${NBS_STALL_BOUND_MS:-5000}
-export NBS_TIMEOUT=${NBS_TIMEOUT:-60}
-
-nbs_require_netns
-nbs_require_bin
 nbs_require_cmd nft "nftables"
-nbs_cleanup_on_exit
-nbs_tmpdir
-nbs_topology_create --rate "${NBS_RATE:-10}"
-
-out=$NBS_TMP/xfer
-nbs_transfer_with_fault "$out" "$bytes" "${NBS_FAULT_DELAY:-2}" "nbs_blackhole 1 c" --policy aggregate
-nbs_verdict blackhole "$out" "$bytes" "$bound" || exit 1
+nbs_fault_scenario blackhole 5000 "nbs_blackhole 1 c" || exit 1

@@ -10,17 +10,4 @@ set -euo pipefail
 # shellcheck source=netns-scripts/lib.sh
 source "$(dirname "$0")/../lib.sh"
 
-bytes=${NBS_BYTES:-$((10 * 1024 * 1024))}
-bound=${NBS_STALL_BOUND_MS:-10000}
-export NBS_TIMEOUT=${NBS_TIMEOUT:-60}
-
-nbs_require_netns
-nbs_require_bin
-nbs_cleanup_on_exit
-nbs_tmpdir
-nbs_topology_create --rate "${NBS_RATE:-10}"
-
-out=$NBS_TMP/xfer
-nbs_transfer_with_fault "$out" "$bytes" "${NBS_FAULT_DELAY:-2}" \
-    "nbs_flap 1 ${NBS_FLAPS:-6} ${NBS_FLAP_PERIOD:-0.5} c" --policy aggregate
-nbs_verdict flapping "$out" "$bytes" "$bound" || exit 1
+nbs_fault_scenario flapping 10000 "nbs_flap 1 ${NBS_FLAPS:-6} ${NBS_FLAP_PERIOD:-0.5} c" || exit 1
