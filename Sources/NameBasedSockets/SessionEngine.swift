@@ -208,12 +208,12 @@ final class SessionEngine: SubflowDelegate {
         record.established ? signals.close(reason, message, abort: true) : .abort(.init(reason: reason, message: message))
     }
 
-    func retire(_ id: SubflowID, reason: String, abort: CloseReason? = nil) {
+    func retire(_ id: SubflowID, reason: String, abort: CloseReason? = nil, reset: Bool = false) {
         guard let record = records[id], !record.closed else { return }
         let farewell = abort.map { abortFrame(for: record, $0, reason) }
         // Account for the loss (and reinject) before closing: the close reports back synchronously.
         subflowGone(id, reason: reason)
-        record.handler.writeAndClose(farewell)
+        if reset { record.handler.resetAndClose() } else { record.handler.writeAndClose(farewell) }
     }
 
     private func subflowGone(_ id: SubflowID, reason: String) {
@@ -504,8 +504,10 @@ final class SessionEngine: SubflowDelegate {
         }
     }
 
+    /// The replaced subflow is reset rather than closed: its FIN would reach the listener only after
+    /// everything queued on it, and until then the listener refuses the new JOIN at its limit.
     private func replace(_ id: SubflowID, reason: String) {
-        retire(id, reason: reason)
+        retire(id, reason: reason, reset: true)
         joinMissingPairs()
     }
 
@@ -846,9 +848,8 @@ extension SessionEngine {
 
     /// Test hook: make a subflow die as a network failure would, with a TCP reset.
     func killSubflow(_ raw: UInt32) {
-        guard let record = records[SubflowID(raw)], !record.closed, let channel = record.handler.channel else { return }
-        let reset = (channel as? any SocketOptionProvider)?.setSoLinger(linger(l_onoff: 1, l_linger: 0)) ?? loop.makeSucceededVoidFuture()
-        reset.whenComplete { _ in channel.close(promise: nil) }
+        guard let record = records[SubflowID(raw)], !record.closed else { return }
+        record.handler.resetAndClose()
     }
 }
 

@@ -1,3 +1,8 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
 import NBSProtocol
 import NIOCore
 
@@ -161,6 +166,14 @@ final class SubflowHandler: ChannelInboundHandler {
         } else {
             context.close(promise: nil)
         }
+    }
+
+    /// Abortive close: a TCP reset goes out at once, ahead of whatever is still queued, so the
+    /// peer learns of the close in one trip across the path rather than after the queue drains.
+    func resetAndClose() {
+        guard let channel = context?.channel else { return }
+        let lingerZero = (channel as? any SocketOptionProvider)?.setSoLinger(linger(l_onoff: 1, l_linger: 0)) ?? channel.eventLoop.makeSucceededVoidFuture()
+        lingerZero.whenComplete { _ in channel.close(promise: nil) }
     }
 
     /// Graceful end of a subflow: FIN after what is queued; the peer's FIN completes the close.
