@@ -145,41 +145,40 @@ public struct FrameDecoder: Sendable {
             expectation = .frames
         }
         while true {
-            guard buffer.readableBytes >= NBSWire.frameHeaderLength,
-                let rawType: UInt8 = buffer.getInteger(at: buffer.readerIndex),
-                let flags: UInt8 = buffer.getInteger(at: buffer.readerIndex + 1),
-                let length: UInt32 = buffer.getInteger(at: buffer.readerIndex + 2)
-            else { return nil }
-            let type = FrameType(rawValue: rawType)
-            let limit = type?.maxPayload ?? NBSWire.maxControlPayload
-            guard Int(length) <= limit else {
-                throw .frameTooLarge(type: rawType, length: Int(length), limit: limit)
-            }
-            guard buffer.readableBytes >= NBSWire.frameHeaderLength + Int(length) else { return nil }
-            guard let type else {
-                if flags & NBSWire.ignorableFlag != 0 {
-                    buffer.moveReaderIndex(forwardBy: NBSWire.frameHeaderLength + Int(length))
+            guard let header = try Self.header(in: buffer) else { return nil }
+            guard buffer.readableBytes >= NBSWire.frameHeaderLength + header.length else { return nil }
+            guard let type = FrameType(rawValue: header.rawType) else {
+                if header.flags & NBSWire.ignorableFlag != 0 {
+                    buffer.moveReaderIndex(forwardBy: NBSWire.frameHeaderLength + header.length)
                     continue
                 }
-                throw .unknownFrameType(rawType)
+                throw .unknownFrameType(header.rawType)
             }
             buffer.moveReaderIndex(forwardBy: NBSWire.frameHeaderLength)
-            var payload = buffer.readSlice(length: Int(length))!
-            return try Self.parse(type, flags: flags, payload: &payload)
+            var payload = buffer.readSlice(length: header.length)!
+            return try Self.parse(type, flags: header.flags, payload: &payload)
         }
+    }
+
+    /// The next frame's header, without consuming it; nil until all of it has arrived. A length over
+    /// the type's limit throws here, from the header alone.
+    private static func header(in buffer: ByteBuffer) throws(FrameDecodingError) -> (rawType: UInt8, flags: UInt8, length: Int)? {
+        guard buffer.readableBytes >= NBSWire.frameHeaderLength,
+            let rawType: UInt8 = buffer.getInteger(at: buffer.readerIndex),
+            let flags: UInt8 = buffer.getInteger(at: buffer.readerIndex + 1),
+            let length: UInt32 = buffer.getInteger(at: buffer.readerIndex + 2)
+        else { return nil }
+        let limit = FrameType(rawValue: rawType)?.maxPayload ?? NBSWire.maxControlPayload
+        guard Int(length) <= limit else { throw .frameTooLarge(type: rawType, length: Int(length), limit: limit) }
+        return (rawType, flags, Int(length))
     }
 
     /// How many more bytes `buffer` needs before `next` can return the next preamble or frame
     /// (0: it can now). A header that announces too long a frame throws, as `next` would.
     public func bytesMissing(in buffer: ByteBuffer) throws(FrameDecodingError) -> Int {
         if expectation == .preamble { return max(0, NBSWire.preambleLength - buffer.readableBytes) }
-        guard buffer.readableBytes >= NBSWire.frameHeaderLength,
-            let rawType: UInt8 = buffer.getInteger(at: buffer.readerIndex),
-            let length: UInt32 = buffer.getInteger(at: buffer.readerIndex + 2)
-        else { return NBSWire.frameHeaderLength - buffer.readableBytes }
-        let limit = FrameType(rawValue: rawType)?.maxPayload ?? NBSWire.maxControlPayload
-        guard Int(length) <= limit else { throw .frameTooLarge(type: rawType, length: Int(length), limit: limit) }
-        return max(0, NBSWire.frameHeaderLength + Int(length) - buffer.readableBytes)
+        guard let header = try Self.header(in: buffer) else { return NBSWire.frameHeaderLength - buffer.readableBytes }
+        return max(0, NBSWire.frameHeaderLength + header.length - buffer.readableBytes)
     }
 
     /// nil: not enough bytes yet. Throws when the bytes cannot be an NBS preamble, which is how a

@@ -36,11 +36,6 @@ public final class Listener: Sendable {
                 let channel = try await ServerBootstrap(group: loop)
                     .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
                     .serverChannelOption(.backlog, value: 256)
-                    .childChannelOption(.allowRemoteHalfClosure, value: true)
-                    .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
-                    .childChannelOption(.tcpOption(SubflowConnector.tcpNotSentLowat), value: SubflowConnector.notSentLowWatermark)
-                    .childChannelOption(.writeBufferWaterMark, value: SubflowConnector.writeWaterMark)
-                    .childChannelOption(.recvAllocator, value: SubflowConnector.receiveAllocator)
                     .childChannelInitializer { channel in
                         SubflowConnector.configure(channel).flatMapThrowing {
                             let handler = try channel.pipeline.syncOperations.handler(type: SubflowHandler.self)

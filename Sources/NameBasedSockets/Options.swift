@@ -160,6 +160,12 @@ extension SocketAddress {
         return v4
     }
 
+    /// Whether a subflow may run from this local address to `remote`: same family, and loopback
+    /// only with loopback.
+    func canPair(with remote: SocketAddress) -> Bool {
+        sameFamily(remote) && isLoopbackAddress == remote.isLoopbackAddress
+    }
+
     func withPort(_ port: Int) -> SocketAddress {
         (try? SocketAddress(ipAddress: hostString, port: port)) ?? self
     }

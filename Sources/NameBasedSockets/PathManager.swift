@@ -25,7 +25,7 @@ enum PathPlanner {
                       policy: MultipathPolicy, hasRegularSubflow: Bool) -> [Join] {
         var candidates: [(local: SocketAddress, remote: SocketAddress, prefix: Int, order: Int)] = []
         for remote in peers {
-            for local in locals where local.sameFamily(remote) && local.isLoopbackAddress == remote.isLoopbackAddress {
+            for local in locals where local.canPair(with: remote) {
                 guard !inUse.contains(Pair(local: local.hostString, remote: remote.hostString)) else { continue }
                 candidates.append((local, remote, commonPrefixLength(local, remote), candidates.count))
             }
@@ -66,7 +66,7 @@ enum PathPlanner {
         guard live.count >= maxSubflows else { return nil }
         let used = Dictionary(grouping: live, by: { $0.local.hostString })
         guard let uncovered = locals.first(where: { local in
-            used[local.hostString] == nil && peers.contains { local.sameFamily($0) && local.isLoopbackAddress == $0.isLoopbackAddress }
+            used[local.hostString] == nil && peers.contains { local.canPair(with: $0) }
         }) else { return nil }
         let doubled = live.filter { (used[$0.local.hostString]?.count ?? 0) >= 2 }
         guard let victim = doubled.min(by: { commonPrefixLength($0.local, $0.remote) < commonPrefixLength($1.local, $1.remote) }) else { return nil }

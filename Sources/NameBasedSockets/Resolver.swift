@@ -121,6 +121,6 @@ struct LocalAddressBook: Sendable {
 
     /// Loopback addresses are usable only towards a loopback peer, and vice versa.
     func usable(towards remote: SocketAddress) -> [SocketAddress] {
-        entries.map(\.address).filter { $0.sameFamily(remote) && $0.isLoopbackAddress == remote.isLoopbackAddress }
+        entries.map(\.address).filter { $0.canPair(with: remote) }
     }
 }

@@ -873,13 +873,6 @@ struct TCPProgress {
         bytesPerSecond = Double(info.tcpi_snd_cwnd) * Double(info.tcpi_snd_mss) / rtt
     }
 
-    init(inFlight: Bool, silentMs: Int64, rttMs: Int64, timeoutRetransmissions: Int, bytesPerSecond: Double = 0) {
-        self.inFlight = inFlight
-        self.silentMs = silentMs
-        self.rttMs = rttMs
-        self.timeoutRetransmissions = timeoutRetransmissions
-        self.bytesPerSecond = bytesPerSecond
-    }
 }
 
 extension TimeAmount {

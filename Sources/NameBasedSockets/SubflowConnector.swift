@@ -14,8 +14,15 @@ enum SubflowConnector {
     /// Large reads: fewer system calls and fewer read batches (each may trigger a DATA_ACK).
     static let receiveAllocator = AdaptiveRecvByteBufferAllocator(minimum: 64 * 1024, initial: 256 * 1024, maximum: 1024 * 1024)
 
+    /// Options and handlers of every subflow, opened or accepted.
     static func configure(_ channel: any Channel) -> EventLoopFuture<Void> {
         channel.eventLoop.makeCompletedFuture {
+            let options = channel.syncOptions!
+            try options.setOption(.allowRemoteHalfClosure, value: true)
+            try options.setOption(.tcpOption(.tcp_nodelay), value: 1)
+            try options.setOption(.tcpOption(tcpNotSentLowat), value: notSentLowWatermark)
+            try options.setOption(.writeBufferWaterMark, value: writeWaterMark)
+            try options.setOption(.recvAllocator, value: receiveAllocator)
             let sync = channel.pipeline.syncOperations
             try sync.addHandler(FrameReader())
             try sync.addHandler(SubflowHandler())
@@ -25,11 +32,6 @@ enum SubflowConnector {
     static func connect(on loop: any EventLoop, from local: SocketAddress, to remote: SocketAddress, options: NBSOptions) -> EventLoopFuture<any Channel> {
         ClientBootstrap(group: loop)
             .connectTimeout(options.connectTimeout)
-            .channelOption(.allowRemoteHalfClosure, value: true)
-            .channelOption(.tcpOption(.tcp_nodelay), value: 1)
-            .channelOption(.tcpOption(tcpNotSentLowat), value: notSentLowWatermark)
-            .channelOption(.writeBufferWaterMark, value: writeWaterMark)
-            .channelOption(.recvAllocator, value: receiveAllocator)
             .channelInitializer { configure($0) }
             .bind(to: local)
             .connect(to: remote)
