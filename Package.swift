@@ -53,8 +53,12 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             ]
         ),
+        // The CLI's parsing, rendering and reports, and the binary itself on loopback.
+        .testTarget(name: "NBSMobilityTests", dependencies: ["nbs-mobility", "NameBasedSockets"]),
         // Benchmarks print figures (BENCHMARKS.md); they are not part of the test suite's verdict.
         .executableTarget(
             name: "nbs-bench",

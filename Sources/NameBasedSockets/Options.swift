@@ -128,8 +128,15 @@ public enum SessionEvent: Sendable, Equatable {
     case subflowStalled(SubflowInfo, silentMilliseconds: Int)
     /// Data of a lost subflow queued for sending again on the others.
     case reinjected(bytes: Int, from: UInt32)
+    /// The peer announced (ADD_ADDR) or withdrew (REMOVE_ADDR) an address.
     case addressAnnounced(SocketAddress)
     case addressRemoved(SocketAddress)
+    /// A new usable local address (netlink), announced to the peer and joined from.
+    case localAddressAdded(SocketAddress, interface: String)
+    /// A local address this session used or announced went away.
+    case localAddressRemoved(SocketAddress)
+    /// A local interface carrying subflows of this session went down or away.
+    case interfaceDown(String)
     /// While waiting, the peer's name was resolved again and gave addresses not known before.
     case peerResolved(name: String, addresses: [SocketAddress])
     case waiting

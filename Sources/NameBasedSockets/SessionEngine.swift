@@ -359,6 +359,7 @@ final class SessionEngine: SubflowDelegate {
                     addressBook.add(socketAddress, interface: address.interfaceName)
                 else { continue }
                 logger.info("new local address \(ip) on \(address.interfaceName)")
+                eventContinuation.yield(.localAddressAdded(socketAddress, interface: address.interfaceName))
                 announce(socketAddress)
                 added = true
             } else {
@@ -374,8 +375,15 @@ final class SessionEngine: SubflowDelegate {
 
     private func retireAffected(by event: InterfaceEvent) {
         let affected = PathPlanner.affected(by: event, subflows: liveSubflowSummary)
+        switch event {
+        case .interfaceDown(let interface), .interfaceRemoved(let interface):
+            if !affected.ids.isEmpty { eventContinuation.yield(.interfaceDown(interface.name)) }
+        default:
+            break
+        }
         for id in affected.ids { retire(SubflowID(id), reason: affected.reason) }
         if let removed = affected.removedAddress, addressBook.remove(removed) || !affected.ids.isEmpty {
+            if let address = try? SocketAddress(ipAddress: removed, port: 0) { eventContinuation.yield(.localAddressRemoved(address)) }
             withdraw(removed)
         }
     }

@@ -15,6 +15,8 @@ struct NBSMobility: AsyncParsableCommand {
             handler.logLevel = level
             return handler
         }
+        // A reader that goes away (`| head`) must end this process with an error, not a signal.
+        signal(SIGPIPE, SIG_IGN)
         do {
             var command = try parseAsRoot()
             if var asyncCommand = command as? AsyncParsableCommand {
@@ -30,7 +32,7 @@ struct NBSMobility: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "nbs-mobility",
         abstract: "Name Based Sockets: multipath, mobile sessions opened by name.",
-        subcommands: [Serve.self, Connect.self, Monitor.self]
+        subcommands: [Serve.self, Connect.self, Cat.self, Status.self, Monitor.self]
     )
 }
 
@@ -63,9 +65,10 @@ struct CommonOptions: ParsableArguments {
 extension MultipathPolicy: ExpressibleByArgument {}
 
 struct Serve: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Accept sessions for --name and sink or echo their bytes.")
+    static let configuration = CommandConfiguration(abstract: "Accept sessions for --name and sink or echo their bytes, showing them live.")
 
     @OptionGroup var common: CommonOptions
+    @OptionGroup var display: ViewOptions
     @Option(name: .long, help: "TCP port to listen on.") var port: Int
     @Flag(name: .long, help: "Read and discard, reporting the checksum.") var sink = false
     @Flag(name: .long, help: "Send every byte back.") var echo = false
@@ -80,34 +83,43 @@ struct Serve: AsyncParsableCommand {
         let listener: Listener
         do {
             listener = try await NBS.listen(localName: common.name, port: port, options: try common.options())
-        } catch {
-            throw CLIError("cannot listen on port \(port): \(error)", hint: "is another process using the port?")
+        } catch let error as NBSError {
+            throw CLIError.fromListen(error, port: port)
         }
+        let console = await Console.start(command: "serve", localName: common.name, port: listener.port,
+                                          view: common.json ? .off : display.view, control: !display.noControl)
         if !common.json {
-            print("listening as \(common.name) on port \(listener.port) (\(listener.boundAddresses.map(\.description).joined(separator: ", ")))")
+            console.view.printPermanent("listening as \(common.name) on port \(listener.port) (\(listener.boundAddresses.map(\.description).joined(separator: ", ")))")
         }
         if once {
-            let session = try await listener.accept()
-            let report = await serveSession(session)
+            let report: TransferReport
+            do {
+                report = await serveSession(try await listener.accept(), console: console)
+            } catch {
+                await console.stop()
+                throw error
+            }
             await listener.close()
+            await console.stop()
             if !report.completed { throw ExitCode(1) }
             return
         }
         try await withThrowingTaskGroup(of: Void.self) { group in
             while true {
                 let session = try await listener.accept()
-                group.addTask { _ = await serveSession(session) }
+                group.addTask { _ = await serveSession(session, console: console) }
             }
         }
     }
 
-    private func serveSession(_ session: Session) async -> TransferReport {
-        let recorder = EventRecorder(session: session)
+    private func serveSession(_ session: Session, console: Console) async -> TransferReport {
+        let tracked = console.registry.track(session, role: "server")
         var report = TransferReport(role: "server", session: session)
         var receiver = ReceiveMeter()
         do {
             while let chunk = try await session.read() {
                 receiver.record(chunk)
+                tracked.addProgress(chunk.readableBytes)
                 if echo { try await session.write(chunk) }
             }
             try await session.close()
@@ -117,8 +129,9 @@ struct Serve: AsyncParsableCommand {
             await session.abort(reason: "\(error)")
         }
         report.fill(receiver: receiver)
-        await report.finish(session: session, recorder: recorder)
-        report.print(json: common.json)
+        await report.finish(tracked)
+        console.registry.forget(tracked)
+        console.view.printPermanent(report.text(json: common.json))
         return report
     }
 }
@@ -127,6 +140,7 @@ struct Connect: AsyncParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Open a session to PEER_NAME:PORT and send deterministic pseudo-random data.")
 
     @OptionGroup var common: CommonOptions
+    @OptionGroup var display: ViewOptions
     @Argument(help: "The peer, as NAME:PORT.") var peer: String
     @Option(name: .long, help: "Bytes to send (suffixes K, M, G: powers of 1024).") var bytes: String?
     @Option(name: .long, help: "Send for this many seconds.") var duration: Double?
@@ -136,31 +150,24 @@ struct Connect: AsyncParsableCommand {
         guard (bytes == nil) != (duration == nil) else { throw ValidationError("give exactly one of --bytes or --duration") }
         if let bytes, parseByteCount(bytes) == nil { throw ValidationError("--bytes \(bytes) is not a byte count") }
         if let duration, !(duration > 0) { throw ValidationError("--duration must be positive") }
-        _ = try peerParts()
-    }
-
-    func peerParts() throws -> (String, Int) {
-        guard let colon = peer.lastIndex(of: ":"), let port = Int(peer[peer.index(after: colon)...]), (1...65535).contains(port) else {
-            throw ValidationError("PEER must be NAME:PORT, got '\(peer)'")
-        }
-        var host = String(peer[..<colon])
-        if host.hasPrefix("["), host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
-        return (host, port)
+        _ = try parsePeer(peer)
     }
 
     func run() async throws {
-        let (peerName, port) = try peerParts()
+        let (peerName, port) = try parsePeer(peer)
         let session: Session
         do {
             session = try await NBS.open(localName: common.name, peerName: peerName, port: port, options: try common.options(policy: policy))
         } catch let error as NBSError {
             throw CLIError.from(error, peer: peer)
         }
-        let recorder = EventRecorder(session: session)
+        let limit = bytes.flatMap(parseByteCount)
+        let console = await Console.start(command: "connect", localName: common.name, port: nil,
+                                          view: common.json ? .off : display.view, control: !display.noControl)
+        let tracked = console.registry.track(session, role: "client", expectedBytes: limit)
         var report = TransferReport(role: "client", session: session)
         var generator = PatternGenerator()
         var sender = SHA256()
-        let limit = bytes.flatMap(parseByteCount)
         let deadline = duration.map { ContinuousClock.now + .milliseconds(Int($0 * 1000)) }
         // Anything the peer sends back (an echo server) is read and checksummed too.
         let reader = Task { () -> (bytes: Int, digest: String) in
@@ -178,6 +185,7 @@ struct Connect: AsyncParsableCommand {
                 chunk.withUnsafeReadableBytes { sender.update(bufferPointer: $0) }
                 try await session.write(chunk)
                 sent += size
+                tracked.addProgress(size)
             }
             report.bytes = sent
             report.sha256 = hex(sender.finalize())
@@ -195,10 +203,22 @@ struct Connect: AsyncParsableCommand {
             await session.abort(reason: "\(error)")
         }
         report.seconds = report.elapsed
-        await report.finish(session: session, recorder: recorder)
-        report.print(json: common.json)
+        await report.finish(tracked)
+        await console.stop()
+        print(report.text(json: common.json))
         if !report.completed { throw ExitCode(1) }
     }
+}
+
+/// NAME:PORT, [IPv6]:PORT.
+func parsePeer(_ peer: String) throws -> (name: String, port: Int) {
+    guard let colon = peer.lastIndex(of: ":"), let port = Int(peer[peer.index(after: colon)...]), (1...65535).contains(port) else {
+        throw ValidationError("PEER must be NAME:PORT with a port in 1...65535, got '\(peer)'")
+    }
+    var host = String(peer[..<colon])
+    if host.hasPrefix("["), host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+    guard !host.isEmpty else { throw ValidationError("PEER must be NAME:PORT, got '\(peer)': the name is empty") }
+    return (host, port)
 }
 
 /// "16M", "64MiB", "1048576", "1G".

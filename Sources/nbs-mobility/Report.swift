@@ -37,35 +37,19 @@ struct ReceiveMeter {
     var digest: String { hex(hash.finalize()) }
 }
 
-/// Collects session events with timestamps for the JSON report.
-final class EventRecorder: Sendable {
-    private let task: Task<[(Double, String)], Never>
-
-    init(session: Session) {
-        let start = ContinuousClock.now
-        task = Task {
-            var seen: [(Double, String)] = []
-            for await event in session.events {
-                let t = (ContinuousClock.now - start).seconds
-                seen.append((t, describe(event)))
-            }
-            return seen
-        }
-    }
-
-    var events: [(Double, String)] { get async { await task.value } }
-}
-
 func describe(_ event: SessionEvent) -> String {
     switch event {
-    case .subflowUp(let s): "subflow \(s.id) up \(s.local.ipAddress ?? "?") -> \(s.remote.ipAddress ?? "?")"
+    case .subflowUp(let s): "subflow \(s.id) up \(s.local.ipAddress ?? "?") -> \(s.remote.ipAddress ?? "?")\(s.interface.map { " on \($0)" } ?? "")"
     case .subflowDown(let s, let reason): "subflow \(s.id) down \(s.local.ipAddress ?? "?") -> \(s.remote.ipAddress ?? "?"): \(reason)"
-    case .subflowStalled(let s, let ms): "subflow \(s.id) stalled (no TCP ack for \(ms) ms) \(s.local.ipAddress ?? "?") -> \(s.remote.ipAddress ?? "?")"
+    case .subflowStalled(let s, let ms): "subflow \(s.id) stalled (no TCP ack for \(ms) ms) \(s.local.ipAddress ?? "?") -> \(s.remote.ipAddress ?? "?"): probing"
     case .reinjected(let bytes, let from): "reinjected \(bytes) bytes from subflow \(from)"
     case .addressAnnounced(let a): "peer announced \(a.ipAddress ?? "?")"
     case .addressRemoved(let a): "peer removed \(a.ipAddress ?? "?")"
+    case .localAddressAdded(let a, let interface): "address \(a.ipAddress ?? "?") added on \(interface)"
+    case .localAddressRemoved(let a): "address \(a.ipAddress ?? "?") removed"
+    case .interfaceDown(let name): "link \(name) down"
     case .peerResolved(let name, let addresses): "re-resolved \(name) -> \(addresses.compactMap(\.ipAddress).joined(separator: ", "))"
-    case .waiting: "waiting: no path"
+    case .waiting: "waiting: no path left"
     case .resumed: "resumed"
     case .closed: "closed"
     case .failed(let e): "failed: \(e)"
@@ -95,6 +79,9 @@ struct TransferReport {
     var events: [(Double, String)] = []
     var echoBytes: Int?
     var echoSHA256: String?
+    /// `cat`: what this side sent, next to what it received (`bytes`, `sha256`).
+    var sentBytes: Int?
+    var sentSHA256: String?
     var completed = false
     var error: String?
 
@@ -120,17 +107,18 @@ struct TransferReport {
         }
     }
 
-    mutating func finish(session: Session, recorder: EventRecorder) async {
-        subflows = await session.subflows
-        let stats = await session.statistics
+    mutating func finish(_ tracked: TrackedSession) async {
+        subflows = await tracked.session.subflows
+        let stats = await tracked.session.statistics
         subflowsMax = stats.maxConcurrentSubflows
         reinjected = stats.reinjectedBytes
-        events = await recorder.events
+        events = await tracked.allEvents.map { ($0.t, describe($0.event)) }
+        tracked.markFinished(completed ? "completed" : "FAILED")
     }
 
     var goodputMbps: Double { seconds > 0 ? Double(bytes) * 8 / seconds / 1e6 : 0 }
 
-    func print(json: Bool) {
+    func text(json: Bool) -> String {
         if json {
             var object: [String: Any] = [
                 "role": role, "local_name": localName, "peer_name": peerName, "peer_verification": verification,
@@ -149,16 +137,20 @@ struct TransferReport {
             ]
             if let echoBytes { object["echo_bytes"] = echoBytes }
             if let echoSHA256 { object["echo_sha256"] = echoSHA256 }
+            if let sentBytes { object["sent_bytes"] = sentBytes }
+            if let sentSHA256 { object["sent_sha256"] = sentSHA256 }
             if let error { object["error"] = error }
             let data = try! JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])
-            Swift.print(String(decoding: data, as: UTF8.self))
-        } else {
-            Swift.print("\(role) \(localName) <-> \(peerName) [\(verification)]: \(completed ? "completed" : "FAILED: \(error ?? "?")")")
-            Swift.print(String(format: "  %d bytes in %.3f s = %.2f Mbit/s, max stall %.1f ms, sha256 %@", bytes, seconds, goodputMbps, maxStallMs, sha256))
-            for s in subflows {
-                Swift.print("  subflow \(s.id) \(s.local.ipAddress ?? "?") -> \(s.remote.ipAddress ?? "?") \(s.state.rawValue) sent \(s.bytesSent) received \(s.bytesReceived) reinjected \(s.reinjectedBytes) rtt \(s.rttMilliseconds.map { String(format: "%.2f ms", $0) } ?? "-")")
-            }
+            return String(decoding: data, as: UTF8.self)
         }
+        var lines = ["\(role) \(localName) <-> \(peerName) [\(verification)]: \(completed ? "completed" : "FAILED: \(error ?? "?")")"]
+        lines.append(String(format: "  %d bytes in %.3f s = %.2f Mbit/s, max stall %.1f ms, sha256 %@", bytes, seconds, goodputMbps, maxStallMs, sha256))
+        if let sentBytes { lines.append("  sent \(sentBytes) bytes, sha256 \(sentSHA256 ?? "?")") }
+        if reinjected > 0 { lines.append("  reinjected \(reinjected) bytes, at most \(subflowsMax) subflows at once") }
+        for s in subflows {
+            lines.append("  subflow \(s.id) \(s.local.ipAddress ?? "?") -> \(s.remote.ipAddress ?? "?") \(s.interface ?? "-") \(displayState(s.state)) sent \(s.bytesSent) received \(s.bytesReceived) reinjected \(s.reinjectedBytes) rtt \(s.rttMilliseconds.map { String(format: "%.2f ms", $0) } ?? "-")\(s.closeReason.map { " (\($0))" } ?? "")")
+        }
+        return lines.joined(separator: "\n")
     }
 }
 
@@ -174,6 +166,18 @@ struct CLIError: Error, CustomStringConvertible {
     }
     var description: String { hint.map { "\(message)\n  hint: \($0)" } ?? message }
 
+    static func fromListen(_ error: NBSError, port: Int) -> CLIError {
+        let text = "\(error)"
+        if text.contains("in use") {
+            return CLIError(text, hint: "another process listens on port \(port) (see `ss -ltnp 'sport = :\(port)'`); pick another --port")
+        }
+        if text.lowercased().contains("permission") {
+            return CLIError(text, hint: "ports below 1024 need root or CAP_NET_BIND_SERVICE; pick a --port above 1023")
+        }
+        if case .invalidName = error { return CLIError(text, hint: "a name is up to 255 bytes, without spaces or '/'") }
+        return CLIError(text)
+    }
+
     static func from(_ error: NBSError, peer: String) -> CLIError {
         switch error {
         case .nameResolutionFailed:
@@ -183,7 +187,9 @@ struct CLIError: Error, CustomStringConvertible {
         case .noUsableAddressPairs:
             CLIError("\(error)", hint: "this host has no address of the same family (IPv4/IPv6) as the peer; see `ip addr`")
         case .connectFailed:
-            CLIError("\(error)", hint: "is `nbs-mobility serve` running there, and is the port right?")
+            CLIError("\(error)", hint: "is `nbs-mobility serve` (or `cat --listen`) running there, and is the port right?")
+        case .invalidName:
+            CLIError("\(error)", hint: "a name is up to 255 bytes, without spaces or '/'")
         default:
             CLIError("\(error)")
         }

@@ -1,0 +1,80 @@
+import ArgumentParser
+import Dispatch
+import Foundation
+import Synchronization
+
+struct ViewOptions: ParsableArguments {
+    @Option(name: .long, help: "auto (live on a terminal, plain lines otherwise), live, lines or off. --json turns it off.")
+    var view: ViewMode = .auto
+
+    @Flag(name: .long, help: "Open no control socket (then `nbs-mobility status` does not see this process).")
+    var noControl = false
+}
+
+/// What one `serve`, `connect` or `cat` run shows and answers while it runs: the sampler, the live
+/// view and the control socket for `status`.
+final class Console: Sendable {
+    let registry: SessionRegistry
+    let view: LiveView
+    private let sampler: Task<Void, Never>
+    private let drawing: Task<Void, Never>
+    private let control: ControlServer?
+
+    private init(registry: SessionRegistry, view: LiveView, control: ControlServer?) {
+        self.registry = registry
+        self.view = view
+        self.control = control
+        sampler = Task { await registry.sample() }
+        drawing = Task { await view.run() }
+    }
+
+    static func start(command: String, localName: String, port: Int?, view mode: ViewMode, output: Int32 = STDOUT_FILENO, control wanted: Bool) async -> Console {
+        let registry = SessionRegistry(command: command, localName: localName, port: port)
+        var control: ControlServer?
+        if wanted {
+            do {
+                control = try await ControlServer.start(path: try ControlDirectory.socketPath(), registry: registry)
+            } catch {
+                // `status` is a convenience: the transfer goes on without it.
+                FileHandle.standardError.write(Data("nbs-mobility: no control socket, `status` will not see this process: \(error)\n".utf8))
+            }
+        }
+        let console = Console(registry: registry, view: LiveView(mode: mode.resolved(isTerminal: Terminal.isTerminal(output)), registry: registry, output: output), control: control)
+        Interruption.install(cleanup: control?.path)
+        return console
+    }
+
+    /// The final frame (the cursor visible again) and the control socket removed.
+    func stop() async {
+        sampler.cancel()
+        drawing.cancel()
+        await drawing.value
+        view.finish()
+        await control?.close()
+        Interruption.install(cleanup: nil)
+    }
+}
+
+/// Ctrl-C or SIGTERM during a live view must not leave the terminal without a cursor, nor a
+/// control socket behind.
+enum Interruption {
+    private static let state = Mutex<(sources: [any DispatchSourceSignal], socket: String?)>(([], nil))
+
+    static func install(cleanup socket: String?) {
+        state.withLock { s in
+            s.socket = socket
+            guard s.sources.isEmpty else { return }
+            for signalNumber in [SIGINT, SIGTERM] {
+                signal(signalNumber, SIG_IGN)
+                let source = DispatchSource.makeSignalSource(signal: signalNumber, queue: .global())
+                source.setEventHandler {
+                    Terminal.restoreCursor()
+                    if let socket = state.withLock({ $0.socket }) { unlink(socket) }
+                    exit(128 + signalNumber)
+                }
+                source.resume()
+                s.sources.append(source)
+            }
+        }
+    }
+}
