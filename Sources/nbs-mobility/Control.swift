@@ -30,8 +30,7 @@ enum ControlDirectory {
     static func socketPath(pid: Int32 = getpid()) throws -> String { "\(try prepare())/\(pid).sock" }
 
     /// The control sockets present, each with the pid its name carries.
-    static func sockets() -> [(pid: Int32, path: String)] {
-        let dir = path
+    static func sockets(in dir: String = path) -> [(pid: Int32, path: String)] {
         guard let names = try? FileManager.default.contentsOfDirectory(atPath: dir) else { return [] }
         return names.compactMap { name in
             guard name.hasSuffix(".sock"), let pid = Int32(name.dropLast(5)) else { return nil }
