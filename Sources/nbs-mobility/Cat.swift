@@ -64,7 +64,7 @@ struct Cat: AsyncParsableCommand {
         }
         let console = await Console.start(command: "cat", localName: common.name, port: listener?.port, view: verbose ? .lines : .off,
                                           output: STDERR_FILENO, control: !noControl)
-        let tracked = console.registry.track(session, role: listen ? "server" : "client")
+        let tracked = console.registry.track(session, role: listen ? "server" : "client", progress: .received)
         var report = TransferReport(role: listen ? "server" : "client", session: session)
         // Not an `async let`: its implicit await at scope exit would hang on a terminal's stdin
         // after the session failed.

@@ -1,6 +1,8 @@
 import ArgumentParser
 import Dispatch
 import Foundation
+import Logging
+import NIOConcurrencyHelpers
 import Synchronization
 
 struct ViewOptions: ParsableArguments {
@@ -41,6 +43,7 @@ final class Console: Sendable {
         }
         let console = Console(registry: registry, view: LiveView(mode: mode.resolved(isTerminal: Terminal.isTerminal(output)), registry: registry, output: output), control: control)
         Interruption.install(cleanup: control?.path)
+        if console.view.mode == .live { ViewAwareLogHandler.route(to: console.view) }
         return console
     }
 
@@ -49,6 +52,9 @@ final class Console: Sendable {
         sampler.cancel()
         drawing.cancel()
         await drawing.value
+        // The final frame shows the final counters, not those of up to one period ago.
+        for tracked in registry.sessions { await tracked.refresh() }
+        ViewAwareLogHandler.route(to: nil)
         view.finish()
         await control?.close()
         Interruption.install(cleanup: nil)
@@ -75,6 +81,46 @@ enum Interruption {
                 source.resume()
                 s.sources.append(source)
             }
+        }
+    }
+}
+
+/// Library logs go to stderr, except while a live table is drawn on the terminal: a line written
+/// into the middle of the redraw would shift it and leave stale rows behind, so they are printed
+/// above the table instead.
+struct ViewAwareLogHandler: LogHandler {
+    private static let liveView = NIOLockedValueBox<LiveView?>(nil)
+    private var stream: StreamLogHandler
+    private let label: String
+
+    init(label: String, level: Logger.Level) {
+        self.label = label
+        stream = StreamLogHandler.standardError(label: label)
+        stream.logLevel = level
+    }
+
+    static func route(to view: LiveView?) { liveView.withLockedValue { $0 = view } }
+
+    var logLevel: Logger.Level {
+        get { stream.logLevel }
+        set { stream.logLevel = newValue }
+    }
+
+    var metadata: Logger.Metadata {
+        get { stream.metadata }
+        set { stream.metadata = newValue }
+    }
+
+    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { stream[metadataKey: key] }
+        set { stream[metadataKey: key] = newValue }
+    }
+
+    func log(event: LogEvent) {
+        if let view = Self.liveView.withLockedValue({ $0 }) {
+            view.printPermanent("\(event.level) \(label): \(event.message)")
+        } else {
+            stream.log(event: event)
         }
     }
 }

@@ -43,7 +43,7 @@ enum LiveViewRenderer {
         if let expected = session.expectedBytes, expected > 0 {
             totals = progressBar(done: session.bytesDone, of: expected, width: barWidth) + "  "
         } else {
-            totals = "\(byteCount(session.bytesDone)) \(session.role == "server" ? "received" : "sent")  "
+            totals = "\(byteCount(session.bytesDone)) \(session.progress)  "
         }
         totals += String(format: "send %.2f Mbit/s  recv %.2f Mbit/s", session.sendMbps, session.recvMbps)
         if session.reinjectedBytes > 0 { totals += "  reinjected \(byteCount(session.reinjectedBytes))" }
@@ -147,14 +147,14 @@ final class LiveView: Sendable {
         }
     }
 
-    /// Prints lines that stay (a session's final report) above the live table.
+    /// Prints lines that stay (a session's final report, a log line) above the live table, at the
+    /// next frame: callers may be on an event loop, which must not wait for a terminal.
     func printPermanent(_ text: String) {
         guard mode == .live else {
             Terminal.write(text + "\n", to: output)
             return
         }
         state.withLockedValue { $0.pendingLines.append(contentsOf: text.split(separator: "\n", omittingEmptySubsequences: false).map(String.init)) }
-        draw()
     }
 
     /// The final frame, leaving the cursor visible below it.
@@ -219,9 +219,9 @@ final class LiveView: Sendable {
             case .auto, .off:
                 break
             }
+            // Under the lock: a frame written out of order would break the next one's cursor arithmetic.
+            if !output.isEmpty { Terminal.write(output, to: self.output) }
         }
-        guard !output.isEmpty else { return }
-        Terminal.write(output, to: self.output)
     }
 
 }

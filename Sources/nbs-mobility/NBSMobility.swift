@@ -10,11 +10,7 @@ struct NBSMobility: AsyncParsableCommand {
     /// Library logs go to stderr at NBS_LOG_LEVEL (trace, debug, info, notice, warning, error; default info).
     static func main() async {
         let level = ProcessInfo.processInfo.environment["NBS_LOG_LEVEL"].flatMap(Logger.Level.init(rawValue:)) ?? .info
-        LoggingSystem.bootstrap { label in
-            var handler = StreamLogHandler.standardError(label: label)
-            handler.logLevel = level
-            return handler
-        }
+        LoggingSystem.bootstrap { ViewAwareLogHandler(label: $0, level: level) }
         // A reader that goes away (`| head`) must end this process with an error, not a signal.
         signal(SIGPIPE, SIG_IGN)
         do {
@@ -113,7 +109,7 @@ struct Serve: AsyncParsableCommand {
     }
 
     private func serveSession(_ session: Session, console: Console) async -> TransferReport {
-        let tracked = console.registry.track(session, role: "server")
+        let tracked = console.registry.track(session, role: "server", progress: .received)
         var report = TransferReport(role: "server", session: session)
         var receiver = ReceiveMeter()
         do {
@@ -164,7 +160,7 @@ struct Connect: AsyncParsableCommand {
         let limit = bytes.flatMap(parseByteCount)
         let console = await Console.start(command: "connect", localName: common.name, port: nil,
                                           view: common.json ? .off : display.view, control: !display.noControl)
-        let tracked = console.registry.track(session, role: "client", expectedBytes: limit)
+        let tracked = console.registry.track(session, role: "client", progress: .sent, expectedBytes: limit)
         var report = TransferReport(role: "client", session: session)
         var generator = PatternGenerator()
         var sender = SHA256()

@@ -55,6 +55,7 @@ final class TrackedSession: Sendable {
     let started = ContinuousClock.now
     /// Bytes the transfer means to move, when known (`connect --bytes`): the progress bar's end.
     let expectedBytes: Int?
+    let progressKind: ProgressKind
     private let progress = Atomic<Int>(0)
     private let state = NIOLockedValueBox(State())
     private let eventTask: Task<Void, Never>
@@ -69,10 +70,18 @@ final class TrackedSession: Sendable {
         var finished: String?
     }
 
-    init(id: Int, session: Session, role: String, expectedBytes: Int? = nil) {
+    /// What the progress counts: a sender's bytes count once the peer acknowledged them (written
+    /// but unacknowledged bytes sit in the send buffer), a receiver's once the application read them.
+    enum ProgressKind: String, Sendable {
+        case sent
+        case received
+    }
+
+    init(id: Int, session: Session, role: String, progress kind: ProgressKind, expectedBytes: Int? = nil) {
         self.id = id
         self.session = session
         self.role = role
+        self.progressKind = kind
         self.expectedBytes = expectedBytes
         let start = started
         let state = self.state
@@ -86,9 +95,15 @@ final class TrackedSession: Sendable {
         }
     }
 
-    /// The application's bytes moved so far (sent by a client, received by a server).
-    var bytesDone: Int { progress.load(ordering: .relaxed) }
+    /// Bytes the application wrote (`.sent`) or read (`.received`) so far.
     func addProgress(_ bytes: Int) { progress.add(bytes, ordering: .relaxed) }
+
+    /// The progress as the view shows it, per `progressKind`.
+    func bytesDone(_ sample: SessionSample?) -> Int {
+        let counted = progress.load(ordering: .relaxed)
+        guard progressKind == .sent else { return counted }
+        return max(0, counted - (sample?.statistics.unacknowledgedBytes ?? 0))
+    }
 
     var sample: SessionSample? { state.withLockedValue { $0.sample } }
     /// Set once the session is over: "completed" or the error.
@@ -135,9 +150,9 @@ final class SessionRegistry: Sendable {
         self.port = port
     }
 
-    func track(_ session: Session, role: String, expectedBytes: Int? = nil) -> TrackedSession {
+    func track(_ session: Session, role: String, progress: TrackedSession.ProgressKind, expectedBytes: Int? = nil) -> TrackedSession {
         state.withLockedValue { s in
-            let tracked = TrackedSession(id: s.next, session: session, role: role, expectedBytes: expectedBytes)
+            let tracked = TrackedSession(id: s.next, session: session, role: role, progress: progress, expectedBytes: expectedBytes)
             s.sessions[s.next] = tracked
             s.next += 1
             return tracked
@@ -203,7 +218,9 @@ struct SessionStatus: Codable, Sendable {
     var peerVerification: String
     var elapsedS: Double
     var expectedBytes: Int?
+    /// Acknowledged by the peer (`progress` "sent") or read (`progress` "received").
     var bytesDone: Int
+    var progress: String
     var finished: String?
     var sendMbps: Double
     var recvMbps: Double
@@ -226,7 +243,7 @@ extension TrackedSession {
         let sample = self.sample
         return SessionStatus(id: id, role: role, localName: session.localName, peerName: session.peerName, port: session.port,
                              peerVerification: session.peerVerification.rawValue, elapsedS: round3((now - started).seconds),
-                             expectedBytes: expectedBytes, bytesDone: bytesDone, finished: finished,
+                             expectedBytes: expectedBytes, bytesDone: bytesDone(sample), progress: progressKind.rawValue, finished: finished,
                              sendMbps: round3(sample?.sendMbps ?? 0), recvMbps: round3(sample?.receiveMbps ?? 0),
                              reinjectedBytes: sample?.statistics.reinjectedBytes ?? 0, subflows: (sample?.subflows ?? []).map(SubflowStatus.init))
     }

@@ -13,7 +13,7 @@ func subflowInfo(_ id: UInt32, _ local: String, _ remote: String, state: Subflow
 
 func sessionStatus(_ subflows: [SubflowStatus], expected: Int? = 32 << 20, done: Int = 12 << 20) -> SessionStatus {
     SessionStatus(id: 1, role: "client", localName: "client.nbs.test", peerName: "server.nbs.test", port: 7000,
-                  peerVerification: "claimed", elapsedS: 3.25, expectedBytes: expected, bytesDone: done, finished: nil,
+                  peerVerification: "claimed", elapsedS: 3.25, expectedBytes: expected, bytesDone: done, progress: "sent", finished: nil,
                   sendMbps: subflows.reduce(0) { $0 + $1.sendMbps }, recvMbps: 0, reinjectedBytes: 262_144, subflows: subflows)
 }
 
