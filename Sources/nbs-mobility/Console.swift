@@ -6,28 +6,38 @@ import NIOConcurrencyHelpers
 import Synchronization
 
 struct ViewOptions: ParsableArguments {
-    @Option(name: .long, help: "auto (live on a terminal, plain lines otherwise), live, lines or off. --json turns it off.")
+    @Option(name: .long, help: "auto (live on a terminal, plain lines otherwise), live, lines or off. With --json, off unless given.")
     var view: ViewMode = .auto
 
     @Flag(name: .long, help: "Open no control socket (then `nbs-mobility status` does not see this process).")
     var noControl = false
+
+    /// Scripts that ask for --json get only the JSON, unless they also ask for a view: the JSON
+    /// object stays the last line either way.
+    func resolved(json: Bool) -> ViewMode { json && view == .auto ? .off : view }
 }
 
-/// What one `serve`, `connect` or `cat` run shows and answers while it runs: the sampler, the live
-/// view and the control socket for `status`.
+/// What one `serve`, `connect` or `cat` run shows and answers while it runs: the live view and the
+/// control socket for `status`, both fed by one loop that samples every session a few times a second.
 final class Console: Sendable {
     let registry: SessionRegistry
     let view: LiveView
-    private let sampler: Task<Void, Never>
-    private let drawing: Task<Void, Never>
+    private let ticking: Task<Void, Never>
+    static let period: Duration = .milliseconds(250)
     private let control: ControlServer?
 
     private init(registry: SessionRegistry, view: LiveView, control: ControlServer?) {
         self.registry = registry
         self.view = view
         self.control = control
-        sampler = Task { await registry.sample() }
-        drawing = Task { await view.run() }
+        // Sample, then draw: a frame never shows counters older than the frame.
+        ticking = Task {
+            while !Task.isCancelled {
+                await registry.refresh()
+                view.draw()
+                try? await Task.sleep(for: Self.period)
+            }
+        }
     }
 
     static func start(command: String, localName: String, port: Int?, view mode: ViewMode, output: Int32 = STDOUT_FILENO, control wanted: Bool) async -> Console {
@@ -49,11 +59,9 @@ final class Console: Sendable {
 
     /// The final frame (the cursor visible again) and the control socket removed.
     func stop() async {
-        sampler.cancel()
-        drawing.cancel()
-        await drawing.value
-        // The final frame shows the final counters, not those of up to one period ago.
-        for tracked in registry.sessions { await tracked.refresh() }
+        ticking.cancel()
+        await ticking.value
+        await registry.refresh()
         ViewAwareLogHandler.route(to: nil)
         view.finish()
         await control?.close()

@@ -117,7 +117,6 @@ final class LiveView: Sendable {
     let output: Int32
     private let registry: SessionRegistry
     private let state = NIOLockedValueBox(State())
-    private let period: Duration
 
     private struct State {
         var drawnHeight = 0
@@ -131,20 +130,10 @@ final class LiveView: Sendable {
     /// Retired subflows stay on screen this long, so a failure can be seen, then make room.
     static let retiredVisibility: Duration = .seconds(10)
 
-    init(mode: ViewMode, registry: SessionRegistry, output: Int32 = STDOUT_FILENO, period: Duration = .milliseconds(250)) {
+    init(mode: ViewMode, registry: SessionRegistry, output: Int32 = STDOUT_FILENO) {
         self.mode = mode
         self.output = output
         self.registry = registry
-        self.period = period
-    }
-
-    /// Redraws until the task is cancelled, then draws one last frame.
-    func run() async {
-        guard mode != .off else { return }
-        while !Task.isCancelled {
-            draw()
-            try? await Task.sleep(for: period)
-        }
     }
 
     /// Prints lines that stay (a session's final report, a log line) above the live table, at the
@@ -163,7 +152,8 @@ final class LiveView: Sendable {
         draw(final: true)
     }
 
-    private func draw(final: Bool = false) {
+    func draw(final: Bool = false) {
+        guard mode != .off else { return }
         let now = ContinuousClock.now
         let sessions = registry.sessions
         let size = Terminal.size(output)
@@ -213,7 +203,8 @@ final class LiveView: Sendable {
                 var lines = permanent
                 if final || s.lastStatusLine.map({ now - $0 >= .seconds(1) }) ?? true {
                     s.lastStatusLine = now
-                    lines += sessions.filter { $0.finished == nil }.map { LiveViewRenderer.statusLine($0.status(now: now)) }
+                    // Nothing to say before the first sample.
+                    lines += sessions.filter { $0.finished == nil && $0.sample != nil }.map { LiveViewRenderer.statusLine($0.status(now: now)) }
                 }
                 for line in lines { output += line + "\n" }
             case .auto, .off:

@@ -83,7 +83,7 @@ struct Serve: AsyncParsableCommand {
             throw CLIError.fromListen(error, port: port)
         }
         let console = await Console.start(command: "serve", localName: common.name, port: listener.port,
-                                          view: common.json ? .off : display.view, control: !display.noControl)
+                                          view: display.resolved(json: common.json), control: !display.noControl)
         if !common.json {
             console.view.printPermanent("listening as \(common.name) on port \(listener.port) (\(listener.boundAddresses.map(\.description).joined(separator: ", ")))")
         }
@@ -159,7 +159,7 @@ struct Connect: AsyncParsableCommand {
         }
         let limit = bytes.flatMap(parseByteCount)
         let console = await Console.start(command: "connect", localName: common.name, port: nil,
-                                          view: common.json ? .off : display.view, control: !display.noControl)
+                                          view: display.resolved(json: common.json), control: !display.noControl)
         let tracked = console.registry.track(session, role: "client", progress: .sent, expectedBytes: limit)
         var report = TransferReport(role: "client", session: session)
         var generator = PatternGenerator()

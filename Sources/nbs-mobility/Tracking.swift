@@ -163,13 +163,9 @@ final class SessionRegistry: Sendable {
 
     var sessions: [TrackedSession] { state.withLockedValue { $0.sessions.values.sorted { $0.id < $1.id } } }
 
-    /// Samples every tracked session this often until cancelled; the live view and `status` read
-    /// the samples, so neither waits on a session's event loop.
-    func sample(every period: Duration = .milliseconds(250)) async {
-        while !Task.isCancelled {
-            for tracked in sessions { await tracked.refresh() }
-            try? await Task.sleep(for: period)
-        }
+    /// The live view and `status` read these samples, so neither waits on a session's event loop.
+    func refresh() async {
+        for tracked in sessions { await tracked.refresh() }
     }
 }
 
