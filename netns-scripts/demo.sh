@@ -22,12 +22,12 @@ if [[ -t 1 ]]; then say() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }; else say(
 
 if ! nbs_can_netns; then
     echo "demo.sh: cannot create network namespaces: it needs root and iproute2 ('ip netns')." >&2
-    echo "  try: sudo $0   (the packages come from netns-scripts/install.sh)" >&2
+    echo "  hint: run it as root, e.g. sudo $0 (the packages come from netns-scripts/install.sh)" >&2
     exit 1
 fi
 if [[ ! -x $NBS_BIN ]]; then
     echo "demo.sh: the NBS binary is not at $NBS_BIN." >&2
-    echo "  try: swift build   (or netns-scripts/setup.sh, which installs, builds and runs this demo)" >&2
+    echo "  hint: swift build (or netns-scripts/setup.sh, which installs, builds and runs this demo)" >&2
     exit 1
 fi
 nbs_cleanup_on_exit

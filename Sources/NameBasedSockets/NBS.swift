@@ -35,7 +35,7 @@ public enum NBS {
                 default: failures.append("\(remote.hostString): \(error)")
                 }
             } catch {
-                failures.append("\(remote.hostString): \(error)")
+                failures.append("\(remote.hostString): \(readableSocketError(error))")
             }
         }
         throw NBSError.connectFailed(peer: peerName, reason: failures.joined(separator: "; "))
