@@ -62,10 +62,11 @@ public final class Listener: Sendable {
         return try await loop.flatSubmit { state.value.accept() }.get()
     }
 
-    /// Test hook: connections awaiting OPEN/JOIN, sessions being verified, sessions running.
-    func stateCounts() async -> (pending: Int, verifying: Int, sessions: Int) {
+    /// Test hook: connections awaiting OPEN/JOIN, sessions being verified, sessions running,
+    /// sessions waiting for accept().
+    func stateCounts() async -> (pending: Int, verifying: Int, sessions: Int, ready: Int) {
         let state = self.state
-        return (try? await loop.submit { state.value.stateCounts }.get()) ?? (0, 0, 0)
+        return (try? await loop.submit { state.value.stateCounts }.get()) ?? (0, 0, 0, 0)
     }
 
     /// Stops accepting; sessions already accepted go on.
@@ -301,7 +302,7 @@ final class ListenerState: SubflowDelegate {
     }
 
     /// What a listener holds per connection and per session, for tests that check it stays bounded.
-    var stateCounts: (pending: Int, verifying: Int, sessions: Int) { (pending.count, verifying.count, sessions.count) }
+    var stateCounts: (pending: Int, verifying: Int, sessions: Int, ready: Int) { (pending.count, verifying.count, sessions.count, ready.count) }
 }
 
 struct PendingVerification {
