@@ -9,6 +9,12 @@ import Musl
 import Darwin
 #endif
 
+// Identity types are part of NBSOptions' API; applications should not need to import NBSProtocol.
+public typealias NBSIdentity = NBSProtocol.NBSIdentity
+public typealias IdentityError = NBSProtocol.IdentityError
+public typealias SelfCertifyingName = NBSProtocol.SelfCertifyingName
+public typealias Base64 = NBSProtocol.Base64
+
 /// How far the peer's name was verified (DESIGN.md, Security; docs/SECURITY.md defines each
 /// level on each side). Ordered: a requirement is met by its level or a higher one.
 public enum PeerVerification: String, Sendable, Codable, Comparable, CaseIterable {
