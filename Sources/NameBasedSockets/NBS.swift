@@ -98,8 +98,10 @@ final class OpenAttempt: SubflowDelegate {
                 admitted.fail(error)
             }
             let boundHandler = NIOLoopBound(handler, eventLoop: loop)
-            return accepted.futureResult.flatMap { accepted -> EventLoopFuture<(SessionKeys, VerificationResult, Frame, Frame.Accept)> in
+            return accepted.futureResult.flatMap { accepted -> EventLoopFuture<(SessionKeys, VerificationResult, Frame, Frame.Accept, Double?)> in
                 let handler = boundHandler.value
+                // OPEN to ACCEPT: one round trip. The verdict comes later, after the listener's lookup.
+                let rtt = handler.handshakeSentAt.map { Double((NIODeadline.now() - $0).nanoseconds) / 1e6 }
                 let keys: SessionKeys
                 do {
                     keys = try handshake.complete(with: accepted.accept)
@@ -134,8 +136,8 @@ final class OpenAttempt: SubflowDelegate {
                 }
                 // Ends our part of the handshake: the listener decides once it has this.
                 handler.write(.dataAck(.init(cumulativeAck: 0, window: UInt32(clamping: options.receiveCapacity))))
-                return admitted.futureResult.map { (keys, result, $0, accepted.accept) }
-            }.map { (keys: SessionKeys, result: VerificationResult, firstFrame: Frame, accept: Frame.Accept) in
+                return admitted.futureResult.map { (keys, result, $0, accepted.accept, rtt) }
+            }.map { (keys: SessionKeys, result: VerificationResult, firstFrame: Frame, accept: Frame.Accept, rtt: Double?) in
                 timeout.cancel()
                 let handler = boundHandler.value
                 let engine = SessionEngine(loop: loop, role: .opener, localName: localName, peerName: peerName, port: port, options: options,
@@ -144,7 +146,6 @@ final class OpenAttempt: SubflowDelegate {
                 engine.peerVerification = result.level
                 var machine = SubflowStateMachine.openerSide(joining: false)
                 machine.handshakeCompleted()
-                let rtt = handler.handshakeSentAt.map { Double((NIODeadline.now() - $0).nanoseconds) / 1e6 }
                 engine.adoptEstablished(handler, machine: machine, local: channel.localAddress ?? local, remote: remote, backup: false, rttSample: rtt)
                 engine.subflow(handler, received: firstFrame)
                 engine.startPathManagement()
