@@ -103,6 +103,15 @@ final class ListenerState: SubflowDelegate {
         handler.delegate = self
         let key = ObjectIdentifier(handler)
         let bound = NIOLoopBound(self, eventLoop: loop)
+        guard pending.count < options.maxPendingHandshakes else {
+            // Not in `pending`, so whatever it sends is ignored; refused once the channel is active.
+            refusals += 1
+            let boundHandler = NIOLoopBound(handler, eventLoop: loop)
+            loop.execute {
+                boundHandler.value.writeAndClose(.abort(.init(reason: .resourceLimit, message: "too many connections in handshake")))
+            }
+            return
+        }
         let timeout = loop.scheduleTask(in: options.handshakeTimeout) {
             if let entry = bound.value.pending.removeValue(forKey: key) {
                 entry.handler.writeAndClose(.abort(.init(reason: .timeout, message: "no OPEN or JOIN in time")))

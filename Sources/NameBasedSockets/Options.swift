@@ -59,6 +59,10 @@ public struct NBSOptions: Sendable {
     /// Listener only: sessions whose peer is being verified at once; more are refused, so that
     /// OPENs with names that resolve slowly cannot pile up lookups and state.
     public var maxPendingVerifications = 64
+    /// Listener only: connections that have not sent OPEN or JOIN yet (each held at most
+    /// handshakeTimeout); more are refused at once, so a flood of idle connections cannot grow the
+    /// listener's tables.
+    public var maxPendingHandshakes = 1024
 
     public init() {}
 

@@ -373,6 +373,33 @@ struct VerificationLoopbackTests {
         await server.close()
     }
 
+    @Test("idle connections beyond maxPendingHandshakes are refused at once; the table stays bounded and empties")
+    func pendingHandshakesBounded() async throws {
+        var options = endOptions(names: ["client.test": ["127.0.0.1"]])
+        options.maxPendingHandshakes = 4
+        let server = try await listener(options: options)
+        var idle: [RawConnection] = []
+        for _ in 0..<10 { idle.append(try await RawConnection(port: server.port)) }
+        // The first four wait for their OPEN; the other six are refused with a reason.
+        var refused = 0
+        for connection in idle[4...] {
+            let frames = try await connection.frames { _ in false }
+            if frames.contains(where: { if case .abort(let c) = $0 { c.reason == .resourceLimit } else { false } }) { refused += 1 }
+        }
+        #expect(refused == 6)
+        #expect(await server.stateCounts().pending == 4)
+        for connection in idle { await connection.close() }
+        try await settled(server)
+        // Room again: a session opens.
+        let accepted = Task { try await server.accept() }
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port,
+                                        options: endOptions(names: ["server.test": ["127.0.0.1"]]))
+        let session = try await withTimeout(10) { try await accepted.value }
+        await client.abort()
+        await session.abort()
+        await server.close()
+    }
+
     @Test("a listener with a slow resolver gives up after nameVerificationTimeout and admits the peer as claimed")
     func slowResolver() async throws {
         struct Slow: NameResolver {
