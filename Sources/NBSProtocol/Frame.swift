@@ -6,6 +6,7 @@ public enum Frame: Sendable, Equatable {
     case accept(Accept)
     case join(Join)
     case joinAck(JoinAck)
+    case identity(Identity)
     case data(Data)
     case dataAck(DataAck)
     case dataFin(DataFin)
@@ -23,6 +24,7 @@ public enum Frame: Sendable, Equatable {
         case .accept: .accept
         case .join: .join
         case .joinAck: .joinAck
+        case .identity: .identity
         case .data: .data
         case .dataAck: .dataAck
         case .dataFin: .dataFin
@@ -94,6 +96,16 @@ public enum Frame: Sendable, Equatable {
         public init(nonce: [UInt8], mac: [UInt8]) {
             self.nonce = nonce
             self.mac = mac
+        }
+    }
+
+    /// Proof of an Ed25519 identity: `signature` over the handshake transcript (HandshakeTranscript).
+    public struct Identity: Sendable, Equatable {
+        public var publicKey: [UInt8]  // Ed25519, 32 bytes
+        public var signature: [UInt8]  // 64 bytes
+        public init(publicKey: [UInt8], signature: [UInt8]) {
+            self.publicKey = publicKey
+            self.signature = signature
         }
     }
 

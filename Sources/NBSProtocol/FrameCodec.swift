@@ -52,6 +52,8 @@ public enum FrameEncoder {
         switch frame {
         case .join(let j): j.backup ? NBSWire.backupFlag : 0
         case .priority(let p): p.backup ? NBSWire.backupFlag : 0
+        // Peers that predate IDENTITY skip it rather than fail, so it can be sent to any peer.
+        case .identity: NBSWire.ignorableFlag
         default: 0
         }
     }
@@ -80,6 +82,9 @@ public enum FrameEncoder {
         case .joinAck(let j):
             b.writeBytes(j.nonce)
             b.writeBytes(j.mac)
+        case .identity(let i):
+            b.writeBytes(i.publicKey)
+            b.writeBytes(i.signature)
         case .data(let d):
             b.writeInteger(d.sequence)
             var payload = d.payload
@@ -213,6 +218,8 @@ public struct FrameDecoder: Sendable {
                                 mac: try r.bytes(NBSWire.macLength)))
         case .joinAck:
             frame = .joinAck(.init(nonce: try r.bytes(NBSWire.nonceLength), mac: try r.bytes(NBSWire.macLength)))
+        case .identity:
+            frame = .identity(.init(publicKey: try r.bytes(NBSWire.identityKeyLength), signature: try r.bytes(NBSWire.signatureLength)))
         case .data:
             let sequence = try r.u64()
             guard r.buffer.readableBytes > 0 else { throw .malformed(.data, "empty payload") }

@@ -45,8 +45,9 @@ public struct SubflowStateMachine: Sendable, Equatable {
         case (_, .abort(let c)):
             state = .closed
             return .peerAborted(c)
+        // A listener with an identity proves it just before its ACCEPT.
         case (.awaitingHello, .open), (.awaitingHello, .join),
-             (.awaitingAccept, .accept), (.awaitingJoinAck, .joinAck):
+             (.awaitingAccept, .identity), (.awaitingAccept, .accept), (.awaitingJoinAck, .joinAck):
             return .handshake(frame)
         case (.established, .close(let c)), (.closing, .close(let c)):
             state = .closing

@@ -21,6 +21,9 @@ public enum NBSWire {
     public static let nonceLength = 16
     public static let publicKeyLength = 32
     public static let macLength = 32
+    /// Ed25519 public (and private) key and signature sizes, for IDENTITY.
+    public static let identityKeyLength = 32
+    public static let signatureLength = 64
 
     /// Flag bit on any frame type: a receiver that does not know the type may skip the frame.
     public static let ignorableFlag: UInt8 = 0x80
@@ -39,6 +42,7 @@ public enum FrameType: UInt8, Sendable, CaseIterable {
     case accept = 0x02
     case join = 0x03
     case joinAck = 0x04
+    case identity = 0x05
     case data = 0x10
     case dataAck = 0x11
     case dataFin = 0x12
@@ -51,7 +55,12 @@ public enum FrameType: UInt8, Sendable, CaseIterable {
     case abort = 0x41
 
     var maxPayload: Int {
-        self == .data ? 8 + NBSWire.maxDataPayload : NBSWire.maxControlPayload
+        switch self {
+        case .data: 8 + NBSWire.maxDataPayload
+        // Fixed size: a longer header is refused before any of it is buffered.
+        case .identity: NBSWire.identityKeyLength + NBSWire.signatureLength
+        default: NBSWire.maxControlPayload
+        }
     }
 }
 
@@ -69,6 +78,9 @@ public enum CloseReason: UInt16, Sendable, CaseIterable, CustomStringConvertible
     case applicationAbort = 9
     case replay = 10
     case shuttingDown = 11
+    /// The peer's name is not verified to the level this side requires (or a pinned or
+    /// self-certifying name was claimed without proving its key).
+    case verificationFailed = 12
     case unknown = 0xFFFF
 
     public var description: String {
@@ -85,6 +97,7 @@ public enum CloseReason: UInt16, Sendable, CaseIterable, CustomStringConvertible
         case .applicationAbort: "aborted by the application"
         case .replay: "replayed message"
         case .shuttingDown: "shutting down"
+        case .verificationFailed: "peer name verification failed"
         case .unknown: "unknown reason"
         }
     }

@@ -62,6 +62,13 @@ public final class Listener: Sendable {
         return try await loop.flatSubmit { state.value.accept() }.get()
     }
 
+    /// Test hook: connections awaiting OPEN/JOIN, sessions being verified, sessions running,
+    /// sessions waiting for accept().
+    func stateCounts() async -> (pending: Int, verifying: Int, sessions: Int, ready: Int) {
+        let state = self.state
+        return (try? await loop.submit { state.value.stateCounts }.get()) ?? (0, 0, 0, 0)
+    }
+
     /// Stops accepting; sessions already accepted go on.
     public func close() async {
         for channel in channels { try? await channel.close() }
@@ -77,6 +84,9 @@ final class ListenerState: SubflowDelegate {
     private var sessions: [UInt64: SessionEngine] = [:]
     /// Connections that have not completed OPEN or JOIN yet.
     private var pending: [ObjectIdentifier: (handler: SubflowHandler, machine: SubflowStateMachine, timeout: Scheduled<Void>)] = [:]
+    /// Sessions whose ACCEPT is sent and whose opener is being verified: not in `sessions` (no
+    /// JOIN reaches them) nor visible to accept(). Bounded by maxPendingVerifications.
+    private var verifying: [ObjectIdentifier: PendingVerification] = [:]
     private var ready = CircularBuffer<Session>()
     private var waiters = CircularBuffer<EventLoopPromise<Session>>()
     private var closed = false
@@ -93,6 +103,15 @@ final class ListenerState: SubflowDelegate {
         handler.delegate = self
         let key = ObjectIdentifier(handler)
         let bound = NIOLoopBound(self, eventLoop: loop)
+        guard pending.count < options.maxPendingHandshakes else {
+            // Not in `pending`, so whatever it sends is ignored; refused once the channel is active.
+            refusals += 1
+            let boundHandler = NIOLoopBound(handler, eventLoop: loop)
+            loop.execute {
+                boundHandler.value.writeAndClose(.abort(.init(reason: .resourceLimit, message: "too many connections in handshake")))
+            }
+            return
+        }
         let timeout = loop.scheduleTask(in: options.handshakeTimeout) {
             if let entry = bound.value.pending.removeValue(forKey: key) {
                 entry.handler.writeAndClose(.abort(.init(reason: .timeout, message: "no OPEN or JOIN in time")))
@@ -123,6 +142,7 @@ final class ListenerState: SubflowDelegate {
 
     func subflow(_ handler: SubflowHandler, received frame: Frame) {
         let key = ObjectIdentifier(handler)
+        if verifying[key] != nil { return verifyingReceived(key, frame) }
         guard var entry = pending.removeValue(forKey: key) else { return }
         entry.timeout.cancel()
         switch entry.machine.receive(frame) {
@@ -143,9 +163,10 @@ final class ListenerState: SubflowDelegate {
             return refuse(handler, .nameNotServed, "this listener serves \(localName), not \(open.destinationName)")
         }
         guard ready.count < options.acceptBacklog else { return refuse(handler, .resourceLimit, "accept backlog full") }
+        guard verifying.count < options.maxPendingVerifications else { return refuse(handler, .resourceLimit, "too many sessions being verified") }
         guard let channel = handler.channel, let local = channel.localAddress, let remote = channel.remoteAddress else { return }
         var token = UInt64.random(in: 1 ... .max)
-        while sessions[token] != nil { token = UInt64.random(in: 1 ... .max) }
+        while sessions[token] != nil || verifying.values.contains(where: { $0.accept.token == token }) { token = UInt64.random(in: 1 ... .max) }
         let accept: Frame.Accept
         let keys: SessionKeys
         do {
@@ -153,19 +174,122 @@ final class ListenerState: SubflowDelegate {
         } catch {
             return refuse(handler, .protocolViolation, "\(error)")
         }
+        if let identity = options.identity {
+            handler.write(.identity(identity.prove(HandshakeTranscript(open: open, accept: accept), as: .server)), flush: false)
+        }
         handler.write(.accept(accept))
-        let engine = SessionEngine(loop: loop, role: .listener, localName: localName, peerName: open.sourceName, port: local.port ?? 0,
-                                   options: options, keys: keys, token: token, peerInitialWindow: 0, addressBook: LocalAddressBook.current(monitor: options.interfaceMonitor),
-                                   peerAddresses: [remote])
+        var established = machine
+        established.handshakeCompleted()
+        let key = ObjectIdentifier(handler)
+        let bound = NIOLoopBound(self, eventLoop: loop)
+        let timeout = loop.scheduleTask(in: options.handshakeTimeout) {
+            bound.value.refuseVerifying(key, .timeout, "the opener did not finish its handshake in time")
+        }
+        verifying[key] = PendingVerification(handler: handler, machine: established, open: open, accept: accept, keys: keys,
+                                             local: local, remote: remote.unmapped, timeout: timeout)
+    }
+
+    /// Frames from an opener between our ACCEPT and our verdict: its optional IDENTITY, then its
+    /// DATA_ACK, which ends its part of the handshake and starts verification.
+    private func verifyingReceived(_ key: ObjectIdentifier, _ frame: Frame) {
+        guard var entry = verifying[key] else { return }
+        switch entry.machine.receive(frame) {
+        case .session(.identity(let proof)):
+            guard entry.identity == nil, entry.frames.isEmpty else { return refuseVerifying(key, .protocolViolation, "IDENTITY out of place") }
+            entry.identity = proof
+            verifying[key] = entry
+        case .session(let other):
+            // An opener that does not wait for our verdict may send on; a little is kept for the
+            // session, more is refused rather than buffered.
+            guard entry.frames.count < PendingVerification.maxQueuedFrames else {
+                return refuseVerifying(key, .resourceLimit, "too much sent before the session was admitted")
+            }
+            entry.frames.append(other)
+            verifying[key] = entry
+            if entry.frames.count == 1 { startVerification(key) }
+        case .peerAborted(let close):
+            verifying.removeValue(forKey: key)?.timeout.cancel()
+            refusals += 1
+            logger.info("the opener \(entry.open.sourceName) at \(entry.remote.hostString) refused the session: \(close.reason) \(close.message)")
+            entry.handler.writeAndClose(nil)
+        case .protocolViolation(let why):
+            refuseVerifying(key, .protocolViolation, why)
+        default:
+            refuseVerifying(key, .protocolViolation, "unexpected \(frame.type) before the session was admitted")
+        }
+    }
+
+    private func startVerification(_ key: ObjectIdentifier) {
+        guard let entry = verifying[key] else { return }
+        let transcript = HandshakeTranscript(open: entry.open, accept: entry.accept)
+        var proven: [UInt8]?
+        if let proof = entry.identity {
+            guard let publicKey = transcript.verify(proof, by: .client) else {
+                return refuseVerifying(key, .authenticationFailed, "the opener's identity proof does not verify for this session")
+            }
+            proven = publicKey
+        }
+        let name = entry.open.sourceName
+        let pinned = options.pinnedKey(for: name)
+        let evidence = PeerEvidence(claimedName: name, sourceAddress: entry.remote.hostString, provenKey: proven, pinnedKey: pinned)
+        guard NameVerifier.needsResolution(name, pinned: pinned != nil) else { return finishVerification(key, evidence) }
+        guard options.lookUpPeerNames || options.requiredPeerVerification == .dnsConfirmed else {
+            var unchecked = evidence
+            unchecked.resolutionFailure = "not looked up (lookUpPeerNames is off)"
+            return finishVerification(key, unchecked)
+        }
+        let resolver = options.resolver
+        let lookup = loop.makePromise(of: [SocketAddress].self)
+        lookup.completeWithTask { try await resolver.resolve(name, port: 0) }
+        let limit = options.nameVerificationTimeout
+        let deadline = loop.scheduleTask(in: limit) {
+            lookup.fail(NBSError.nameResolutionFailed(name: name, reason: "no answer within \(limit)"))
+        }
+        let bound = NIOLoopBound(self, eventLoop: loop)
+        lookup.futureResult.whenComplete { outcome in
+            deadline.cancel()
+            var evidence = evidence
+            switch outcome {
+            case .success(let addresses): evidence.resolvedAddresses = addresses.map(\.hostString)
+            case .failure(let error): evidence.resolutionFailure = "\(error)"
+            }
+            bound.value.finishVerification(key, evidence)
+        }
+    }
+
+    private func finishVerification(_ key: ObjectIdentifier, _ evidence: PeerEvidence) {
+        // Gone: timed out, or the connection closed while the name was being resolved.
+        guard let entry = verifying[key] else { return }
+        let result = NameVerifier.evaluate(evidence)
+        if let why = NameVerifier.refusal(result, required: options.requiredPeerVerification) {
+            return refuseVerifying(key, .verificationFailed, why)
+        }
+        guard !closed else { return refuseVerifying(key, .shuttingDown, "listener closing") }
+        guard ready.count < options.acceptBacklog else { return refuseVerifying(key, .resourceLimit, "accept backlog full") }
+        verifying.removeValue(forKey: key)
+        entry.timeout.cancel()
+        let token = entry.accept.token
+        let engine = SessionEngine(loop: loop, role: .listener, localName: localName, peerName: entry.open.sourceName, port: entry.local.port ?? 0,
+                                   options: options, keys: entry.keys, token: token, peerInitialWindow: 0,
+                                   addressBook: LocalAddressBook.current(monitor: options.interfaceMonitor), peerAddresses: [entry.remote])
+        engine.peerVerification = result.level
         sessions[token] = engine
         let bound = NIOLoopBound(self, eventLoop: loop)
         engine.onTerminate = { bound.value.sessions[token] = nil }
-        var established = machine
-        established.handshakeCompleted()
-        engine.adoptEstablished(handler, machine: established, local: local, remote: remote, backup: false)
+        engine.adoptEstablished(entry.handler, machine: entry.machine, local: entry.local, remote: entry.remote, backup: false)
+        for frame in entry.frames { entry.handler.delegate?.subflow(entry.handler, received: frame) }
         engine.startPathManagement()
         let session = Session(engine: engine)
         if let waiter = waiters.popFirst() { waiter.succeed(session) } else { ready.append(session) }
+    }
+
+    /// Ends a session before the application saw it. Keys exist, so the ABORT is authenticated.
+    fileprivate func refuseVerifying(_ key: ObjectIdentifier, _ reason: CloseReason, _ message: String) {
+        guard let entry = verifying.removeValue(forKey: key) else { return }
+        entry.timeout.cancel()
+        refusals += 1
+        logger.warning("refused \(entry.open.sourceName) at \(entry.remote.hostString): \(reason): \(message)")
+        entry.handler.writeAndClose(SignalAuthenticator(keys: entry.keys, localRole: .server).close(reason, message, abort: true))
     }
 
     private func handleJoin(_ join: Frame.Join, handler: SubflowHandler, machine: SubflowStateMachine) {
@@ -187,6 +311,25 @@ final class ListenerState: SubflowDelegate {
     func subflowInputClosed(_ handler: SubflowHandler) { handler.writeAndClose(nil) }
     func subflowClosed(_ handler: SubflowHandler, error: (any Error)?) {
         pending.removeValue(forKey: ObjectIdentifier(handler))?.timeout.cancel()
+        verifying.removeValue(forKey: ObjectIdentifier(handler))?.timeout.cancel()
         handler.delegate = nil
     }
+
+    /// What a listener holds per connection and per session, for tests that check it stays bounded.
+    var stateCounts: (pending: Int, verifying: Int, sessions: Int, ready: Int) { (pending.count, verifying.count, sessions.count, ready.count) }
+}
+
+struct PendingVerification {
+    static let maxQueuedFrames = 16
+    let handler: SubflowHandler
+    var machine: SubflowStateMachine
+    let open: Frame.Open
+    let accept: Frame.Accept
+    let keys: SessionKeys
+    let local: SocketAddress
+    let remote: SocketAddress
+    let timeout: Scheduled<Void>
+    var identity: Frame.Identity?
+    /// The opener's first frames after ACCEPT (normally its DATA_ACK alone), for the session.
+    var frames: [Frame] = []
 }

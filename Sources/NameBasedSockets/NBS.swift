@@ -1,3 +1,4 @@
+import Logging
 import NBSProtocol
 import NIOCore
 import NIOPosix
@@ -31,7 +32,7 @@ public enum NBS {
                                                  port: port, options: options, book: book, peerAddresses: remotes)
             } catch let error as NBSError {
                 switch error {
-                case .refused, .handshakeFailed, .protocolViolation: throw error
+                case .refused, .handshakeFailed, .protocolViolation, .verificationFailed: throw error
                 default: failures.append("\(remote.hostString): \(error)")
                 }
             } catch {
@@ -54,12 +55,30 @@ public enum NBS {
     }
 }
 
-/// The opener's first subflow: connect, OPEN, wait for ACCEPT (or a refusal).
+/// The opener's first subflow: connect, OPEN, wait for ACCEPT (or a refusal), verify the
+/// listener's name, prove our own identity, then wait for the listener's verdict on ours: its
+/// first frame after ACCEPT is a DATA_ACK when it admits the session, an ABORT when it refuses.
 final class OpenAttempt: SubflowDelegate {
-    private let promise: EventLoopPromise<Frame.Accept>
-    private var machine = SubflowStateMachine.openerSide(joining: false)
+    struct Accepted {
+        var accept: Frame.Accept
+        var identity: Frame.Identity?
+    }
 
-    init(promise: EventLoopPromise<Frame.Accept>) { self.promise = promise }
+    private let accepted: EventLoopPromise<Accepted>
+    private let admitted: EventLoopPromise<Frame>
+    private var machine = SubflowStateMachine.openerSide(joining: false)
+    private var listenerIdentity: Frame.Identity?
+
+    init(accepted: EventLoopPromise<Accepted>, admitted: EventLoopPromise<Frame>) {
+        self.accepted = accepted
+        self.admitted = admitted
+    }
+
+    /// Whichever stage is still open fails; completing a completed promise does nothing.
+    func fail(_ error: any Error) {
+        accepted.fail(error)
+        admitted.fail(error)
+    }
 
     static func run(on loop: any EventLoop, local: SocketAddress, remote: SocketAddress, localName: String, peerName: String, port: Int,
                     options: NBSOptions, book: LocalAddressBook, peerAddresses: [SocketAddress]) async throws -> Session {
@@ -68,32 +87,67 @@ final class OpenAttempt: SubflowDelegate {
             let handler: SubflowHandler
             do { handler = try channel.pipeline.syncOperations.handler(type: SubflowHandler.self) } catch { return loop.makeFailedFuture(error) }
             let handshake = ClientHandshake(sourceName: localName, destinationName: peerName, port: UInt16(port))
-            let promise = loop.makePromise(of: Frame.Accept.self)
-            let attempt = OpenAttempt(promise: promise)
-            handler.delegate = attempt
+            let accepted = loop.makePromise(of: Accepted.self)
+            let admitted = loop.makePromise(of: Frame.self)
+            handler.delegate = OpenAttempt(accepted: accepted, admitted: admitted)
             handler.handshakeSentAt = .now()
             handler.write(.open(handshake.open))
             let timeout = loop.scheduleTask(in: options.handshakeTimeout) {
-                promise.fail(NBSError.connectFailed(peer: peerName, reason: "no ACCEPT within \(options.handshakeTimeout)"))
+                let error = NBSError.connectFailed(peer: peerName, reason: "no ACCEPT and admission within \(options.handshakeTimeout)")
+                accepted.fail(error)
+                admitted.fail(error)
             }
             let boundHandler = NIOLoopBound(handler, eventLoop: loop)
-            return promise.futureResult.flatMapThrowing { accept in
-                timeout.cancel()
+            return accepted.futureResult.flatMap { accepted -> EventLoopFuture<(SessionKeys, VerificationResult, Frame, Frame.Accept, Double?)> in
                 let handler = boundHandler.value
+                // OPEN to ACCEPT: one round trip. The verdict comes later, after the listener's lookup.
+                let rtt = handler.handshakeSentAt.map { Double((NIODeadline.now() - $0).nanoseconds) / 1e6 }
                 let keys: SessionKeys
                 do {
-                    keys = try handshake.complete(with: accept)
+                    keys = try handshake.complete(with: accepted.accept)
                 } catch {
                     handler.writeAndClose(.abort(.init(reason: .authenticationFailed, message: "\(error)")))
-                    throw NBSError.handshakeFailed("\(error)")
+                    return loop.makeFailedFuture(NBSError.handshakeFailed("\(error)"))
                 }
+                let transcript = HandshakeTranscript(open: handshake.open, accept: accepted.accept)
+                let signals = SignalAuthenticator(keys: keys, localRole: .client)
+                var proven: [UInt8]?
+                if let proof = accepted.identity {
+                    guard let key = transcript.verify(proof, by: .server) else {
+                        let why = "the listener's identity proof does not verify for this session"
+                        handler.writeAndClose(signals.close(.authenticationFailed, why, abort: true))
+                        return loop.makeFailedFuture(NBSError.handshakeFailed(why))
+                    }
+                    proven = key
+                }
+                // The listener's address came from resolving the dialled name, so it is among the
+                // name's addresses by construction, unless the name was an address literal.
+                let result = NameVerifier.evaluate(PeerEvidence(
+                    claimedName: peerName, sourceAddress: remote.hostString,
+                    resolvedAddresses: NameVerifier.isAddressLiteral(peerName) ? nil : peerAddresses.map(\.hostString),
+                    provenKey: proven, pinnedKey: options.pinnedKey(for: peerName)))
+                if let why = NameVerifier.refusal(result, required: options.requiredPeerVerification) {
+                    Logger(label: "nbs.open").warning("refused listener \(peerName) at \(remote.hostString): \(why)")
+                    handler.writeAndClose(signals.close(.verificationFailed, why, abort: true))
+                    return loop.makeFailedFuture(NBSError.verificationFailed(peer: peerName, reason: why))
+                }
+                if let identity = options.identity {
+                    handler.write(.identity(identity.prove(transcript, as: .client)), flush: false)
+                }
+                // Ends our part of the handshake: the listener decides once it has this.
+                handler.write(.dataAck(.init(cumulativeAck: 0, window: UInt32(clamping: options.receiveCapacity))))
+                return admitted.futureResult.map { (keys, result, $0, accepted.accept, rtt) }
+            }.map { (keys: SessionKeys, result: VerificationResult, firstFrame: Frame, accept: Frame.Accept, rtt: Double?) in
+                timeout.cancel()
+                let handler = boundHandler.value
                 let engine = SessionEngine(loop: loop, role: .opener, localName: localName, peerName: peerName, port: port, options: options,
                                            keys: keys, token: accept.token, peerInitialWindow: accept.receiveWindow, addressBook: book,
                                            peerAddresses: peerAddresses)
+                engine.peerVerification = result.level
                 var machine = SubflowStateMachine.openerSide(joining: false)
                 machine.handshakeCompleted()
-                let rtt = handler.handshakeSentAt.map { Double((NIODeadline.now() - $0).nanoseconds) / 1e6 }
                 engine.adoptEstablished(handler, machine: machine, local: channel.localAddress ?? local, remote: remote, backup: false, rttSample: rtt)
+                engine.subflow(handler, received: firstFrame)
                 engine.startPathManagement()
                 return Session(engine: engine)
             }.flatMapErrorThrowing { error in
@@ -107,25 +161,29 @@ final class OpenAttempt: SubflowDelegate {
 
     func subflow(_ handler: SubflowHandler, received frame: Frame) {
         switch machine.receive(frame) {
+        case .handshake(.identity(let identity)):
+            guard listenerIdentity == nil else { return fail(NBSError.protocolViolation("two IDENTITY frames before ACCEPT")) }
+            listenerIdentity = identity
         case .handshake(.accept(let accept)):
             machine.handshakeCompleted()
-            promise.succeed(accept)
+            accepted.succeed(Accepted(accept: accept, identity: listenerIdentity))
+        case .session(let first):
+            admitted.succeed(first)
         case .peerAborted(let close):
-            promise.fail(NBSError.refused(reason: close.reason, message: close.message))
+            fail(NBSError.refused(reason: close.reason, message: close.message))
         case .protocolViolation(let why):
-            promise.fail(NBSError.protocolViolation(why))
+            fail(NBSError.protocolViolation(why))
         default:
-            promise.fail(NBSError.protocolViolation("unexpected \(frame.type) before ACCEPT"))
+            fail(NBSError.protocolViolation("unexpected \(frame.type) before the listener admitted the session"))
         }
     }
 
     func subflowReadComplete(_ handler: SubflowHandler) {}
     func subflowWritabilityChanged(_ handler: SubflowHandler, writable: Bool) {}
     func subflowInputClosed(_ handler: SubflowHandler) {
-        promise.fail(NBSError.connectFailed(peer: "", reason: "the peer closed the connection during the handshake"))
+        fail(NBSError.connectFailed(peer: "", reason: "the peer closed the connection during the handshake"))
     }
     func subflowClosed(_ handler: SubflowHandler, error: (any Error)?) {
-        promise.fail(NBSError.connectFailed(peer: "", reason: error.map { "\($0)" } ?? "connection closed during the handshake"))
+        fail(NBSError.connectFailed(peer: "", reason: error.map { "\($0)" } ?? "connection closed during the handshake"))
     }
 }
-

@@ -44,6 +44,30 @@ public struct NBSOptions: Sendable {
     public var acceptBacklog = 128
     /// Listener only: addresses to bind. nil: the IPv6 wildcard (dual-stack), else IPv4's.
     public var bindAddresses: [SocketAddress]?
+    /// Sessions whose peer's name is verified below this are refused on both ends, before the
+    /// application sees them (docs/SECURITY.md).
+    public var requiredPeerVerification: PeerVerification = .claimed
+    /// This host's Ed25519 identity, proven to every peer in the handshake. With it, this host's
+    /// self-certifying name (`identity.selfCertifyingName`) can be its local name.
+    public var identity: NBSIdentity?
+    /// Peers' names and the Ed25519 public keys they must prove: such a peer is keyVerified, and
+    /// one that claims the name without proving the key is refused.
+    public var pinnedKeys: [String: [UInt8]] = [:]
+    /// Listener only: look the opener's claimed name up (forward DNS) even when nothing above
+    /// `claimed` is required, so sessions can report `dnsConfirmed`. Off by default, as sshd's
+    /// UseDNS is: each lookup delays admission and queries the resolver for a name a stranger chose.
+    /// Requiring `dnsConfirmed` looks names up regardless.
+    public var lookUpPeerNames = false
+    /// How long the listener waits for the forward lookup of a peer's name; no answer in time
+    /// leaves the name `claimed`.
+    public var nameVerificationTimeout: TimeAmount = .seconds(2)
+    /// Listener only: sessions whose peer is being verified at once; more are refused, so that
+    /// OPENs with names that resolve slowly cannot pile up lookups and state.
+    public var maxPendingVerifications = 64
+    /// Listener only: connections that have not sent OPEN or JOIN yet (each held at most
+    /// handshakeTimeout); more are refused at once, so a flood of idle connections cannot grow the
+    /// listener's tables.
+    public var maxPendingHandshakes = 1024
 
     public init() {}
 
@@ -72,6 +96,9 @@ public enum NBSError: Error, Sendable, Equatable, CustomStringConvertible {
     case closeTimedOut
     case listenerClosed
     case bindFailed(String)
+    /// This side refused the peer: its name is not verified to `requiredPeerVerification`, or it
+    /// claimed a pinned or self-certifying name without proving the key.
+    case verificationFailed(peer: String, reason: String)
 
     public var description: String {
         switch self {
@@ -89,15 +116,9 @@ public enum NBSError: Error, Sendable, Equatable, CustomStringConvertible {
         case .closeTimedOut: "the peer did not finish the session in time"
         case .listenerClosed: "the listener is closed"
         case .bindFailed(let why): "cannot listen: \(why)"
+        case .verificationFailed(let peer, let reason): "refused '\(peer)': \(reason)"
         }
     }
-}
-
-/// How far the peer's name was verified (DESIGN.md, Security). This version verifies nothing yet.
-public enum PeerVerification: String, Sendable, Codable {
-    case claimed
-    case dnsConfirmed
-    case keyVerified
 }
 
 public enum SubflowState: String, Sendable, Codable {

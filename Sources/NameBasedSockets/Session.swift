@@ -9,7 +9,8 @@ public final class Session: Sendable {
     public let peerName: String
     public let port: Int
     public let role: Role
-    /// How far `peerName` was verified. Verification is not implemented yet: always `.claimed`.
+    /// How far `peerName` was verified when the session was established (docs/SECURITY.md). JOINs
+    /// are authenticated by the session secret, so later subflows, from any address, keep it.
     public let peerVerification: PeerVerification
     /// Subflow, address and lifecycle events. One consumer; the newest 1024 are kept if unread.
     public let events: AsyncStream<SessionEvent>
@@ -21,7 +22,7 @@ public final class Session: Sendable {
         self.peerName = engine.peerName
         self.port = engine.port
         self.role = engine.role == .opener ? .opener : .listener
-        self.peerVerification = .claimed
+        self.peerVerification = engine.peerVerification
         self.events = engine.events
         self.engine = NIOLoopBound(engine, eventLoop: engine.loop)
         self.loop = engine.loop

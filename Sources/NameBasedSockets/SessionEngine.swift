@@ -70,6 +70,8 @@ final class SessionEngine: SubflowDelegate {
     private var pumping = false
     private var probeTask: RepeatedTask?
     private var lingerTask: Scheduled<Void>?
+    /// Set by whoever verified the peer's name before handing the session out.
+    var peerVerification: PeerVerification = .claimed
     /// Called once when the session ends, so a listener can forget its token.
     var onTerminate: (() -> Void)?
 

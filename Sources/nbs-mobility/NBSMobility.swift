@@ -28,13 +28,15 @@ struct NBSMobility: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "nbs-mobility",
         abstract: "Name Based Sockets: multipath, mobile sessions opened by name.",
-        subcommands: [Serve.self, Connect.self, Cat.self, Status.self, Monitor.self]
+        subcommands: [Serve.self, Connect.self, Cat.self, Status.self, Monitor.self, Identity.self]
     )
 }
 
 struct CommonOptions: ParsableArguments {
-    @Option(name: .long, help: "This host's name, sent in the handshake.")
-    var name: String
+    @Option(name: .long, help: "This host's name, sent in the handshake; 'auto' (the default): the --identity key's self-certifying name.")
+    var name: String = "auto"
+
+    @OptionGroup var verification: VerificationOptions
 
     @Flag(name: .long, help: "Print one JSON object per session as the last line.")
     var json = false
@@ -45,8 +47,11 @@ struct CommonOptions: ParsableArguments {
     @Option(name: .customLong("local"), help: "A local address to open subflows from (repeatable); default: every usable address.")
     var localAddresses: [String] = []
 
+    mutating func validate() throws { name = try verification.localName(name) }
+
     func options(policy: MultipathPolicy = .aggregate) throws -> NBSOptions {
         var options = NBSOptions()
+        try verification.apply(to: &options)
         options.policy = policy
         options.maxSubflows = maxSubflows
         if !localAddresses.isEmpty {

@@ -70,7 +70,8 @@ struct StateMachineTests {
         case .awaitingHello:
             return type == .open || type == .join ? (.handshake, .awaitingHello) : (.violation, .closed)
         case .awaitingAccept:
-            return type == .accept ? (.handshake, .awaitingAccept) : (.violation, .closed)
+            // A listener with an identity proves it just before ACCEPT.
+            return type == .accept || type == .identity ? (.handshake, .awaitingAccept) : (.violation, .closed)
         case .awaitingJoinAck:
             return type == .joinAck ? (.handshake, .awaitingJoinAck) : (.violation, .closed)
         case .establishedListener, .establishedOpener, .closing:

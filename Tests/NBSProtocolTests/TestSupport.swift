@@ -100,6 +100,8 @@ enum Samples {
             ]
         case .joinAck:
             return [.joinAck(.init(nonce: nonce, mac: mac))]
+        case .identity:
+            return [.identity(.init(publicKey: key, signature: mac + mac))]
         case .data:
             return [
                 .data(.init(sequence: 0, payload: buffer([7]))),

@@ -1,0 +1,135 @@
+import NBSProtocol
+import NIOCore
+import NIOPosix
+import Testing
+
+@testable import NameBasedSockets
+
+/// A hand-driven opener on a real socket: it keeps the session keys, so a test can replay and forge
+/// exactly the frames it wants.
+final class RawConnection: Sendable {
+    /// Decodes on the event loop and hands frames to the test, in order.
+    final class Decoder: ChannelInboundHandler, Sendable {
+        typealias InboundIn = ByteBuffer
+        let continuation: AsyncStream<Frame>.Continuation
+        let state: NIOLoopBoundBox<(FrameDecoder, ByteBuffer)>
+        init(_ continuation: AsyncStream<Frame>.Continuation, loop: any EventLoop) {
+            self.continuation = continuation
+            state = .init((FrameDecoder(expectPreamble: true), ByteBuffer()), eventLoop: loop)
+        }
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            var chunk = Self.unwrapInboundIn(data)
+            var (decoder, buffer) = state.value
+            defer { state.value = (decoder, buffer) }
+            buffer.writeBuffer(&chunk)
+            do {
+                while let frame = try decoder.next(from: &buffer) { continuation.yield(frame) }
+            } catch {
+                continuation.finish()
+                context.close(promise: nil)
+            }
+        }
+        func channelInactive(context: ChannelHandlerContext) { continuation.finish() }
+        func errorCaught(context: ChannelHandlerContext, error: any Error) { context.close(promise: nil) }
+    }
+
+    let channel: any Channel
+    let incoming: AsyncStream<Frame>
+
+    init(port: Int) async throws {
+        let (stream, continuation) = AsyncStream.makeStream(of: Frame.self)
+        incoming = stream
+        let loop = MultiThreadedEventLoopGroup.singleton.next()
+        channel = try await ClientBootstrap(group: loop)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(Decoder(continuation, loop: loop)) }
+            }
+            .connect(host: "127.0.0.1", port: port).get()
+    }
+
+    func send(_ frames: [Frame], preamble: Bool = false) async throws {
+        var bytes = ByteBuffer()
+        if preamble { NBSWire.writePreamble(into: &bytes) }
+        for frame in frames { FrameEncoder.encode(frame, into: &bytes) }
+        try await channel.writeAndFlush(bytes)
+    }
+
+    /// Frames received until `done` says stop or the connection closes, bounded in time. One caller
+    /// at a time (the stream has one consumer).
+    func frames(until done: @escaping @Sendable (Frame) -> Bool) async throws -> [Frame] {
+        let incoming = self.incoming
+        return try await withTimeout(10, "frames from the listener") {
+            var frames: [Frame] = []
+            for await frame in incoming {
+                frames.append(frame)
+                if done(frame) { break }
+            }
+            return frames
+        }
+    }
+
+    func close() async { try? await channel.close() }
+}
+
+@Suite("Replayed and forged signalling on real sockets", .timeLimit(.minutes(2)))
+struct ReplayTests {
+    @Test("a JOIN replayed on another connection is refused as a replay, a forged one as unauthenticated; an ADD_ADDR replayed is dropped")
+    func replayedJoinAndAddAddress() async throws {
+        let server = try await listener(options: loopbackOptions(peers: ["raw.test": ["127.0.0.1"]]))
+        let accepted = Task { try await server.accept() }
+        let raw = try await RawConnection(port: server.port)
+        let handshake = ClientHandshake(sourceName: "raw.test", destinationName: "server.test", port: UInt16(server.port))
+        try await raw.send([.open(handshake.open)], preamble: true)
+        let hello = try await raw.frames { if case .accept = $0 { true } else { false } }
+        guard case .accept(let accept) = try #require(hello.last) else {
+            Issue.record("no ACCEPT: \(hello)")
+            return
+        }
+        let keys = try handshake.complete(with: accept)
+        try await raw.send([.dataAck(.init(cumulativeAck: 0, window: 1 << 20))])
+        let verdict = try await raw.frames { _ in true }
+        guard case .dataAck = try #require(verdict.first) else {
+            Issue.record("not admitted: \(verdict)")
+            return
+        }
+        let session = try await withTimeout(10) { try await accepted.value }
+        #expect(session.peerVerification == .dnsConfirmed)
+
+        // A genuine JOIN, then the same bytes again on a third connection, then a forged MAC.
+        let join = JoinAuthenticator(keys: keys, token: accept.token).makeJoin(backup: false)
+        var joinBytes = ByteBuffer()
+        NBSWire.writePreamble(into: &joinBytes)
+        FrameEncoder.encode(.join(join), into: &joinBytes)
+        let first = try await RawPeer.exchange(port: server.port, send: Array(joinBytes.readableBytesView), seconds: 1)
+        #expect(first.frames.contains { if case .joinAck = $0 { true } else { false } })
+        let replayed = try await RawPeer.exchange(port: server.port, send: Array(joinBytes.readableBytesView))
+        #expect(replayed.frames.contains { if case .abort(let c) = $0 { c.reason == .replay } else { false } })
+        var forged = join
+        forged.nonce = randomBytes(16)
+        var forgedBytes = ByteBuffer()
+        NBSWire.writePreamble(into: &forgedBytes)
+        FrameEncoder.encode(.join(forged), into: &forgedBytes)
+        let unauthenticated = try await RawPeer.exchange(port: server.port, send: Array(forgedBytes.readableBytesView))
+        #expect(unauthenticated.frames.contains { if case .abort(let c) = $0 { c.reason == .authenticationFailed } else { false } })
+
+        // ADD_ADDR: accepted once; its replay, and one MAC'd with the wrong role's key, are dropped.
+        var signals = SignalAuthenticator(keys: keys, localRole: .client)
+        let add = signals.addAddress(WireAddress(bytes: [127, 0, 0, 7], port: UInt16(server.port))!, id: 3)
+        var wrongRole = SignalAuthenticator(keys: keys, localRole: .server)
+        try await raw.send([add, add, wrongRole.addAddress(WireAddress(bytes: [127, 0, 0, 8], port: 1)!, id: 4)])
+        var rejected = 0
+        for _ in 0..<100 {
+            rejected = await session.statistics.rejectedSignals
+            if rejected >= 2 { break }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        #expect(rejected == 2)
+        // The session is intact: data from the raw opener arrives.
+        try await raw.send([.data(.init(sequence: 0, payload: ByteBuffer(bytes: [1, 2, 3])))])
+        let bytes = try await withTimeout(10) { try await session.read() }
+        #expect(bytes.map { Array($0.readableBytesView) } == [1, 2, 3])
+        await raw.close()
+        await session.abort()
+        await server.close()
+    }
+}
