@@ -17,16 +17,29 @@ enum SubflowConnector {
     /// Options and handlers of every subflow, opened or accepted.
     static func configure(_ channel: any Channel) -> EventLoopFuture<Void> {
         channel.eventLoop.makeCompletedFuture {
-            let options = channel.syncOptions!
-            try options.setOption(.allowRemoteHalfClosure, value: true)
-            try options.setOption(.tcpOption(.tcp_nodelay), value: 1)
-            try options.setOption(.tcpOption(tcpNotSentLowat), value: notSentLowWatermark)
-            try options.setOption(.writeBufferWaterMark, value: writeWaterMark)
-            try options.setOption(.recvAllocator, value: receiveAllocator)
-            let sync = channel.pipeline.syncOperations
-            try sync.addHandler(FrameReader())
-            try sync.addHandler(SubflowHandler())
+            try setSocketOptionsSync(channel)
+            try addSubflowHandlers(channel)
         }
+    }
+
+    /// The socket options alone: legacy sessions and connections not classified yet share them.
+    static func setSocketOptions(_ channel: any Channel) -> EventLoopFuture<Void> {
+        channel.eventLoop.makeCompletedFuture { try setSocketOptionsSync(channel) }
+    }
+
+    static func setSocketOptionsSync(_ channel: any Channel) throws {
+        let options = channel.syncOptions!
+        try options.setOption(.allowRemoteHalfClosure, value: true)
+        try options.setOption(.tcpOption(.tcp_nodelay), value: 1)
+        try options.setOption(.tcpOption(tcpNotSentLowat), value: notSentLowWatermark)
+        try options.setOption(.writeBufferWaterMark, value: writeWaterMark)
+        try options.setOption(.recvAllocator, value: receiveAllocator)
+    }
+
+    static func addSubflowHandlers(_ channel: any Channel) throws {
+        let sync = channel.pipeline.syncOperations
+        try sync.addHandler(FrameReader())
+        try sync.addHandler(SubflowHandler())
     }
 
     static func connect(on loop: any EventLoop, from local: SocketAddress, to remote: SocketAddress, options: NBSOptions) -> EventLoopFuture<any Channel> {
