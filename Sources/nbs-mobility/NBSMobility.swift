@@ -30,7 +30,7 @@ struct NBSMobility: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "nbs-mobility",
         abstract: "Name Based Sockets: multipath, mobile sessions opened by name.",
-        subcommands: [Serve.self, Connect.self, Monitor.self]
+        subcommands: [Serve.self, Connect.self, Monitor.self, Proxy.self]
     )
 }
 
