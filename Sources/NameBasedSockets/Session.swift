@@ -17,6 +17,7 @@ public final class Session: Sendable {
     /// mobility, every byte passed through unchanged. A legacy client's `peerName` is its
     /// address's reverse name (`ReverseName`).
     public let isLegacy: Bool
+    /// The multipath engine, or for a legacy peer its one plain connection.
     let engine: NIOLoopBound<any SessionBackend>
     let loop: any EventLoop
 

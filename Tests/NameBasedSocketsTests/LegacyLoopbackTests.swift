@@ -37,6 +37,23 @@ struct LegacyLoopbackTests {
         await server.close()
     }
 
+    @Test("a plain IPv6 client is named under ip6.arpa")
+    func plainClientIPv6() async throws {
+        let server = try await listener()
+        let served = Task {
+            let session = try await server.accept()
+            #expect(session.isLegacy)
+            while let chunk = try await session.read() { try await session.write(chunk) }
+            try await session.close()
+            return session.peerName
+        }
+        let data = pattern(10_000, seed: 15)
+        let echoed = try await withTimeout(20) { try await PlainPeer.roundTrip(host: "::1", port: server.port, send: data) }
+        #expect(sha256(echoed) == sha256(data))
+        #expect(try await served.value == "1." + String(repeating: "0.", count: 31) + "ip6.arpa")
+        await server.close()
+    }
+
     @Test("a plain client that waits for a banner is taken for legacy after the detection delay")
     func plainClientWaitsForBanner() async throws {
         var options = NBSOptions()
@@ -279,10 +296,10 @@ func echo(_ data: ByteBuffer, over session: Session) async throws -> [UInt8] {
 
 /// A plain TCP client (NIOAsyncChannel), as curl or nc would be.
 enum PlainPeer {
-    static func connect(port: Int) async throws -> NIOAsyncChannel<ByteBuffer, ByteBuffer> {
+    static func connect(host: String = "127.0.0.1", port: Int) async throws -> NIOAsyncChannel<ByteBuffer, ByteBuffer> {
         try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .channelOption(.allowRemoteHalfClosure, value: true)
-            .connect(host: "127.0.0.1", port: port) { channel in
+            .connect(host: host, port: port) { channel in
                 channel.eventLoop.makeCompletedFuture {
                     try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: channel, configuration: .init(isOutboundHalfClosureEnabled: true))
                 }
@@ -290,8 +307,8 @@ enum PlainPeer {
     }
 
     /// Sends `send`, half-closes, returns everything received until the server closes.
-    static func roundTrip(port: Int, send: ByteBuffer) async throws -> ByteBuffer {
-        let channel = try await connect(port: port)
+    static func roundTrip(host: String = "127.0.0.1", port: Int, send: ByteBuffer) async throws -> ByteBuffer {
+        let channel = try await connect(host: host, port: port)
         return try await channel.executeThenClose { inbound, outbound in
             async let received: ByteBuffer = {
                 var all = ByteBuffer()
