@@ -25,8 +25,9 @@ final class LegacyConnection: ChannelInboundHandler, RemovableChannelHandler, Se
     let events: AsyncStream<SessionEvent>
     private let eventContinuation: AsyncStream<SessionEvent>.Continuation
     private let options: NBSOptions
-    private let local: SocketAddress
-    private let remote: SocketAddress
+    private var local: SocketAddress
+    private var remote: SocketAddress
+    private var announced = false
     private var context: ChannelHandlerContext?
     private var received = CircularBuffer<ByteBuffer>()
     private var receivedBytes = 0
@@ -35,6 +36,10 @@ final class LegacyConnection: ChannelInboundHandler, RemovableChannelHandler, Se
     private var closeWaiters: [EventLoopPromise<Void>] = []
     private var inputEnded = false
     private var outputFinished = false
+    /// The output is shut down (FIN sent), which happens once every write has reached the socket.
+    private var outputShut = false
+    /// Completes when the last write has reached the socket.
+    private var lastWrite: EventLoopFuture<Void>?
     private var channelClosed = false
     private var failure: NBSError?
     private var bytesSent = 0
@@ -48,8 +53,10 @@ final class LegacyConnection: ChannelInboundHandler, RemovableChannelHandler, Se
         self.peerName = peerName
         self.port = port
         self.options = options
-        self.local = (channel.localAddress ?? (try! SocketAddress(ipAddress: "0.0.0.0", port: 0))).unmapped
-        self.remote = (channel.remoteAddress ?? (try! SocketAddress(ipAddress: "0.0.0.0", port: 0))).unmapped
+        // Known once connected: an opener's connection is set up before that (see `connect`).
+        let unknown = try! SocketAddress(ipAddress: "0.0.0.0", port: 0)
+        self.local = channel.localAddress?.unmapped ?? unknown
+        self.remote = channel.remoteAddress?.unmapped ?? unknown
         (events, eventContinuation) = AsyncStream.makeStream(of: SessionEvent.self, bufferingPolicy: .bufferingNewest(1024))
     }
 
@@ -64,23 +71,46 @@ final class LegacyConnection: ChannelInboundHandler, RemovableChannelHandler, Se
         return Session(legacy: connection)
     }
 
-    /// A plain TCP connection to `remote`: no NBS byte is ever sent on it.
+    /// A plain TCP connection to `remote`: no NBS byte is ever sent on it. The session is in the
+    /// pipeline before the connection is up, so a server that speaks first loses nothing.
     static func connect(on loop: any EventLoop, from local: SocketAddress, to remote: SocketAddress, localName: String, peerName: String,
                         port: Int, options: NBSOptions) async throws -> Session {
-        let channel = try await ClientBootstrap(group: loop)
-            .connectTimeout(options.connectTimeout)
-            .channelInitializer { SubflowConnector.setSocketOptions($0) }
-            .bind(to: local)
-            .connect(to: remote).get()
-        return try await loop.submit {
-            try adopt(channel, role: .opener, localName: localName, peerName: peerName, port: port, options: options)
-        }.get()
+        let session = loop.makePromise(of: Session.self)
+        do {
+            _ = try await ClientBootstrap(group: loop)
+                .connectTimeout(options.connectTimeout)
+                .channelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try SubflowConnector.setSocketOptionsSync(channel)
+                        session.succeed(try adopt(channel, role: .opener, localName: localName, peerName: peerName, port: port, options: options))
+                    }
+                }
+                .bind(to: local)
+                .connect(to: remote).get()
+        } catch {
+            session.fail(error)
+            throw error
+        }
+        return try await session.futureResult.get()
     }
 
     // MARK: channel events
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
+        if context.channel.isActive { becameActive(context: context) }
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        becameActive(context: context)
+        context.fireChannelActive()
+    }
+
+    private func becameActive(context: ChannelHandlerContext) {
+        guard !announced else { return }
+        announced = true
+        if let address = context.channel.localAddress { local = address.unmapped }
+        if let address = context.channel.remoteAddress { remote = address.unmapped }
         eventContinuation.yield(.subflowUp(info))
         context.read()
     }
@@ -153,7 +183,9 @@ final class LegacyConnection: ChannelInboundHandler, RemovableChannelHandler, Se
         guard let context, !channelClosed else { return loop.makeFailedFuture(NBSError.connectionLost("the connection is closed")) }
         guard bytes.readableBytes > 0 else { return loop.makeSucceededVoidFuture() }
         bytesSent += bytes.readableBytes
-        context.writeAndFlush(Self.wrapOutboundOut(bytes), promise: nil)
+        let written = loop.makePromise(of: Void.self)
+        context.writeAndFlush(Self.wrapOutboundOut(bytes), promise: written)
+        lastWrite = written.futureResult
         if context.channel.isWritable { return loop.makeSucceededVoidFuture() }
         let promise = loop.makePromise(of: Void.self)
         writeWaiters.append(promise)
@@ -161,8 +193,18 @@ final class LegacyConnection: ChannelInboundHandler, RemovableChannelHandler, Se
     }
 
     func finish() {
-        guard !outputFinished, failure == nil, let context, !channelClosed else { return }
+        guard !outputFinished, failure == nil, context != nil, !channelClosed else { return }
         outputFinished = true
+        // Once the peer has ended its side, NIO turns an output shutdown into a full close that
+        // drops the writes still queued: so shut down only after the last write reached the socket.
+        guard let lastWrite else { return shutDownOutput() }
+        let bound = NIOLoopBound(self, eventLoop: loop)
+        lastWrite.whenComplete { _ in bound.value.shutDownOutput() }
+    }
+
+    private func shutDownOutput() {
+        guard !outputShut, let context, !channelClosed else { return }
+        outputShut = true
         context.close(mode: .output, promise: nil)
         closeIfDone()
     }
@@ -232,7 +274,7 @@ final class LegacyConnection: ChannelInboundHandler, RemovableChannelHandler, Se
 
     /// Both directions ended: the connection has nothing left to do.
     private func closeIfDone() {
-        if inputEnded, outputFinished, !channelClosed { context?.close(promise: nil) }
+        if inputEnded, outputShut, !channelClosed { context?.close(promise: nil) }
     }
 
     private func fail(_ error: NBSError) {

@@ -57,6 +57,8 @@ final class FirstBytesClassifier: ChannelInboundHandler, RemovableChannelHandler
         var verdict: LegacyDetection.Verdict
         var evidence: Evidence
         var firstBytes: ByteBuffer
+        /// How long silence was waited for, when it decided.
+        var waited: TimeAmount?
     }
 
     enum Disposition {
@@ -69,22 +71,42 @@ final class FirstBytesClassifier: ChannelInboundHandler, RemovableChannelHandler
     private let side: LegacyDetection.Side
     /// nil: silence never decides (an NBS-only opener leaves that to its handshake timeout).
     private let silence: TimeAmount?
+    private let connectTimes: Int64
     private let decide: (Outcome, ChannelHandlerContext) -> Disposition
     private var held: ByteBuffer?
     private var inputEnded = false
     private var decided = false
+    private var addedAt = NIODeadline.now()
     private var timer: Scheduled<Void>?
+    private var waited: TimeAmount?
 
-    init(side: LegacyDetection.Side, silence: TimeAmount?, decide: @escaping (Outcome, ChannelHandlerContext) -> Disposition) {
+    /// Silence counts from the connection being up, and lasts at least `atLeastConnectTimes` times
+    /// as long as connecting took (when the handler was added before that), so that a slow path is
+    /// not taken for a silent peer.
+    init(side: LegacyDetection.Side, silence: TimeAmount?, atLeastConnectTimes: Int64 = 0,
+         decide: @escaping (Outcome, ChannelHandlerContext) -> Disposition) {
         self.side = side
         self.silence = silence
+        self.connectTimes = atLeastConnectTimes
         self.decide = decide
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
-        guard let silence else { return }
+        addedAt = .now()
+        if context.channel.isActive { startSilenceTimer(context: context, connectTime: .zero) }
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        if timer == nil { startSilenceTimer(context: context, connectTime: .now() - addedAt) }
+        context.fireChannelActive()
+    }
+
+    private func startSilenceTimer(context: ChannelHandlerContext, connectTime: TimeAmount) {
+        guard let silence, !decided else { return }
+        let wait = max(silence, connectTime * connectTimes)
+        waited = wait
         let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
-        timer = context.eventLoop.scheduleTask(in: silence) {
+        timer = context.eventLoop.scheduleTask(in: wait) {
             let (classifier, context) = bound.value
             classifier.evaluate(context: context, silentTooLong: true)
         }
@@ -125,7 +147,7 @@ final class FirstBytesClassifier: ChannelInboundHandler, RemovableChannelHandler
         timer?.cancel()
         let evidence: Evidence =
             if LegacyDetection.classify(bytes.readableBytesView, side: side) != .undecided { .bytes } else if inputEnded { .closed } else { .silence }
-        let disposition = decide(Outcome(verdict: verdict, evidence: evidence, firstBytes: bytes), context)
+        let disposition = decide(Outcome(verdict: verdict, evidence: evidence, firstBytes: bytes, waited: evidence == .silence ? waited : nil), context)
         if disposition == .forward {
             if let held, held.readableBytes > 0 { context.fireChannelRead(Self.wrapInboundOut(held)) }
             if inputEnded, context.channel.isActive { context.fireUserInboundEventTriggered(ChannelEvent.inputClosed) }

@@ -64,27 +64,35 @@ public enum NBS {
 final class OpenAttempt: SubflowDelegate {
     private let promise: EventLoopPromise<Frame.Accept>
     private var machine = SubflowStateMachine.openerSide(joining: false)
+    private var handler: SubflowHandler?
 
     init(promise: EventLoopPromise<Frame.Accept>) { self.promise = promise }
 
     static func run(on loop: any EventLoop, local: SocketAddress, remote: SocketAddress, localName: String, peerName: String, port: Int,
                     options: NBSOptions, book: LocalAddressBook, peerAddresses: [SocketAddress]) async throws -> Session {
-        let connectStarted = NIODeadline.now()
-        let channel = try await SubflowConnector.connect(on: loop, from: local, to: remote, options: options).get()
-        let connectTime = NIODeadline.now() - connectStarted
+        let promise = loop.makePromise(of: Frame.Accept.self)
+        let boundAttempt = try await loop.submit { NIOLoopBound(OpenAttempt(promise: promise), eventLoop: loop) }.get()
+        let channel: any Channel
+        do {
+            // A server that speaks first may do so as soon as TCP connects: the attempt and the
+            // classifier are in place before that.
+            channel = try await SubflowConnector.connect(on: loop, from: local, to: remote, options: options) { channel in
+                let attempt = boundAttempt.value
+                let handler = try channel.pipeline.syncOperations.handler(type: SubflowHandler.self)
+                attempt.handler = handler
+                handler.delegate = attempt
+                try attempt.watchForLegacyServer(channel: channel, handler: handler, localName: localName, peerName: peerName, port: port, options: options)
+            }.get()
+        } catch {
+            promise.fail(error)
+            throw error
+        }
         let future: EventLoopFuture<Session> = loop.flatSubmit {
-            let handler: SubflowHandler
-            do { handler = try channel.pipeline.syncOperations.handler(type: SubflowHandler.self) } catch { return loop.makeFailedFuture(error) }
-            let handshake = ClientHandshake(sourceName: localName, destinationName: peerName, port: UInt16(port))
-            let promise = loop.makePromise(of: Frame.Accept.self)
-            let attempt = OpenAttempt(promise: promise)
-            handler.delegate = attempt
-            do {
-                try attempt.watchForLegacyServer(channel: channel, handler: handler, connectTime: connectTime, localName: localName,
-                                                 peerName: peerName, port: port, options: options)
-            } catch {
-                return loop.makeFailedFuture(error)
+            let attempt = boundAttempt.value
+            guard let handler = attempt.handler else {
+                return loop.makeFailedFuture(NBSError.connectFailed(peer: peerName, reason: "the connection was not set up"))
             }
+            let handshake = ClientHandshake(sourceName: localName, destinationName: peerName, port: UInt16(port))
             handler.handshakeSentAt = .now()
             handler.write(.open(handshake.open))
             let timeout = loop.scheduleTask(in: options.handshakeTimeout) {
@@ -140,20 +148,20 @@ final class OpenAttempt: SubflowDelegate {
     /// silence, or its close) are seen before they could be taken for frames. With `.nbsOnly` a
     /// legacy server fails the open with `NBSError.legacyPeer`; with `.fallback` the peer is
     /// remembered as legacy and the session falls back to plain TCP.
-    func watchForLegacyServer(channel: any Channel, handler: SubflowHandler, connectTime: TimeAmount, localName: String, peerName: String,
+    func watchForLegacyServer(channel: any Channel, handler: SubflowHandler, localName: String, peerName: String,
                               port: Int, options: NBSOptions) throws {
         let fallback = options.legacyFallback == .fallback
-        let silence = fallback ? max(options.legacyDetectionDelay, connectTime * 4) : nil
+        let silence = fallback ? options.legacyDetectionDelay : nil
         let promise = self.promise
         let boundHandler = NIOLoopBound(handler, eventLoop: channel.eventLoop)
-        let classifier = FirstBytesClassifier(side: .opener, silence: silence) { outcome, context in
+        let classifier = FirstBytesClassifier(side: .opener, silence: silence, atLeastConnectTimes: 4) { outcome, context in
             if outcome.verdict == .nbs { return .forward }
             let evidence: String =
                 switch (outcome.verdict, outcome.evidence) {
                 case (.echo, _): "it sent our own OPEN back (an echo server)"
                 case (_, .bytes): "it answered with non-NBS bytes"
                 case (_, .closed): "it closed the connection without answering"
-                case (_, .silence): "it did not answer within \(silence.map { "\($0.nanoseconds / 1_000_000) ms" } ?? "the handshake timeout")"
+                case (_, .silence): "it did not answer within \(outcome.waited.map { "\($0.nanoseconds / 1_000_000) ms" } ?? "the handshake timeout")"
                 }
             guard fallback else {
                 promise.fail(NBSError.legacyPeer(peer: peerName, evidence: evidence))

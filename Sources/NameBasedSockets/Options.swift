@@ -49,8 +49,9 @@ public struct NBSOptions: Sendable {
     public var acceptLegacyClients = true
     /// Listener: how long a new connection may stay silent before it is taken for a legacy client
     /// waiting for the server to speak first (NBS openers send their preamble at once). Opener with
-    /// `.fallback`: the least time a silent server is given to answer OPEN (at least 4 times the
-    /// TCP connect time, so a slow path is not mistaken for a legacy server).
+    /// `.fallback`: the least time a silent server is given to answer OPEN, counted from the
+    /// connection being up (at least 4 times the TCP connect time, so that a slow path is not
+    /// mistaken for a legacy server).
     public var legacyDetectionDelay: TimeAmount = .milliseconds(300)
     /// Opener only: whether it may fall back to plain TCP for a peer that does not speak NBS.
     public var legacyFallback: LegacyFallback = .nbsOnly

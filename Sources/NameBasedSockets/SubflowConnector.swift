@@ -42,10 +42,15 @@ enum SubflowConnector {
         try sync.addHandler(SubflowHandler())
     }
 
-    static func connect(on loop: any EventLoop, from local: SocketAddress, to remote: SocketAddress, options: NBSOptions) -> EventLoopFuture<any Channel> {
+    /// `prepare` runs on the channel's loop before the connection is up, so that nothing the peer
+    /// sends first can arrive before the handlers that must see it.
+    static func connect(on loop: any EventLoop, from local: SocketAddress, to remote: SocketAddress, options: NBSOptions,
+                        prepare: (@Sendable (any Channel) throws -> Void)? = nil) -> EventLoopFuture<any Channel> {
         ClientBootstrap(group: loop)
             .connectTimeout(options.connectTimeout)
-            .channelInitializer { configure($0) }
+            .channelInitializer { channel in
+                configure(channel).flatMapThrowing { try prepare?(channel) }
+            }
             .bind(to: local)
             .connect(to: remote)
     }

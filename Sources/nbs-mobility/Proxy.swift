@@ -135,11 +135,12 @@ struct Proxy: AsyncParsableCommand {
     }
 }
 
-/// A plain TCP channel for async use, with half-close both ways.
+/// A plain TCP channel for async reading. Writes and the output shutdown go to the channel itself
+/// (see `relay`), not through the async writer.
 private func plainAsyncChannel(_ channel: any Channel) -> EventLoopFuture<NIOAsyncChannel<ByteBuffer, ByteBuffer>> {
     channel.eventLoop.makeCompletedFuture {
         try channel.syncOptions?.setOption(.tcpOption(.tcp_nodelay), value: 1)
-        return try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: channel, configuration: .init(isOutboundHalfClosureEnabled: true))
+        return try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: channel)
     }
 }
 
@@ -153,7 +154,7 @@ func relay(_ plain: NIOAsyncChannel<ByteBuffer, ByteBuffer>, _ session: Session,
     }
     let started = ContinuousClock.now
     do {
-        try await plain.executeThenClose { inbound, outbound in
+        try await plain.executeThenClose { inbound, _ in
             try await withThrowingTaskGroup(of: Copied.self) { group in
                 group.addTask {
                     var count = 0
@@ -165,12 +166,15 @@ func relay(_ plain: NIOAsyncChannel<ByteBuffer, ByteBuffer>, _ session: Session,
                     return .toPeer(count)
                 }
                 group.addTask {
+                    // Each write is awaited until it reached the socket (backpressure), so the
+                    // output shutdown below finds nothing queued: once the plain peer has ended its
+                    // side, NIO turns the shutdown into a full close that would drop queued writes.
                     var count = 0
                     while let chunk = try await session.read() {
                         count += chunk.readableBytes
-                        try await outbound.write(chunk)
+                        try await plain.channel.writeAndFlush(chunk)
                     }
-                    outbound.finish()
+                    try? await plain.channel.close(mode: .output)
                     return .fromPeer(count)
                 }
                 do {
