@@ -60,14 +60,14 @@ final class LegacyConnection: ChannelInboundHandler, RemovableChannelHandler, Se
         (events, eventContinuation) = AsyncStream.makeStream(of: SessionEvent.self, bufferingPolicy: .bufferingNewest(1024))
     }
 
-    /// Installs a legacy session on `channel` (after `after`, or last) and returns it. On the loop.
-    static func adopt(_ channel: any Channel, after: (any ChannelHandler)? = nil, role: Session.Role, localName: String, peerName: String, port: Int,
+    /// Installs a legacy session last in `channel`'s pipeline and returns it. On the loop.
+    static func adopt(_ channel: any Channel, role: Session.Role, localName: String, peerName: String, port: Int,
                       options: NBSOptions) throws -> Session {
         let connection = LegacyConnection(channel: channel, role: role, localName: localName, peerName: peerName, port: port, options: options)
         let sync = channel.pipeline.syncOperations
         try channel.syncOptions?.setOption(.allowRemoteHalfClosure, value: true)
         try channel.syncOptions?.setOption(.autoRead, value: false)
-        if let after { try sync.addHandler(connection, position: .after(after)) } else { try sync.addHandler(connection) }
+        try sync.addHandler(connection)
         return Session(legacy: connection)
     }
 
@@ -118,8 +118,15 @@ final class LegacyConnection: ChannelInboundHandler, RemovableChannelHandler, Se
     func handlerRemoved(context: ChannelHandlerContext) { self.context = nil }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        let bytes = Self.unwrapInboundIn(data)
+        var bytes = Self.unwrapInboundIn(data)
         guard bytes.readableBytes > 0 else { return }
+        // A small read would keep its whole receive buffer (64 KiB or more) alive while it waits
+        // for the application, so that memory would no longer be bounded by receiveCapacity.
+        if bytes.readableBytes < bytes.capacity / 4 {
+            var copy = context.channel.allocator.buffer(capacity: bytes.readableBytes)
+            copy.writeBuffer(&bytes)
+            bytes = copy
+        }
         bytesReceived += bytes.readableBytes
         receivedBytes += bytes.readableBytes
         received.append(bytes)
