@@ -11,8 +11,8 @@ import NIOPosix
 /// The backend of a legacy session: one plain TCP connection, every byte passed through unchanged
 /// in both directions. It gives a `Session` the same read/write/finish/close/abort semantics the
 /// multipath engine does, with backpressure both ways: reading from the socket stops while
-/// `receiveCapacity` bytes wait for the application, and `write` returns once the channel is
-/// writable again.
+/// `receiveCapacity` bytes wait for the application (plus at most one batch of socket reads), and
+/// `write` returns once the channel is writable again.
 final class LegacyConnection: ChannelInboundHandler, RemovableChannelHandler, SessionBackend {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
@@ -28,6 +28,10 @@ final class LegacyConnection: ChannelInboundHandler, RemovableChannelHandler, Se
     private var local: SocketAddress
     private var remote: SocketAddress
     private var announced = false
+    /// Taken for legacy because it was silent: if its first bytes turn out to be the NBS magic after
+    /// all (an opener whose first segment was lost and sent again late), it is reset rather than
+    /// handing NBS frames to the application as data; the opener's handshake fails and it retries.
+    private var checkFirstBytesForNBS: Bool
     private var context: ChannelHandlerContext?
     private var received = CircularBuffer<ByteBuffer>()
     private var receivedBytes = 0
@@ -46,7 +50,8 @@ final class LegacyConnection: ChannelInboundHandler, RemovableChannelHandler, Se
     private var bytesReceived = 0
     private let logger = Logger(label: "nbs.legacy")
 
-    init(channel: any Channel, role: Session.Role, localName: String, peerName: String, port: Int, options: NBSOptions) {
+    init(channel: any Channel, role: Session.Role, localName: String, peerName: String, port: Int, options: NBSOptions, checkFirstBytesForNBS: Bool = false) {
+        self.checkFirstBytesForNBS = checkFirstBytesForNBS
         self.loop = channel.eventLoop
         self.role = role
         self.localName = localName
@@ -62,8 +67,9 @@ final class LegacyConnection: ChannelInboundHandler, RemovableChannelHandler, Se
 
     /// Installs a legacy session last in `channel`'s pipeline and returns it. On the loop.
     static func adopt(_ channel: any Channel, role: Session.Role, localName: String, peerName: String, port: Int,
-                      options: NBSOptions) throws -> Session {
-        let connection = LegacyConnection(channel: channel, role: role, localName: localName, peerName: peerName, port: port, options: options)
+                      options: NBSOptions, checkFirstBytesForNBS: Bool = false) throws -> Session {
+        let connection = LegacyConnection(channel: channel, role: role, localName: localName, peerName: peerName, port: port, options: options,
+                                          checkFirstBytesForNBS: checkFirstBytesForNBS)
         let sync = channel.pipeline.syncOperations
         try channel.syncOptions?.setOption(.allowRemoteHalfClosure, value: true)
         try channel.syncOptions?.setOption(.autoRead, value: false)
@@ -119,7 +125,14 @@ final class LegacyConnection: ChannelInboundHandler, RemovableChannelHandler, Se
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var bytes = Self.unwrapInboundIn(data)
-        guard bytes.readableBytes > 0 else { return }
+        // After a failure (an abort, a reset) the connection is going away: nothing more is delivered.
+        guard bytes.readableBytes > 0, failure == nil else { return }
+        if checkFirstBytesForNBS {
+            checkFirstBytesForNBS = false
+            if LegacyDetection.classify(bytes.readableBytesView, side: .listener) == .nbs {
+                return fail(.connectionLost("an NBS peer whose first bytes came after the legacy detection delay"))
+            }
+        }
         // A small read would keep its whole receive buffer (64 KiB or more) alive while it waits
         // for the application, so that memory would no longer be bounded by receiveCapacity.
         if bytes.readableBytes < bytes.capacity / 4 {

@@ -195,7 +195,8 @@ final class ListenerState: SubflowDelegate {
             }
             let name = ReverseName.of(remote) ?? remote.description
             logger.info("legacy client \(remote) (\(outcome.evidence)) accepted as \(name)")
-            deliver(try LegacyConnection.adopt(channel, role: .listener, localName: localName, peerName: name, port: local.port ?? 0, options: options))
+            deliver(try LegacyConnection.adopt(channel, role: .listener, localName: localName, peerName: name, port: local.port ?? 0, options: options,
+                                               checkFirstBytesForNBS: outcome.evidence == .silence))
             return .forward
         } catch {
             logger.warning("cannot set up a connection from \(channel.remoteAddress?.description ?? "?"): \(error)")

@@ -2,6 +2,7 @@ import Crypto
 import NBSProtocol
 import NIOCore
 import NIOPosix
+import Synchronization
 import Testing
 
 @testable import NameBasedSockets
@@ -95,6 +96,99 @@ struct LegacyLoopbackTests {
         let echoed = try await withTimeout(20) { try await PlainPeer.roundTrip(port: server.port, send: ByteBuffer()) }
         #expect(String(buffer: echoed) == "bye")
         #expect(try await served.value == nil)
+        await server.close()
+    }
+
+    @Test("a connection taken for legacy by its silence, whose first bytes are NBS after all, is reset")
+    func latePreambleIsReset() async throws {
+        var options = NBSOptions()
+        options.legacyDetectionDelay = .milliseconds(100)
+        let server = try await listener(options: options)
+        let accepted = Task { try await server.accept() }
+        let channel = try await PlainPeer.connect(port: server.port)
+        let received = try await channel.executeThenClose { inbound, outbound in
+            try await Task.sleep(for: .milliseconds(400))
+            var late = ByteBuffer()
+            NBSWire.writePreamble(into: &late)
+            FrameEncoder.encode(.join(.init(token: 7, nonce: randomBytes(16), backup: false, mac: randomBytes(32))), into: &late)
+            try await outbound.write(late)
+            var all = ByteBuffer()
+            do {
+                for try await var chunk in inbound { all.writeBuffer(&chunk) }
+            } catch {}  // a reset ends the stream with an error
+            return all.readableBytes
+        }
+        #expect(received == 0)
+        let session = try await withTimeout(10) { try await accepted.value }
+        #expect(session.isLegacy)
+        await #expect(throws: NBSError.self) {
+            _ = try await withTimeout(10) { try await session.read() }
+        }
+        await server.close()
+    }
+
+    @Test("a legacy session applies backpressure both ways")
+    func legacyBackpressure() async throws {
+        var options = NBSOptions()
+        options.receiveCapacity = 256 * 1024
+        let server = try await listener(options: options)
+        let accepted = Task { try await server.accept() }
+        let channel = try await PlainPeer.connect(port: server.port)
+        // Loopback sockets here may buffer up to 32 MiB (tcp_rmem) + 4 MiB (tcp_wmem) by themselves.
+        let total = 128 * 1024 * 1024
+        let block = pattern(256 * 1024, seed: 16)
+        var expected = SHA256()
+        for _ in 0..<(total / block.readableBytes) { block.withUnsafeReadableBytes { expected.update(bufferPointer: $0) } }
+        let expectedDigest = Array(expected.finalize())
+        try await channel.executeThenClose { inbound, _ in
+            // The plain client pushes far more than the session's receive capacity and the socket
+            // buffers hold, each write awaited until the kernel took it, while the application does
+            // not read: its writes must stall, and the session must hold little.
+            let pushed = ManagedCounter()
+            let writer = Task {
+                for _ in 0..<(total / block.readableBytes) {
+                    try await channel.channel.writeAndFlush(block)
+                    pushed.add(block.readableBytes)
+                }
+                try await channel.channel.close(mode: .output)
+            }
+            let session = try await withTimeout(10) { try await accepted.value }
+            try await Task.sleep(for: .milliseconds(500))
+            #expect(pushed.value < total / 2)
+            // At most the capacity plus one batch of socket reads (4 reads of up to 1 MiB).
+            let held = await session.subflows.first?.bytesReceived ?? -1
+            #expect(held <= options.receiveCapacity + 4 * 1024 * 1024)
+            // The other way: the client does not read, so the session's writes stall too.
+            let written = ManagedCounter()
+            let sessionWriter = Task {
+                for _ in 0..<(total / block.readableBytes) {
+                    try await session.write(block)
+                    written.add(block.readableBytes)
+                }
+                await session.finish()
+            }
+            try await Task.sleep(for: .milliseconds(500))
+            #expect(written.value < total / 2)
+            // Now both read: everything arrives intact.
+            let back = Task {
+                var hash = SHA256()
+                var count = 0
+                for try await chunk in inbound {
+                    count += chunk.readableBytes
+                    chunk.withUnsafeReadableBytes { hash.update(bufferPointer: $0) }
+                }
+                return (count, Array(hash.finalize()))
+            }
+            let (count, digest) = try await withTimeout(60) { try await drain(session) }
+            #expect(count == total)
+            #expect(digest == expectedDigest)
+            let (backCount, backDigest) = try await withTimeout(60) { try await back.value }
+            #expect(backCount == total)
+            #expect(backDigest == expectedDigest)
+            try await writer.value
+            try await sessionWriter.value
+            try await session.close()
+        }
         await server.close()
     }
 
@@ -270,6 +364,13 @@ struct LegacyLoopbackTests {
 }
 
 // MARK: helpers
+
+/// A count shared between a test and the task it watches.
+final class ManagedCounter: Sendable {
+    private let count = Mutex(0)
+    func add(_ n: Int) { count.withLock { $0 += n } }
+    var value: Int { count.withLock { $0 } }
+}
 
 /// Loopback options for an opener with `mode`, and a cache of its own so tests do not share one.
 func legacyOptions(_ mode: NBSOptions.LegacyFallback, peer: String = "legacy.test", detectionDelay: TimeAmount? = nil) -> NBSOptions {
