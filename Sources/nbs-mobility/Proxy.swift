@@ -84,7 +84,7 @@ struct Proxy: AsyncParsableCommand {
                         } catch {
                             var log = ProxyLog(direction: "outgoing", client: client, peerName: peerName)
                             log.error = "\(error)"
-                            log.emit(json: json, hint: "is `nbs-mobility proxy --serve` running at \(peerName):\(peerPort)? (or try --legacy fallback)")
+                            log.emit(json: json, hint: openHint(error, peer: "\(peerName):\(peerPort)"))
                             try? await connection.channel.close()
                             return
                         }
@@ -132,6 +132,19 @@ struct Proxy: AsyncParsableCommand {
                 }
             }
         }
+    }
+}
+
+/// What to try when the session to the serving proxy cannot be opened.
+private func openHint(_ error: any Error, peer: String) -> String? {
+    guard let error = error as? NBSError else { return nil }
+    switch error {
+    case .legacyPeer:
+        return "\(peer) is a plain TCP server, not `nbs-mobility proxy --serve`: point --to at the serving proxy, or reach it with --legacy fallback"
+    case .connectFailed:
+        return "is `nbs-mobility proxy --serve` running at \(peer), and is the port right?"
+    default:
+        return CLIError.from(error, peer: peer).hint
     }
 }
 
