@@ -27,6 +27,8 @@ nbs_tmpdir
 nbs_topology_create
 T=$NBS_TMP
 S4=${NBS_S4[1]}
+# Set by nbs_bg and nbs_wait_rc through namerefs.
+epid="" erc=0
 sum() { sha256sum "$1" | cut -d' ' -f1; }
 # Every line of FILE is a JSON object; evaluate EXPR over `lines` (the list of objects).
 json_lines() {

@@ -24,6 +24,8 @@ nbs_cleanup_on_exit
 nbs_tmpdir
 nbs_topology_create --rate "${NBS_RATE:-20}" --move c
 T=$NBS_TMP
+# Set by nbs_bg and nbs_wait_rc through namerefs.
+sinkpid="" smpid="" sendpid="" src=0 krc=0
 sum() { sha256sum "$1" | cut -d' ' -f1; }
 
 head -c "$bytes" /dev/urandom >"$T/send.bin"
