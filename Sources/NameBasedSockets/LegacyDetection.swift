@@ -1,5 +1,5 @@
-import NIOCore
 import NBSProtocol
+import NIOCore
 
 /// Telling an NBS peer from a legacy one by the first bytes it sends, or by its silence. Pure:
 /// the channel handler that feeds it is `FirstBytesClassifier`.
@@ -38,8 +38,8 @@ public enum LegacyDetection {
     }
 }
 
-/// First handler of a connection whose kind is not known yet: holds the first bytes (a few at
-/// most: the verdict comes by the 4th or 7th byte) and the end of input until `LegacyDetection`
+/// First handler of a connection whose kind is not known yet: holds the first reads (the verdict
+/// comes by the 4th or 7th byte, so rarely more than one) and the end of input until `LegacyDetection`
 /// decides, lets `decide` arrange the pipeline after it, then passes on what it held (unless told
 /// to drop it) and removes itself.
 final class FirstBytesClassifier: ChannelInboundHandler, RemovableChannelHandler {
