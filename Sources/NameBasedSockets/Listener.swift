@@ -37,9 +37,17 @@ public final class Listener: Sendable {
                     .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
                     .serverChannelOption(.backlog, value: 256)
                     .childChannelInitializer { channel in
-                        SubflowConnector.configure(channel).flatMapThrowing {
-                            let handler = try channel.pipeline.syncOperations.handler(type: SubflowHandler.self)
-                            state.value.newConnection(handler, channel: channel)
+                        guard options.acceptLegacyClients else {
+                            return SubflowConnector.configure(channel).flatMapThrowing {
+                                let handler = try channel.pipeline.syncOperations.handler(type: SubflowHandler.self)
+                                state.value.newConnection(handler, channel: channel)
+                            }
+                        }
+                        return SubflowConnector.setSocketOptions(channel).flatMapThrowing {
+                            let classifier = FirstBytesClassifier(side: .listener, silence: options.legacyDetectionDelay) { outcome, context in
+                                state.value.classified(outcome, channel: context.channel)
+                            }
+                            try channel.pipeline.syncOperations.addHandler(classifier)
                         }
                     }
                     .bind(to: address).get()
@@ -279,7 +287,10 @@ final class ListenerState: SubflowDelegate {
         engine.adoptEstablished(entry.handler, machine: entry.machine, local: entry.local, remote: entry.remote, backup: false)
         for frame in entry.frames { entry.handler.delegate?.subflow(entry.handler, received: frame) }
         engine.startPathManagement()
-        let session = Session(engine: engine)
+        deliver(Session(engine: engine))
+    }
+
+    private func deliver(_ session: Session) {
         if let waiter = waiters.popFirst() { waiter.succeed(session) } else { ready.append(session) }
     }
 
@@ -290,6 +301,32 @@ final class ListenerState: SubflowDelegate {
         refusals += 1
         logger.warning("refused \(entry.open.sourceName) at \(entry.remote.hostString): \(reason): \(message)")
         entry.handler.writeAndClose(SignalAuthenticator(keys: entry.keys, localRole: .server).close(reason, message, abort: true))
+    }
+
+    /// A new connection's first bytes (or its silence) told what it is: NBS connections go on to
+    /// OPEN or JOIN, anything else becomes a legacy session named after its address.
+    func classified(_ outcome: FirstBytesClassifier.Outcome, channel: any Channel) -> FirstBytesClassifier.Disposition {
+        do {
+            guard outcome.verdict == .legacy else {
+                try SubflowConnector.addSubflowHandlers(channel)
+                newConnection(try channel.pipeline.syncOperations.handler(type: SubflowHandler.self), channel: channel)
+                return .forward
+            }
+            guard !closed, ready.count < options.acceptBacklog, let local = channel.localAddress, let remote = channel.remoteAddress?.unmapped else {
+                refusals += 1
+                channel.close(promise: nil)
+                return .drop
+            }
+            let name = ReverseName.of(remote) ?? remote.description
+            logger.info("legacy client \(remote) (\(outcome.evidence)) accepted as \(name)")
+            deliver(try LegacyConnection.adopt(channel, role: .listener, localName: localName, peerName: name, port: local.port ?? 0, options: options,
+                                               checkFirstBytesForNBS: outcome.evidence == .silence))
+            return .forward
+        } catch {
+            logger.warning("cannot set up a connection from \(channel.remoteAddress?.description ?? "?"): \(error)")
+            channel.close(promise: nil)
+            return .drop
+        }
     }
 
     private func handleJoin(_ join: Frame.Join, handler: SubflowHandler, machine: SubflowStateMachine) {

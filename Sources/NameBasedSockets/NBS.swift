@@ -25,14 +25,19 @@ public enum NBS {
         // One attempt per remote address, from its first local address: a peer that answers but
         // refuses is final; one that cannot be reached is tried at its next address.
         var triedRemotes = Set<String>()
+        // A peer known to be legacy gets no NBS bytes at all.
+        let plainOnly = options.legacyFallback == .legacyOnly || (options.legacyFallback == .fallback && options.legacyPeers.isLegacy(peerName, port: port))
         for (local, remote) in pairs where !triedRemotes.contains(remote.hostString) {
             triedRemotes.insert(remote.hostString)
             do {
+                if plainOnly {
+                    return try await LegacyConnection.connect(on: loop, from: local, to: remote, localName: localName, peerName: peerName, port: port, options: options)
+                }
                 return try await OpenAttempt.run(on: loop, local: local, remote: remote, localName: localName, peerName: peerName,
                                                  port: port, options: options, book: book, peerAddresses: remotes)
             } catch let error as NBSError {
                 switch error {
-                case .refused, .handshakeFailed, .protocolViolation, .verificationFailed: throw error
+                case .refused, .handshakeFailed, .protocolViolation, .verificationFailed, .legacyPeer: throw error
                 default: failures.append("\(remote.hostString): \(error)")
                 }
             } catch {
@@ -68,6 +73,7 @@ final class OpenAttempt: SubflowDelegate {
     private let admitted: EventLoopPromise<Frame>
     private var machine = SubflowStateMachine.openerSide(joining: false)
     private var listenerIdentity: Frame.Identity?
+    private var handler: SubflowHandler?
 
     init(accepted: EventLoopPromise<Accepted>, admitted: EventLoopPromise<Frame>) {
         self.accepted = accepted
@@ -82,14 +88,31 @@ final class OpenAttempt: SubflowDelegate {
 
     static func run(on loop: any EventLoop, local: SocketAddress, remote: SocketAddress, localName: String, peerName: String, port: Int,
                     options: NBSOptions, book: LocalAddressBook, peerAddresses: [SocketAddress]) async throws -> Session {
-        let channel = try await SubflowConnector.connect(on: loop, from: local, to: remote, options: options).get()
+        let accepted = loop.makePromise(of: Accepted.self)
+        let admitted = loop.makePromise(of: Frame.self)
+        let boundAttempt = try await loop.submit { NIOLoopBound(OpenAttempt(accepted: accepted, admitted: admitted), eventLoop: loop) }.get()
+        let channel: any Channel
+        do {
+            // A server that speaks first may do so as soon as TCP connects: the attempt and the
+            // classifier are in place before that.
+            channel = try await SubflowConnector.connect(on: loop, from: local, to: remote, options: options) { channel in
+                let attempt = boundAttempt.value
+                let handler = try channel.pipeline.syncOperations.handler(type: SubflowHandler.self)
+                attempt.handler = handler
+                handler.delegate = attempt
+                try attempt.watchForLegacyServer(channel: channel, handler: handler, localName: localName, peerName: peerName, port: port, options: options)
+            }.get()
+        } catch {
+            accepted.fail(error)
+            admitted.fail(error)
+            throw error
+        }
         let future: EventLoopFuture<Session> = loop.flatSubmit {
-            let handler: SubflowHandler
-            do { handler = try channel.pipeline.syncOperations.handler(type: SubflowHandler.self) } catch { return loop.makeFailedFuture(error) }
+            let attempt = boundAttempt.value
+            guard let handler = attempt.handler else {
+                return loop.makeFailedFuture(NBSError.connectFailed(peer: peerName, reason: "the connection was not set up"))
+            }
             let handshake = ClientHandshake(sourceName: localName, destinationName: peerName, port: UInt16(port))
-            let accepted = loop.makePromise(of: Accepted.self)
-            let admitted = loop.makePromise(of: Frame.self)
-            handler.delegate = OpenAttempt(accepted: accepted, admitted: admitted)
             handler.handshakeSentAt = .now()
             handler.write(.open(handshake.open))
             let timeout = loop.scheduleTask(in: options.handshakeTimeout) {
@@ -152,11 +175,78 @@ final class OpenAttempt: SubflowDelegate {
                 return Session(engine: engine)
             }.flatMapErrorThrowing { error in
                 timeout.cancel()
-                channel.close(promise: nil)
+                if case LegacyServer.adopted = error {} else { channel.close(promise: nil) }
                 throw error
             }
         }
-        return try await future.get()
+        do {
+            return try await future.get()
+        } catch let legacy as LegacyServer {
+            switch legacy {
+            case .adopted(let session):
+                return session
+            case .reconnect:
+                return try await LegacyConnection.connect(on: loop, from: local, to: remote, localName: localName, peerName: peerName, port: port, options: options)
+            }
+        }
+    }
+
+    /// How the attempt ends when the server turned out not to speak NBS and fallback is allowed.
+    enum LegacyServer: Error {
+        /// It answered with its own bytes: the session goes on, as plain TCP, on this connection.
+        case adopted(Session)
+        /// It closed, stayed silent or echoed: a fresh plain connection, with no NBS bytes on it.
+        case reconnect
+    }
+
+    /// Puts a classifier in front of the frame reader, so that a server's first bytes (or its
+    /// silence, or its close) are seen before they could be taken for frames. With `.nbsOnly` a
+    /// legacy server fails the open with `NBSError.legacyPeer`; with `.fallback` the peer is
+    /// remembered as legacy and the session falls back to plain TCP.
+    func watchForLegacyServer(channel: any Channel, handler: SubflowHandler, localName: String, peerName: String,
+                              port: Int, options: NBSOptions) throws {
+        let fallback = options.legacyFallback == .fallback
+        let silence = fallback ? options.legacyDetectionDelay : nil
+        // The classifier decides before ACCEPT; whichever stage is open fails with its verdict.
+        let accepted = self.accepted, admitted = self.admitted
+        let fail: (any Error) -> Void = { accepted.fail($0); admitted.fail($0) }
+        let boundHandler = NIOLoopBound(handler, eventLoop: channel.eventLoop)
+        let classifier = FirstBytesClassifier(side: .opener, silence: silence, atLeastConnectTimes: 4) { outcome, context in
+            if outcome.verdict == .nbs { return .forward }
+            let evidence: String =
+                switch (outcome.verdict, outcome.evidence) {
+                case (.echo, _): "it sent our own OPEN back (an echo server)"
+                case (_, .bytes): "it answered with non-NBS bytes"
+                case (_, .closed): "it closed the connection without answering"
+                case (_, .silence): "it did not answer within \(outcome.waited.map { "\($0.nanoseconds / 1_000_000) ms" } ?? "the handshake timeout")"
+                }
+            guard fallback else {
+                fail(NBSError.legacyPeer(peer: peerName, evidence: evidence))
+                return .drop
+            }
+            options.legacyPeers.remember(peerName, port: port)
+            Logger(label: "nbs.open").info("\(peerName):\(port) does not speak NBS (\(evidence)): falling back to plain TCP")
+            guard outcome.verdict == .legacy, outcome.evidence == .bytes else {
+                fail(LegacyServer.reconnect)
+                return .drop
+            }
+            // The server has seen our preamble and OPEN and answered them: its answer belongs to
+            // the application, on this very connection.
+            do {
+                let handler = boundHandler.value
+                handler.delegate = nil
+                let sync = context.pipeline.syncOperations
+                sync.removeHandler(handler, promise: nil)
+                sync.removeHandler(try sync.handler(type: FrameReader.self), promise: nil)
+                let session = try LegacyConnection.adopt(context.channel, role: .opener, localName: localName, peerName: peerName, port: port, options: options)
+                fail(LegacyServer.adopted(session))
+                return .forward
+            } catch {
+                fail(NBSError.connectFailed(peer: peerName, reason: "cannot fall back to plain TCP: \(error)"))
+                return .drop
+            }
+        }
+        try channel.pipeline.syncOperations.addHandler(classifier, position: .first)
     }
 
     func subflow(_ handler: SubflowHandler, received frame: Frame) {

@@ -68,8 +68,32 @@ public struct NBSOptions: Sendable {
     /// handshakeTimeout); more are refused at once, so a flood of idle connections cannot grow the
     /// listener's tables.
     public var maxPendingHandshakes = 1024
+    /// Listener only: a client that does not start with the NBS preamble becomes a legacy session
+    /// (true), so plain TCP clients keep working; false closes such connections.
+    public var acceptLegacyClients = true
+    /// Listener: how long a new connection may stay silent before it is taken for a legacy client
+    /// waiting for the server to speak first (NBS openers send their preamble at once). Opener with
+    /// `.fallback`: the least time a silent server is given to answer OPEN, counted from the
+    /// connection being up (at least 4 times the TCP connect time, so that a slow path is not
+    /// mistaken for a legacy server).
+    public var legacyDetectionDelay: TimeAmount = .milliseconds(300)
+    /// Opener only: whether it may fall back to plain TCP for a peer that does not speak NBS.
+    public var legacyFallback: LegacyFallback = .nbsOnly
+    /// Opener only: peers found to be legacy, so `.fallback` skips NBS for them for a while.
+    public var legacyPeers: LegacyPeerCache = .shared
 
     public init() {}
+
+    /// Opener only: what to do with a peer that does not speak NBS (docs/PROTOCOL.md, Legacy peers).
+    public enum LegacyFallback: String, Sendable, CaseIterable {
+        /// Never fall back: such a peer fails the open with `NBSError.legacyPeer`.
+        case nbsOnly = "nbs-only"
+        /// Try NBS; for a peer that answers with other bytes, closes, or stays silent, go on as a
+        /// plain TCP session, and remember the peer as legacy in `legacyPeers`.
+        case fallback
+        /// Plain TCP only: no NBS byte is ever sent.
+        case legacyOnly = "legacy-only"
+    }
 
     var coreConfiguration: SessionCore.Configuration {
         var c = SessionCore.Configuration()
@@ -99,6 +123,10 @@ public enum NBSError: Error, Sendable, Equatable, CustomStringConvertible {
     /// This side refused the peer: its name is not verified to `requiredPeerVerification`, or it
     /// claimed a pinned or self-certifying name without proving the key.
     case verificationFailed(peer: String, reason: String)
+    /// The peer answered, but not in NBS (and fallback to plain TCP was not allowed).
+    case legacyPeer(peer: String, evidence: String)
+    /// A legacy session's connection ended without an end of stream (reset, or an error).
+    case connectionLost(String)
 
     public var description: String {
         switch self {
@@ -117,6 +145,8 @@ public enum NBSError: Error, Sendable, Equatable, CustomStringConvertible {
         case .listenerClosed: "the listener is closed"
         case .bindFailed(let why): "cannot listen: \(why)"
         case .verificationFailed(let peer, let reason): "refused '\(peer)': \(reason)"
+        case .legacyPeer(let peer, let evidence): "'\(peer)' does not speak NBS: \(evidence)"
+        case .connectionLost(let why): "the connection was lost: \(why)"
         }
     }
 }

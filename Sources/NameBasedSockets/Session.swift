@@ -14,7 +14,12 @@ public final class Session: Sendable {
     public let peerVerification: PeerVerification
     /// Subflow, address and lifecycle events. One consumer; the newest 1024 are kept if unread.
     public let events: AsyncStream<SessionEvent>
-    let engine: NIOLoopBound<SessionEngine>
+    /// A plain TCP session with a peer that does not speak NBS: one connection, no multipath, no
+    /// mobility, every byte passed through unchanged. A legacy client's `peerName` is its
+    /// address's reverse name (`ReverseName`).
+    public let isLegacy: Bool
+    /// The multipath engine, or for a legacy peer its one plain connection.
+    let engine: NIOLoopBound<any SessionBackend>
     let loop: any EventLoop
 
     init(engine: SessionEngine) {
@@ -24,8 +29,22 @@ public final class Session: Sendable {
         self.role = engine.role == .opener ? .opener : .listener
         self.peerVerification = engine.peerVerification
         self.events = engine.events
+        self.isLegacy = false
         self.engine = NIOLoopBound(engine, eventLoop: engine.loop)
         self.loop = engine.loop
+    }
+
+    init(legacy: LegacyConnection) {
+        self.localName = legacy.localName
+        self.peerName = legacy.peerName
+        self.port = legacy.port
+        self.role = legacy.role
+        // A legacy peer sends no name at all: the name it has is the one we gave it.
+        self.peerVerification = .claimed
+        self.events = legacy.events
+        self.isLegacy = true
+        self.engine = NIOLoopBound(legacy, eventLoop: legacy.loop)
+        self.loop = legacy.loop
     }
 
     /// Up to `maxBytes` of in-order data; nil once the peer has finished and everything is read.
@@ -88,7 +107,19 @@ public struct SessionStatistics: Sendable, Equatable {
     public var rejectedSignals = 0
 }
 
-extension SessionEngine {
+/// What a `Session` runs on: the multipath engine, or one plain connection with a legacy peer.
+/// Called on the backend's event loop only.
+protocol SessionBackend: AnyObject {
+    func read(maxBytes: Int) -> EventLoopFuture<ByteBuffer?>
+    func write(_ bytes: ByteBuffer) -> EventLoopFuture<Void>
+    func finish()
+    func close() -> EventLoopFuture<Void>
+    func abort(reason: CloseReason, message: String)
+    var subflowInfos: [SubflowInfo] { get }
+    var statistics: SessionStatistics { get }
+}
+
+extension SessionEngine: SessionBackend {
     var statistics: SessionStatistics {
         SessionStatistics(maxConcurrentSubflows: maxConcurrentSubflows, reinjectedBytes: core.reinjectedBytes,
                           unacknowledgedBytes: core.unacknowledgedBytes, duplicateBytesReceived: core.receive.duplicateBytes,
@@ -101,8 +132,7 @@ extension Session {
     func receiveForTesting(_ frame: Frame, onSubflow id: UInt32) async {
         let engine = self.engine
         try? await loop.submit {
-            let engine = engine.value
-            guard let handler = engine.handlerForTesting(id) else { return }
+            guard let engine = engine.value as? SessionEngine, let handler = engine.handlerForTesting(id) else { return }
             engine.subflow(handler, received: frame)
         }.get()
     }
@@ -110,12 +140,12 @@ extension Session {
     /// Test hook: see SessionEngine.retireBusiestSubflowForTesting.
     func retireBusiestSubflow() async -> Int {
         let engine = self.engine
-        return (try? await loop.submit { engine.value.retireBusiestSubflowForTesting() }.get()) ?? 0
+        return (try? await loop.submit { (engine.value as? SessionEngine)?.retireBusiestSubflowForTesting() ?? 0 }.get()) ?? 0
     }
 
     /// Test hook: reset one subflow's TCP connection, as a failing path would.
     func killSubflow(_ id: UInt32) async {
         let engine = self.engine
-        try? await loop.submit { engine.value.killSubflow(id) }.get()
+        try? await loop.submit { (engine.value as? SessionEngine)?.killSubflow(id) }.get()
     }
 }

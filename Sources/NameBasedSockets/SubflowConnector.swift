@@ -17,22 +17,40 @@ enum SubflowConnector {
     /// Options and handlers of every subflow, opened or accepted.
     static func configure(_ channel: any Channel) -> EventLoopFuture<Void> {
         channel.eventLoop.makeCompletedFuture {
-            let options = channel.syncOptions!
-            try options.setOption(.allowRemoteHalfClosure, value: true)
-            try options.setOption(.tcpOption(.tcp_nodelay), value: 1)
-            try options.setOption(.tcpOption(tcpNotSentLowat), value: notSentLowWatermark)
-            try options.setOption(.writeBufferWaterMark, value: writeWaterMark)
-            try options.setOption(.recvAllocator, value: receiveAllocator)
-            let sync = channel.pipeline.syncOperations
-            try sync.addHandler(FrameReader())
-            try sync.addHandler(SubflowHandler())
+            try setSocketOptionsSync(channel)
+            try addSubflowHandlers(channel)
         }
     }
 
-    static func connect(on loop: any EventLoop, from local: SocketAddress, to remote: SocketAddress, options: NBSOptions) -> EventLoopFuture<any Channel> {
+    /// The socket options alone: legacy sessions and connections not classified yet share them.
+    static func setSocketOptions(_ channel: any Channel) -> EventLoopFuture<Void> {
+        channel.eventLoop.makeCompletedFuture { try setSocketOptionsSync(channel) }
+    }
+
+    static func setSocketOptionsSync(_ channel: any Channel) throws {
+        let options = channel.syncOptions!
+        try options.setOption(.allowRemoteHalfClosure, value: true)
+        try options.setOption(.tcpOption(.tcp_nodelay), value: 1)
+        try options.setOption(.tcpOption(tcpNotSentLowat), value: notSentLowWatermark)
+        try options.setOption(.writeBufferWaterMark, value: writeWaterMark)
+        try options.setOption(.recvAllocator, value: receiveAllocator)
+    }
+
+    static func addSubflowHandlers(_ channel: any Channel) throws {
+        let sync = channel.pipeline.syncOperations
+        try sync.addHandler(FrameReader())
+        try sync.addHandler(SubflowHandler())
+    }
+
+    /// `prepare` runs on the channel's loop before the connection is up, so that nothing the peer
+    /// sends first can arrive before the handlers that must see it.
+    static func connect(on loop: any EventLoop, from local: SocketAddress, to remote: SocketAddress, options: NBSOptions,
+                        prepare: (@Sendable (any Channel) throws -> Void)? = nil) -> EventLoopFuture<any Channel> {
         ClientBootstrap(group: loop)
             .connectTimeout(options.connectTimeout)
-            .channelInitializer { configure($0) }
+            .channelInitializer { channel in
+                configure(channel).flatMapThrowing { try prepare?(channel) }
+            }
             .bind(to: local)
             .connect(to: remote)
     }

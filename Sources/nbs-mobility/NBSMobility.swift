@@ -28,7 +28,7 @@ struct NBSMobility: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "nbs-mobility",
         abstract: "Name Based Sockets: multipath, mobile sessions opened by name.",
-        subcommands: [Serve.self, Connect.self, Cat.self, Status.self, Monitor.self, Identity.self]
+        subcommands: [Serve.self, Connect.self, Cat.self, Status.self, Proxy.self, Monitor.self, Identity.self]
     )
 }
 

@@ -1,0 +1,313 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import Logging
+import NBSProtocol
+import NIOCore
+import NIOPosix
+
+/// The backend of a legacy session: one plain TCP connection, every byte passed through unchanged
+/// in both directions. It gives a `Session` the same read/write/finish/close/abort semantics the
+/// multipath engine does, with backpressure both ways: reading from the socket stops while
+/// `receiveCapacity` bytes wait for the application (plus at most one batch of socket reads), and
+/// `write` returns once the channel is writable again.
+final class LegacyConnection: ChannelInboundHandler, RemovableChannelHandler, SessionBackend {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    let loop: any EventLoop
+    let localName: String
+    let peerName: String
+    let port: Int
+    let role: Session.Role
+    let events: AsyncStream<SessionEvent>
+    private let eventContinuation: AsyncStream<SessionEvent>.Continuation
+    private let options: NBSOptions
+    private var local: SocketAddress
+    private var remote: SocketAddress
+    private var announced = false
+    /// Taken for legacy because it was silent: if its first bytes turn out to be the NBS magic after
+    /// all (an opener whose first segment was lost and sent again late), it is reset rather than
+    /// handing NBS frames to the application as data; the opener's handshake fails and it retries.
+    private var checkFirstBytesForNBS: Bool
+    private var context: ChannelHandlerContext?
+    private var received = CircularBuffer<ByteBuffer>()
+    private var receivedBytes = 0
+    private var readWaiters = CircularBuffer<(maxBytes: Int, promise: EventLoopPromise<ByteBuffer?>)>()
+    private var writeWaiters = CircularBuffer<EventLoopPromise<Void>>()
+    private var closeWaiters: [EventLoopPromise<Void>] = []
+    private var inputEnded = false
+    private var outputFinished = false
+    /// The output is shut down (FIN sent), which happens once every write has reached the socket.
+    private var outputShut = false
+    /// Completes when the last write has reached the socket.
+    private var lastWrite: EventLoopFuture<Void>?
+    private var channelClosed = false
+    private var failure: NBSError?
+    private var bytesSent = 0
+    private var bytesReceived = 0
+    private let logger = Logger(label: "nbs.legacy")
+
+    init(channel: any Channel, role: Session.Role, localName: String, peerName: String, port: Int, options: NBSOptions, checkFirstBytesForNBS: Bool = false) {
+        self.checkFirstBytesForNBS = checkFirstBytesForNBS
+        self.loop = channel.eventLoop
+        self.role = role
+        self.localName = localName
+        self.peerName = peerName
+        self.port = port
+        self.options = options
+        // Known once connected: an opener's connection is set up before that (see `connect`).
+        let unknown = try! SocketAddress(ipAddress: "0.0.0.0", port: 0)
+        self.local = channel.localAddress?.unmapped ?? unknown
+        self.remote = channel.remoteAddress?.unmapped ?? unknown
+        (events, eventContinuation) = AsyncStream.makeStream(of: SessionEvent.self, bufferingPolicy: .bufferingNewest(1024))
+    }
+
+    /// Installs a legacy session last in `channel`'s pipeline and returns it. On the loop.
+    static func adopt(_ channel: any Channel, role: Session.Role, localName: String, peerName: String, port: Int,
+                      options: NBSOptions, checkFirstBytesForNBS: Bool = false) throws -> Session {
+        let connection = LegacyConnection(channel: channel, role: role, localName: localName, peerName: peerName, port: port, options: options,
+                                          checkFirstBytesForNBS: checkFirstBytesForNBS)
+        let sync = channel.pipeline.syncOperations
+        try channel.syncOptions?.setOption(.allowRemoteHalfClosure, value: true)
+        try channel.syncOptions?.setOption(.autoRead, value: false)
+        try sync.addHandler(connection)
+        return Session(legacy: connection)
+    }
+
+    /// A plain TCP connection to `remote`: no NBS byte is ever sent on it. The session is in the
+    /// pipeline before the connection is up, so a server that speaks first loses nothing.
+    static func connect(on loop: any EventLoop, from local: SocketAddress, to remote: SocketAddress, localName: String, peerName: String,
+                        port: Int, options: NBSOptions) async throws -> Session {
+        let session = loop.makePromise(of: Session.self)
+        do {
+            _ = try await ClientBootstrap(group: loop)
+                .connectTimeout(options.connectTimeout)
+                .channelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try SubflowConnector.setSocketOptionsSync(channel)
+                        session.succeed(try adopt(channel, role: .opener, localName: localName, peerName: peerName, port: port, options: options))
+                    }
+                }
+                .bind(to: local)
+                .connect(to: remote).get()
+        } catch {
+            session.fail(error)
+            throw error
+        }
+        return try await session.futureResult.get()
+    }
+
+    // MARK: channel events
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+        if context.channel.isActive { becameActive(context: context) }
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        becameActive(context: context)
+        context.fireChannelActive()
+    }
+
+    private func becameActive(context: ChannelHandlerContext) {
+        guard !announced else { return }
+        announced = true
+        if let address = context.channel.localAddress { local = address.unmapped }
+        if let address = context.channel.remoteAddress { remote = address.unmapped }
+        eventContinuation.yield(.subflowUp(info))
+        context.read()
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) { self.context = nil }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var bytes = Self.unwrapInboundIn(data)
+        // After a failure (an abort, a reset) the connection is going away: nothing more is delivered.
+        guard bytes.readableBytes > 0, failure == nil else { return }
+        if checkFirstBytesForNBS {
+            checkFirstBytesForNBS = false
+            if LegacyDetection.classify(bytes.readableBytesView, side: .listener) == .nbs {
+                return fail(.connectionLost("an NBS peer whose first bytes came after the legacy detection delay"))
+            }
+        }
+        // A small read would keep its whole receive buffer (64 KiB or more) alive while it waits
+        // for the application, so that memory would no longer be bounded by receiveCapacity.
+        if bytes.readableBytes < bytes.capacity / 4 {
+            var copy = context.channel.allocator.buffer(capacity: bytes.readableBytes)
+            copy.writeBuffer(&bytes)
+            bytes = copy
+        }
+        bytesReceived += bytes.readableBytes
+        receivedBytes += bytes.readableBytes
+        received.append(bytes)
+        serveReaders()
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        if receivedBytes < options.receiveCapacity { context.read() }
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable { releaseWriters() }
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let event = event as? ChannelEvent, case .inputClosed = event {
+            inputEnded = true
+            serveReaders()
+            closeIfDone()
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        if failure == nil, !(inputEnded && outputFinished) {
+            failure = .connectionLost("\(error)")
+        }
+        context.close(promise: nil)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        channelClosed = true
+        // With our side already finished, NIO turns the peer's end of stream into a full close
+        // without an inputClosed event; a reset would have come as an error first.
+        if !inputEnded, !outputFinished, failure == nil { failure = .connectionLost("the connection closed without an end of stream") }
+        inputEnded = true
+        let error = failure
+        eventContinuation.yield(.subflowDown(info, reason: error.map { "\($0)" } ?? "closed"))
+        eventContinuation.yield(error.map { .failed($0) } ?? .closed)
+        eventContinuation.finish()
+        serveReaders()
+        releaseWriters()
+        for waiter in closeWaiters {
+            if let error { waiter.fail(error) } else { waiter.succeed(()) }
+        }
+        closeWaiters.removeAll()
+    }
+
+    // MARK: application calls (on the loop)
+
+    func read(maxBytes: Int) -> EventLoopFuture<ByteBuffer?> {
+        let promise = loop.makePromise(of: ByteBuffer?.self)
+        readWaiters.append((max(1, maxBytes), promise))
+        serveReaders()
+        return promise.futureResult
+    }
+
+    func write(_ bytes: ByteBuffer) -> EventLoopFuture<Void> {
+        if let failure { return loop.makeFailedFuture(failure) }
+        guard !outputFinished else { return loop.makeFailedFuture(NBSError.writeAfterFinish) }
+        guard let context, !channelClosed else { return loop.makeFailedFuture(NBSError.connectionLost("the connection is closed")) }
+        guard bytes.readableBytes > 0 else { return loop.makeSucceededVoidFuture() }
+        bytesSent += bytes.readableBytes
+        let written = loop.makePromise(of: Void.self)
+        context.writeAndFlush(Self.wrapOutboundOut(bytes), promise: written)
+        lastWrite = written.futureResult
+        if context.channel.isWritable { return loop.makeSucceededVoidFuture() }
+        let promise = loop.makePromise(of: Void.self)
+        writeWaiters.append(promise)
+        return promise.futureResult
+    }
+
+    func finish() {
+        guard !outputFinished, failure == nil, context != nil, !channelClosed else { return }
+        outputFinished = true
+        // Once the peer has ended its side, NIO turns an output shutdown into a full close that
+        // drops the writes still queued: so shut down only after the last write reached the socket.
+        guard let lastWrite else { return shutDownOutput() }
+        let bound = NIOLoopBound(self, eventLoop: loop)
+        lastWrite.whenComplete { _ in bound.value.shutDownOutput() }
+    }
+
+    private func shutDownOutput() {
+        guard !outputShut, let context, !channelClosed else { return }
+        outputShut = true
+        context.close(mode: .output, promise: nil)
+        closeIfDone()
+    }
+
+    func close() -> EventLoopFuture<Void> {
+        if channelClosed { return failure.map { loop.makeFailedFuture($0) } ?? loop.makeSucceededVoidFuture() }
+        let promise = loop.makePromise(of: Void.self)
+        closeWaiters.append(promise)
+        finish()
+        let bound = NIOLoopBound(self, eventLoop: loop)
+        loop.scheduleTask(in: options.closeTimeout) {
+            let connection = bound.value
+            guard !connection.channelClosed else { return }
+            connection.fail(.closeTimedOut)
+        }
+        return promise.futureResult
+    }
+
+    func abort(reason: CloseReason, message: String) {
+        fail(.aborted(reason: reason, message: message))
+    }
+
+    var subflowInfos: [SubflowInfo] { [info] }
+
+    var statistics: SessionStatistics {
+        SessionStatistics(maxConcurrentSubflows: 1, reinjectedBytes: 0, unacknowledgedBytes: 0, duplicateBytesReceived: 0, rejectedSignals: 0)
+    }
+
+    // MARK: internals
+
+    private var info: SubflowInfo {
+        SubflowInfo(id: 0, local: local, remote: remote, interface: nil, state: channelClosed ? .closed : .active, rttMilliseconds: nil,
+                    bytesSent: bytesSent, bytesReceived: bytesReceived, reinjectedBytes: 0,
+                    closeReason: channelClosed ? (failure.map { "\($0)" } ?? "closed") : nil)
+    }
+
+    private func serveReaders() {
+        while let waiter = readWaiters.first {
+            if var chunk = received.first {
+                readWaiters.removeFirst()
+                let slice: ByteBuffer
+                if chunk.readableBytes <= waiter.maxBytes {
+                    slice = received.removeFirst()
+                } else {
+                    slice = chunk.readSlice(length: waiter.maxBytes)!
+                    received[received.startIndex] = chunk
+                }
+                let wasFull = receivedBytes >= options.receiveCapacity
+                receivedBytes -= slice.readableBytes
+                waiter.promise.succeed(slice)
+                if wasFull, receivedBytes < options.receiveCapacity, !inputEnded { context?.read() }
+            } else if inputEnded {
+                readWaiters.removeFirst()
+                // A connection that failed ends the stream with its error; one that ended cleanly with nil.
+                if let failure { waiter.promise.fail(failure) } else { waiter.promise.succeed(nil) }
+            } else {
+                return
+            }
+        }
+    }
+
+    private func releaseWriters() {
+        while let waiter = writeWaiters.popFirst() {
+            if let failure { waiter.fail(failure) } else if channelClosed { waiter.fail(NBSError.connectionLost("the connection is closed")) } else { waiter.succeed(()) }
+        }
+    }
+
+    /// Both directions ended: the connection has nothing left to do.
+    private func closeIfDone() {
+        if inputEnded, outputShut, !channelClosed { context?.close(promise: nil) }
+    }
+
+    private func fail(_ error: NBSError) {
+        guard !channelClosed else { return }
+        if failure == nil { failure = error }
+        logger.info("legacy session with \(peerName) failed: \(error)")
+        // A reset, so the peer learns at once that the stream did not end normally.
+        guard let channel = context?.channel else { return }
+        let lingerZero = (channel as? any SocketOptionProvider)?.setSoLinger(linger(l_onoff: 1, l_linger: 0)) ?? loop.makeSucceededVoidFuture()
+        lingerZero.whenComplete { _ in channel.close(promise: nil) }
+    }
+}
+
+// An opener that falls back to plain TCP on its first connection takes these out of the pipeline.
+extension FrameReader: RemovableChannelHandler {}
+extension SubflowHandler: RemovableChannelHandler {}

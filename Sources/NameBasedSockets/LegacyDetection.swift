@@ -1,0 +1,159 @@
+import NBSProtocol
+import NIOCore
+
+/// Telling an NBS peer from a legacy one by the first bytes it sends, or by its silence. Pure:
+/// the channel handler that feeds it is `FirstBytesClassifier`.
+///
+/// - A listener's client is NBS once the 4 magic bytes have arrived; any byte that differs makes
+///   it legacy at once; a client that sends nothing (it waits for a banner) or ends its side before
+///   the magic is complete is legacy once the detection delay has passed or its input ended.
+/// - An opener's server is NBS when it answers with the preamble and then anything but OPEN. An
+///   OPEN right after the preamble is our own OPEN coming back: an echo server. A server that
+///   answers with other bytes, closes without a byte, or stays silent is legacy.
+public enum LegacyDetection {
+    public enum Side: Sendable { case listener, opener }
+
+    public enum Verdict: Sendable, Equatable {
+        case undecided
+        case nbs
+        /// Not NBS: the bytes differ from the preamble, or the peer was silent or closed.
+        case legacy
+        /// The opener's own preamble and OPEN came back.
+        case echo
+    }
+
+    /// Bytes needed before the verdict on an NBS-looking peer can be `.nbs`.
+    static func bytesNeeded(_ side: Side) -> Int {
+        side == .listener ? NBSWire.magic.count : NBSWire.preambleLength + 1
+    }
+
+    public static func classify(_ bytes: some Collection<UInt8>, side: Side, silentTooLong: Bool = false, inputEnded: Bool = false) -> Verdict {
+        for (byte, expected) in zip(bytes, NBSWire.magic) where byte != expected { return .legacy }
+        if bytes.count >= bytesNeeded(side) {
+            guard side == .opener else { return .nbs }
+            let type = bytes[bytes.index(bytes.startIndex, offsetBy: NBSWire.preambleLength)]
+            return type == FrameType.open.rawValue ? .echo : .nbs
+        }
+        return silentTooLong || inputEnded ? .legacy : .undecided
+    }
+}
+
+/// First handler of a connection whose kind is not known yet: holds the first reads (the verdict
+/// comes by the 4th or 7th byte, so rarely more than one) and the end of input until `LegacyDetection`
+/// decides, lets `decide` arrange the pipeline after it, then passes on what it held (unless told
+/// to drop it) and removes itself.
+final class FirstBytesClassifier: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    typealias InboundOut = ByteBuffer
+
+    enum Evidence: Sendable, Equatable {
+        /// The peer sent bytes that settle it (for `.legacy`: bytes that are not NBS).
+        case bytes
+        case silence
+        case closed
+    }
+
+    struct Outcome {
+        var verdict: LegacyDetection.Verdict
+        var evidence: Evidence
+        var firstBytes: ByteBuffer
+        /// How long silence was waited for, when it decided.
+        var waited: TimeAmount?
+    }
+
+    enum Disposition {
+        /// Pass the held bytes (and an end of input) to the handlers `decide` installed.
+        case forward
+        /// The connection is being closed or replaced; what it sent is of no use.
+        case drop
+    }
+
+    private let side: LegacyDetection.Side
+    /// nil: silence never decides (an NBS-only opener leaves that to its handshake timeout).
+    private let silence: TimeAmount?
+    private let connectTimes: Int64
+    private let decide: (Outcome, ChannelHandlerContext) -> Disposition
+    private var held: ByteBuffer?
+    private var inputEnded = false
+    private var decided = false
+    private var addedAt = NIODeadline.now()
+    private var timer: Scheduled<Void>?
+    private var waited: TimeAmount?
+
+    /// Silence counts from the connection being up, and lasts at least `atLeastConnectTimes` times
+    /// as long as connecting took (when the handler was added before that), so that a slow path is
+    /// not taken for a silent peer.
+    init(side: LegacyDetection.Side, silence: TimeAmount?, atLeastConnectTimes: Int64 = 0,
+         decide: @escaping (Outcome, ChannelHandlerContext) -> Disposition) {
+        self.side = side
+        self.silence = silence
+        self.connectTimes = atLeastConnectTimes
+        self.decide = decide
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        addedAt = .now()
+        if context.channel.isActive { startSilenceTimer(context: context, connectTime: .zero) }
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        if timer == nil { startSilenceTimer(context: context, connectTime: .now() - addedAt) }
+        context.fireChannelActive()
+    }
+
+    private func startSilenceTimer(context: ChannelHandlerContext, connectTime: TimeAmount) {
+        guard let silence, !decided else { return }
+        let wait = max(silence, connectTime * connectTimes)
+        waited = wait
+        let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        timer = context.eventLoop.scheduleTask(in: wait) {
+            let (classifier, context) = bound.value
+            classifier.evaluate(context: context, silentTooLong: true)
+        }
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) { timer?.cancel() }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var bytes = Self.unwrapInboundIn(data)
+        guard !decided else { return context.fireChannelRead(data) }
+        if held == nil { held = bytes } else { held!.writeBuffer(&bytes) }
+        evaluate(context: context, silentTooLong: false)
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if !decided, let event = event as? ChannelEvent, case .inputClosed = event {
+            inputEnded = true
+            evaluate(context: context, silentTooLong: false)
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        if !decided {
+            inputEnded = true
+            evaluate(context: context, silentTooLong: false, removeSelf: false)
+        }
+        context.fireChannelInactive()
+    }
+
+    private func evaluate(context: ChannelHandlerContext, silentTooLong: Bool, removeSelf: Bool = true) {
+        guard !decided else { return }
+        let bytes = held ?? ByteBuffer()
+        let verdict = LegacyDetection.classify(bytes.readableBytesView, side: side, silentTooLong: silentTooLong, inputEnded: inputEnded)
+        guard verdict != .undecided else { return }
+        decided = true
+        timer?.cancel()
+        let evidence: Evidence =
+            if LegacyDetection.classify(bytes.readableBytesView, side: side) != .undecided { .bytes } else if inputEnded { .closed } else { .silence }
+        let disposition = decide(Outcome(verdict: verdict, evidence: evidence, firstBytes: bytes, waited: evidence == .silence ? waited : nil), context)
+        if disposition == .forward {
+            if let held, held.readableBytes > 0 { context.fireChannelRead(Self.wrapInboundOut(held)) }
+            if inputEnded, context.channel.isActive { context.fireUserInboundEventTriggered(ChannelEvent.inputClosed) }
+        }
+        held = nil
+        // On the way down (channelInactive) the handler stays: the event still has to pass it.
+        if removeSelf { context.pipeline.syncOperations.removeHandler(context: context, promise: nil) }
+    }
+}
