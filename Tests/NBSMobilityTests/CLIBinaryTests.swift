@@ -70,13 +70,20 @@ func freePort() async throws -> Int {
     return port
 }
 
-/// Waits until something accepts TCP connections on 127.0.0.1:port.
+/// Waits until a socket listens on the port, as the kernel's tables show it: neither a probe
+/// connection (to an NBS listener it would be a legacy client) nor a probe bind (it could take the
+/// port from the server starting up) would leave the server alone.
 func waitListening(_ port: Int, seconds: Double = 20) async throws {
+    let hexPort = String(format: ":%04X", port)
     let deadline = ContinuousClock.now + .milliseconds(Int(seconds * 1000))
     while ContinuousClock.now < deadline {
-        if let channel = try? await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton).connect(host: "127.0.0.1", port: port).get() {
-            try? await channel.close()
-            return
+        for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+            let lines = (try? String(contentsOfFile: table, encoding: .utf8))?.split(separator: "\n") ?? []
+            // Fields: sl local_address rem_address st ...; st 0A is LISTEN.
+            if lines.contains(where: { line in
+                let fields = line.split(separator: " ")
+                return fields.count > 3 && fields[1].hasSuffix(hexPort) && fields[3] == "0A"
+            }) { return }
         }
         try await Task.sleep(for: .milliseconds(50))
     }

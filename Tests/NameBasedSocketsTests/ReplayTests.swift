@@ -75,7 +75,9 @@ final class RawConnection: Sendable {
 struct ReplayTests {
     @Test("a JOIN replayed on another connection is refused as a replay, a forged one as unauthenticated; an ADD_ADDR replayed is dropped")
     func replayedJoinAndAddAddress() async throws {
-        let server = try await listener(options: loopbackOptions(peers: ["raw.test": ["127.0.0.1"]]))
+        var options = loopbackOptions(peers: ["raw.test": ["127.0.0.1"]])
+        options.lookUpPeerNames = true
+        let server = try await listener(options: options)
         let accepted = Task { try await server.accept() }
         let raw = try await RawConnection(port: server.port)
         let handshake = ClientHandshake(sourceName: "raw.test", destinationName: "server.test", port: UInt16(server.port))

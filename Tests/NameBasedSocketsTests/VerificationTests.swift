@@ -157,6 +157,9 @@ private func endOptions(names: [String: [String]], require: PeerVerification = .
     options.requiredPeerVerification = require
     options.identity = identity
     options.pinnedKeys = pins
+    // These tests are about NBS peers: a connection that is not NBS is refused, not taken for a
+    // legacy client (which a listener does by default, after legacyDetectionDelay of silence).
+    options.acceptLegacyClients = false
     return options
 }
 

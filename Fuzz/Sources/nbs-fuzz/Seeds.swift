@@ -23,6 +23,7 @@ enum Seeds {
             signals.addAddress(v4, id: 1), signals.addAddress(v6, id: 2), signals.removeAddress(v4), signals.priority(backup: true),
             .probe(.init(identifier: 7)), .probeAck(.init(identifier: 7)),
             signals.close(.normal, "bye", abort: false), signals.close(.protocolViolation, "no", abort: true),
+            .identity(NBSIdentity().prove(HandshakeTranscript(open: client.open, accept: accept), as: .server)),
         ]
     }
 
@@ -40,7 +41,8 @@ enum Seeds {
         inputs[.frames] = frames.map { [0x3F] + encoded([$0], preamble: false) } + [[0xBF] + encoded(frames, preamble: true)]
         // handshake: the frame sequences a listener and an opener see.
         inputs[.handshake] = [encoded([frames[0], frames[5], frames[7], frames[13]], preamble: false), encoded([frames[2]], preamble: false),
-                              encoded([frames[1], frames[4]], preamble: false), encoded(frames, preamble: false)]
+                              encoded([frames[15], frames[1], frames[4]], preamble: false), encoded([frames[0], frames[15], frames[5]], preamble: false),
+                              encoded(frames, preamble: false)]
         for (target, seeds) in inputs {
             let dir = "\(directory)/\(target.rawValue)"
             try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)

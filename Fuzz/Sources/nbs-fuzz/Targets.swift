@@ -46,10 +46,10 @@ func fuzzFrames(_ bytes: UnsafeRawBufferPointer) {
 
 /// Keys of one genuine session, made once: the fuzzer plays an attacker who knows the handshake's
 /// public parts but not the secret.
-let genuine: (keys: SessionKeys, token: UInt64, open: Frame.Open) = {
+let genuine: (keys: SessionKeys, token: UInt64, transcript: HandshakeTranscript) = {
     let client = ClientHandshake(sourceName: "client.fuzz", destinationName: "server.fuzz", port: 7000)
-    let (_, keys) = try! ServerHandshake.accept(client.open, serverName: "server.fuzz", token: 0x1234_5678_9ABC_DEF0, receiveWindow: 1 << 20)
-    return (keys, 0x1234_5678_9ABC_DEF0, client.open)
+    let (accept, keys) = try! ServerHandshake.accept(client.open, serverName: "server.fuzz", token: 0x1234_5678_9ABC_DEF0, receiveWindow: 1 << 20)
+    return (keys, 0x1234_5678_9ABC_DEF0, HandshakeTranscript(open: client.open, accept: accept))
 }()
 
 /// Frames from the input, fed to a listener-side and an opener-side subflow state machine and to
@@ -66,6 +66,12 @@ func fuzzHandshake(_ bytes: UnsafeRawBufferPointer) {
         let frame: Frame?
         do { frame = try decoder.next(from: &buffer) } catch { return }
         guard let frame else { return }
+        if case .identity(let proof) = frame {
+            // Nobody but the holder of a key can sign this session's transcript with it.
+            precondition(genuine.transcript.verify(proof, by: .client) == nil && genuine.transcript.verify(proof, by: .server) == nil,
+                         "a forged IDENTITY verified")
+            _ = SelfCertifyingName.matches("x.\(SelfCertifyingName.suffix)", publicKey: proof.publicKey)
+        }
         switch listener.receive(frame) {
         case .handshake(.open(let open)):
             // Any OPEN must either give keys or a typed error; the keys then verify their own ACCEPT.
