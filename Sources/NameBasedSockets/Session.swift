@@ -105,6 +105,9 @@ public struct SessionStatistics: Sendable, Equatable {
     public var duplicateBytesReceived = 0
     /// ADD_ADDR, REMOVE_ADDR, PRIO, CLOSE or ABORT frames dropped because they failed authentication.
     public var rejectedSignals = 0
+    /// Received in order and not read by the application yet: at most about `receiveCapacity`,
+    /// however long the application does not read.
+    public var unreadBytes = 0
 }
 
 /// What a `Session` runs on: the multipath engine, or one plain connection with a legacy peer.
@@ -123,7 +126,7 @@ extension SessionEngine: SessionBackend {
     var statistics: SessionStatistics {
         SessionStatistics(maxConcurrentSubflows: maxConcurrentSubflows, reinjectedBytes: core.reinjectedBytes,
                           unacknowledgedBytes: core.unacknowledgedBytes, duplicateBytesReceived: core.receive.duplicateBytes,
-                          rejectedSignals: rejectedSignals)
+                          rejectedSignals: rejectedSignals, unreadBytes: core.readableBytes)
     }
 }
 

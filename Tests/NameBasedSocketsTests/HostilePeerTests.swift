@@ -1,0 +1,162 @@
+import Foundation
+import NBSProtocol
+import NIOCore
+import NIOPosix
+import Testing
+
+@testable import NameBasedSockets
+
+/// Open descriptors of this process: what a misbehaving peer leaves behind shows up here.
+func openDescriptors() -> Int {
+    (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd").count) ?? -1
+}
+
+/// A well-behaved session, opened and used while an attack runs: how long it takes shows whether
+/// the listener stayed responsive.
+func probeSession(_ server: Listener, bytes: Int = 100_000) async throws -> Duration {
+    let start = ContinuousClock.now
+    let accepted = Task { try await server.accept() }
+    let client = try await NBS.open(localName: "probe.test", peerName: "server.test", port: server.port, options: loopbackOptions())
+    let session = try await withTimeout(10, "accept during the attack") { try await accepted.value }
+    let data = pattern(bytes, seed: 3)
+    try await client.write(data)
+    await client.finish()
+    let (count, digest) = try await withTimeout(10, "transfer during the attack") { try await drain(session) }
+    #expect(count == bytes)
+    #expect(digest == sha256(data))
+    try await session.close()
+    try await client.close()
+    return ContinuousClock.now - start
+}
+
+/// Hostile peers against one listener: each attack runs while well-behaved sessions open and
+/// transfer, and leaves no state, descriptor or buffer behind. Timing bounds are generous sanity
+/// bounds (a probe session takes a few ms here).
+@Suite("Hostile peers", .serialized, .timeLimit(.minutes(2)))
+struct HostilePeerTests {
+    @Test("slowloris: half-open handshakes held open are closed after handshakeTimeout; others are served meanwhile")
+    func slowloris() async throws {
+        var options = NBSOptions()
+        options.handshakeTimeout = .seconds(1)
+        let server = try await listener(options: options)
+        let fdsBefore = openDescriptors()
+        // The preamble and half an OPEN: an NBS client that never finishes its handshake.
+        var open = ByteBuffer()
+        NBSWire.writePreamble(into: &open)
+        FrameEncoder.encode(.open(ClientHandshake(sourceName: "slow.test", destinationName: "server.test", port: 1).open), into: &open)
+        let half = open.getSlice(at: 0, length: open.readableBytes / 2)!
+        var held: [RawConnection] = []
+        for _ in 0..<50 {
+            let raw = try await RawConnection(port: server.port)
+            try await raw.channel.writeAndFlush(half)
+            held.append(raw)
+        }
+        let during = try await probeSession(server)
+        #expect(during < .seconds(5))
+        #expect(await server.stateCounts().pending == 50)
+        // Each is closed by the listener, with a reason, after the handshake timeout.
+        for raw in held {
+            let frames = try await raw.frames { _ in false }
+            #expect(frames.contains { if case .abort(let c) = $0 { c.reason == .timeout } else { false } })
+        }
+        #expect(await server.stateCounts().pending == 0)
+        for raw in held { await raw.close() }
+        try await Task.sleep(for: .milliseconds(200))
+        #expect(openDescriptors() <= fdsBefore + 2)
+        await server.close()
+    }
+
+    @Test("a JOIN flood with bad tokens is refused one by one; a live session and new ones are unaffected")
+    func joinFlood() async throws {
+        let server = try await listener()
+        let accepted = Task { try await server.accept() }
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: loopbackOptions())
+        let live = try await accepted.value
+        let baseline = await server.stateCounts()
+        let fdsBefore = openDescriptors()
+        let refusedCount = try await withThrowingTaskGroup(of: Bool.self) { group in
+            for i in 0..<200 {
+                group.addTask {
+                    let raw = try await RawConnection(port: server.port)
+                    let join = Frame.Join(token: UInt64(i) &* 0x9E37_79B9_7F4A_7C15, nonce: randomBytes(NBSWire.nonceLength), backup: false,
+                                          mac: randomBytes(32))
+                    try await raw.send([.join(join)], preamble: true)
+                    let frames = try await raw.frames { _ in false }
+                    await raw.close()
+                    return frames.contains { if case .abort(let c) = $0 { c.reason == .unknownToken } else { false } }
+                }
+            }
+            return try await group.reduce(0) { $0 + ($1 ? 1 : 0) }
+        }
+        #expect(refusedCount == 200)
+        let during = try await probeSession(server)
+        #expect(during < .seconds(5))
+        let data = pattern(300_000, seed: 4)
+        try await client.write(data)
+        await client.finish()
+        let (count, digest) = try await withTimeout(20) { try await drain(live) }
+        #expect(count == 300_000 && digest == sha256(data))
+        #expect(await server.stateCounts() == baseline)
+        try await Task.sleep(for: .milliseconds(200))
+        #expect(openDescriptors() <= fdsBefore + 2)
+        try await live.close()
+        try await client.close()
+        await server.close()
+    }
+
+    @Test("a frame announcing a huge length is refused at its header, at once, without waiting for the payload")
+    func hugeLength() async throws {
+        var options = NBSOptions()
+        options.handshakeTimeout = .seconds(30)
+        let server = try await listener(options: options)
+        for type: UInt8 in [0x01, 0x02, 0x10] { // OPEN, JOIN, DATA
+            let raw = try await RawConnection(port: server.port)
+            var bytes = ByteBuffer()
+            NBSWire.writePreamble(into: &bytes)
+            bytes.writeInteger(type)
+            bytes.writeInteger(UInt8(0))
+            bytes.writeInteger(UInt32.max)
+            let start = ContinuousClock.now
+            try await raw.channel.writeAndFlush(bytes)
+            let frames = try await raw.frames { _ in false }
+            // Closed long before the 30 s handshake timeout: the header alone was enough.
+            #expect(ContinuousClock.now - start < .seconds(5), "type \(type)")
+            #expect(frames.allSatisfy { if case .abort = $0 { true } else { false } })
+            await raw.close()
+        }
+        #expect(await server.stateCounts().pending == 0)
+        _ = try await probeSession(server)
+        await server.close()
+    }
+
+    @Test("a receiver that never reads: both ends' buffers stay within their capacities, the writer waits")
+    func receiverNeverReads() async throws {
+        var options = loopbackOptions()
+        options.sendBufferCapacity = 1 << 20
+        var serverOptions = NBSOptions()
+        serverOptions.receiveCapacity = 1 << 20
+        let server = try await listener(options: serverOptions)
+        let accepted = Task { try await server.accept() }
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options)
+        let never = try await accepted.value
+        let block = pattern(1 << 20, seed: 6)
+        let writer = Task {
+            for _ in 0..<256 { try await client.write(block) } // 256 MiB: far beyond every buffer
+        }
+        try await Task.sleep(for: .seconds(2))
+        let sent = await client.statistics
+        let held = await never.statistics
+        #expect(sent.unacknowledgedBytes <= options.sendBufferCapacity)
+        // The window the receiver advertised bounds what it holds; segments in flight may add one.
+        #expect(held.unreadBytes <= serverOptions.receiveCapacity + NBSWire.maxDataPayload)
+        #expect(held.unreadBytes > 0)
+        // Still writing: the writer waits, it is neither done nor failed.
+        try await Task.sleep(for: .milliseconds(200))
+        #expect(await client.statistics.unacknowledgedBytes <= options.sendBufferCapacity)
+        _ = try await probeSession(server)
+        writer.cancel()
+        await client.abort()
+        await never.abort()
+        await server.close()
+    }
+}
