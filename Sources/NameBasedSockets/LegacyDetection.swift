@@ -79,6 +79,7 @@ final class FirstBytesClassifier: ChannelInboundHandler, RemovableChannelHandler
     private var addedAt = NIODeadline.now()
     private var timer: Scheduled<Void>?
     private var waited: TimeAmount?
+    private var silenceRechecks = 0
 
     /// Silence counts from the connection being up, and lasts at least `atLeastConnectTimes` times
     /// as long as connecting took (when the handler was added before that), so that a slow path is
@@ -105,10 +106,36 @@ final class FirstBytesClassifier: ChannelInboundHandler, RemovableChannelHandler
         guard let silence, !decided else { return }
         let wait = max(silence, connectTime * connectTimes)
         waited = wait
+        armSilenceTimer(context: context, in: wait)
+    }
+
+    private func armSilenceTimer(context: ChannelHandlerContext, in wait: TimeAmount) {
         let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
         timer = context.eventLoop.scheduleTask(in: wait) {
             let (classifier, context) = bound.value
-            classifier.evaluate(context: context, silentTooLong: true)
+            classifier.silenceTimerFired(context: context)
+        }
+    }
+
+    /// Silence as the event loop sees it is not always the peer's: a loop busy with hundreds of
+    /// handshakes can run this timer before the read of bytes that arrived in time. TCP knows what
+    /// it received; while that is more than was read, the peer was not silent.
+    private func silenceTimerFired(context: ChannelHandlerContext) {
+        guard !decided else { return }
+        guard let provider = context.channel as? any SocketOptionProvider, silenceRechecks < 100 else {
+            return evaluate(context: context, silentTooLong: true)
+        }
+        silenceRechecks += 1
+        let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        let future: EventLoopFuture<KernelTCPInfo> = provider.unsafeGetSocketOption(level: .tcp, name: .tcp_info)
+        future.whenComplete { result in
+            let (classifier, context) = bound.value
+            guard !classifier.decided else { return }
+            if case .success(let info) = result, info.bytesReceived > UInt64(classifier.held?.readableBytes ?? 0) {
+                classifier.armSilenceTimer(context: context, in: .milliseconds(10))
+            } else {
+                classifier.evaluate(context: context, silentTooLong: true)
+            }
         }
     }
 
@@ -156,4 +183,16 @@ final class FirstBytesClassifier: ChannelInboundHandler, RemovableChannelHandler
         // On the way down (channelInactive) the handler stays: the event still has to pass it.
         if removeSelf { context.pipeline.syncOperations.removeHandler(context: context, promise: nil) }
     }
+}
+
+/// Linux's `struct tcp_info` as the kernel fills it (linux/tcp.h, 232 bytes): glibc's declaration,
+/// which NIO's getTCPInfo returns, ends before `tcpi_bytes_received`.
+struct KernelTCPInfo: Sendable {
+    private var words: (UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64,
+                        UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64,
+                        UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64) =
+        (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+
+    /// tcpi_bytes_received (Linux 4.1+; 0 on older kernels, which then decide by silence alone).
+    var bytesReceived: UInt64 { withUnsafeBytes(of: words) { $0.load(fromByteOffset: 128, as: UInt64.self) } }
 }

@@ -93,8 +93,11 @@ final class ListenerState: SubflowDelegate {
     /// Connections that have not completed OPEN or JOIN yet.
     private var pending: [ObjectIdentifier: (handler: SubflowHandler, machine: SubflowStateMachine, timeout: Scheduled<Void>)] = [:]
     /// Sessions whose ACCEPT is sent and whose opener is being verified: not in `sessions` (no
-    /// JOIN reaches them) nor visible to accept(). Bounded by maxPendingVerifications.
+    /// JOIN reaches them) nor visible to accept(). Bounded by maxPendingHandshakes.
     private var verifying: [ObjectIdentifier: PendingVerification] = [:]
+    /// Forward lookups of openers' names in progress. Bounded by maxPendingVerifications: only
+    /// these wait on something other than the opener, so only these can pile up.
+    private var lookupsInProgress = 0
     private var ready = CircularBuffer<Session>()
     private var waiters = CircularBuffer<EventLoopPromise<Session>>()
     private var closed = false
@@ -171,7 +174,7 @@ final class ListenerState: SubflowDelegate {
             return refuse(handler, .nameNotServed, "this listener serves \(localName), not \(open.destinationName)")
         }
         guard ready.count < options.acceptBacklog else { return refuse(handler, .resourceLimit, "accept backlog full") }
-        guard verifying.count < options.maxPendingVerifications else { return refuse(handler, .resourceLimit, "too many sessions being verified") }
+        guard verifying.count < options.maxPendingHandshakes else { return refuse(handler, .resourceLimit, "too many sessions being set up") }
         guard let channel = handler.channel, let local = channel.localAddress, let remote = channel.remoteAddress else { return }
         var token = UInt64.random(in: 1 ... .max)
         while sessions[token] != nil || verifying.values.contains(where: { $0.accept.token == token }) { token = UInt64.random(in: 1 ... .max) }
@@ -246,6 +249,10 @@ final class ListenerState: SubflowDelegate {
             unchecked.resolutionFailure = "not looked up (lookUpPeerNames is off)"
             return finishVerification(key, unchecked)
         }
+        guard lookupsInProgress < options.maxPendingVerifications else {
+            return refuseVerifying(key, .resourceLimit, "too many name lookups in progress")
+        }
+        lookupsInProgress += 1
         let resolver = options.resolver
         let lookup = loop.makePromise(of: [SocketAddress].self)
         lookup.completeWithTask { try await resolver.resolve(name, port: 0) }
@@ -256,6 +263,7 @@ final class ListenerState: SubflowDelegate {
         let bound = NIOLoopBound(self, eventLoop: loop)
         lookup.futureResult.whenComplete { outcome in
             deadline.cancel()
+            bound.value.lookupsInProgress -= 1
             var evidence = evidence
             switch outcome {
             case .success(let addresses): evidence.resolvedAddresses = addresses.map(\.hostString)

@@ -61,8 +61,9 @@ public struct NBSOptions: Sendable {
     /// How long the listener waits for the forward lookup of a peer's name; no answer in time
     /// leaves the name `claimed`.
     public var nameVerificationTimeout: TimeAmount = .seconds(2)
-    /// Listener only: sessions whose peer is being verified at once; more are refused, so that
-    /// OPENs with names that resolve slowly cannot pile up lookups and state.
+    /// Listener only: forward lookups of openers' names in progress at once; more openers are
+    /// refused, so that OPENs with names that resolve slowly cannot pile up lookups and state.
+    /// (Handshakes without a lookup are bounded by maxPendingHandshakes.)
     public var maxPendingVerifications = 64
     /// Listener only: connections that have not sent OPEN or JOIN yet (each held at most
     /// handshakeTimeout); more are refused at once, so a flood of idle connections cannot grow the

@@ -49,7 +49,10 @@ enum SubflowConnector {
         ClientBootstrap(group: loop)
             .connectTimeout(options.connectTimeout)
             .channelInitializer { channel in
-                configure(channel).flatMapThrowing { try prepare?(channel) }
+                configure(channel).flatMapThrowing {
+                    try channel.pipeline.syncOperations.handler(type: SubflowHandler.self).sendsPreambleOnConnect = true
+                    try prepare?(channel)
+                }
             }
             .bind(to: local)
             .connect(to: remote)

@@ -80,6 +80,11 @@ final class SubflowHandler: ChannelInboundHandler {
     private var reportedClosed = false
     var id = SubflowID(0)
     var preambleSent = false
+    /// Opener side: send the preamble as soon as TCP is up, from the event loop, rather than with
+    /// the first frame. A listener takes a client that stays silent for legacyDetectionDelay for a
+    /// legacy one; an opener busy with hundreds of handshakes (key generation, task hops) can take
+    /// longer than that to produce its OPEN, but never to write four bytes on connect.
+    var sendsPreambleOnConnect = false
 
     init() {}
 
@@ -89,6 +94,15 @@ final class SubflowHandler: ChannelInboundHandler {
 
     func handlerAdded(context: ChannelHandlerContext) { self.context = context }
     func handlerRemoved(context: ChannelHandlerContext) { self.context = nil }
+
+    func channelActive(context: ChannelHandlerContext) {
+        if sendsPreambleOnConnect, !preambleSent {
+            var buffer = context.channel.allocator.buffer(capacity: NBSWire.preambleLength)
+            ensurePreamble(into: &buffer)
+            context.writeAndFlush(Self.wrapOutboundOut(buffer), promise: nil)
+        }
+        context.fireChannelActive()
+    }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         delegate?.subflow(self, received: Self.unwrapInboundIn(data))

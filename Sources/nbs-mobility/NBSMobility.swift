@@ -47,13 +47,20 @@ struct CommonOptions: ParsableArguments {
     @Option(name: .customLong("local"), help: "A local address to open subflows from (repeatable); default: every usable address.")
     var localAddresses: [String] = []
 
-    mutating func validate() throws { name = try verification.localName(name) }
+    @Option(name: .long, help: "Bytes a session may hold written but unacknowledged (suffixes K, M; default 8M). Small values keep many slow sessions from queueing minutes of data.")
+    var sendBuffer: String?
+
+    mutating func validate() throws {
+        name = try verification.localName(name)
+        if let sendBuffer, (parseByteCount(sendBuffer) ?? 0) < 65536 { throw ValidationError("--send-buffer must be a byte count of at least 64K") }
+    }
 
     func options(policy: MultipathPolicy = .aggregate) throws -> NBSOptions {
         var options = NBSOptions()
         try verification.apply(to: &options)
         options.policy = policy
         options.maxSubflows = maxSubflows
+        if let bytes = sendBuffer.flatMap(parseByteCount) { options.sendBufferCapacity = bytes }
         if !localAddresses.isEmpty {
             options.localAddresses = try localAddresses.map {
                 do { return try SocketAddress(ipAddress: $0, port: 0) } catch { throw ValidationError("--local \($0) is not an IP address") }
@@ -146,31 +153,72 @@ struct Connect: AsyncParsableCommand {
     @Option(name: .long, help: "Bytes to send (suffixes K, M, G: powers of 1024).") var bytes: String?
     @Option(name: .long, help: "Send for this many seconds.") var duration: Double?
     @Option(name: .long, help: "aggregate, handover or interactive.") var policy: MultipathPolicy = .aggregate
+    @Option(name: .long, help: "Run this many sessions at once, each sending --bytes or for --duration; one report each.")
+    var sessions = 1
 
     func validate() throws {
         guard (bytes == nil) != (duration == nil) else { throw ValidationError("give exactly one of --bytes or --duration") }
         if let bytes, parseByteCount(bytes) == nil { throw ValidationError("--bytes \(bytes) is not a byte count") }
         if let duration, !(duration > 0) { throw ValidationError("--duration must be positive") }
+        guard (1...100_000).contains(sessions) else { throw ValidationError("--sessions must be 1...100000") }
         _ = try parsePeer(peer)
     }
 
     func run() async throws {
         let (peerName, port) = try parsePeer(peer)
-        let session: Session
-        do {
-            session = try await NBS.open(localName: common.name, peerName: peerName, port: port, options: try common.options(policy: policy))
-        } catch let error as NBSError {
-            throw CLIError.from(error, peer: peer)
+        let options = try common.options(policy: policy)
+        let open = { @Sendable () async throws -> Session in
+            do {
+                return try await NBS.open(localName: common.name, peerName: peerName, port: port, options: options)
+            } catch let error as NBSError {
+                throw CLIError.from(error, peer: peer)
+            }
         }
-        let limit = bytes.flatMap(parseByteCount)
+        guard sessions > 1 else {
+            let session = try await open()
+            let console = await Console.start(command: "connect", localName: common.name, port: nil,
+                                              view: display.resolved(json: common.json), control: !display.noControl)
+            let report = await transfer(session, console: console)
+            await console.stop()
+            print(report.text(json: common.json))
+            if !report.completed { throw ExitCode(1) }
+            return
+        }
+        // Many at once (a soak, a scale test): each prints its report as it ends.
         let console = await Console.start(command: "connect", localName: common.name, port: nil,
                                           view: display.resolved(json: common.json), control: !display.noControl)
+        let json = common.json
+        let failed = await withTaskGroup(of: Bool.self) { group in
+            for _ in 0..<sessions {
+                group.addTask {
+                    do {
+                        let report = await transfer(try await open(), console: console)
+                        console.view.printPermanent(report.text(json: json))
+                        return !report.completed
+                    } catch {
+                        let text = json ? #"{"completed":false,"role":"client","error":"\#(jsonEscaped("\(error)"))"}"# : "client: FAILED: \(error)"
+                        console.view.printPermanent(text)
+                        return true
+                    }
+                }
+            }
+            return await group.reduce(0) { $0 + ($1 ? 1 : 0) }
+        }
+        await console.stop()
+        if failed > 0 {
+            FileHandle.standardError.write(Data("nbs-mobility: \(failed) of \(sessions) sessions failed\n".utf8))
+            throw ExitCode(1)
+        }
+    }
+
+    /// One session's transfer: deterministic data out, anything echoed back read and checksummed.
+    private func transfer(_ session: Session, console: Console) async -> TransferReport {
+        let limit = bytes.flatMap(parseByteCount)
         let tracked = console.registry.track(session, role: "client", progress: .sent, expectedBytes: limit)
         var report = TransferReport(role: "client", session: session)
         var generator = PatternGenerator()
         var sender = SHA256()
         let deadline = duration.map { ContinuousClock.now + .milliseconds(Int($0 * 1000)) }
-        // Anything the peer sends back (an echo server) is read and checksummed too.
         let reader = Task { () -> (bytes: Int, digest: String) in
             var meter = ReceiveMeter()
             while let chunk = try await session.read() { meter.record(chunk) }
@@ -205,10 +253,14 @@ struct Connect: AsyncParsableCommand {
         }
         report.seconds = report.elapsed
         await report.finish(tracked)
-        await console.stop()
-        print(report.text(json: common.json))
-        if !report.completed { throw ExitCode(1) }
+        if sessions > 1 { console.registry.forget(tracked) }
+        return report
     }
+}
+
+func jsonEscaped(_ text: String) -> String {
+    let data = (try? JSONSerialization.data(withJSONObject: [text])) ?? Data("[\"\"]".utf8)
+    return String(String(decoding: data, as: UTF8.self).dropFirst(2).dropLast(2))
 }
 
 /// NAME:PORT, [IPv6]:PORT.

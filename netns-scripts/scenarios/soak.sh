@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# Soak: many concurrent sessions under churn. One `serve --sink` process holds NBS_SOAK_SESSIONS sessions (default
+# 200) from one `connect --sessions` process, each sending for NBS_SOAK_SECONDS (default 20; run it by hand with
+# 300 or more), in two rounds, while a seeded random schedule (NBS_SOAK_SEED, printed) flaps links, moves the
+# client's path-2 addresses and blackholes a path, one fault at a time. Then it checks:
+#   - every session of both rounds completed, and the server received exactly what each client sent (SHA-256);
+#   - the server leaked nothing: its open descriptors after round 2 are back at the level before round 1, and its
+#     RSS after round 2 is within 25 % (+16 MiB) of its RSS after round 1 (a leak grows with every round);
+#   - the server still accepts: a fresh session afterwards completes.
+# Each session's send buffer is 128 KiB: with 8 MiB (the default) and ~0.5 Mbit/s per session, what a session
+# has written when its time is up would take minutes to drain.
+# Env: NBS_SOAK_SESSIONS, NBS_SOAK_SECONDS, NBS_SOAK_SEED, NBS_RATE (default 50), NBS_BIN.
+set -euo pipefail
+# shellcheck source=netns-scripts/lib.sh
+source "$(dirname "$0")/../lib.sh"
+
+sessions=${NBS_SOAK_SESSIONS:-200}
+seconds=${NBS_SOAK_SECONDS:-20}
+seed=${NBS_SOAK_SEED:-$((RANDOM * 32768 + RANDOM))}
+export NBS_TIMEOUT=$((seconds * 3 + 120))
+
+nbs_require_netns
+nbs_require_bin
+nbs_cleanup_on_exit
+nbs_tmpdir
+nbs_topology_create --rate "${NBS_RATE:-50}"
+echo "soak: $sessions sessions x 2 rounds of ${seconds}s, seed $seed"
+RANDOM=$seed
+
+port=$(nbs_port)
+spid=""
+nbs_bg spid "$NBS_NS_S" "$NBS_TIMEOUT" "$NBS_TMP/server" "$NBS_TMP/server.err" \
+    "$NBS_BIN" serve --name "$NBS_SERVER_NAME" --port "$port" --sink --json
+nbs_wait_listen "$NBS_NS_S" "$port" 15
+# nbs_bg's pid is `timeout`; the server is its child.
+server=""
+for ((i = 0; i < 50 && ${#server} == 0; i++)); do server=$(pgrep -P "$spid" -f "nbs-mobility serve" || true); sleep 0.1; done
+[[ -n $server ]] || nbs_die "cannot find the server process"
+fds() { ls "/proc/$server/fd" | wc -l; }
+rss() { awk '/^VmRSS/ { print $2 }' "/proc/$server/status"; } # KiB
+
+c4=${NBS_C4[2]} c6=${NBS_C6[2]} moves=0
+fault() {
+    case $((RANDOM % 3)) in
+        0)
+            local p=$((RANDOM % 2 + 1))
+            echo "  flap path $p"
+            nbs_link_down "$p" c
+            sleep 1
+            nbs_link_up "$p" c
+            ;;
+        1)
+            moves=$((moves + 1))
+            local n4="198.51.100.$((40 + moves % 200))" n6="2001:db8:2::$(printf '%x' $((0x40 + moves % 200)))"
+            echo "  move path 2: $c4 -> $n4, $c6 -> $n6"
+            ip -n "$NBS_NS_C" addr del "$c4/24" dev nbs2 2>/dev/null || true
+            ip -n "$NBS_NS_C" addr del "$c6/64" dev nbs2 2>/dev/null || true
+            sleep 0.3
+            ip -n "$NBS_NS_C" addr add "$n4/24" dev nbs2
+            ip -n "$NBS_NS_C" addr add "$n6/64" dev nbs2 nodad
+            c4=$n4 c6=$n6
+            ;;
+        2)
+            local p=$((RANDOM % 2 + 1))
+            echo "  blackhole path $p for 2 s"
+            nbs_blackhole "$p" c
+            sleep 2
+            nbs_blackhole_clear c
+            ;;
+    esac
+}
+
+faults=0
+round() { # round N: the client's sessions, with faults until it ends (at most 100 faults)
+    local r=$1 cpid="" crc=0 n
+    nbs_bg cpid "$NBS_NS_C" "$NBS_TIMEOUT" "$NBS_TMP/client$r" "$NBS_TMP/client$r.err" \
+        "$NBS_BIN" connect --name "$NBS_CLIENT_NAME" "$NBS_SERVER_NAME:$port" --sessions "$sessions" --duration "$seconds" \
+        --send-buffer 128K --json
+    for ((n = 0; n < 100; n++)); do
+        sleep "$((RANDOM % 3 + 1))"
+        nbs__pid_alive "$cpid" || break
+        # Leave the last seconds quiet, so that the sessions end on a settled network.
+        (($(date +%s) < round_end - 3)) || break
+        fault
+        faults=$((faults + 1))
+    done
+    nbs_wait_rc crc "$cpid"
+    echo "round $r: client exit $crc"
+    ((crc == 0)) || { nbs_fail "round $r: client exit $crc"; tail -5 "$NBS_TMP/client$r.err"; }
+}
+
+fd0=$(fds)
+round_end=$(($(date +%s) + seconds))
+round 1
+sleep 2
+fd1=$(fds) rss1=$(rss)
+round_end=$(($(date +%s) + seconds))
+round 2
+sleep 3
+fd2=$(fds) rss2=$(rss)
+echo "server descriptors: $fd0 before, $fd1 after round 1, $fd2 after round 2; RSS ${rss1} KiB after round 1, ${rss2} KiB after round 2"
+((fd2 <= fd0 + 2)) || nbs_fail "the server holds $fd2 descriptors after the soak, $fd0 before"
+((rss2 <= rss1 * 5 / 4 + 16384)) || nbs_fail "the server's RSS grew from ${rss1} to ${rss2} KiB between rounds"
+
+# Still accepting?
+xpid="" xrc=0
+nbs_bg xpid "$NBS_NS_C" 60 "$NBS_TMP/last" "$NBS_TMP/last.err" \
+    "$NBS_BIN" connect --name "$NBS_CLIENT_NAME" "$NBS_SERVER_NAME:$port" --bytes 1M --json
+nbs_wait_rc xrc "$xpid"
+((xrc == 0)) || nbs_fail "a fresh session after the soak failed (exit $xrc)"
+sleep 0.5
+
+python3 - "$NBS_TMP" "$sessions" <<'PY' || NBS_FAILS=$((NBS_FAILS + 1))
+import collections, json, sys
+tmp, sessions = sys.argv[1], int(sys.argv[2])
+def lines(path):
+    out = []
+    for line in open(path, encoding="utf-8", errors="replace"):
+        line = line.strip()
+        if line.startswith("{"):
+            out.append(json.loads(line))
+    return out
+clients = lines(tmp + "/client1") + lines(tmp + "/client2") + lines(tmp + "/last")
+servers = lines(tmp + "/server")
+fails = []
+bad = [c for c in clients if not c.get("completed")]
+if bad:
+    fails.append("%d client sessions did not complete (first: %s)" % (len(bad), bad[0].get("error")))
+if len(clients) != 2 * sessions + 1:
+    fails.append("%d client reports, expected %d" % (len(clients), 2 * sessions + 1))
+sent = collections.Counter((c.get("bytes"), c.get("sha256")) for c in clients if c.get("completed"))
+got = collections.Counter((s.get("bytes"), s.get("sha256")) for s in servers if s.get("completed"))
+if sent != got:
+    fails.append("what the server received differs from what the clients sent: %d sent, %d received, %d unmatched"
+                 % (sum(sent.values()), sum(got.values()), sum((sent - got).values()) + sum((got - sent).values())))
+total = sum(c.get("bytes", 0) for c in clients)
+reinjected = sum(c.get("reinjected_bytes", 0) for c in clients)
+print("sessions checked: %d, %.1f MiB in all, %.1f MiB reinjected, longest receiver stall %.0f ms"
+      % (len(clients), total / 1048576, reinjected / 1048576, max([s.get("max_stall_ms", 0) for s in servers] or [0])))
+for f in fails:
+    print("FAIL: " + f)
+sys.exit(1 if fails else 0)
+PY
+
+if ((NBS_FAILS)); then
+    echo "FAIL soak: $NBS_FAILS failed check(s), seed $seed"
+    exit 1
+fi
+echo "PASS soak: $sessions sessions x 2 rounds of ${seconds}s, $faults faults (seed $seed), every byte accounted for; server fds $fd0 -> $fd2, RSS ${rss1} -> ${rss2} KiB; still accepting"
