@@ -136,6 +136,7 @@ public struct HandshakeTranscript: Sendable, Equatable {
     /// verify (wrong key, another session's transcript, another role).
     public func verify(_ proof: Frame.Identity, by role: SessionKeys.Role) -> [UInt8]? {
         guard proof.publicKey.count == NBSWire.identityKeyLength, proof.signature.count == NBSWire.signatureLength,
+            !SmallOrderPoint.matches(proof.publicKey), !SmallOrderPoint.matches(Array(proof.signature.prefix(32))),
             let key = try? Curve25519.Signing.PublicKey(rawRepresentation: proof.publicKey),
             key.isValidSignature(proof.signature, for: signedBytes(by: role))
         else { return nil }
@@ -190,5 +191,31 @@ public enum Base64 {
         }
         guard encode(out) == text else { return nil }
         return out
+    }
+}
+
+/// Ed25519 points of small order (and their non-canonical encodings), as libsodium blocks them.
+/// Found by fuzzing: BoringSSL's verification, which swift-crypto uses, accepts an all-zero public
+/// key with an all-zero signature for some messages, since [8]A and R are then the identity. Such
+/// a "key" has no private key, so a proof with it proves nothing; it, or such an R, is refused.
+enum SmallOrderPoint {
+    static let encodings: [[UInt8]] = [
+        [UInt8](repeating: 0, count: 32),
+        [1] + [UInt8](repeating: 0, count: 31),
+        [0x26, 0xe8, 0x95, 0x8f, 0xc2, 0xb2, 0x27, 0xb0, 0x45, 0xc3, 0xf4, 0x89, 0xf2, 0xef, 0x98, 0xf0,
+         0xd5, 0xdf, 0xac, 0x05, 0xd3, 0xc6, 0x33, 0x39, 0xb1, 0x38, 0x02, 0x88, 0x6d, 0x53, 0xfc, 0x05],
+        [0xc7, 0x17, 0x6a, 0x70, 0x3d, 0x4d, 0xd8, 0x4f, 0xba, 0x3c, 0x0b, 0x76, 0x0d, 0x10, 0x67, 0x0f,
+         0x2a, 0x20, 0x53, 0xfa, 0x2c, 0x39, 0xcc, 0xc6, 0x4e, 0xc7, 0xfd, 0x77, 0x92, 0xac, 0x03, 0x7a],
+        [0xec] + [UInt8](repeating: 0xff, count: 30) + [0x7f],
+        [0xed] + [UInt8](repeating: 0xff, count: 30) + [0x7f],
+        [0xee] + [UInt8](repeating: 0xff, count: 30) + [0x7f],
+    ]
+
+    /// Compared without the sign bit (the top bit of the last byte), which does not change the order.
+    static func matches(_ point: [UInt8]) -> Bool {
+        guard point.count == 32 else { return false }
+        return encodings.contains { encoding in
+            zip(point.prefix(31), encoding.prefix(31)).allSatisfy { $0 == $1 } && point[31] & 0x7f == encoding[31] & 0x7f
+        }
     }
 }

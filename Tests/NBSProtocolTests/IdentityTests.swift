@@ -46,6 +46,34 @@ struct IdentityTests {
         #expect(throws: IdentityError.self) { try NBSIdentity(privateKey: [1, 2, 3]) }
     }
 
+    /// Found by the handshake fuzz target (Fuzz/, 2026-11-25): an IDENTITY with an all-zero key and
+    /// an all-zero signature verified. Small-order keys have no private key; they prove nothing.
+    @Test("small-order keys and signatures never verify, whatever the session")
+    func smallOrderKeysRefused() throws {
+        let zeroSignature = [UInt8](repeating: 0, count: NBSWire.signatureLength)
+        var verified = 0
+        for _ in 0..<64 {
+            let f = try HandshakeFixture()
+            let transcript = HandshakeTranscript(open: f.client.open, accept: f.accept)
+            for key in SmallOrderPoint.encodings {
+                for signature in [zeroSignature, key + [UInt8](repeating: 0, count: 32)] {
+                    for role in [SessionKeys.Role.client, .server] where transcript.verify(.init(publicKey: key, signature: signature), by: role) != nil {
+                        verified += 1
+                    }
+                }
+            }
+            // A genuine proof still verifies.
+            let identity = NBSIdentity()
+            #expect(transcript.verify(identity.prove(transcript, as: .server), by: .server) == identity.publicKey)
+        }
+        #expect(verified == 0)
+        // The sign bit does not hide a small-order point.
+        var signed = SmallOrderPoint.encodings[2]
+        signed[31] |= 0x80
+        #expect(SmallOrderPoint.matches(signed))
+        #expect(!SmallOrderPoint.matches(NBSIdentity().publicKey))
+    }
+
     @Test("a proof verifies for its session and role only")
     func proofBinding() throws {
         let identity = NBSIdentity()
