@@ -46,6 +46,7 @@ done
 failed=0
 for t in "${targets[@]}"; do
     log=$(mktemp)
+    started=$SECONDS
     rc=0
     NBS_FUZZ_TARGET=$t "$bin" "corpus/$t" -max_total_time="$seconds" -print_final_stats=1 -rss_limit_mb=4096 \
         -artifact_prefix="crashes/$t-" >"$log" 2>&1 || rc=$?
@@ -56,7 +57,7 @@ for t in "${targets[@]}"; do
     ft=$(grep -o 'ft: [0-9]*' <<<"$last" || true)
     corp=$(grep -o 'corp: [0-9]*/[0-9]*[a-zA-Z]*' <<<"$last" || true)
     crashes=$(ls crashes/ 2>/dev/null | grep -c "^$t-" || true)
-    echo "$t: ${seconds}s, $runs runs ($speed/s), ${cov:-cov: ?}, ${ft:-ft: ?}, ${corp:-corp: ?}, crashes: $crashes (exit $rc)"
+    echo "$t: $((SECONDS - started))s of ${seconds}s, $runs runs ($speed/s), ${cov:-cov: ?}, ${ft:-ft: ?}, ${corp:-corp: ?}, crashes: $crashes (exit $rc)"
     if ((rc != 0)); then
         failed=1
         grep -E 'ERROR|Fatal|precondition|SUMMARY' "$log" | head -5

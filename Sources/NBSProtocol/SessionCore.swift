@@ -279,6 +279,19 @@ public struct SessionCore: Sendable {
         return freed > 0 || windowOpened ? .sendProgress : .none
     }
 
+    /// The peer's authenticated CLOSE: it sends one only once its side is finished, which needs our
+    /// DATA_FIN. When that DATA_FIN is all we still wait for (every byte before it acknowledged,
+    /// the peer's own DATA_FIN and data all in), the CLOSE acknowledges it: the DATA_ACK that
+    /// did may have been lost with the subflow that carried it, and the peer sends no other.
+    /// Found by the soak scenario: listeners waited out their grace period for that lost ack.
+    public mutating func receivePeerClose() -> Outcome {
+        guard localFin != .open, localFin != .acknowledged, send.nextNew == send.end, send.bufferedBytes == 0,
+            let final = remoteFinalSequence, receive.nextExpected == final
+        else { return .none }
+        localFin = .acknowledged
+        return .sendProgress
+    }
+
     public mutating func receiveFin(_ fin: Frame.DataFin) throws(SessionProtocolError) -> Outcome {
         if let known = remoteFinalSequence {
             guard known == fin.finalSequence else { throw .conflictingFin(known, fin.finalSequence) }

@@ -294,7 +294,7 @@ final class LegacyConnection: ChannelInboundHandler, RemovableChannelHandler, Se
 
     /// Both directions ended: the connection has nothing left to do.
     private func closeIfDone() {
-        if inputEnded, outputShut, !channelClosed { context?.close(promise: nil) }
+        if inputEnded, outputShut, !channelClosed, let channel = context?.channel { closeOnNextTick(channel) }
     }
 
     private func fail(_ error: NBSError) {
@@ -304,7 +304,7 @@ final class LegacyConnection: ChannelInboundHandler, RemovableChannelHandler, Se
         // A reset, so the peer learns at once that the stream did not end normally.
         guard let channel = context?.channel else { return }
         let lingerZero = (channel as? any SocketOptionProvider)?.setSoLinger(linger(l_onoff: 1, l_linger: 0)) ?? loop.makeSucceededVoidFuture()
-        lingerZero.whenComplete { _ in channel.close(promise: nil) }
+        lingerZero.whenComplete { _ in closeOnNextTick(channel) }
     }
 }
 

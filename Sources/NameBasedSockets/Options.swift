@@ -41,7 +41,7 @@ public struct NBSOptions: Sendable {
     public var receiveCapacity = 8 * 1024 * 1024
     public var maxSegmentSize = 64 * 1024
     /// Listener only: sessions handed out by `accept()` are queued up to this many; more are refused.
-    public var acceptBacklog = 128
+    public var acceptBacklog = 1024
     /// Listener only: addresses to bind. nil: the IPv6 wildcard (dual-stack), else IPv4's.
     public var bindAddresses: [SocketAddress]?
     /// Sessions whose peer's name is verified below this are refused on both ends, before the
@@ -77,7 +77,7 @@ public struct NBSOptions: Sendable {
     /// `.fallback`: the least time a silent server is given to answer OPEN, counted from the
     /// connection being up (at least 4 times the TCP connect time, so that a slow path is not
     /// mistaken for a legacy server).
-    public var legacyDetectionDelay: TimeAmount = .milliseconds(300)
+    public var legacyDetectionDelay: TimeAmount = .seconds(1)
     /// Opener only: whether it may fall back to plain TCP for a peer that does not speak NBS.
     public var legacyFallback: LegacyFallback = .nbsOnly
     /// Opener only: peers found to be legacy, so `.fallback` skips NBS for them for a while.

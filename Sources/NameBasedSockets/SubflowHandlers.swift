@@ -176,9 +176,9 @@ final class SubflowHandler: ChannelInboundHandler {
             ensurePreamble(into: &buffer)
             FrameEncoder.encode(frame, into: &buffer)
             let channel = context.channel
-            context.writeAndFlush(Self.wrapOutboundOut(buffer)).whenComplete { _ in channel.close(promise: nil) }
+            context.writeAndFlush(Self.wrapOutboundOut(buffer)).whenComplete { _ in closeOnNextTick(channel) }
         } else {
-            context.close(promise: nil)
+            closeOnNextTick(context.channel)
         }
     }
 
@@ -187,7 +187,7 @@ final class SubflowHandler: ChannelInboundHandler {
     func resetAndClose() {
         guard let channel = context?.channel else { return }
         let lingerZero = (channel as? any SocketOptionProvider)?.setSoLinger(linger(l_onoff: 1, l_linger: 0)) ?? channel.eventLoop.makeSucceededVoidFuture()
-        lingerZero.whenComplete { _ in channel.close(promise: nil) }
+        lingerZero.whenComplete { _ in closeOnNextTick(channel) }
     }
 
     /// Graceful end of a subflow: FIN after what is queued; the peer's FIN completes the close.
@@ -196,4 +196,12 @@ final class SubflowHandler: ChannelInboundHandler {
         context.flush()
         context.close(mode: .output, promise: nil)
     }
+}
+
+/// Closes the channel from a fresh event-loop task, never from inside the pipeline event being
+/// handled. A channel closed from channelReadComplete while NIO handles an end of input trips
+/// NIO's `isRegisteredFully` assertion (debug builds): NIO goes on to half-close the input of a
+/// channel that is gone. Found by the soak scenario (200 sessions closing at once).
+func closeOnNextTick(_ channel: any Channel) {
+    channel.eventLoop.execute { channel.close(promise: nil) }
 }

@@ -577,6 +577,27 @@ struct SessionCoreTests {
         #expect(server.drain().compactMap(\.dataRange) == [0..<11])
     }
 
+    @Test("a CLOSE stands for the lost ack of our DATA_FIN, and only when nothing else is outstanding")
+    func closeAcknowledgesFin() throws {
+        var server = SessionCore(peerInitialWindow: 1 << 20)
+        server.addSubflow(a, backup: false)
+        server.write(buffer(patternBytes(1000, seed: 3)))
+        // Our data outstanding: a CLOSE proves nothing about it.
+        _ = server.drain()
+        #expect(server.receivePeerClose() == .none)
+        _ = try server.receiveAck(.init(cumulativeAck: 1000, window: 1 << 20))
+        // The peer's DATA_FIN is not in yet: still nothing.
+        server.finish()
+        _ = server.drain()
+        #expect(server.receivePeerClose() == .none)
+        _ = try server.receiveFin(.init(finalSequence: 0))
+        #expect(!server.isTransportFinished)
+        // Everything in, only our DATA_FIN's ack missing: the CLOSE completes it.
+        #expect(server.receivePeerClose() == .sendProgress)
+        #expect(server.isTransportFinished)
+        #expect(server.receivePeerClose() == .none)
+    }
+
     @Test("the window announcement waits for a subflow, and is sent once")
     func announcementNeedsSubflow() {
         var core = SessionCore(configuration: coreConfiguration(receive: 5000), peerInitialWindow: 0)

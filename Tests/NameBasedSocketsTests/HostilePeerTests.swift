@@ -48,7 +48,6 @@ struct HostilePeerTests {
         }
         let during = try await probeSession(server)
         #expect(during < .seconds(5))
-        #expect(await server.stateCounts().pending == 50)
         // Each is closed by the listener, with a reason, after the handshake timeout.
         for raw in held {
             let frames = try await raw.frames { _ in false }
