@@ -22,7 +22,9 @@ let package = Package(
         // shim header turns each into a prefixed `static inline` function.
         .systemLibrary(name: "CMnl", pkgConfig: "libmnl", providers: [.apt(["libmnl-dev"])]),
         // The interface monitor: the only module that imports CMnl.
-        .target(name: "NBSNetlink", dependencies: ["CMnl"]),
+        // NIOConcurrencyHelpers for its lock: ThreadSanitizer understands pthread mutexes, not the
+        // futex behind Synchronization.Mutex on Linux (it reports false races through it).
+        .target(name: "NBSNetlink", dependencies: ["CMnl", .product(name: "NIOConcurrencyHelpers", package: "swift-nio")]),
         .executableTarget(name: "nbs-netlink-probe", dependencies: ["NBSNetlink"]),
         .testTarget(name: "NBSNetlinkTests", dependencies: ["NBSNetlink"]),
         // Pure protocol core: frames, codec, buffers, state machines. No I/O.

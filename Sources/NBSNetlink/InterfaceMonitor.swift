@@ -1,4 +1,4 @@
-import Synchronization
+import NIOConcurrencyHelpers
 
 /// What a path manager needs from an interface monitor. ``NetlinkInterfaceMonitor`` is the real
 /// one; ``ScriptedInterfaceMonitor`` is driven by tests.
@@ -51,14 +51,14 @@ final class EventHub: Sendable {
         var finished = false
     }
 
-    private let state = Mutex(State())
+    private let state = NIOLockedValueBox(State())
 
-    var snapshot: InterfaceTable { state.withLock { $0.table } }
+    var snapshot: InterfaceTable { state.withLockedValue { $0.table } }
 
     /// Mutates the table and delivers whatever events the mutation returns.
     @discardableResult
     func update(_ body: (inout InterfaceTable) -> [InterfaceEvent]) -> [InterfaceEvent] {
-        state.withLock { state in
+        state.withLockedValue { state in
             let events = body(&state.table)
             for event in events {
                 for continuation in state.continuations.values { continuation.yield(event) }
@@ -69,7 +69,7 @@ final class EventHub: Sendable {
 
     func subscribe() -> AsyncStream<InterfaceEvent> {
         let (stream, continuation) = AsyncStream.makeStream(of: InterfaceEvent.self, bufferingPolicy: .unbounded)
-        let registered: UInt64? = state.withLock { state in
+        let registered: UInt64? = state.withLockedValue { state in
             guard !state.finished else { return nil }
             for event in state.table.currentStateEvents { continuation.yield(event) }
             let id = state.nextID
@@ -82,13 +82,13 @@ final class EventHub: Sendable {
             return stream
         }
         continuation.onTermination = { [weak self] _ in
-            self?.state.withLock { _ = $0.continuations.removeValue(forKey: id) }
+            self?.state.withLockedValue { _ = $0.continuations.removeValue(forKey: id) }
         }
         return stream
     }
 
     func finish() {
-        let continuations = state.withLock { state in
+        let continuations = state.withLockedValue { state in
             state.finished = true
             defer { state.continuations = [:] }
             return Array(state.continuations.values)

@@ -1,4 +1,5 @@
 internal import CMnl
+import NIOConcurrencyHelpers
 import Synchronization
 #if canImport(Glibc)
 import Glibc
@@ -24,7 +25,7 @@ public final class NetlinkInterfaceMonitor: InterfaceMonitor {
 
     private let hub: EventHub
     private let reader: Reader
-    private let phase = Mutex(Phase.idle)
+    private let phase = NIOLockedValueBox(Phase.idle)
 
     /// - Parameters:
     ///   - receiveBufferSize: SO_RCVBUF for the netlink socket (0 keeps the system default).
@@ -40,19 +41,19 @@ public final class NetlinkInterfaceMonitor: InterfaceMonitor {
     /// Dumps the current state (the snapshot is complete when this returns) and starts the reader
     /// thread. Subscribers registered before `start()` see the dump as events.
     public func start() throws {
-        try phase.withLock { phase throws(NetlinkMonitorError) in
+        try phase.withLockedValue { phase in
             guard case .idle = phase else {
-                if case .stopped = phase { throw .stopped }
-                throw .alreadyStarted
+                if case .stopped = phase { throw NetlinkMonitorError.stopped }
+                throw NetlinkMonitorError.alreadyStarted
             }
             phase = .starting
         }
         let outcome = reader.resynchronize()
-        try phase.withLock { phase throws(NetlinkMonitorError) in
+        try phase.withLockedValue { phase in
             guard case .starting = phase else {
                 // stop() ran during the dump and left closing the socket to us.
                 reader.socket.close()
-                throw .stopped
+                throw NetlinkMonitorError.stopped
             }
             switch outcome {
             case .complete:
@@ -60,7 +61,7 @@ public final class NetlinkInterfaceMonitor: InterfaceMonitor {
             case .stopped:
                 phase = .stopped
                 reader.socket.close()
-                throw .stopped
+                throw NetlinkMonitorError.stopped
             case .failed(let error):
                 phase = .stopped
                 reader.socket.close()
@@ -80,7 +81,7 @@ public final class NetlinkInterfaceMonitor: InterfaceMonitor {
     public var overrunCount: Int { reader.overruns.load(ordering: .relaxed) }
 
     public func stop() {
-        let previous = phase.withLock { phase in
+        let previous = phase.withLockedValue { phase in
             defer { phase = .stopped }
             return phase
         }

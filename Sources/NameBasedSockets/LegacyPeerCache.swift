@@ -1,6 +1,6 @@
 import NBSProtocol
 import NIOCore
-import Synchronization
+import NIOConcurrencyHelpers
 
 /// Peers (name and port) found not to speak NBS, remembered for `lifetime` so that the next open
 /// with `.fallback` goes straight to plain TCP instead of sending NBS bytes to a legacy server
@@ -10,7 +10,7 @@ public final class LegacyPeerCache: Sendable {
 
     public let lifetime: TimeAmount
     public let capacity: Int
-    private let entries = Mutex<[Key: NIODeadline]>([:])
+    private let entries = NIOLockedValueBox<[Key: NIODeadline]>([:])
 
     struct Key: Hashable {
         var name: String
@@ -27,7 +27,7 @@ public final class LegacyPeerCache: Sendable {
         let key = Key(name: canonicalName(name), port: port)
         let expiry = now + lifetime
         let capacity = self.capacity
-        entries.withLock { entries in
+        entries.withLockedValue { entries in
             if entries[key] == nil, entries.count >= capacity {
                 entries = entries.filter { $0.value > now }
                 if entries.count >= capacity, let soonest = entries.min(by: { $0.value < $1.value }) {
@@ -40,7 +40,7 @@ public final class LegacyPeerCache: Sendable {
 
     public func isLegacy(_ name: String, port: Int, now: NIODeadline = .now()) -> Bool {
         let key = Key(name: canonicalName(name), port: port)
-        return entries.withLock { entries in
+        return entries.withLockedValue { entries in
             guard let expiry = entries[key] else { return false }
             if expiry <= now {
                 entries.removeValue(forKey: key)
@@ -52,8 +52,8 @@ public final class LegacyPeerCache: Sendable {
 
     public func forget(_ name: String, port: Int) {
         let key = Key(name: canonicalName(name), port: port)
-        _ = entries.withLock { $0.removeValue(forKey: key) }
+        _ = entries.withLockedValue { $0.removeValue(forKey: key) }
     }
 
-    public var count: Int { entries.withLock { $0.count } }
+    public var count: Int { entries.withLockedValue { $0.count } }
 }

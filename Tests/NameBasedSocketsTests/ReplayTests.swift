@@ -102,7 +102,7 @@ struct ReplayTests {
         var joinBytes = ByteBuffer()
         NBSWire.writePreamble(into: &joinBytes)
         FrameEncoder.encode(.join(join), into: &joinBytes)
-        let first = try await RawPeer.exchange(port: server.port, send: Array(joinBytes.readableBytesView), seconds: 1)
+        let first = try await RawPeer.exchange(port: server.port, send: Array(joinBytes.readableBytesView), seconds: 3)
         #expect(first.frames.contains { if case .joinAck = $0 { true } else { false } })
         let replayed = try await RawPeer.exchange(port: server.port, send: Array(joinBytes.readableBytesView))
         #expect(replayed.frames.contains { if case .abort(let c) = $0 { c.reason == .replay } else { false } })
