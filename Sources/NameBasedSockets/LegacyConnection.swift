@@ -73,6 +73,12 @@ final class LegacyConnection: ChannelInboundHandler, RemovableChannelHandler, Se
         let sync = channel.pipeline.syncOperations
         try channel.syncOptions?.setOption(.allowRemoteHalfClosure, value: true)
         try channel.syncOptions?.setOption(.autoRead, value: false)
+        // A legacy peer has no NBS probes: TCP keepalive is what finds one whose path vanished
+        // (the soak saw silent connections from addresses that had moved away, held for ever).
+        try channel.syncOptions?.setOption(.socketOption(.so_keepalive), value: 1)
+        try channel.syncOptions?.setOption(.tcpOption(.init(rawValue: 4)), value: 60)  // TCP_KEEPIDLE, s
+        try channel.syncOptions?.setOption(.tcpOption(.init(rawValue: 5)), value: 10)  // TCP_KEEPINTVL, s
+        try channel.syncOptions?.setOption(.tcpOption(.init(rawValue: 6)), value: 3)   // TCP_KEEPCNT
         try sync.addHandler(connection)
         return Session(legacy: connection)
     }

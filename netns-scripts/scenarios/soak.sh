@@ -104,7 +104,21 @@ round 2
 sleep 3
 fd2=$(fds) rss2=$(rss)
 echo "server descriptors: $fd0 before, $fd1 after round 1, $fd2 after round 2; RSS ${rss1} KiB after round 1, ${rss2} KiB after round 2"
-((fd2 <= fd0 + 2)) || nbs_fail "the server holds $fd2 descriptors after the soak, $fd0 before"
+# A JOIN from an address that is deleted right after it connects never sends a byte: the listener
+# takes it for a silent legacy client, and the sink application holds it as a plain TCP server
+# would, until TCP keepalive (about 90 s) finds the peer gone. Those are counted, not leaks: connections
+# still established with client addresses that no longer exist.
+current=$(ip -n "$NBS_NS_C" -o addr show scope global | awk '{ sub("/.*", "", $4); print $4 }' | tr '\n' ' ')
+stale=$(nbs_s ss -Htn state established "( sport = :$port )" | awk -v cur=" $current " '{
+    peer = $4; sub(/:[0-9]+$/, "", peer); gsub(/^\[|\]$/, "", peer); sub(/^::ffff:/, "", peer)
+    if (index(cur, " " peer " ") == 0) n++ } END { print n + 0 }')
+echo "connections still held from client addresses that no longer exist: $stale"
+if ((fd2 > fd0 + 2 + stale)); then
+    nbs_fail "the server holds $fd2 descriptors after the soak, $fd0 before (+ $stale held from vanished addresses)"
+    # What they are: sockets the server still holds, and the descriptor table.
+    nbs_s ss -tnp state established state close-wait 2>/dev/null | grep -v "^State" | awk '{print "  " $1, $4, $5}' | sort | uniq -c | sort -rn | head -20 || true
+    ls -l "/proc/$server/fd" 2>/dev/null | awk '{print "  " $NF}' | sed 's/\[[0-9]*\]//' | sort | uniq -c || true
+fi
 ((rss2 <= rss1 * 5 / 4 + 16384)) || nbs_fail "the server's RSS grew from ${rss1} to ${rss2} KiB between rounds"
 
 # Still accepting?
@@ -163,4 +177,4 @@ if ((NBS_FAILS)); then
     echo "FAIL soak: $NBS_FAILS failed check(s), seed $seed"
     exit 1
 fi
-echo "PASS soak: $sessions sessions x 2 rounds of ${seconds}s, $faults faults (seed $seed), every byte accounted for; server fds $fd0 -> $fd2, RSS ${rss1} -> ${rss2} KiB; still accepting"
+echo "PASS soak: $sessions sessions x 2 rounds of ${seconds}s, $faults faults (seed $seed), every byte accounted for; server fds $fd0 -> $fd2 ($stale from vanished addresses), RSS ${rss1} -> ${rss2} KiB; still accepting"
