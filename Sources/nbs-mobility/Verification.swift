@@ -87,6 +87,9 @@ struct Identity: ParsableCommand {
     @Option(name: .long, help: "Show the name and public key of the key in FILE.")
     var show: String?
 
+    @Flag(name: .long, help: "One JSON object: name, public_key, file.")
+    var json = false
+
     func validate() throws {
         guard (create == nil) != (show == nil) else { throw ValidationError("give exactly one of --create FILE or --show FILE") }
     }
@@ -98,7 +101,14 @@ struct Identity: ParsableCommand {
         } catch {
             throw CLIError("\(error)")
         }
-        print("name=\(identity.selfCertifyingName)")
-        print("public_key=\(Base64.encode(identity.publicKey))")
+        let publicKey = Base64.encode(identity.publicKey)
+        guard json else {
+            print("name=\(identity.selfCertifyingName)")
+            print("public_key=\(publicKey)")
+            return
+        }
+        let object = ["name": identity.selfCertifyingName, "public_key": publicKey, "file": create ?? show ?? ""]
+        let data = try JSONSerialization.data(withJSONObject: object, options: [.sortedKeys, .withoutEscapingSlashes])
+        print(String(decoding: data, as: UTF8.self))
     }
 }

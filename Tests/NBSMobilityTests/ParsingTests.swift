@@ -27,6 +27,8 @@ import Testing
         #expect(try NBSMobility.parseAsRoot(["cat", "--listen", "--name", "s.test", "--port", "7000"]) is Cat)
         #expect(try NBSMobility.parseAsRoot(["cat", "--name", "c.test", "s.test:7000", "--json"]) is Cat)
         #expect(try NBSMobility.parseAsRoot(["status", "--json"]) is Status)
+        #expect(try NBSMobility.parseAsRoot(["identity", "--show", "/tmp/k", "--json"]) is Identity)
+        #expect(try NBSMobility.parseAsRoot(["monitor", "--json"]) is Monitor)
         let connect = try #require(try NBSMobility.parseAsRoot(["connect", "--name", "c.test", "s.test:7000", "--duration", "2"]) as? Connect)
         #expect(connect.display.view == .auto)
         #expect(!connect.display.noControl)
