@@ -309,8 +309,7 @@ final class LegacyConnection: ChannelInboundHandler, RemovableChannelHandler, Se
         logger.info("legacy session with \(peerName) failed: \(error)")
         // A reset, so the peer learns at once that the stream did not end normally.
         guard let channel = context?.channel else { return }
-        let lingerZero = (channel as? any SocketOptionProvider)?.setSoLinger(linger(l_onoff: 1, l_linger: 0)) ?? loop.makeSucceededVoidFuture()
-        lingerZero.whenComplete { _ in closeOnNextTick(channel) }
+        resetOnNextTick(channel)
     }
 }
 

@@ -186,8 +186,7 @@ final class SubflowHandler: ChannelInboundHandler {
     /// peer learns of the close in one trip across the path rather than after the queue drains.
     func resetAndClose() {
         guard let channel = context?.channel else { return }
-        let lingerZero = (channel as? any SocketOptionProvider)?.setSoLinger(linger(l_onoff: 1, l_linger: 0)) ?? channel.eventLoop.makeSucceededVoidFuture()
-        lingerZero.whenComplete { _ in closeOnNextTick(channel) }
+        resetOnNextTick(channel)
     }
 
     /// Graceful end of a subflow: FIN after what is queued; the peer's FIN completes the close.
@@ -204,4 +203,10 @@ final class SubflowHandler: ChannelInboundHandler {
 /// channel that is gone. Found by the soak scenario (200 sessions closing at once).
 func closeOnNextTick(_ channel: any Channel) {
     channel.eventLoop.execute { channel.close(promise: nil) }
+}
+
+/// Abortive close (SO_LINGER 0: a TCP reset, queued data dropped), by way of `closeOnNextTick`.
+func resetOnNextTick(_ channel: any Channel) {
+    let lingerZero = (channel as? any SocketOptionProvider)?.setSoLinger(linger(l_onoff: 1, l_linger: 0)) ?? channel.eventLoop.makeSucceededVoidFuture()
+    lingerZero.whenComplete { _ in closeOnNextTick(channel) }
 }
