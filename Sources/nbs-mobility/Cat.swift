@@ -124,16 +124,8 @@ struct Cat: AsyncParsableCommand {
             meter.record(chunk)
             tracked.addProgress(chunk.readableBytes)
             try await NIOThreadPool.singleton.runIfActive {
-                try chunk.withUnsafeReadableBytes { raw in
-                    var offset = 0
-                    while offset < raw.count {
-                        let n = write(STDOUT_FILENO, raw.baseAddress! + offset, raw.count - offset)
-                        if n < 0 {
-                            if errno == EINTR { continue }
-                            throw CLIError("cannot write stdout: \(String(cString: strerror(errno)))", hint: "the reader of stdout went away")
-                        }
-                        offset += n
-                    }
+                if let failure = chunk.withUnsafeReadableBytes({ Terminal.writeAll(STDOUT_FILENO, $0) }) {
+                    throw CLIError("cannot write stdout: \(String(cString: strerror(failure)))", hint: "the reader of stdout went away")
                 }
             }
         }

@@ -229,17 +229,21 @@ enum Terminal {
     /// One write(2) per frame: a terminal never shows half a redraw.
     static func write(_ text: String, to fd: Int32 = STDOUT_FILENO) {
         fflush(nil)
-        var bytes = Array(text.utf8)
+        _ = Array(text.utf8).withUnsafeBytes { writeAll(fd, $0) }
+    }
+
+    /// Writes every byte, retrying interrupted and partial writes; the errno of a failure, else nil.
+    static func writeAll(_ fd: Int32, _ bytes: UnsafeRawBufferPointer) -> Int32? {
         var offset = 0
         while offset < bytes.count {
-            let n = bytes.withUnsafeMutableBytes { Glibc.write(fd, $0.baseAddress! + offset, $0.count - offset) }
+            let n = Glibc.write(fd, bytes.baseAddress! + offset, bytes.count - offset)
             if n < 0 {
                 if errno == EINTR { continue }
-                return
+                return errno
             }
             offset += n
         }
-        bytes.removeAll()
+        return nil
     }
 
     /// A live view hides the cursor; an interrupted run must give it back.

@@ -196,7 +196,9 @@ struct Connect: AsyncParsableCommand {
                         console.view.printPermanent(report.text(json: json))
                         return !report.completed
                     } catch {
-                        let text = json ? #"{"completed":false,"role":"client","error":"\#(jsonEscaped("\(error)"))"}"# : "client: FAILED: \(error)"
+                        let object: [String: Any] = ["completed": false, "role": "client", "error": "\(error)"]
+                        let text = json ? String(decoding: try! JSONSerialization.data(withJSONObject: object, options: [.sortedKeys]), as: UTF8.self)
+                            : "client: FAILED: \(error)"
                         console.view.printPermanent(text)
                         return true
                     }
@@ -256,11 +258,6 @@ struct Connect: AsyncParsableCommand {
         if sessions > 1 { console.registry.forget(tracked) }
         return report
     }
-}
-
-func jsonEscaped(_ text: String) -> String {
-    let data = (try? JSONSerialization.data(withJSONObject: [text])) ?? Data("[\"\"]".utf8)
-    return String(String(decoding: data, as: UTF8.self).dropFirst(2).dropLast(2))
 }
 
 /// NAME:PORT, [IPv6]:PORT.
