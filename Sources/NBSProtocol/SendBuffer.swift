@@ -28,6 +28,9 @@ public struct SendBuffer: Sendable {
     private var chunks = CircularBuffer<(start: UInt64, bytes: ByteBuffer)>()
     private var inFlight = CircularBuffer<Segment>()
     private var reinjectionCount = 0
+    /// Sequences of segments marked for reinjection, in the order they were marked. Entries whose
+    /// segment was acknowledged or sent again since are skipped when they come up.
+    private var reinjectionQueue = CircularBuffer<UInt64>()
     /// Every byte below this has been acknowledged by the peer.
     public private(set) var acknowledged: UInt64 = 0
     /// First byte never sent.
@@ -94,15 +97,59 @@ public struct SendBuffer: Sendable {
         for i in inFlight.indices where inFlight[i].subflow == subflow && !inFlight[i].needsReinjection {
             inFlight[i].needsReinjection = true
             reinjectionCount += 1
+            reinjectionQueue.append(inFlight[i].sequence)
             bytes += inFlight[i].length
         }
         return bytes
     }
 
+    /// Part of what `subflow` carried was lost (a UDP subflow found it from its acknowledgements):
+    /// it is sent again on whichever subflow the scheduler picks next. Returns the bytes queued:
+    /// 0 when they were acknowledged, or sent again elsewhere, in the meantime.
+    @discardableResult
+    public mutating func markLost(sequence: UInt64, length: Int, on subflow: SubflowID) -> Int {
+        let end = sequence + UInt64(length)
+        guard end > acknowledged, !inFlight.isEmpty else { return 0 }
+        var bytes = 0
+        var index = firstSegment(endingAfter: sequence)
+        while index < inFlight.endIndex, inFlight[index].sequence < end {
+            if inFlight[index].subflow == subflow, !inFlight[index].needsReinjection {
+                inFlight[index].needsReinjection = true
+                reinjectionCount += 1
+                reinjectionQueue.append(inFlight[index].sequence)
+                bytes += inFlight[index].length
+            }
+            index = inFlight.index(after: index)
+        }
+        return bytes
+    }
+
+    /// Binary search: segments are in sequence order; the first one that ends after `sequence`.
+    private func firstSegment(endingAfter sequence: UInt64) -> CircularBuffer<Segment>.Index {
+        var low = 0
+        var high = inFlight.count
+        while low < high {
+            let mid = (low + high) / 2
+            if inFlight[inFlight.index(inFlight.startIndex, offsetBy: mid)].end <= sequence { low = mid + 1 } else { high = mid }
+        }
+        return inFlight.index(inFlight.startIndex, offsetBy: low)
+    }
+
+    /// The oldest marked segment still waiting to be sent again, in O(log n) per entry rather than
+    /// a scan of the flight (a UDP subflow marks segments one datagram at a time).
+    private mutating func nextReinjection() -> CircularBuffer<Segment>.Index? {
+        while let sequence = reinjectionQueue.popFirst() {
+            let index = firstSegment(endingAfter: sequence)
+            // A segment cut at the front by an acknowledgement starts later than it was marked.
+            if index < inFlight.endIndex, inFlight[index].sequence <= max(sequence, acknowledged), inFlight[index].needsReinjection { return index }
+        }
+        return inFlight.firstIndex { $0.needsReinjection }
+    }
+
     /// The next segment to put on `subflow`: data awaiting reinjection first, then new data below
     /// `windowEdge` (the peer's acknowledged sequence plus its window).
     public mutating func nextTransmission(on subflow: SubflowID, maxLength: Int, windowEdge: UInt64) -> Transmission? {
-        if reinjectionCount > 0, let i = inFlight.firstIndex(where: { $0.needsReinjection }) {
+        if reinjectionCount > 0, let i = nextReinjection() {
             inFlight[i].needsReinjection = false
             inFlight[i].subflow = subflow
             reinjectionCount -= 1

@@ -164,6 +164,13 @@ public struct SessionCore: Sendable {
         return bytes
     }
 
+    /// A UDP subflow lost a DATA datagram: its bytes go out again, on whichever subflow the
+    /// scheduler picks. Returns the bytes queued.
+    @discardableResult
+    public mutating func dataLost(sequence: UInt64, length: Int, on id: SubflowID) -> Int {
+        send.markLost(sequence: sequence, length: length, on: id)
+    }
+
     public mutating func resumeSubflow(_ id: SubflowID) {
         guard subflows[id]?.alive == true else { return }
         subflows[id]!.suspended = false

@@ -13,8 +13,12 @@ public final class Listener: Sendable {
     private let loop: any EventLoop
     private let state: NIOLoopBound<ListenerState>
     private let channels: [any Channel]
+    let datagrams: NIOLoopBound<DatagramListener>?
+    public var transport: NBSOptions.Transport { datagrams == nil ? .tcp : .udp }
 
-    private init(localName: String, port: Int, boundAddresses: [SocketAddress], loop: any EventLoop, state: NIOLoopBound<ListenerState>, channels: [any Channel]) {
+    private init(localName: String, port: Int, boundAddresses: [SocketAddress], loop: any EventLoop, state: NIOLoopBound<ListenerState>,
+                 channels: [any Channel], datagrams: NIOLoopBound<DatagramListener>?) {
+        self.datagrams = datagrams
         self.localName = localName
         self.port = port
         self.boundAddresses = boundAddresses
@@ -26,6 +30,9 @@ public final class Listener: Sendable {
     static func start(localName: String, port: Int, options: NBSOptions) async throws -> Listener {
         let loop = options.eventLoopGroup.next()
         let state = try await loop.submit { NIOLoopBound(ListenerState(loop: loop, localName: localName, options: options), eventLoop: loop) }.get()
+        let datagrams: NIOLoopBound<DatagramListener>? = options.transport == .udp
+            ? try await loop.submit { NIOLoopBound(DatagramListener(loop: loop, state: state.value, options: options), eventLoop: loop) }.get()
+            : nil
         var candidates = try options.bindAddresses ?? [SocketAddress(ipAddress: "::", port: port)]
         var channels: [any Channel] = []
         var lastError: (any Error)?
@@ -33,6 +40,11 @@ public final class Listener: Sendable {
         while !candidates.isEmpty {
             let address = candidates.removeFirst()
             do {
+                if options.transport == .udp {
+                    channels.append(try await DatagramListener.bind(address, listener: datagrams!, on: loop).get())
+                    fellBack = true
+                    continue
+                }
                 let channel = try await ServerBootstrap(group: loop)
                     .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
                     .serverChannelOption(.backlog, value: 256)
@@ -40,7 +52,7 @@ public final class Listener: Sendable {
                         guard options.acceptLegacyClients else {
                             return SubflowConnector.configure(channel).flatMapThrowing {
                                 let handler = try channel.pipeline.syncOperations.handler(type: SubflowHandler.self)
-                                state.value.newConnection(handler, channel: channel)
+                                state.value.newConnection(handler)
                             }
                         }
                         return SubflowConnector.setSocketOptions(channel).flatMapThrowing {
@@ -61,7 +73,8 @@ public final class Listener: Sendable {
         }
         guard !channels.isEmpty else { throw NBSError.bindFailed("port \(port): \(lastError.map { "\($0)" } ?? "no address")") }
         let bound = channels.compactMap(\.localAddress)
-        return Listener(localName: localName, port: bound.first?.port ?? port, boundAddresses: bound, loop: loop, state: state, channels: channels)
+        return Listener(localName: localName, port: bound.first?.port ?? port, boundAddresses: bound, loop: loop, state: state, channels: channels,
+                        datagrams: datagrams)
     }
 
     /// The next session addressed to this listener's name.
@@ -77,9 +90,16 @@ public final class Listener: Sendable {
         return (try? await loop.submit { state.value.stateCounts }.get()) ?? (0, 0, 0, 0)
     }
 
+    /// Test hook: UDP subflows the listener demultiplexes, and datagrams it dropped unread.
+    func datagramCounts() async -> (subflows: Int, dropped: Int) {
+        guard let datagrams else { return (0, 0) }
+        return (try? await loop.submit { (datagrams.value.subflowCount, datagrams.value.dropped) }.get()) ?? (0, 0)
+    }
+
     /// Stops accepting; sessions already accepted go on.
     public func close() async {
         for channel in channels { try? await channel.close() }
+        if let datagrams { try? await loop.submit { datagrams.value.close() }.get() }
         let state = self.state
         try? await loop.submit { state.value.close() }.get()
     }
@@ -91,7 +111,7 @@ final class ListenerState: SubflowDelegate {
     let options: NBSOptions
     private var sessions: [UInt64: SessionEngine] = [:]
     /// Connections that have not completed OPEN or JOIN yet.
-    private var pending: [ObjectIdentifier: (handler: SubflowHandler, machine: SubflowStateMachine, timeout: Scheduled<Void>)] = [:]
+    private var pending: [ObjectIdentifier: (handler: any SubflowTransport, machine: SubflowStateMachine, timeout: Scheduled<Void>)] = [:]
     /// Sessions whose ACCEPT is sent and whose opener is being verified: not in `sessions` (no
     /// JOIN reaches them) nor visible to accept(). Bounded by maxPendingHandshakes.
     private var verifying: [ObjectIdentifier: PendingVerification] = [:]
@@ -110,7 +130,7 @@ final class ListenerState: SubflowDelegate {
         self.options = options
     }
 
-    func newConnection(_ handler: SubflowHandler, channel: any Channel) {
+    func newConnection(_ handler: any SubflowTransport) {
         handler.delegate = self
         let key = ObjectIdentifier(handler)
         let bound = NIOLoopBound(self, eventLoop: loop)
@@ -131,6 +151,9 @@ final class ListenerState: SubflowDelegate {
         pending[key] = (handler, .listenerSide(), timeout)
     }
 
+    /// Room for one more connection in handshake: UDP listeners ask before they make a socket.
+    var canTakeHandshake: Bool { pending.count < options.maxPendingHandshakes && !closed }
+
     func accept() -> EventLoopFuture<Session> {
         if let session = ready.popFirst() { return loop.makeSucceededFuture(session) }
         if closed { return loop.makeFailedFuture(NBSError.listenerClosed) }
@@ -145,13 +168,13 @@ final class ListenerState: SubflowDelegate {
         waiters.removeAll()
     }
 
-    private func refuse(_ handler: SubflowHandler, _ reason: CloseReason, _ message: String) {
+    private func refuse(_ handler: any SubflowTransport, _ reason: CloseReason, _ message: String) {
         refusals += 1
-        logger.info("refused a subflow from \(handler.channel?.remoteAddress?.description ?? "?"): \(reason) \(message)")
+        logger.info("refused a subflow from \(handler.peerDescription): \(reason) \(message)")
         handler.writeAndClose(.abort(.init(reason: reason, message: message)))
     }
 
-    func subflow(_ handler: SubflowHandler, received frame: Frame) {
+    func subflow(_ handler: any SubflowTransport, received frame: Frame) {
         let key = ObjectIdentifier(handler)
         if verifying[key] != nil { return verifyingReceived(key, frame) }
         guard var entry = pending.removeValue(forKey: key) else { return }
@@ -168,14 +191,14 @@ final class ListenerState: SubflowDelegate {
         }
     }
 
-    private func handleOpen(_ open: Frame.Open, handler: SubflowHandler, machine: SubflowStateMachine) {
+    private func handleOpen(_ open: Frame.Open, handler: any SubflowTransport, machine: SubflowStateMachine) {
         guard !closed else { return refuse(handler, .shuttingDown, "listener closing") }
         guard canonicalName(open.destinationName) == canonicalName(localName) else {
             return refuse(handler, .nameNotServed, "this listener serves \(localName), not \(open.destinationName)")
         }
         guard ready.count < options.acceptBacklog else { return refuse(handler, .resourceLimit, "accept backlog full") }
         guard verifying.count < options.maxPendingHandshakes else { return refuse(handler, .resourceLimit, "too many sessions being set up") }
-        guard let channel = handler.channel, let local = channel.localAddress, let remote = channel.remoteAddress else { return }
+        guard let local = handler.localAddress, let remote = handler.remoteAddress else { return }
         var token = UInt64.random(in: 1 ... .max)
         while sessions[token] != nil || verifying.values.contains(where: { $0.accept.token == token }) { token = UInt64.random(in: 1 ... .max) }
         let accept: Frame.Accept
@@ -188,6 +211,7 @@ final class ListenerState: SubflowDelegate {
         if let identity = options.identity {
             handler.write(.identity(identity.prove(HandshakeTranscript(open: open, accept: accept), as: .server)), flush: false)
         }
+        handler.installKeys(keys, localRole: .server)
         handler.write(.accept(accept))
         var established = machine
         established.handshakeCompleted()
@@ -317,7 +341,7 @@ final class ListenerState: SubflowDelegate {
         do {
             guard outcome.verdict == .legacy else {
                 try SubflowConnector.addSubflowHandlers(channel)
-                newConnection(try channel.pipeline.syncOperations.handler(type: SubflowHandler.self), channel: channel)
+                newConnection(try channel.pipeline.syncOperations.handler(type: SubflowHandler.self))
                 return .forward
             }
             guard !closed, ready.count < options.acceptBacklog, let local = channel.localAddress, let remote = channel.remoteAddress?.unmapped else {
@@ -337,13 +361,14 @@ final class ListenerState: SubflowDelegate {
         }
     }
 
-    private func handleJoin(_ join: Frame.Join, handler: SubflowHandler, machine: SubflowStateMachine) {
+    private func handleJoin(_ join: Frame.Join, handler: any SubflowTransport, machine: SubflowStateMachine) {
         guard let engine = sessions[join.token] else { return refuse(handler, .unknownToken, "") }
-        guard let channel = handler.channel, let local = channel.localAddress, let remote = channel.remoteAddress else { return }
+        guard let local = handler.localAddress, let remote = handler.remoteAddress else { return }
         switch engine.verifyJoin(join) {
         case .refused(let reason):
             refuse(handler, reason, "")
         case .accepted(let ack):
+            engine.installKeys(on: handler)
             handler.write(.joinAck(ack))
             var established = machine
             established.handshakeCompleted()
@@ -351,10 +376,10 @@ final class ListenerState: SubflowDelegate {
         }
     }
 
-    func subflowReadComplete(_ handler: SubflowHandler) {}
-    func subflowWritabilityChanged(_ handler: SubflowHandler, writable: Bool) {}
-    func subflowInputClosed(_ handler: SubflowHandler) { handler.writeAndClose(nil) }
-    func subflowClosed(_ handler: SubflowHandler, error: (any Error)?) {
+    func subflowReadComplete(_ handler: any SubflowTransport) {}
+    func subflowWritabilityChanged(_ handler: any SubflowTransport, writable: Bool) {}
+    func subflowInputClosed(_ handler: any SubflowTransport) { handler.writeAndClose(nil) }
+    func subflowClosed(_ handler: any SubflowTransport, error: (any Error)?) {
         pending.removeValue(forKey: ObjectIdentifier(handler))?.timeout.cancel()
         verifying.removeValue(forKey: ObjectIdentifier(handler))?.timeout.cancel()
         handler.delegate = nil
@@ -366,7 +391,7 @@ final class ListenerState: SubflowDelegate {
 
 struct PendingVerification {
     static let maxQueuedFrames = 16
-    let handler: SubflowHandler
+    let handler: any SubflowTransport
     var machine: SubflowStateMachine
     let open: Frame.Open
     let accept: Frame.Accept

@@ -73,7 +73,7 @@ final class OpenAttempt: SubflowDelegate {
     private let admitted: EventLoopPromise<Frame>
     private var machine = SubflowStateMachine.openerSide(joining: false)
     private var listenerIdentity: Frame.Identity?
-    private var handler: SubflowHandler?
+    private var handler: (any SubflowTransport)?
 
     init(accepted: EventLoopPromise<Accepted>, admitted: EventLoopPromise<Frame>) {
         self.accepted = accepted
@@ -91,17 +91,25 @@ final class OpenAttempt: SubflowDelegate {
         let accepted = loop.makePromise(of: Accepted.self)
         let admitted = loop.makePromise(of: Frame.self)
         let boundAttempt = try await loop.submit { NIOLoopBound(OpenAttempt(accepted: accepted, admitted: admitted), eventLoop: loop) }.get()
-        let channel: any Channel
         do {
-            // A server that speaks first may do so as soon as TCP connects: the attempt and the
-            // classifier are in place before that.
-            channel = try await SubflowConnector.connect(on: loop, from: local, to: remote, options: options) { channel in
-                let attempt = boundAttempt.value
-                let handler = try channel.pipeline.syncOperations.handler(type: SubflowHandler.self)
-                attempt.handler = handler
-                handler.delegate = attempt
-                try attempt.watchForLegacyServer(channel: channel, handler: handler, localName: localName, peerName: peerName, port: port, options: options)
-            }.get()
+            switch options.transport {
+            case .tcp:
+                // A server that speaks first may do so as soon as TCP connects: the attempt and the
+                // classifier are in place before that.
+                _ = try await SubflowConnector.connect(on: loop, from: local, to: remote, options: options) { channel in
+                    let attempt = boundAttempt.value
+                    let handler = try channel.pipeline.syncOperations.handler(type: SubflowHandler.self)
+                    attempt.handler = handler
+                    handler.delegate = attempt
+                    try attempt.watchForLegacyServer(channel: channel, handler: handler, localName: localName, peerName: peerName, port: port, options: options)
+                }.get()
+            case .udp:
+                // UDP has no legacy servers to tell apart: a plain UDP service ignores the OPEN.
+                _ = try await DatagramSubflow.connect(on: loop, from: local, to: remote, options: options) { subflow in
+                    boundAttempt.value.handler = subflow
+                    subflow.delegate = boundAttempt.value
+                }.get()
+            }
         } catch {
             accepted.fail(error)
             admitted.fail(error)
@@ -128,6 +136,7 @@ final class OpenAttempt: SubflowDelegate {
                 let keys: SessionKeys
                 do {
                     keys = try handshake.complete(with: accepted.accept)
+                    handler.installKeys(keys, localRole: .client)
                 } catch {
                     handler.writeAndClose(.abort(.init(reason: .authenticationFailed, message: "\(error)")))
                     return loop.makeFailedFuture(NBSError.handshakeFailed("\(error)"))
@@ -169,13 +178,13 @@ final class OpenAttempt: SubflowDelegate {
                 engine.peerVerification = result.level
                 var machine = SubflowStateMachine.openerSide(joining: false)
                 machine.handshakeCompleted()
-                engine.adoptEstablished(handler, machine: machine, local: channel.localAddress ?? local, remote: remote, backup: false, rttSample: rtt)
+                engine.adoptEstablished(handler, machine: machine, local: handler.localAddress ?? local, remote: remote, backup: false, rttSample: rtt)
                 engine.subflow(handler, received: firstFrame)
                 engine.startPathManagement()
                 return Session(engine: engine)
             }.flatMapErrorThrowing { error in
                 timeout.cancel()
-                if case LegacyServer.adopted = error {} else { channel.close(promise: nil) }
+                if case LegacyServer.adopted = error {} else { boundAttempt.value.handler?.writeAndClose(nil) }
                 throw error
             }
         }
@@ -249,7 +258,7 @@ final class OpenAttempt: SubflowDelegate {
         try channel.pipeline.syncOperations.addHandler(classifier, position: .first)
     }
 
-    func subflow(_ handler: SubflowHandler, received frame: Frame) {
+    func subflow(_ handler: any SubflowTransport, received frame: Frame) {
         switch machine.receive(frame) {
         case .handshake(.identity(let identity)):
             guard listenerIdentity == nil else { return fail(NBSError.protocolViolation("two IDENTITY frames before ACCEPT")) }
@@ -268,12 +277,12 @@ final class OpenAttempt: SubflowDelegate {
         }
     }
 
-    func subflowReadComplete(_ handler: SubflowHandler) {}
-    func subflowWritabilityChanged(_ handler: SubflowHandler, writable: Bool) {}
-    func subflowInputClosed(_ handler: SubflowHandler) {
+    func subflowReadComplete(_ handler: any SubflowTransport) {}
+    func subflowWritabilityChanged(_ handler: any SubflowTransport, writable: Bool) {}
+    func subflowInputClosed(_ handler: any SubflowTransport) {
         fail(NBSError.connectFailed(peer: "", reason: "the peer closed the connection during the handshake"))
     }
-    func subflowClosed(_ handler: SubflowHandler, error: (any Error)?) {
+    func subflowClosed(_ handler: any SubflowTransport, error: (any Error)?) {
         fail(NBSError.connectFailed(peer: "", reason: error.map { "\($0)" } ?? "connection closed during the handshake"))
     }
 }

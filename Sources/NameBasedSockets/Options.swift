@@ -7,6 +7,9 @@ public typealias MultipathPolicy = NBSProtocol.MultipathPolicy
 
 /// Options for `NBS.open` and `NBS.listen`.
 public struct NBSOptions: Sendable {
+    /// What each subflow runs on. Both give the application the same reliable, ordered stream,
+    /// names, events, policies and mobility; both ends of a session must use the same.
+    public var transport: Transport = .tcp
     public var policy: MultipathPolicy = .aggregate
     /// Most subflows a session runs (and, on a listener, accepts per session).
     public var maxSubflows = 4
@@ -82,8 +85,24 @@ public struct NBSOptions: Sendable {
     public var legacyFallback: LegacyFallback = .nbsOnly
     /// Opener only: peers found to be legacy, so `.fallback` skips NBS for them for a while.
     public var legacyPeers: LegacyPeerCache = .shared
+    /// UDP: a datagram after this much silence on a subflow keeps NAT bindings (typically 30 s or
+    /// more for UDP) open, and finds a dead path when nothing else is sent.
+    public var keepaliveInterval: TimeAmount = .seconds(15)
+    /// UDP listeners: datagrams from unknown sources that are not a well-formed, full-sized OPEN or
+    /// JOIN are dropped; this bounds how many unfinished handshakes a flood can leave (on top of
+    /// `maxPendingHandshakes`).
+    public var maxDatagramSubflows = 65_536
 
     public init() {}
+
+    public enum Transport: String, Sendable, CaseIterable, Codable {
+        /// One TCP connection per subflow.
+        case tcp
+        /// One UDP flow per subflow, with the same frames in authenticated datagrams, per-subflow
+        /// packet numbers and ACK ranges, NewReno congestion control with pacing, and lost data
+        /// resent by the session on any subflow (docs/PROTOCOL.md, UDP subflows).
+        case udp
+    }
 
     /// Opener only: what to do with a peer that does not speak NBS (docs/PROTOCOL.md, Legacy peers).
     public enum LegacyFallback: String, Sendable, CaseIterable {
@@ -178,6 +197,9 @@ public enum SessionEvent: Sendable, Equatable {
     case subflowUp(SubflowInfo)
     case subflowDown(SubflowInfo, reason: String)
     case subflowStalled(SubflowInfo, silentMilliseconds: Int)
+    /// A UDP subflow's peer moved to another address or port without notice (a NAT rebinding),
+    /// and answered a path check there.
+    case subflowRebound(SubflowInfo, from: SocketAddress)
     /// Data of a lost subflow queued for sending again on the others.
     case reinjected(bytes: Int, from: UInt32)
     /// The peer announced (ADD_ADDR) or withdrew (REMOVE_ADDR) an address.

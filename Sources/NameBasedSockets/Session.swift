@@ -151,4 +151,12 @@ extension Session {
         let engine = self.engine
         try? await loop.submit { (engine.value as? SessionEngine)?.killSubflow(id) }.get()
     }
+
+    /// Test hook: runs `body` on the session's loop with each live UDP subflow.
+    func withDatagramSubflowsForTesting(_ body: @escaping @Sendable (DatagramSubflow) -> Void) async {
+        let engine = self.engine
+        try? await loop.submit {
+            for case let subflow as DatagramSubflow in (engine.value as? SessionEngine)?.liveTransportsForTesting ?? [] { body(subflow) }
+        }.get()
+    }
 }

@@ -19,10 +19,10 @@ final class SessionEngine: SubflowDelegate {
     }
 
     struct SubflowRecord {
-        let handler: SubflowHandler
+        let handler: any SubflowTransport
         var machine: SubflowStateMachine
         let local: SocketAddress
-        let remote: SocketAddress
+        var remote: SocketAddress
         let interface: String?
         var backup: Bool
         var pendingJoin: Frame.Join?
@@ -39,6 +39,7 @@ final class SessionEngine: SubflowDelegate {
     let options: NBSOptions
     let logger: Logger
     private(set) var core: SessionCore
+    private let keys: SessionKeys
     private var joins: JoinAuthenticator
     private var signals: SignalAuthenticator
     private var records: [SubflowID: SubflowRecord] = [:]
@@ -85,6 +86,7 @@ final class SessionEngine: SubflowDelegate {
         self.port = port
         self.options = options
         self.core = SessionCore(configuration: options.coreConfiguration, peerInitialWindow: peerInitialWindow)
+        self.keys = keys
         self.joins = JoinAuthenticator(keys: keys, token: token)
         self.signals = SignalAuthenticator(keys: keys, localRole: role == .opener ? .client : .server)
         self.addressBook = addressBook
@@ -107,7 +109,7 @@ final class SessionEngine: SubflowDelegate {
     var liveSubflowCount: Int { records.values.filter { !$0.closed }.count }
 
     /// Adopts a subflow whose handshake already completed (the first one, or a verified JOIN).
-    func adoptEstablished(_ handler: SubflowHandler, machine: SubflowStateMachine, local: SocketAddress, remote: SocketAddress, backup: Bool, rttSample: Double? = nil) {
+    func adoptEstablished(_ handler: any SubflowTransport, machine: SubflowStateMachine, local: SocketAddress, remote: SocketAddress, backup: Bool, rttSample: Double? = nil) {
         loop.preconditionInEventLoop()
         let id = allocateID()
         handler.id = id
@@ -122,6 +124,7 @@ final class SessionEngine: SubflowDelegate {
     /// The subflow's handshake is done: it joins the data plane.
     private func subflowEstablished(_ id: SubflowID, backup: Bool, rttSample: Double?) {
         core.addSubflow(id, backup: backup)
+        if let limit = records[id]?.handler.maxDataPayload { core.setSegmentLimit(id, limit) }
         if let rttSample { core.recordRTT(id, milliseconds: rttSample) }
         core.setWritable(id, records[id]?.handler.isWritable ?? false)
         maxConcurrentSubflows = max(maxConcurrentSubflows, core.aliveSubflows.count)
@@ -159,13 +162,12 @@ final class SessionEngine: SubflowDelegate {
         let bound = self.bound
         let pair = PathPlanner.Pair(local: local.hostString, remote: remote.hostString)
         connectingPairs.insert(pair)
-        SubflowConnector.connect(on: loop, from: local, to: remote, options: options).whenComplete { result in
+        SubflowConnector.connectTransport(on: loop, from: local, to: remote, options: options).whenComplete { result in
             let engine = bound.value
             engine.connectingPairs.remove(pair)
             switch result {
-            case .success(let channel):
-                guard let handler = try? channel.pipeline.syncOperations.handler(type: SubflowHandler.self) else { return }
-                engine.joinConnected(handler, local: local, remote: remote, backup: backup)
+            case .success(let handler):
+                engine.joinConnected(handler.value, local: local, remote: remote, backup: backup)
             case .failure(let error):
                 engine.logger.debug("join \(local.hostString) → \(remote.hostString) failed: \(error)")
                 engine.checkSubflowsLeft()
@@ -173,7 +175,7 @@ final class SessionEngine: SubflowDelegate {
         }
     }
 
-    private func joinConnected(_ handler: SubflowHandler, local: SocketAddress, remote: SocketAddress, backup: Bool) {
+    private func joinConnected(_ handler: any SubflowTransport, local: SocketAddress, remote: SocketAddress, backup: Bool) {
         // The address may have gone while the connection was being made.
         guard state == .open, liveSubflowCount < options.maxSubflows,
             candidateLocalAddresses.contains(where: { $0.hostString == local.hostString })
@@ -196,6 +198,10 @@ final class SessionEngine: SubflowDelegate {
                 engine.retire(id, reason: "JOIN timed out", abort: .timeout)
             }
         }
+    }
+
+    func installKeys(on handler: any SubflowTransport) {
+        handler.installKeys(keys, localRole: role == .opener ? .client : .server)
     }
 
     /// Listener: a JOIN arrived on a new connection for this session's token.
@@ -422,11 +428,9 @@ final class SessionEngine: SubflowDelegate {
         guard state == .open else { return }
         let bound = self.bound
         for (id, record) in records where record.established && !record.closed {
-            guard let channel = record.handler.channel as? any SocketOptionProvider else { continue }
-            channel.getTCPInfo().whenSuccess { info in
+            record.handler.progress()?.whenSuccess { progress in
                 let engine = bound.value
-                let progress = TCPProgress(info)
-                if info.tcpi_rtt > 0 { engine.core.recordRTT(id, milliseconds: Double(info.tcpi_rtt) / 1000) }
+                if progress.rttMs > 0 { engine.core.recordRTT(id, milliseconds: progress.rttMsPrecise) }
                 engine.stallCheck(id, progress)
                 engine.resizeQueues(id, progress)
             }
@@ -439,7 +443,7 @@ final class SessionEngine: SubflowDelegate {
     /// (MPTCP reinjects on a subflow RTO too). An ACK after that resumes it; none within
     /// `stallRetirement` retires it. Requiring the retransmission keeps an idle subflow that just
     /// sent a probe from looking stalled.
-    func stallCheck(_ id: SubflowID, _ tcp: TCPProgress) {
+    func stallCheck(_ id: SubflowID, _ tcp: SubflowProgress) {
         guard state == .open, let record = records[id], record.established, !record.closed else { return }
         let floor = options.minimumStallTimeout.nanoseconds / 1_000_000
         let limitMs = max(floor, 2 * tcp.rttMs)
@@ -449,15 +453,15 @@ final class SessionEngine: SubflowDelegate {
             if tcp.silentMs < suspendedMs {
                 suspendedSince[id] = nil
                 core.resumeSubflow(id)
-                logger.info("subflow \(id) recovered: TCP acknowledged again")
+                logger.info("subflow \(id) recovered: acknowledged again")
                 pump()
             } else if NIODeadline.now() - since > options.stallRetirement {
-                retire(id, reason: "no TCP acknowledgement for \(tcp.silentMs) ms")
+                retire(id, reason: "no acknowledgement for \(tcp.silentMs) ms")
             }
         } else if tcp.inFlight, tcp.timeoutRetransmissions > 0, tcp.silentMs > limitMs {
             suspendedSince[id] = .now()
             let bytes = core.suspendSubflow(id)
-            logger.info("subflow \(id) stalled: no TCP acknowledgement for \(tcp.silentMs) ms after a timeout retransmission; reinjecting \(bytes) bytes")
+            logger.info("subflow \(id) stalled: no acknowledgement for \(tcp.silentMs) ms after a timeout; reinjecting \(bytes) bytes")
             eventContinuation.yield(.subflowStalled(info(id), silentMilliseconds: Int(tcp.silentMs)))
             if bytes > 0 { eventContinuation.yield(.reinjected(bytes: bytes, from: id.rawValue)) }
             pump()
@@ -467,20 +471,19 @@ final class SessionEngine: SubflowDelegate {
     /// Each subflow queues about `queueTarget` of its own rate beyond what TCP has in flight:
     /// enough to keep a fast path busy, little enough that data stranded on a path that dies, and
     /// the queue that reinjected data waits behind on a slow survivor, stay small.
-    private func resizeQueues(_ id: SubflowID, _ tcp: TCPProgress) {
-        guard let record = records[id], !record.closed, let channel = record.handler.channel, tcp.bytesPerSecond > 0 else { return }
+    private func resizeQueues(_ id: SubflowID, _ tcp: SubflowProgress) {
+        guard let record = records[id], !record.closed, tcp.bytesPerSecond > 0 else { return }
         let target = Int(tcp.bytesPerSecond * options.queueTarget.seconds)
         let high = max(8 * 1024, min(1 << 20, Int(UInt(max(target, 1)).roundedUpToPowerOfTwo)))
         guard queueHighWaterMark[id] != high else { return }
         queueHighWaterMark[id] = high
-        core.setSegmentLimit(id, high)
-        channel.setOption(.writeBufferWaterMark, value: .init(low: high / 2, high: high)).whenComplete { _ in }
-        channel.setOption(.tcpOption(SubflowConnector.tcpNotSentLowat), value: max(4 * 1024, high / 2)).whenComplete { _ in }
+        core.setSegmentLimit(id, min(high, record.handler.maxDataPayload ?? .max))
+        record.handler.setQueueLimit(high)
     }
 
     // MARK: SubflowDelegate
 
-    func subflow(_ handler: SubflowHandler, received frame: Frame) {
+    func subflow(_ handler: any SubflowTransport, received frame: Frame) {
         let id = handler.id
         guard var record = records[id] else { return }
         let action = record.machine.receive(frame)
@@ -543,6 +546,7 @@ final class SessionEngine: SubflowDelegate {
             return
         }
         record.pendingJoin = nil
+        installKeys(on: record.handler)
         record.machine.handshakeCompleted()
         record.established = true
         records[id] = record
@@ -616,8 +620,12 @@ final class SessionEngine: SubflowDelegate {
     /// a flush there can fail on a reset socket, and NIO then closes the channel while it is still
     /// handling an end of input, which trips its `isRegisteredFully` assertion in debug builds.
     /// Found by the soak scenario. Read batches of several subflows share one pass.
-    func subflowReadComplete(_ handler: SubflowHandler) {
+    func subflowReadComplete(_ handler: any SubflowTransport) {
         core.readBatchComplete()
+        schedulePump()
+    }
+
+    private func schedulePump() {
         guard !pumpScheduled else { return }
         pumpScheduled = true
         let bound = self.bound
@@ -627,12 +635,12 @@ final class SessionEngine: SubflowDelegate {
         }
     }
 
-    func subflowWritabilityChanged(_ handler: SubflowHandler, writable: Bool) {
+    func subflowWritabilityChanged(_ handler: any SubflowTransport, writable: Bool) {
         core.setWritable(handler.id, writable)
         if writable { pump() }
     }
 
-    func subflowInputClosed(_ handler: SubflowHandler) {
+    func subflowInputClosed(_ handler: any SubflowTransport) {
         // The peer closed its side of this subflow. While the session is closing that is the
         // normal end; otherwise the subflow is lost.
         if state == .closing || state == .closed {
@@ -642,8 +650,22 @@ final class SessionEngine: SubflowDelegate {
         }
     }
 
-    func subflowClosed(_ handler: SubflowHandler, error: (any Error)?) {
+    func subflowClosed(_ handler: any SubflowTransport, error: (any Error)?) {
         subflowGone(handler.id, reason: error.map { "\($0)" } ?? "connection closed")
+    }
+
+    /// The session, not the subflow, resends what a UDP subflow lost: on whichever subflow the
+    /// scheduler picks, so a lossy path does not hold the data it lost.
+    func subflow(_ handler: any SubflowTransport, lostDataAt sequence: UInt64, length: Int) {
+        guard records[handler.id]?.closed == false, core.dataLost(sequence: sequence, length: length, on: handler.id) > 0 else { return }
+        schedulePump()
+    }
+
+    func subflow(_ handler: any SubflowTransport, peerMovedFrom old: SocketAddress, to new: SocketAddress) {
+        guard records[handler.id] != nil else { return }
+        records[handler.id]!.remote = new.unmapped
+        logger.info("subflow \(handler.id): the peer now sends from \(new) (was \(old)), path checked")
+        eventContinuation.yield(.subflowRebound(info(handler.id), from: old.unmapped))
     }
 
     // MARK: the pump: perform what the core decides
@@ -857,7 +879,8 @@ final class SessionEngine: SubflowDelegate {
 }
 
 extension SessionEngine {
-    func handlerForTesting(_ raw: UInt32) -> SubflowHandler? { records[SubflowID(raw)]?.handler }
+    func handlerForTesting(_ raw: UInt32) -> (any SubflowTransport)? { records[SubflowID(raw)]?.handler }
+    var liveTransportsForTesting: [any SubflowTransport] { records.values.filter { !$0.closed }.map(\.handler) }
 
     /// Test hook: retire the live subflow with the most data in flight, now; returns the bytes
     /// that were queued for reinjection (0, and nothing retired, when none has data in flight).
@@ -876,26 +899,33 @@ extension SessionEngine {
     }
 }
 
-/// What the engine reads from TCP_INFO.
-struct TCPProgress {
+/// What the engine learns of a subflow's path from its transport: TCP_INFO for TCP, the loss
+/// recovery's own state for UDP. The same stall rules apply to both.
+struct SubflowProgress {
     var inFlight: Bool
-    /// Milliseconds since the last ACK.
+    /// Milliseconds since the last acknowledgement.
     var silentMs: Int64
-    var rttMs: Int64
-    /// Consecutive RTO retransmissions without an ACK.
+    var rttMsPrecise: Double
+    var rttMs: Int64 { Int64(rttMsPrecise) }
+    /// Consecutive timeouts (RTO retransmissions, probe timeouts) without an acknowledgement.
     var timeoutRetransmissions: Int
-    /// cwnd × MSS / RTT: roughly what the path carries.
+    /// Window / RTT: roughly what the path carries.
     var bytesPerSecond: Double
 
-    init(_ info: tcp_info) {
-        inFlight = info.tcpi_unacked > 0
-        silentMs = Int64(info.tcpi_last_ack_recv)
-        rttMs = Int64(info.tcpi_rtt / 1000)
-        timeoutRetransmissions = Int(info.tcpi_retransmits)
-        let rtt = Double(max(info.tcpi_rtt, 1)) / 1e6
-        bytesPerSecond = Double(info.tcpi_snd_cwnd) * Double(info.tcpi_snd_mss) / rtt
+    init(inFlight: Bool, silentMs: Int64, rttMs: Double, timeoutRetransmissions: Int, bytesPerSecond: Double) {
+        self.inFlight = inFlight
+        self.silentMs = silentMs
+        self.rttMsPrecise = rttMs
+        self.timeoutRetransmissions = timeoutRetransmissions
+        self.bytesPerSecond = bytesPerSecond
     }
 
+    init(_ info: tcp_info) {
+        let rtt = Double(max(info.tcpi_rtt, 1)) / 1e6
+        self.init(inFlight: info.tcpi_unacked > 0, silentMs: Int64(info.tcpi_last_ack_recv), rttMs: Double(info.tcpi_rtt) / 1000,
+                  timeoutRetransmissions: Int(info.tcpi_retransmits),
+                  bytesPerSecond: Double(info.tcpi_snd_cwnd) * Double(info.tcpi_snd_mss) / rtt)
+    }
 }
 
 extension TimeAmount {

@@ -57,4 +57,19 @@ enum SubflowConnector {
             .bind(to: local)
             .connect(to: remote)
     }
+
+    /// A further subflow (a JOIN) on the session's transport.
+    static func connectTransport(on loop: any EventLoop, from local: SocketAddress, to remote: SocketAddress,
+                                 options: NBSOptions) -> EventLoopFuture<NIOLoopBound<any SubflowTransport>> {
+        switch options.transport {
+        case .tcp:
+            return connect(on: loop, from: local, to: remote, options: options).flatMapThrowing { channel in
+                NIOLoopBound(try channel.pipeline.syncOperations.handler(type: SubflowHandler.self), eventLoop: loop)
+            }
+        case .udp:
+            return DatagramSubflow.connect(on: loop, from: local, to: remote, options: options) { _ in }.map {
+                NIOLoopBound($0, eventLoop: loop)
+            }
+        }
+    }
 }

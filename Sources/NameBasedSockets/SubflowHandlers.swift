@@ -55,25 +55,69 @@ final class FrameReader: ChannelInboundHandler {
     }
 }
 
-/// What a subflow channel reports; implemented by the session engine and, before a session
-/// exists, by the listener. Always called on the channel's event loop.
+/// One subflow's transport as the session engine and the listener see it: TCP (`SubflowHandler`,
+/// a channel handler) or UDP (`DatagramSubflow`). Everything TCP-specific (socket options, TCP_INFO,
+/// FIN and RST) is behind it. Always used on the subflow's event loop.
+protocol SubflowTransport: AnyObject {
+    var id: SubflowID { get set }
+    /// Strong: a subflow keeps its session alive. The engine breaks the cycle when it ends.
+    var delegate: (any SubflowDelegate)? { get set }
+    /// When this side sent OPEN or JOIN, for the first RTT sample.
+    var handshakeSentAt: NIODeadline? { get set }
+    var isWritable: Bool { get }
+    var localAddress: SocketAddress? { get }
+    var remoteAddress: SocketAddress? { get }
+    /// The largest DATA payload one transmission may carry; nil when the transport cuts for itself.
+    var maxDataPayload: Int? { get }
+    func write(_ frame: Frame, flush: Bool)
+    func writeData(sequence: UInt64, payload: ByteBuffer)
+    func flush()
+    /// Sends `frame` (typically ABORT or CLOSE), then closes.
+    func writeAndClose(_ frame: Frame?)
+    /// Abortive close: the peer learns of it in one trip across the path, ahead of anything queued.
+    func resetAndClose()
+    /// Graceful end: the peer learns after everything queued; its own end completes the close.
+    func shutdownOutput()
+    /// The session's keys, once the handshake has them (UDP authenticates every datagram with them).
+    func installKeys(_ keys: SessionKeys, localRole: SessionKeys.Role)
+    /// What the transport knows of the path: for stall detection and queue sizing.
+    func progress() -> EventLoopFuture<SubflowProgress>?
+    /// Roughly how much may wait in the transport beyond what is in flight.
+    func setQueueLimit(_ bytes: Int)
+}
+
+extension SubflowTransport {
+    func write(_ frame: Frame) { write(frame, flush: true) }
+    /// Who the subflow is, for logs.
+    var peerDescription: String { remoteAddress?.description ?? "?" }
+}
+
+/// What a subflow reports; implemented by the session engine and, before a session exists, by the
+/// listener and the opener's first attempt. Always called on the subflow's event loop.
 protocol SubflowDelegate: AnyObject {
-    func subflow(_ handler: SubflowHandler, received frame: Frame)
-    func subflowReadComplete(_ handler: SubflowHandler)
-    func subflowWritabilityChanged(_ handler: SubflowHandler, writable: Bool)
-    func subflowInputClosed(_ handler: SubflowHandler)
-    func subflowClosed(_ handler: SubflowHandler, error: (any Error)?)
+    func subflow(_ subflow: any SubflowTransport, received frame: Frame)
+    func subflowReadComplete(_ subflow: any SubflowTransport)
+    func subflowWritabilityChanged(_ subflow: any SubflowTransport, writable: Bool)
+    func subflowInputClosed(_ subflow: any SubflowTransport)
+    func subflowClosed(_ subflow: any SubflowTransport, error: (any Error)?)
+    /// A UDP subflow lost a datagram that carried these bytes of the session.
+    func subflow(_ subflow: any SubflowTransport, lostDataAt sequence: UInt64, length: Int)
+    /// A UDP subflow's peer now sends from another address (a NAT rebinding), checked.
+    func subflow(_ subflow: any SubflowTransport, peerMovedFrom old: SocketAddress, to new: SocketAddress)
+}
+
+extension SubflowDelegate {
+    func subflow(_ subflow: any SubflowTransport, lostDataAt sequence: UInt64, length: Int) {}
+    func subflow(_ subflow: any SubflowTransport, peerMovedFrom old: SocketAddress, to new: SocketAddress) {}
 }
 
 /// The last handler of every subflow pipeline. Owns no protocol logic: it forwards to its
 /// delegate and writes what it is told to.
-final class SubflowHandler: ChannelInboundHandler {
+final class SubflowHandler: ChannelInboundHandler, SubflowTransport {
     typealias InboundIn = Frame
     typealias OutboundOut = ByteBuffer
 
-    /// Strong: a subflow keeps its session alive. The engine breaks the cycle when it ends.
     var delegate: (any SubflowDelegate)?
-    /// When this side sent OPEN or JOIN, for the first RTT sample.
     var handshakeSentAt: NIODeadline?
     private(set) var context: ChannelHandlerContext?
     private var firstError: (any Error)?
@@ -91,6 +135,9 @@ final class SubflowHandler: ChannelInboundHandler {
     var channel: (any Channel)? { context?.channel }
     var isWritable: Bool { context?.channel.isWritable ?? false }
     var isActive: Bool { context?.channel.isActive ?? false }
+    var localAddress: SocketAddress? { context?.channel.localAddress }
+    var remoteAddress: SocketAddress? { context?.channel.remoteAddress }
+    var maxDataPayload: Int? { nil }
 
     func handlerAdded(context: ChannelHandlerContext) { self.context = context }
     func handlerRemoved(context: ChannelHandlerContext) { self.context = nil }
@@ -147,7 +194,7 @@ final class SubflowHandler: ChannelInboundHandler {
         }
     }
 
-    func write(_ frame: Frame, flush: Bool = true) {
+    func write(_ frame: Frame, flush: Bool) {
         guard let context else { return }
         var buffer = context.channel.allocator.buffer(capacity: 64)
         ensurePreamble(into: &buffer)
@@ -156,7 +203,6 @@ final class SubflowHandler: ChannelInboundHandler {
         if flush { context.flush() }
     }
 
-    /// DATA as a header plus the payload slice itself: the payload is never copied.
     func writeData(sequence: UInt64, payload: ByteBuffer) {
         guard let context else { return }
         var header = context.channel.allocator.buffer(capacity: 20)
@@ -168,7 +214,7 @@ final class SubflowHandler: ChannelInboundHandler {
 
     func flush() { context?.flush() }
 
-    /// Sends `frame` (typically ABORT or CLOSE), then closes once it is on the wire.
+    /// Closes once `frame` is on the wire.
     func writeAndClose(_ frame: Frame?) {
         guard let context else { return }
         if let frame {
@@ -182,18 +228,32 @@ final class SubflowHandler: ChannelInboundHandler {
         }
     }
 
-    /// Abortive close: a TCP reset goes out at once, ahead of whatever is still queued, so the
-    /// peer learns of the close in one trip across the path rather than after the queue drains.
+    /// A TCP reset goes out at once, ahead of whatever is still queued, so the peer learns of the
+    /// close in one trip across the path rather than after the queue drains.
     func resetAndClose() {
         guard let channel = context?.channel else { return }
         resetOnNextTick(channel)
     }
 
-    /// Graceful end of a subflow: FIN after what is queued; the peer's FIN completes the close.
+    /// FIN after what is queued; the peer's FIN completes the close.
     func shutdownOutput() {
         guard let context else { return }
         context.flush()
         context.close(mode: .output, promise: nil)
+    }
+
+    /// TCP carries no keys: its frames authenticate themselves where they must.
+    func installKeys(_ keys: SessionKeys, localRole: SessionKeys.Role) {}
+
+    func progress() -> EventLoopFuture<SubflowProgress>? {
+        (channel as? any SocketOptionProvider)?.getTCPInfo().map(SubflowProgress.init)
+    }
+
+    /// The channel's write buffer and the kernel's unsent queue (TCP_NOTSENT_LOWAT).
+    func setQueueLimit(_ bytes: Int) {
+        guard let channel else { return }
+        channel.setOption(.writeBufferWaterMark, value: .init(low: bytes / 2, high: bytes)).whenComplete { _ in }
+        channel.setOption(.tcpOption(SubflowConnector.tcpNotSentLowat), value: max(4 * 1024, bytes / 2)).whenComplete { _ in }
     }
 }
 

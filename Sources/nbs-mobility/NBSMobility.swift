@@ -41,6 +41,9 @@ struct CommonOptions: ParsableArguments {
     @Flag(name: .long, help: "Print one JSON object per session as the last line.")
     var json = false
 
+    @Option(name: .long, help: "Subflows over tcp (default) or udp; both ends must use the same.")
+    var transport: NBSOptions.Transport = .tcp
+
     @Option(name: .long, help: "Most subflows per session.")
     var maxSubflows = 4
 
@@ -59,6 +62,7 @@ struct CommonOptions: ParsableArguments {
         var options = NBSOptions()
         try verification.apply(to: &options)
         options.policy = policy
+        options.transport = transport
         options.maxSubflows = maxSubflows
         if let bytes = sendBuffer.flatMap(parseByteCount) { options.sendBufferCapacity = bytes }
         if !localAddresses.isEmpty {
@@ -71,6 +75,7 @@ struct CommonOptions: ParsableArguments {
 }
 
 extension MultipathPolicy: ExpressibleByArgument {}
+extension NBSOptions.Transport: ExpressibleByArgument {}
 
 struct Serve: AsyncParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Accept sessions for --name and sink or echo their bytes, showing them live.")

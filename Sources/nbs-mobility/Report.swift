@@ -41,7 +41,8 @@ func describe(_ event: SessionEvent) -> String {
     switch event {
     case .subflowUp(let s): "subflow \(s.id) up \(s.local.ipAddress ?? "?") -> \(s.remote.ipAddress ?? "?")\(s.interface.map { " on \($0)" } ?? "")"
     case .subflowDown(let s, let reason): "subflow \(s.id) down \(s.local.ipAddress ?? "?") -> \(s.remote.ipAddress ?? "?"): \(reason)"
-    case .subflowStalled(let s, let ms): "subflow \(s.id) stalled (no TCP ack for \(ms) ms) \(s.local.ipAddress ?? "?") -> \(s.remote.ipAddress ?? "?"): probing"
+    case .subflowStalled(let s, let ms): "subflow \(s.id) stalled (nothing acknowledged for \(ms) ms) \(s.local.ipAddress ?? "?") -> \(s.remote.ipAddress ?? "?"): probing"
+    case .subflowRebound(let s, let from): "subflow \(s.id) peer moved \(from) -> \(s.remote) (NAT rebinding, path checked)"
     case .reinjected(let bytes, let from): "reinjected \(bytes) bytes from subflow \(from)"
     case .addressAnnounced(let a): "peer announced \(a.ipAddress ?? "?")"
     case .addressRemoved(let a): "peer removed \(a.ipAddress ?? "?")"

@@ -1,0 +1,459 @@
+import Logging
+import NBSProtocol
+import NIOCore
+import NIOPosix
+
+/// Datagrams in, closures out: the whole pipeline of a UDP socket. The closures are cleared when
+/// the subflow ends, which breaks the channel → handler → subflow cycle.
+final class DatagramInbound: ChannelInboundHandler {
+    typealias InboundIn = AddressedEnvelope<ByteBuffer>
+
+    var onDatagram: ((AddressedEnvelope<ByteBuffer>) -> Void)?
+    var onReadComplete: (() -> Void)?
+    var onError: ((any Error) -> Void)?
+    var onInactive: (() -> Void)?
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) { onDatagram?(Self.unwrapInboundIn(data)) }
+    func channelReadComplete(context: ChannelHandlerContext) { onReadComplete?() }
+    /// UDP errors (an ICMP unreachable reported on a connected socket) do not close the socket:
+    /// the subflow decides.
+    func errorCaught(context: ChannelHandlerContext, error: any Error) { onError?(error) }
+    func channelInactive(context: ChannelHandlerContext) { onInactive?() }
+
+    func detach() {
+        onDatagram = nil
+        onReadComplete = nil
+        onError = nil
+        onInactive = nil
+    }
+}
+
+/// One UDP subflow: a connected UDP socket per (local, remote) pair, and the pure
+/// `DatagramConnection` that turns frames into datagrams and back. To the session engine it is a
+/// `SubflowTransport` like a TCP connection.
+///
+/// The opener's socket is bound to its local address and connected to the listener's. A listener
+/// hears new subflows on its wildcard socket (`DatagramListener`), then gives each one a socket of
+/// its own, bound to the address the opener sent to (so replies leave from it, whatever the routing
+/// table says) and connected to the opener. A datagram for a known subflow from a new source
+/// address (a NAT rebinding) reaches the wildcard socket; if it authenticates and is the newest,
+/// the listener checks the new path (PATH_CHALLENGE / PATH_RESPONSE) and then moves the subflow there.
+final class DatagramSubflow: SubflowTransport {
+    let loop: any EventLoop
+    let local: SocketAddress
+    private(set) var remote: SocketAddress
+    private(set) var connection: DatagramConnection
+    private var channel: (any Channel)?
+    /// Opener: its own socket, connected to the listener. Listener: the socket bound to the
+    /// address the opener sent to, shared by every subflow to that address and not connected
+    /// (a connected UDP socket dies of the ICMP error that follows a NAT rebinding), so each
+    /// datagram names its destination.
+    private var ownsChannel = true
+    private var inbound: DatagramInbound?
+    var id = SubflowID(0)
+    var delegate: (any SubflowDelegate)?
+    var handshakeSentAt: NIODeadline?
+    /// The listener's table of subflows forgets this one.
+    var onClosed: ((DatagramSubflow) -> Void)?
+    private let keepaliveInterval: TimeAmount
+    private var keepaliveTask: RepeatedTask?
+    private var timer: Scheduled<Void>?
+    private var timerDeadline: UInt64?
+    private var lastSendAt: UInt64 = 0
+    private var reportedWritable = true
+    private var readPending = false
+    private var closed = false
+    private var reportedClosed = false
+    private var outputShutdown = false
+    private var peerShutdown = false
+    private var closeAfterShutdownAck: Scheduled<Void>?
+    private var closeError: (any Error)?
+    private var closeOnAttach = false
+    /// Listener side: a path check of a new peer address in progress.
+    private var pathCheck: (address: SocketAddress, challenge: UInt64, attempts: Int)?
+    private let logger = Logger(label: "nbs.udp")
+
+    init(loop: any EventLoop, local: SocketAddress, remote: SocketAddress, connectionID: UInt64, isOpener: Bool, options: NBSOptions) {
+        self.loop = loop
+        self.local = local.unmapped
+        self.remote = remote.unmapped
+        self.connection = DatagramConnection(connectionID: connectionID, isOpener: isOpener)
+        self.keepaliveInterval = options.keepaliveInterval
+    }
+
+    static var now: UInt64 { NIODeadline.now().uptimeNanoseconds }
+
+    // MARK: SubflowTransport
+
+    var isWritable: Bool { !closed && connection.isWritable }
+    var localAddress: SocketAddress? { local }
+    var remoteAddress: SocketAddress? { remote }
+    var maxDataPayload: Int? { DatagramWire.maxDataPayload }
+
+    func write(_ frame: Frame, flush: Bool) {
+        guard !closed else { return }
+        connection.queue(frame)
+        if flush { transmit() }
+    }
+
+    func writeData(sequence: UInt64, payload: ByteBuffer) {
+        guard !closed else { return }
+        connection.queueData(sequence: sequence, payload: payload)
+    }
+
+    func flush() { transmit() }
+
+    func writeAndClose(_ frame: Frame?) {
+        guard !closed else { return }
+        if let frame {
+            connection.queue(frame)
+            // A listener's subflow gets its socket a moment after its first datagram: a refusal
+            // made before then goes out when it arrives.
+            guard channel != nil else {
+                closeOnAttach = true
+                return
+            }
+            transmit()
+            close(error: nil)
+        } else if outputShutdown, peerShutdown {
+            // Both ends said they are done; our shutdown should be acknowledged before the socket
+            // goes, or the peer waits for it until its linger ends.
+            transmit()
+            if connection.shutdownAcknowledged { return close(error: nil) }
+            closeAfterShutdownAck = loop.assumeIsolated().scheduleTask(in: .milliseconds(500)) { [self] in close(error: nil) }
+        } else {
+            resetAndClose()
+        }
+    }
+
+    func resetAndClose() {
+        guard !closed else { return }
+        if connection.hasKeys, let datagram = connection.pathDatagram(.reset, now: Self.now) { send(datagram) }
+        close(error: nil)
+    }
+
+    func shutdownOutput() {
+        guard !closed, !outputShutdown else { return }
+        outputShutdown = true
+        connection.queueShutdown()
+        transmit()
+    }
+
+    func installKeys(_ keys: SessionKeys, localRole: SessionKeys.Role) {
+        let peerRole: SessionKeys.Role = localRole == .client ? .server : .client
+        handle(connection.installKeys(send: keys.packetKey(sentBy: localRole), receive: keys.packetKey(sentBy: peerRole), now: Self.now))
+        startKeepalive()
+    }
+
+    func progress() -> EventLoopFuture<SubflowProgress>? {
+        let now = Self.now
+        let silentSince = connection.lastAckReceivedAt ?? handshakeSentAt?.uptimeNanoseconds ?? now
+        let srtt = Double(connection.rtt.smoothed) / 1e9
+        return loop.makeSucceededFuture(SubflowProgress(
+            inFlight: connection.hasAckElicitingInFlight, silentMs: Int64((now - min(silentSince, now)) / 1_000_000),
+            rttMs: connection.rtt.hasSample ? srtt * 1000 : 0, timeoutRetransmissions: connection.probeTimeouts,
+            bytesPerSecond: Double(connection.congestion.window) / max(srtt, 1e-4)))
+    }
+
+    /// The congestion window is the queue: nothing to size.
+    func setQueueLimit(_ bytes: Int) {}
+
+    // MARK: sockets
+
+    /// Opener: a socket bound to `local`, connected to `remote`. `prepare` runs on the loop before
+    /// the first datagram can arrive.
+    static func connect(on loop: any EventLoop, from local: SocketAddress, to remote: SocketAddress, options: NBSOptions,
+                        prepare: @escaping @Sendable (DatagramSubflow) -> Void) -> EventLoopFuture<DatagramSubflow> {
+        openSocket(on: loop, bind: local.withPort(0), connect: remote, reuseAddress: false).flatMapThrowing { channel in
+            let subflow = DatagramSubflow(loop: loop, local: channel.localAddress ?? local, remote: remote,
+                                          connectionID: UInt64.random(in: 1 ... .max), isOpener: true, options: options)
+            try subflow.attach(channel)
+            prepare(subflow)
+            return NIOLoopBound(subflow, eventLoop: loop)
+        }.map { $0.value }
+    }
+
+    /// A UDP socket with a `DatagramInbound` handler, bound and, if asked, connected.
+    static func openSocket(on loop: any EventLoop, bind local: SocketAddress, connect remote: SocketAddress?, reuseAddress: Bool,
+                           packetInfo: Bool = false) -> EventLoopFuture<any Channel> {
+        var bootstrap = DatagramBootstrap(group: loop)
+            .channelOption(.socketOption(.so_reuseaddr), value: reuseAddress ? 1 : 0)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(DatagramInbound()) }
+            }
+        if packetInfo { bootstrap = bootstrap.channelOption(.receivePacketInfo, value: true) }
+        // Room for the bursts a window of datagrams makes: the kernel's default is 208 KiB.
+        bootstrap = bootstrap.channelOption(.socketOption(.so_rcvbuf), value: 4 << 20).channelOption(.socketOption(.so_sndbuf), value: 4 << 20)
+        let bound = bootstrap.bind(to: local)
+        guard let remote else { return bound }
+        return bound.flatMap { channel in
+            channel.connect(to: remote).map { channel }.flatMapError { error in
+                channel.close(promise: nil)
+                return channel.eventLoop.makeFailedFuture(error)
+            }
+        }
+    }
+
+    /// Makes `channel` this subflow's socket (the first one, or the one a path check found).
+    func attach(_ channel: any Channel) throws {
+        loop.preconditionInEventLoop()
+        let inbound = try channel.pipeline.syncOperations.handler(type: DatagramInbound.self)
+        let bound = NIOLoopBound(self, eventLoop: loop)
+        inbound.onDatagram = { envelope in bound.value.receive(envelope.data, from: envelope.remoteAddress) }
+        inbound.onReadComplete = { bound.value.readComplete() }
+        inbound.onError = { bound.value.socketError($0) }
+        inbound.onInactive = { [weak channel] in
+            guard let channel else { return }
+            bound.value.socketClosed(channel)
+        }
+        self.channel = channel
+        self.inbound = inbound
+        transmit()
+        if closeOnAttach { close(error: nil) }
+    }
+
+    /// The listener could not give this subflow a socket.
+    func socketFailed(_ error: any Error) {
+        close(error: error)
+    }
+
+    private func socketError(_ error: any Error) {
+        // Nothing listens there (an ICMP port unreachable): final before the handshake, a
+        // transient condition of the path after it, which loss recovery deals with.
+        guard !connection.hasKeys else { return }
+        close(error: error)
+    }
+
+    private func socketClosed(_ channel: any Channel) {
+        guard channel === self.channel else { return }
+        close(error: closeError)
+    }
+
+    // MARK: sending
+
+    /// Listener side: the shared socket of `local`, which the listener reads for this subflow.
+    func attachShared(_ channel: any Channel) {
+        loop.preconditionInEventLoop()
+        self.channel = channel
+        ownsChannel = false
+        transmit()
+        if closeOnAttach { close(error: nil) }
+    }
+
+    /// The listener's shared socket went away (its address did): so did this subflow's path.
+    func sharedSocketClosed() {
+        close(error: NBSError.connectionLost("the local address's socket closed"))
+    }
+
+    private func write(datagram: ByteBuffer, to destination: SocketAddress? = nil, on channel: any Channel) {
+        if ownsChannel {
+            channel.write(datagram, promise: nil)
+        } else {
+            channel.write(AddressedEnvelope(remoteAddress: destination ?? remote, data: datagram), promise: nil)
+        }
+    }
+
+    private func send(_ datagram: ByteBuffer, to destination: SocketAddress? = nil) {
+        guard let channel else { return }
+        write(datagram: datagram, to: destination, on: channel)
+        channel.flush()
+    }
+
+    /// Sends what the window and the pacer allow, and sets the timer for the rest.
+    private func transmit() {
+        guard !closed, let channel else { return }
+        let now = Self.now
+        var wrote = false
+        var pacingWait: UInt64?
+        sending: while true {
+            switch connection.nextDatagram(now: now, allocator: channel.allocator) {
+            case .datagram(let datagram):
+                if dropEveryForTesting > 0 {
+                    sentForTesting += 1
+                    if sentForTesting % dropEveryForTesting == 0 { continue }
+                }
+                write(datagram: datagram, on: channel)
+                wrote = true
+            case .wait(let until):
+                pacingWait = until
+                break sending
+            case .nothing:
+                break sending
+            }
+        }
+        if wrote {
+            channel.flush()
+            lastSendAt = now
+        }
+        armTimer(pacing: pacingWait)
+        updateWritability()
+    }
+
+    private func armTimer(pacing: UInt64?) {
+        guard let deadline = [pacing, connection.nextTimeout].compactMap({ $0 }).min() else {
+            timer?.cancel()
+            timer = nil
+            timerDeadline = nil
+            return
+        }
+        if let current = timerDeadline, current <= deadline, timer != nil { return }
+        timer?.cancel()
+        timerDeadline = deadline
+        let now = Self.now
+        let delay = TimeAmount.nanoseconds(Int64(deadline > now ? deadline - now : 0))
+        timer = loop.assumeIsolated().scheduleTask(in: delay) { [self] in
+            timer = nil
+            timerDeadline = nil
+            guard !closed else { return }
+            handle(connection.timeout(now: Self.now))
+            transmit()
+        }
+    }
+
+    private func updateWritability() {
+        let writable = isWritable
+        guard writable != reportedWritable else { return }
+        reportedWritable = writable
+        delegate?.subflowWritabilityChanged(self, writable: writable)
+    }
+
+    private func startKeepalive() {
+        guard keepaliveTask == nil, keepaliveInterval > .zero else { return }
+        let interval = UInt64(keepaliveInterval.nanoseconds)
+        let bound = NIOLoopBound(self, eventLoop: loop)
+        keepaliveTask = loop.scheduleRepeatedTask(initialDelay: keepaliveInterval, delay: keepaliveInterval) { _ in
+            let subflow = bound.value
+            guard !subflow.closed, Self.now - subflow.lastSendAt >= interval else { return }
+            subflow.connection.queuePing()
+            subflow.transmit()
+        }
+    }
+
+    // MARK: receiving
+
+    func receive(_ datagram: ByteBuffer, from source: SocketAddress) {
+        guard !closed else { return }
+        let result = connection.receive(datagram, now: Self.now)
+        if result.dropped != nil {
+            readPending = true  // a gap in the control stream is answered with an ACK at once
+            return
+        }
+        if !Self.sameEndpoint(source, remote), result.authenticated, result.isNewest { checkPath(to: source.unmapped) }
+        handle(result.events, from: source)
+        readPending = true
+    }
+
+    func readComplete() {
+        guard readPending, !closed else { return }
+        readPending = false
+        delegate?.subflowReadComplete(self)
+        transmit()
+    }
+
+    private func handle(_ events: [DatagramConnection.Event], from source: SocketAddress? = nil) {
+        for event in events {
+            guard !closed else { return }
+            switch event {
+            case .frame(let frame):
+                delegate?.subflow(self, received: frame)
+            case .dataLost(let sequence, let length):
+                delegate?.subflow(self, lostDataAt: sequence, length: length)
+            case .peerShutdown:
+                peerShutdown = true
+                delegate?.subflowInputClosed(self)
+            case .peerReset:
+                close(error: NBSError.connectionLost("the peer reset the subflow"))
+            case .pathChallenge(let value):
+                if let datagram = connection.pathDatagram(.pathResponse(value), now: Self.now) { send(datagram) }
+            case .pathResponse(let value):
+                pathConfirmed(value)
+            case .malformed(let why):
+                closeError = NBSError.protocolViolation(why)
+                writeAndClose(.abort(.init(reason: .protocolViolation, message: why)))
+            }
+        }
+        if connection.shutdownAcknowledged, closeAfterShutdownAck != nil {
+            closeAfterShutdownAck?.cancel()
+            close(error: nil)
+        }
+    }
+
+    static func sameEndpoint(_ a: SocketAddress, _ b: SocketAddress) -> Bool {
+        a.unmapped.hostString == b.unmapped.hostString && a.port == b.port
+    }
+
+    // MARK: NAT rebinding (listener side)
+
+    /// An authenticated, newest datagram from a new source address: the peer's NAT (or the peer)
+    /// moved. The subflow follows only once the new address answers a challenge, so a replayed
+    /// or redirected datagram cannot move it (QUIC's path validation). Only a listener follows:
+    /// an opener's socket is connected and hears only the listener's address.
+    private func checkPath(to address: SocketAddress) {
+        guard !ownsChannel else { return }
+        if let check = pathCheck, Self.sameEndpoint(check.address, address) { return }
+        let challenge = UInt64.random(in: 1 ... .max)
+        pathCheck = (address, challenge, 0)
+        logger.info("subflow \(id): datagram from \(address) instead of \(remote); checking the new path")
+        sendChallenge(challenge)
+    }
+
+    private func sendChallenge(_ challenge: UInt64) {
+        guard !closed, let check = pathCheck, check.challenge == challenge else { return }
+        guard check.attempts < 3 else {
+            logger.info("subflow \(id): \(check.address) did not answer its path check")
+            pathCheck = nil
+            return
+        }
+        pathCheck?.attempts += 1
+        if let datagram = connection.pathDatagram(.pathChallenge(challenge), now: Self.now) { send(datagram, to: check.address) }
+        let wait = TimeAmount.nanoseconds(Int64(max(3 * connection.rtt.smoothed, 50_000_000)))
+        loop.assumeIsolated().scheduleTask(in: wait) { [self] in sendChallenge(challenge) }
+    }
+
+    private func pathConfirmed(_ value: UInt64) {
+        guard let check = pathCheck, check.challenge == value else { return }
+        pathCheck = nil
+        let old = remote
+        remote = check.address
+        delegate?.subflow(self, peerMovedFrom: old, to: check.address)
+    }
+
+    // MARK: closing
+
+    private func close(error: (any Error)?, line: Int = #line) {
+        guard !closed else { return }
+        logger.debug("subflow \(id) \(local) ↔ \(remote) closing (from line \(line)): \(error.map { "\($0)" } ?? "no error")")
+        closed = true
+        timer?.cancel()
+        keepaliveTask?.cancel()
+        closeAfterShutdownAck?.cancel()
+        pathCheck = nil
+        inbound?.detach()
+        if let channel, ownsChannel { closeOnNextTick(channel) }
+        onClosed?(self)
+        onClosed = nil
+        guard !reportedClosed else { return }
+        reportedClosed = true
+        delegate?.subflowClosed(self, error: error ?? closeError)
+    }
+
+    /// Test hook: the opener's NAT gives it a new source port. The subflow moves to a fresh
+    /// socket on the same local address without telling the peer, as a rebinding does.
+    func rebindForTesting() -> EventLoopFuture<Void> {
+        let remote = self.remote
+        return Self.openSocket(on: loop, bind: local.withPort(0), connect: remote, reuseAddress: false).assumeIsolated().flatMapThrowing { [self] channel in
+            let old = self.channel
+            inbound?.detach()
+            try attach(channel)
+            old?.close(promise: nil)
+            connection.queuePing()
+            transmit()
+        }.nonisolated()
+    }
+
+    var statistics: DatagramConnection.Statistics { connection.statistics }
+
+    /// Test hook: every Nth datagram this subflow sends is lost on the way (0: none).
+    var dropEveryForTesting = 0
+    private var sentForTesting = 0
+}

@@ -1,0 +1,297 @@
+@preconcurrency import Crypto
+import NIOCore
+import Testing
+
+@testable import NBSProtocol
+
+/// The UDP subflow transport, without sockets: the datagram format, its authentication, loss
+/// recovery and congestion control, driven on a simulated path with a virtual clock.
+@Suite struct DatagramTests {
+    nonisolated(unsafe) static let openerKey = SymmetricKey(data: [UInt8](repeating: 1, count: 32))
+    nonisolated(unsafe) static let listenerKey = SymmetricKey(data: [UInt8](repeating: 2, count: 32))
+
+    static func keyedPair() -> (DatagramConnection, DatagramConnection) {
+        var opener = DatagramConnection(connectionID: 42, isOpener: true)
+        var listener = DatagramConnection(connectionID: 42, isOpener: false)
+        _ = opener.installKeys(send: openerKey, receive: listenerKey, now: 0)
+        _ = listener.installKeys(send: listenerKey, receive: openerKey, now: 0)
+        return (opener, listener)
+    }
+
+    static func drain(_ c: inout DatagramConnection, now: UInt64) -> [ByteBuffer] {
+        var out: [ByteBuffer] = []
+        while case .datagram(let d) = c.nextDatagram(now: now) { out.append(d) }
+        return out
+    }
+
+    @Test func formatRoundTripsAndTheTagCoversEveryByte() throws {
+        let packet = DatagramPacket(isProtected: true, connectionID: 7, packetNumber: 99, controlBase: 3,
+                                    items: [.ack(ranges: [10...12, 4...8], delayMicros: 250), .ping, .pathChallenge(5)],
+                                    frames: [.dataAck(.init(cumulativeAck: 1000, window: 65536)), .data(.init(sequence: 5, payload: ByteBuffer(bytes: [1, 2, 3])))])
+        let wire = packet.encode(key: Self.openerKey)
+        let body = try #require(DatagramPacket.authenticate(wire, key: Self.openerKey))
+        #expect(try DatagramPacket.decode(body) == packet)
+        #expect(DatagramPacket.peekConnectionID(wire) == 7)
+        #expect(DatagramPacket.authenticate(wire, key: Self.listenerKey) == nil)
+        for i in 0..<wire.readableBytes {
+            var flipped = wire
+            flipped.setInteger(wire.getInteger(at: i, as: UInt8.self)! ^ 0x01, at: i)
+            #expect(DatagramPacket.authenticate(flipped, key: Self.openerKey) == nil, "a flipped bit at \(i) passed")
+        }
+    }
+
+    @Test func garbageNeverCrashesTheParser() {
+        var rng = SplitMix64(seed: 9)
+        for _ in 0..<5000 {
+            var bytes = patternBytes(Int.random(in: 0...1400, using: &rng), seed: rng.next())
+            if !bytes.isEmpty, rng.chance(0.5) { bytes[0] = DatagramWire.unprotectedForm }
+            _ = try? DatagramPacket.decode(ByteBuffer(bytes: bytes))
+            var c = DatagramConnection(connectionID: 1, isOpener: false)
+            _ = c.receive(ByteBuffer(bytes: bytes), now: 0)
+        }
+    }
+
+    @Test func receivedPacketsMergeRefuseRepeatsAndStayBounded() {
+        var r = ReceivedPackets(maxRanges: 4)
+        for pn: UInt64 in [0, 1, 2, 5, 4, 9] {
+            let inserted = r.insert(pn)
+            #expect(inserted)
+        }
+        #expect(r.ranges == [9...9, 4...5, 0...2])
+        let repeated = r.insert(4)
+        #expect(!repeated)
+        let three = r.insert(3)
+        #expect(three)
+        #expect(r.ranges == [9...9, 0...5])
+        for pn: UInt64 in [11, 13, 15, 17] { _ = r.insert(pn) }
+        #expect(r.ranges.count == 4)
+        #expect(r.contains(2), "forgotten numbers count as seen: a replay cannot slip in below the floor")
+        let forgotten = r.insert(7)
+        #expect(!forgotten)
+    }
+
+    @Test func newRenoGrowsHalvesOncePerLossEventAndPaces() {
+        var cc = NewReno()
+        var rtt = RTTEstimator()
+        rtt.add(sample: 20_000_000, ackDelay: 0)
+        let start = cc.window
+        cc.sent(bytes: 1200, now: 0, rtt: rtt)
+        cc.acknowledged(bytes: 1200, sentAt: 0)
+        #expect(cc.window == start + 1200, "slow start adds what was acknowledged")
+        for i in 0..<4 { cc.sent(bytes: 1200, now: UInt64(i), rtt: rtt) }
+        cc.lost(bytes: 1200, sentAt: 1, now: 10)
+        let halved = cc.window
+        #expect(halved == (start + 1200) / 2)
+        cc.lost(bytes: 1200, sentAt: 2, now: 11)
+        #expect(cc.window == halved, "losses of one round trip count once")
+        cc.acknowledged(bytes: 1200, sentAt: 12)
+        #expect(cc.window > halved && cc.window < halved + 1200, "congestion avoidance grows by about a datagram per window")
+        #expect(abs(cc.pacingRate(rtt: rtt) - 1.25 * Double(cc.window) / 0.020) < 1)
+    }
+
+    @Test func unauthenticatedReplayedAndUnprotectedDatagramsAreDroppedBeforeTheyTouchState() throws {
+        var (opener, listener) = Self.keyedPair()
+        opener.queue(.dataAck(.init(cumulativeAck: 0, window: 100)))
+        let datagram = try #require(Self.drain(&opener, now: 1).first)
+        #expect(listener.receive(datagram, now: 2).events == [.frame(.dataAck(.init(cumulativeAck: 0, window: 100)))])
+        #expect(listener.receive(datagram, now: 3).dropped == .replayed)
+        // Forged with the wrong key, and unprotected data once keys are in use.
+        let forged = DatagramPacket(isProtected: true, connectionID: 42, packetNumber: 50, controlBase: 0, items: [],
+                                    frames: [.data(.init(sequence: 0, payload: ByteBuffer(bytes: [9])))]).encode(key: Self.listenerKey)
+        #expect(listener.receive(forged, now: 4).dropped == .unauthenticated)
+        let plain = DatagramPacket(isProtected: false, connectionID: 42, packetNumber: 51, controlBase: 0, items: [],
+                                   frames: [.data(.init(sequence: 0, payload: ByteBuffer(bytes: [9])))]).encode(key: nil)
+        #expect(listener.receive(plain, now: 5).dropped == .unprotectedAfterKeys)
+        var fresh = DatagramConnection(connectionID: 42, isOpener: false)
+        #expect(fresh.receive(plain, now: 5).dropped == .forbiddenUnprotected, "before the keys, only handshake frames travel unprotected")
+        #expect(listener.statistics.dropped[.unauthenticated] == 1)
+    }
+
+    @Test func handshakeFramesTravelUnprotectedAndHelloesAreFullSized() throws {
+        var opener = DatagramConnection(connectionID: 5, isOpener: true)
+        var listener = DatagramConnection(connectionID: 5, isOpener: false)
+        let open = Frame.open(.init(sourceName: "a.test", destinationName: "b.test", port: 1, publicKey: .init(repeating: 1, count: 32), nonce: .init(repeating: 2, count: 16)))
+        opener.queue(open)
+        let hello = try #require(Self.drain(&opener, now: 0).first)
+        #expect(hello.readableBytes == DatagramWire.minimumHelloSize)
+        #expect(listener.receive(hello, now: 1).events == [.frame(open)])
+        // The listener has its keys once it answers; its ACCEPT still goes unprotected, what follows does not.
+        _ = listener.installKeys(send: Self.listenerKey, receive: Self.openerKey, now: 1)
+        let accept = Frame.accept(.init(serverName: "b.test", token: 1, publicKey: .init(repeating: 3, count: 32), nonce: .init(repeating: 4, count: 16), receiveWindow: 9, mac: .init(repeating: 5, count: 32)))
+        listener.queue(accept)
+        listener.queue(.dataAck(.init(cumulativeAck: 0, window: 9)))
+        let answers = Self.drain(&listener, now: 2)
+        #expect(answers.count == 2)
+        #expect(answers[0].getInteger(at: 0, as: UInt8.self) == DatagramWire.unprotectedForm)
+        #expect(answers[1].getInteger(at: 0, as: UInt8.self) == DatagramWire.protectedForm)
+        // The opener cannot check the second before its keys: it holds it, and reads it once it can.
+        #expect(opener.receive(answers[1], now: 3).dropped == .notYetDecryptable)
+        #expect(opener.receive(answers[0], now: 3).events == [.frame(accept)])
+        #expect(opener.installKeys(send: Self.openerKey, receive: Self.listenerKey, now: 4) == [.frame(.dataAck(.init(cumulativeAck: 0, window: 9)))])
+    }
+
+    // MARK: a simulated path
+
+    /// A one-way path: a drop-tail queue drained at `rate`, then `delay`; optional random loss.
+    struct Path {
+        var rate: Double  // bytes per second
+        var delay: UInt64
+        var queueLimit: Int
+        var loss: Double = 0
+        var busyUntil: UInt64 = 0
+        var queued: [(at: UInt64, size: Int)] = []
+        var dropped = 0
+
+        /// When `datagram` arrives, or nil if it is dropped.
+        mutating func carry(_ size: Int, now: UInt64, rng: inout SplitMix64) -> UInt64? {
+            queued.removeAll { entry in entry.at <= now }
+            let backlog = queued.reduce(0) { $0 + $1.size }
+            if backlog + size > queueLimit || rng.chance(loss) {
+                dropped += 1
+                return nil
+            }
+            let start = max(now, busyUntil)
+            busyUntil = start + UInt64(Double(size) / rate * 1e9)
+            queued.append((busyUntil, size))
+            return busyUntil + delay
+        }
+    }
+
+    /// One sender's session-level behaviour: DATA for `total` bytes, resent when a datagram
+    /// carrying it is lost, plus ordered control frames; the receiver checks what arrives.
+    struct Flow {
+        var sender: DatagramConnection
+        var receiver: DatagramConnection
+        let total: Int
+        var nextSequence: UInt64 = 0
+        var delivered = Set<UInt64>()
+        var deliveredBytes = 0
+        var duplicates = 0
+        var controlSent: [UInt32] = []
+        var controlReceived: [UInt32] = []
+        var shutdowns = 0
+        var doneAt: UInt64?
+        let payload = ByteBuffer(repeating: 7, count: DatagramWire.maxDataPayload)
+
+        mutating func refill() {
+            while sender.isWritable, Int(nextSequence) < total {
+                let length = min(DatagramWire.maxDataPayload, total - Int(nextSequence))
+                sender.queueData(sequence: nextSequence, payload: payload.getSlice(at: 0, length: length)!)
+                nextSequence += UInt64(length)
+            }
+        }
+    }
+
+    enum Arrival { case toReceiver(Int, ByteBuffer), toSender(Int, ByteBuffer) }
+
+    /// Runs flows over shared paths (forward and back) until every byte is delivered or the
+    /// virtual clock reaches `limit`.
+    static func simulate(_ flows: inout [Flow], forward: inout Path, back: inout Path, seed: UInt64, controlEvery: Int = 0,
+                         limit: UInt64 = 120_000_000_000) -> UInt64 {
+        var rng = SplitMix64(seed: seed)
+        var now: UInt64 = 0
+        var inFlight: [(at: UInt64, order: Int, arrival: Arrival)] = []
+        var order = 0
+        let step: UInt64 = 200_000  // 0.2 ms
+        var nextControl = 0
+        while now < limit {
+            for i in flows.indices where flows[i].doneAt == nil {
+                flows[i].refill()
+                if controlEvery > 0, nextControl < 40, flows[i].nextSequence > UInt64(nextControl * controlEvery) {
+                    flows[i].sender.queue(.priority(.init(backup: false, sequence: UInt32(nextControl), mac: .init(repeating: 0, count: 32))))
+                    flows[i].controlSent.append(UInt32(nextControl))
+                    nextControl += 1
+                    if nextControl == 40 { flows[i].sender.queueShutdown() }
+                }
+                for conn in [true, false] {
+                    var c = conn ? flows[i].sender : flows[i].receiver
+                    if let t = c.nextTimeout, t <= now {
+                        for case .dataLost(let s, let l) in c.timeout(now: now) {
+                            c.queueData(sequence: s, payload: flows[i].payload.getSlice(at: 0, length: l)!)
+                        }
+                    }
+                    while case .datagram(let d) = c.nextDatagram(now: now) {
+                        let arrival = conn ? forward.carry(d.readableBytes, now: now, rng: &rng) : back.carry(d.readableBytes, now: now, rng: &rng)
+                        if let at = arrival {
+                            inFlight.append((at, order, conn ? .toReceiver(i, d) : .toSender(i, d)))
+                            order += 1
+                        }
+                    }
+                    if conn { flows[i].sender = c } else { flows[i].receiver = c }
+                }
+            }
+            inFlight.sort { ($0.at, $0.order) < ($1.at, $1.order) }
+            while let first = inFlight.first, first.at <= now {
+                inFlight.removeFirst()
+                switch first.arrival {
+                case .toReceiver(let i, let d):
+                    for event in flows[i].receiver.receive(d, now: now).events {
+                        switch event {
+                        case .frame(.data(let data)):
+                            if flows[i].delivered.insert(data.sequence).inserted {
+                                flows[i].deliveredBytes += data.payload.readableBytes
+                            } else {
+                                flows[i].duplicates += 1
+                            }
+                        case .frame(.priority(let p)): flows[i].controlReceived.append(p.sequence)
+                        case .peerShutdown: flows[i].shutdowns += 1
+                        default: break
+                        }
+                    }
+                case .toSender(let i, let d):
+                    for case .dataLost(let s, let l) in flows[i].sender.receive(d, now: now).events { resend(&flows[i], s, l) }
+                }
+            }
+            for i in flows.indices where flows[i].doneAt == nil && flows[i].deliveredBytes == flows[i].total {
+                flows[i].doneAt = now
+            }
+            if flows.allSatisfy({ $0.doneAt != nil }) { break }
+            now += step
+        }
+        return now
+    }
+
+    static func resend(_ flow: inout Flow, _ sequence: UInt64, _ length: Int) {
+        flow.sender.queueData(sequence: sequence, payload: flow.payload.getSlice(at: 0, length: length)!)
+    }
+
+    static func flow(_ id: UInt64, bytes: Int) -> Flow {
+        var sender = DatagramConnection(connectionID: id, isOpener: true)
+        var receiver = DatagramConnection(connectionID: id, isOpener: false)
+        _ = sender.installKeys(send: openerKey, receive: listenerKey, now: 0)
+        _ = receiver.installKeys(send: listenerKey, receive: openerKey, now: 0)
+        return Flow(sender: sender, receiver: receiver, total: bytes)
+    }
+
+    @Test(arguments: [1, 2, 3])
+    func everyByteArrivesOnceAndControlFramesInOrderOverALossyPath(seed: UInt64) {
+        var flows = [Self.flow(1, bytes: 2 << 20)]
+        var forward = Path(rate: 2_500_000, delay: 10_000_000, queueLimit: 64 * 1024, loss: 0.03)
+        var back = Path(rate: 2_500_000, delay: 10_000_000, queueLimit: 64 * 1024, loss: 0.03)
+        let end = Self.simulate(&flows, forward: &forward, back: &back, seed: seed, controlEvery: 40_000)
+        let flow = flows[0]
+        #expect(flow.deliveredBytes == flow.total, "delivered \(flow.deliveredBytes) of \(flow.total) in \(end / 1_000_000) ms")
+        #expect(flow.controlReceived == flow.controlSent, "control frames once each, in order")
+        #expect(flow.shutdowns == 1)
+        #expect(flow.sender.statistics.lostPackets > 0, "the path lost nothing: the test tested nothing")
+        // 2 MiB at 20 Mbit/s is 0.84 s; with 3 % loss both ways, NewReno should still move it in a few seconds.
+        #expect(end < 20_000_000_000)
+    }
+
+    @Test func twoFlowsShareABottleneckFairly() {
+        var flows = [Self.flow(1, bytes: 6 << 20), Self.flow(2, bytes: 6 << 20)]
+        // 10 Mbit/s, 20 ms each way, a queue of 50 ms: tbf on the namespace paths, roughly.
+        var forward = Path(rate: 1_250_000, delay: 20_000_000, queueLimit: 62_500)
+        var back = Path(rate: 1_250_000, delay: 20_000_000, queueLimit: 62_500)
+        _ = Self.simulate(&flows, forward: &forward, back: &back, seed: 4, limit: 7_000_000_000)
+        // Three seconds in, with both still sending, each should have about half.
+        let a = Double(flows[0].deliveredBytes)
+        let b = Double(flows[1].deliveredBytes)
+        let share = min(a, b) / max(a, b)
+        #expect(share > 0.5, "shares \(Int(a)) and \(Int(b))")
+        let utilisation = (a + b) / (1_250_000 * 7)
+        #expect(utilisation > 0.8, "the pair used \(Int(utilisation * 100)) % of the bottleneck")
+        #expect(forward.dropped > 0, "NewReno finds the bottleneck by its drops")
+    }
+}
+

@@ -1,0 +1,234 @@
+import Crypto
+import Foundation
+import NBSProtocol
+import NIOCore
+import NIOPosix
+import Testing
+
+@testable import NameBasedSockets
+
+func udpOptions(locals: [String] = ["127.0.0.1"]) -> NBSOptions {
+    var options = loopbackOptions(locals: locals)
+    options.transport = .udp
+    return options
+}
+
+func udpListener(_ configure: (inout NBSOptions) -> Void = { _ in }) async throws -> Listener {
+    var options = NBSOptions()
+    options.transport = .udp
+    configure(&options)
+    return try await listener(options: options)
+}
+
+/// Sends `total` pattern bytes on `client` and checks what `server` accepted and drained.
+func transfer(_ total: Int, from client: Session, to server: Listener, during: (@Sendable (Int) async -> Void)? = nil) async throws -> (Session, Int) {
+    let received = Task { () -> (Session, Int, [UInt8]) in
+        let session = try await server.accept()
+        let result = try await drain(session)
+        try await session.close()
+        return (session, result.bytes, result.digest)
+    }
+    let chunk = pattern(256 * 1024, seed: 11)
+    var hash = SHA256()
+    for i in 0..<(total / chunk.readableBytes) {
+        try await client.write(chunk)
+        chunk.withUnsafeReadableBytes { hash.update(bufferPointer: $0) }
+        await during?(i)
+    }
+    await client.finish()
+    let (session, count, digest) = try await withTimeout(120, "receiving \(total) bytes over UDP") { try await received.value }
+    #expect(count == total)
+    #expect(digest == Array(hash.finalize()))
+    return (session, count)
+}
+
+/// UDP subflows on real sockets: the same stream, names and mobility as TCP.
+@Suite("UDP sessions on loopback", .timeLimit(.minutes(3)))
+struct DatagramLoopbackTests {
+    @Test("open over UDP, echo both ways, close gracefully on both ends")
+    func echoRoundTrip() async throws {
+        let server = try await udpListener()
+        #expect(server.transport == .udp)
+        let serverTask = Task {
+            let session = try await server.accept()
+            #expect(session.peerName == "client.test")
+            while let chunk = try await session.read() { try await session.write(chunk) }
+            try await session.close()
+        }
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: udpOptions())
+        let data = pattern(1_000_000)
+        let echoed = Task { try await drain(client) }
+        try await client.write(data)
+        await client.finish()
+        let (count, digest) = try await withTimeout(30) { try await echoed.value }
+        #expect(count == data.readableBytes)
+        #expect(digest == sha256(data))
+        try await withTimeout(10, "closing") { try await client.close() }
+        try await withTimeout(10, "server closing") { try await serverTask.value }
+        await server.close()
+    }
+
+    @Test("16 MiB over three UDP subflows, two retired mid-transfer: every byte once, in order")
+    func retiredSubflows() async throws {
+        let server = try await udpListener()
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port,
+                                        options: udpOptions(locals: ["127.0.0.1", "127.0.0.2", "127.0.0.3"]))
+        try await waitForSubflows(client, count: 3)
+        let retired = Tally()
+        _ = try await transfer(16 << 20, from: client, to: server) { i in
+            if (i == 16 && retired.count == 0) || (i == 40 && retired.count == 1) || (i > 16 && retired.count == 0) || (i > 40 && retired.count == 1) {
+                if await client.retireBusiestSubflow() > 0 { retired.add() }
+            }
+        }
+        #expect(retired.count == 2)
+        let stats = await client.statistics
+        #expect(stats.maxConcurrentSubflows == 3)
+        #expect(stats.reinjectedBytes > 0)
+        try await client.close()
+        await server.close()
+    }
+
+    @Test("every 20th datagram lost both ways: the session resends through its sequence space and delivers everything")
+    func lossyPath() async throws {
+        let server = try await udpListener()
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port,
+                                        options: udpOptions(locals: ["127.0.0.1", "127.0.0.2"]))
+        try await waitForSubflows(client, count: 2)
+        await client.withDatagramSubflowsForTesting { $0.dropEveryForTesting = 20 }
+        let accepted = Task { try await server.accept() }
+        // The listener's side loses every 20th too, once it has the session.
+        let serverLoses = Task {
+            let session = try await accepted.value
+            await session.withDatagramSubflowsForTesting { $0.dropEveryForTesting = 20 }
+            return session
+        }
+        let chunk = pattern(256 * 1024, seed: 5)
+        var hash = SHA256()
+        let total = 8 << 20
+        let reader = Task { () -> (Int, [UInt8]) in
+            let session = try await serverLoses.value
+            let result = try await drain(session)
+            try await session.close()
+            return result
+        }
+        for _ in 0..<(total / chunk.readableBytes) {
+            try await client.write(chunk)
+            chunk.withUnsafeReadableBytes { hash.update(bufferPointer: $0) }
+        }
+        let lost = Tally()
+        await client.withDatagramSubflowsForTesting { lost.add($0.statistics.lostPackets) }
+        #expect(lost.count > 0, "the subflows found their losses from the acknowledgements")
+        await client.finish()
+        let (count, digest) = try await withTimeout(120, "receiving 8 MiB with losses") { try await reader.value }
+        #expect(count == total)
+        #expect(digest == Array(hash.finalize()))
+        #expect(await client.statistics.reinjectedBytes > 0, "lost data is resent by the session")
+        try await client.close()
+        await server.close()
+    }
+
+    @Test("a NAT rebinding mid-transfer: the listener checks the new path and follows it")
+    func natRebinding() async throws {
+        let server = try await udpListener()
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: udpOptions())
+        let accepted = Task { try await server.accept() }
+        try await client.write(pattern(64 * 1024))
+        let serverSession = try await withTimeout(10) { try await accepted.value }
+        let before = await serverSession.subflows.first?.remote
+        let rebound = Task { () -> SocketAddress? in
+            for await event in serverSession.events {
+                if case .subflowRebound(let info, _) = event { return info.remote }
+            }
+            return nil
+        }
+        await client.withDatagramSubflowsForTesting { subflow in _ = subflow.rebindForTesting() }
+        let data = pattern(2 << 20, seed: 3)
+        let reading = Task { () -> Int in
+            var total = 0
+            while let chunk = try await serverSession.read() { total += chunk.readableBytes }
+            return total
+        }
+        try await client.write(data)
+        await client.finish()
+        let newRemote = try await withTimeout(10, "the rebinding event") { await rebound.value }
+        #expect(newRemote != nil)
+        #expect(newRemote?.port != before?.port, "the subflow now sends to the new port")
+        let total = try await withTimeout(30, "reading") { try await reading.value }
+        #expect(total == 64 * 1024 + data.readableBytes)
+        #expect(await serverSession.subflows.filter { $0.state == .active }.count == 1, "followed, not replaced")
+        async let serverClosed: Void = serverSession.close()
+        try await client.close()
+        try await serverClosed
+        await server.close()
+    }
+
+    @Test("spoofed and garbage datagrams and a flood of hellos leave a live session and the listener's tables intact")
+    func hostileDatagrams() async throws {
+        let server = try await udpListener { options in
+            options.maxPendingHandshakes = 40
+            options.handshakeTimeout = .milliseconds(500)
+        }
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: udpOptions())
+        let accepted = Task { try await server.accept() }
+        try await client.write(pattern(1000))
+        let live = try await withTimeout(10) { try await accepted.value }
+        let baseline = await server.datagramCounts()
+        #expect(baseline.subflows == 1)
+        let channel = try await DatagramBootstrap(group: MultiThreadedEventLoopGroup.singleton).bind(host: "127.0.0.1", port: 0).get()
+        let target = try SocketAddress(ipAddress: "127.0.0.1", port: server.port)
+        var rng = SystemRandomNumberGenerator()
+        for i in 0..<600 {
+            let datagram: ByteBuffer
+            switch i % 3 {
+            case 0:  // noise
+                datagram = ByteBuffer(bytes: (0..<Int.random(in: 1...1300, using: &rng)).map { _ in UInt8.random(in: 0...255, using: &rng) })
+            case 1:  // a protected datagram for an unknown connection, or forged for a real one
+                datagram = DatagramPacket(isProtected: true, connectionID: UInt64.random(in: 1 ... .max, using: &rng), packetNumber: 9, controlBase: 0,
+                                          items: [], frames: [.data(.init(sequence: 0, payload: ByteBuffer(bytes: [1])))])
+                    .encode(key: SymmetricKey(size: .bits256))
+            default:  // a well-formed, full-sized OPEN from a new connection that never answers
+                var hello = DatagramConnection(connectionID: UInt64.random(in: 1 ... .max, using: &rng), isOpener: true)
+                hello.queue(.open(.init(sourceName: "flood.test", destinationName: "server.test", port: UInt16(server.port),
+                                        publicKey: Array(Curve25519.KeyAgreement.PrivateKey().publicKey.rawRepresentation), nonce: randomBytes(16))))
+                guard case .datagram(let d) = hello.nextDatagram(now: 0) else { continue }
+                datagram = d
+            }
+            try await channel.writeAndFlush(AddressedEnvelope(remoteAddress: target, data: datagram))
+        }
+        try await Task.sleep(for: .milliseconds(200))
+        let during = await server.datagramCounts()
+        #expect(during.dropped >= 400)
+        #expect(during.subflows <= baseline.subflows + 40, "hellos beyond maxPendingHandshakes get no subflow: \(during)")
+        // The live session is untouched, and the unanswered hellos time out.
+        let echo = Task { try await live.read() }
+        try await client.write(pattern(5000, seed: 2))
+        #expect(try await withTimeout(10) { try await echo.value } != nil)
+        try await Task.sleep(for: .seconds(2))
+        #expect(await server.datagramCounts().subflows == baseline.subflows)
+        try await channel.close()
+        async let liveClosed: Void = live.close()
+        try await client.close()
+        try await liveClosed
+        await server.close()
+    }
+
+    @Test("a UDP opener with nothing listening fails fast with a clear reason")
+    func nothingListening() async throws {
+        let probe = try await DatagramBootstrap(group: MultiThreadedEventLoopGroup.singleton).bind(host: "127.0.0.1", port: 0).get()
+        let port = probe.localAddress!.port!
+        try await probe.close()
+        let started = ContinuousClock.now
+        await #expect(throws: NBSError.self) {
+            _ = try await NBS.open(localName: "client.test", peerName: "server.test", port: port, options: udpOptions())
+        }
+        #expect(ContinuousClock.now - started < .seconds(4), "ICMP port unreachable ends the attempt, not the handshake timeout")
+    }
+}
+
+/// A count shared with closures that run on an event loop.
+final class Tally: @unchecked Sendable {
+    private let lock = NSLock()
+    private var value = 0
+    var count: Int { lock.withLock { value } }
+    func add(_ n: Int = 1) { lock.withLock { value += n } }
+}
