@@ -5,7 +5,8 @@
 #   nbs    nbs-mobility serve --sink / connect --policy aggregate (skipped if NBS_BIN is missing)
 # Prints one JSON line per case on stdout, then a table. Goodput is the receiver's.
 #
-#   netns-scripts/bench-aggregation.sh [--rate MBIT] [--bytes N] [--cases tcp,mptcp,nbs] [--srcroute]
+#   netns-scripts/bench-aggregation.sh [--rate MBIT|A+B] [--bytes N] [--cases tcp,mptcp,nbs] [--srcroute]
+# --rate A+B gives path 1 A and path 2 B Mbit/s (unequal paths); percent_of_sum is of A+B.
 # --srcroute adds per-source-address policy routing on both hosts (see lib.sh), so every subflow leaves by
 # the interface that owns its source address, cross pairs included.
 # Env: NBS_BIN (default .build/debug/nbs-mobility), NBS_BENCH_TIMEOUT (s per case, default 120).
@@ -23,7 +24,7 @@ while (($#)); do
         --bytes) bytes=$2; shift 2 ;;
         --cases) cases=$2; shift 2 ;;
         --srcroute) srcroute=1; shift ;;
-        -h | --help) sed -n '2,11p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,12p' "$0"; exit 0 ;;
         *) nbs_die "unknown argument $1" ;;
     esac
 done
@@ -56,9 +57,9 @@ FAILED=0
 # record CASE SERVER_JSON CLIENT_RC SERVER_RC TX1 TX2 [NOTE]
 record() {
     local name=$1 sj=$2 crc=$3 src=$4 tx1=$5 tx2=$6 line
-    line=$(python3 - "$name" "$sj" "$crc" "$src" "$tx1" "$tx2" "$rate" "$bytes" "$srcroute" <<'EOF'
+    line=$(python3 - "$name" "$sj" "$crc" "$src" "$tx1" "$tx2" "$rate" "$bytes" "$srcroute" "$(nbs_rate_sum "$rate")" <<'EOF'
 import json, sys
-name, sj, crc, src, tx1, tx2, rate, size, srcroute = sys.argv[1:]
+name, sj, crc, src, tx1, tx2, rate, size, srcroute, rate_sum = sys.argv[1:]
 j = {}
 try:
     lines = [l for l in open(sj).read().splitlines() if l.strip()]
@@ -70,10 +71,10 @@ g = float(j.get("goodput_mbps") or 0)
 print(json.dumps({
     "case": name, "ok": ok, "bytes": j.get("bytes"),
     "seconds": round(float(j["seconds"]), 3) if j.get("seconds") is not None else None, "goodput_mbps": round(g, 2),
-    "percent_of_sum": round(100 * g / (2 * float(rate)), 1) if float(rate) else None,
+    "percent_of_sum": round(100 * g / float(rate_sum), 1) if float(rate_sum) else None,
     "subflows_max": j.get("subflows_max"), "max_stall_ms": j.get("max_stall_ms"),
     "client_tx_bytes_path1": int(tx1), "client_tx_bytes_path2": int(tx2),
-    "rate_mbit_per_path": float(rate), "srcroute": srcroute == "1",
+    "rate": rate, "rate_sum_mbps": float(rate_sum), "srcroute": srcroute == "1",
     "exit_codes": {"client": int(crc), "server": int(src)},
 }))
 EOF
