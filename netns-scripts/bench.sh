@@ -8,8 +8,9 @@
 #
 # Cases (each calls the script or binary that owns it; see their headers for the details):
 #   aggregation  bench-aggregation.sh once per --rates entry and round: 16 MiB over two tbf paths (A+B Mbit/s),
-#                plain TCP on path 1 alone, kernel MPTCP (2 subflows), NBS (aggregate). Target: NBS >= MPTCP
-#                and >= 90 % of A+B.
+#                plain TCP on path 1 alone, kernel MPTCP (2 subflows), NBS (aggregate: 4 subflows, IPv4 and
+#                IPv6 on each path) and NBS with --max-subflows 2 (nbs-2sf: one per path, as MPTCP has; it
+#                shows what the second subflow per path costs). Target: NBS >= MPTCP and >= 90 % of A+B.
 #   failover     bench-failover.sh: receive stall after a fault on the client's path 1 (none, link-down,
 #                addr-delete, blackhole, hard-move, flapping), MPTCP and NBS alternating, fresh topology each.
 #                Targets (issues 3 and 7): link-down < 100 ms and at most a tenth of MPTCP's; blackhole
@@ -32,14 +33,14 @@
 #   bench        aggregation | failover | loopback | setup
 #   case         aggregation: the rate "A+B"; failover: the fault; loopback: "1-subflow"; setup: "loopback"
 #                or "netns"
-#   impl         tcp | mptcp | nbs
+#   impl         tcp | mptcp | nbs | nbs-2sf (aggregation only)
 #   metric, unit what value measures: goodput (Mbit/s or Gbit/s), stall_after_fault (ms), open_to_first_byte
 #                or connect (ms)
 #   value        the median over rounds (aggregation, loopback) or the worst trial (failover); null when
 #                no trial of it survived
 #   values       every round's or trial's figure
-#   ref, ratio   the reference implementation in the same bench and case and value / its value (nbs: mptcp
-#                for aggregation and failover, tcp otherwise; mptcp: tcp for aggregation)
+#   ref, ratio   the reference implementation in the same bench and case and value / its value (nbs and
+#                nbs-2sf: mptcp for aggregation and failover, tcp otherwise; mptcp: tcp for aggregation)
 #   target, met  the target as text and whether this value meets it (null when there is none)
 #   ok           every round or trial of it completed with its bytes intact (failover: survived)
 # plus, per bench: percent_of_sum and rate_sum_mbps (aggregation), survived "k/n" (failover),
@@ -129,7 +130,8 @@ need_bin() {
 if selected aggregation && need_bin "$NBS_BIN" aggregation; then
     for ((n = 1; n <= repeat; n++)); do
         for r in ${rates//,/ }; do
-            run_logged "aggregation-$r-$n" 900 "$NBS_LIB_DIR/bench-aggregation.sh" --rate "$r" --bytes "$agg_bytes"
+            run_logged "aggregation-$r-$n" 900 "$NBS_LIB_DIR/bench-aggregation.sh" --rate "$r" --bytes "$agg_bytes" \
+                --cases tcp,mptcp,nbs,nbs-2sf
         done
     done
 fi
@@ -240,7 +242,7 @@ def link(r, ref_impl, lower_is_better=False):
 # aggregation: one row per (rate, impl), the median over rounds.
 agg = [j for f in sorted(glob.glob(os.path.join(out, "aggregation-*.out"))) for j in lines(f)]
 for rate in dict.fromkeys(j["rate"] for j in agg):
-    for impl in ("tcp", "mptcp", "nbs"):
+    for impl in ("tcp", "mptcp", "nbs", "nbs-2sf"):
         rs = [j for j in agg if j["rate"] == rate and j["case"] == impl]
         if not rs:
             continue
@@ -251,6 +253,8 @@ for rate in dict.fromkeys(j["rate"] for j in agg):
 for r in [r for r in rows if r["bench"] == "aggregation"]:
     if r["impl"] == "mptcp":
         link(r, "tcp")
+    elif r["impl"] == "nbs-2sf":
+        link(r, "mptcp")
     elif r["impl"] == "nbs":
         ref = link(r, "mptcp")
         r["target"] = ">= MPTCP and >= 90 % of the sum"
@@ -307,7 +311,7 @@ for j in loop + lines(os.path.join(out, "setup-netns.out")):
 for r in rows:
     print(json.dumps(r))
 print()
-print("%-12s %-12s %-6s %-20s %12s %7s %-40s %s" % ("bench", "case", "impl", "metric", "value", "ratio", "target", "met / notes"))
+print("%-12s %-12s %-8s %-24s %9s %7s %-40s %s" % ("bench", "case", "impl", "metric", "value", "ratio", "target", "met / notes"))
 for r in rows:
     v = "-" if r["value"] is None else ("%.3f" % r["value"] if r["unit"] == "ms" and r["bench"] == "setup" else "%.2f" % r["value"])
     notes = []
@@ -323,7 +327,7 @@ for r in rows:
         notes.append("resolve %.3f ms, RTT %.3f ms, extra %.3f ms = %.1f RTT" % (r["resolve_ms"], r["tcp_rtt_ms"], r["extra_ms"], r["extra_rtts"]))
     if not r["ok"]:
         notes.append("NOT ALL OK")
-    print("%-12s %-12s %-6s %-20s %12s %7s %-40s %s" % (r["bench"], r["case"], r["impl"], "%s (%s)" % (r["metric"], r["unit"]), v,
+    print("%-12s %-12s %-8s %-24s %9s %7s %-40s %s" % (r["bench"], r["case"], r["impl"], "%s (%s)" % (r["metric"], r["unit"]), v,
                                                     "-" if r["ratio"] is None else "%.2f" % r["ratio"], r["target"] or "", ", ".join(notes)))
 EOF
 if selected plot && [[ -s $plot ]]; then echo "plot: $plot"; fi
