@@ -61,10 +61,12 @@ nbs_require_netns
 nbs_cleanup_on_exit
 nbs_tmpdir
 
-# Bytes per case: ~7-9 s at 2 x 10 Mbit/s with one path lost at 2 s; 8 MiB for the single-path hard move.
+# Bytes per case: ~7-9 s at 2 x 10 Mbit/s with one path lost at 2 s; 8 MiB for the single-path hard move;
+# 14 MiB for link-return, so that about 2 s of the transfer follow the path's return.
 case_bytes() {
     local mib=10
     [[ $1 == hard-move ]] && mib=8
+    [[ $1 == link-return ]] && mib=14
     echo $((mib * 1024 * 1024 * rate / 10))
 }
 

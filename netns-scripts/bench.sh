@@ -22,7 +22,7 @@
 #                namespace topology (one 10 Mbit/s path: the client opens from 192.0.2.1 only; the name
 #                is resolved from the namespace's hosts file). NBS's extra time, after taking the name's
 #                resolution off, in TCP round trips (1-byte echo over an open connection). Target: <= 1.
-#   plot         bench-failover.sh --cases link-return --timeline: path 1 down ~2 s into a 10 MiB
+#   plot         bench-failover.sh --cases link-return --timeline: path 1 down ~2 s into a 14 MiB
 #                transfer and up 3 s later; receive goodput per 100 ms of NBS and MPTCP on one PNG
 #                (gnuplot), --plot FILE (default OUT/bench-failover.png). Its stalls join the failover rows.
 # --quick: a short run (rates 10+10,20+5 with 4 MiB, failover link-down and blackhole only, 1 round,
@@ -191,7 +191,7 @@ script = """
 set terminal pngcairo size 1000,520 font 'sans,10'
 set output '%s'
 set title 'Receive goodput per 100 ms: 2 x %s Mbit/s paths, path 1 down at %.1f s, up at %.1f s'
-set xlabel 'seconds since the receiver accepted'
+set xlabel 'seconds since the receiver accepted (fault lines: seconds since the client started, a few ms up to 0.1 s earlier)'
 set ylabel 'Mbit/s'
 set yrange [0:*]
 set grid
