@@ -27,8 +27,8 @@ func stringArgument(_ name: String) -> String? {
     return arguments[i + 1]
 }
 let totalBytes = argument("--bytes", default: 4 << 30)
-let opens = max(1, argument("--opens", default: 200))
-let rounds = max(0, argument("--rounds", default: 3))
+let opens = min(100_000, max(1, argument("--opens", default: 200)))
+let rounds = min(100, max(0, argument("--rounds", default: 3)))
 let chunkSize = 1 << 20
 let chunk = ByteBuffer(repeating: 0x5A, count: chunkSize)
 let group = MultiThreadedEventLoopGroup.singleton
