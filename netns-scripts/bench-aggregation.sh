@@ -27,7 +27,7 @@ while (($#)); do
         --bytes) bytes=$2; shift 2 ;;
         --cases) cases=$2; shift 2 ;;
         --srcroute) srcroute=1; shift ;;
-        -h | --help) sed -n '2,16p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,15p' "$0"; exit 0 ;;
         *) nbs_die "unknown argument $1" ;;
     esac
 done

@@ -23,7 +23,8 @@
 #
 #   netns-scripts/bench-failover.sh [--cases none,link-down,addr-delete,blackhole,hard-move,flapping,link-return]
 #                                   [--impls mptcp,nbs] [--repeat N] [--rate MBIT] [--delay S] [--give-up S]
-#                                   [--srcroute] [--mptcp-no-pm] [--timeline DIR]
+#                                   [--srcroute] [--mptcp-no-pm] [--timeline DIR] [--nbs-arg ARG ...]
+# --nbs-arg ARG (repeatable) is added to NBS's connect, e.g. --nbs-arg --max-subflows --nbs-arg 2.
 # Env: NBS_BIN (default .build/debug/nbs-mobility), NBS_BENCH_TIMEOUT (s per process, default 90).
 set -euo pipefail
 # shellcheck source=netns-scripts/lib.sh
@@ -38,6 +39,7 @@ delay=2
 give_up=15
 srcroute=0
 timeline=""
+nbs_args=()
 while (($#)); do
     case $1 in
         --cases) cases=$2; shift 2 ;;
@@ -49,7 +51,8 @@ while (($#)); do
         --srcroute) srcroute=1; shift ;;
         --mptcp-no-pm) mptcp_pm=0; shift ;;
         --timeline) timeline=$(mkdir -p "$2" && cd "$2" && pwd); shift 2 ;;
-        -h | --help) sed -n '2,29p' "$0"; exit 0 ;;
+        --nbs-arg) nbs_args+=("$2"); shift 2 ;;
+        -h | --help) sed -n '2,28p' "$0"; exit 0 ;;
         *) nbs_die "unknown argument $1" ;;
     esac
 done
@@ -120,7 +123,7 @@ run_trial() (
     else
         scmd=("$NBS_BIN" serve --name "$NBS_SERVER_NAME" --port "$port" --sink --once --json)
         ccmd=("$NBS_BIN" connect --name "$NBS_CLIENT_NAME" "$NBS_SERVER_NAME:$port" --bytes "$bytes"
-            --policy aggregate --json)
+            --policy aggregate --json "${nbs_args[@]}")
     fi
     local tl=""
     if [[ -n $timeline ]]; then
