@@ -251,9 +251,9 @@ nbs_topology_create() {
 
 # Two hosts, two paths. A side named in MOVE gets no addresses on path 2.
 nbs__topology_base() {
-    local rate=$1 move=$2 i dev side ns
+    local rate=$1 move=$2 i dev side ns r
     for i in 1 2; do
-        dev=nbs$i
+        dev=nbs$i r=$(nbs_path_rate "$rate" "$i")
         ip -n "$NBS_NS_C" link add name "$dev" type veth peer name "$dev" netns "$NBS_NS_S"
         for side in c s; do
             ns=$(nbs_ns_side $side)
@@ -262,16 +262,16 @@ nbs__topology_base() {
                 ip -n "$ns" addr add "$(nbs_addr $side 6 $i)" dev "$dev" nodad
             fi
             ip -n "$ns" link set "$dev" up
-            [[ $(nbs_path_rate "$rate" "$i") == 0 ]] || nbs_tbf "$ns" "$dev" "$(nbs_path_rate "$rate" "$i")"
+            [[ $r == 0 ]] || nbs_tbf "$ns" "$dev" "$r"
         done
     done
 }
 
 # Client -- router (masquerade) -- server.
 nbs__topology_nat() {
-    local rate=$1 i dev
+    local rate=$1 i dev r
     for i in 1 2; do
-        dev=nbs$i
+        dev=nbs$i r=$(nbs_path_rate "$rate" "$i")
         ip -n "$NBS_NS_C" link add name "$dev" type veth peer name "$dev" netns "$NBS_NS_R"
         ip -n "$NBS_NS_C" addr add "${NBS_C4[i]}/24" dev "$dev"
         ip -n "$NBS_NS_C" addr add "${NBS_C6[i]}/64" dev "$dev" nodad
@@ -279,9 +279,9 @@ nbs__topology_nat() {
         ip -n "$NBS_NS_R" addr add "${NBS_R6[i]}/64" dev "$dev" nodad
         ip -n "$NBS_NS_C" link set "$dev" up
         ip -n "$NBS_NS_R" link set "$dev" up
-        if [[ $(nbs_path_rate "$rate" "$i") != 0 ]]; then
-            nbs_tbf "$NBS_NS_C" "$dev" "$(nbs_path_rate "$rate" "$i")"
-            nbs_tbf "$NBS_NS_R" "$dev" "$(nbs_path_rate "$rate" "$i")"
+        if [[ $r != 0 ]]; then
+            nbs_tbf "$NBS_NS_C" "$dev" "$r"
+            nbs_tbf "$NBS_NS_R" "$dev" "$r"
         fi
         # Path 1 is the client's preferred default route, path 2 the fallback.
         ip -n "$NBS_NS_C" -4 route replace default via "${NBS_R4[i]}" dev "$dev" metric $((100 * i))
