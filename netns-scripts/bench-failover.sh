@@ -11,16 +11,20 @@
 #                (MPTCP with mptcpd: did not survive). MPTCP gets the new address as a `subflow` endpoint
 #                right after it appears, which is what mptcpd would do (--mptcp-no-pm: it gets nothing).
 #   flapping     nbs1 down/up every 0.5 s, 6 times
+#   link-return  nbs1 down, back up 3 s later (not in the default set; bench.sh plots it)
 # MPTCP: tools/mptcp_xfer.py (IPPROTO_MPTCP), `ip mptcp limits set subflow 2 add_addr_accepted 2` on both hosts,
 # the client's 198.51.100.1 a `subflow` endpoint (bound to nbs2; unbound with --srcroute), IPv4 only. NBS:
 # nbs-mobility serve --sink --once / connect --policy aggregate (IPv4 and IPv6 subflows). A transfer that delivers
 # nothing for --give-up seconds "did not survive".
 # Prints one JSON line per trial on stdout, then a table (per case: each implementation's stalls, and how many
 # trials survived). Exit 0 when every NBS trial survived with its bytes intact (MPTCP results are reported only).
+# --timeline DIR: each receiver also writes its bytes per 100 ms to DIR/CASE-IMPL-TRIAL.tl ("t_ms bytes" lines,
+# from its accept, a few ms after the client starts, the origin of fault_at_s), named in the JSON line.
 #
-#   netns-scripts/bench-failover.sh [--cases none,link-down,addr-delete,blackhole,hard-move,flapping]
+#   netns-scripts/bench-failover.sh [--cases none,link-down,addr-delete,blackhole,hard-move,flapping,link-return]
 #                                   [--impls mptcp,nbs] [--repeat N] [--rate MBIT] [--delay S] [--give-up S]
-#                                   [--srcroute] [--mptcp-no-pm]
+#                                   [--srcroute] [--mptcp-no-pm] [--timeline DIR] [--nbs-arg ARG ...]
+# --nbs-arg ARG (repeatable) is added to NBS's connect, e.g. --nbs-arg --max-subflows --nbs-arg 2.
 # Env: NBS_BIN (default .build/debug/nbs-mobility), NBS_BENCH_TIMEOUT (s per process, default 90).
 set -euo pipefail
 # shellcheck source=netns-scripts/lib.sh
@@ -34,6 +38,8 @@ rate=10
 delay=2
 give_up=15
 srcroute=0
+timeline=""
+nbs_args=()
 while (($#)); do
     case $1 in
         --cases) cases=$2; shift 2 ;;
@@ -44,7 +50,9 @@ while (($#)); do
         --give-up) give_up=$2; shift 2 ;;
         --srcroute) srcroute=1; shift ;;
         --mptcp-no-pm) mptcp_pm=0; shift ;;
-        -h | --help) sed -n '2,26p' "$0"; exit 0 ;;
+        --timeline) timeline=$(mkdir -p "$2" && cd "$2" && pwd); shift 2 ;;
+        --nbs-arg) nbs_args+=("$2"); shift 2 ;;
+        -h | --help) sed -n '2,28p' "$0"; exit 0 ;;
         *) nbs_die "unknown argument $1" ;;
     esac
 done
@@ -56,10 +64,12 @@ nbs_require_netns
 nbs_cleanup_on_exit
 nbs_tmpdir
 
-# Bytes per case: ~7-9 s at 2 x 10 Mbit/s with one path lost at 2 s; 8 MiB for the single-path hard move.
+# Bytes per case: ~7-9 s at 2 x 10 Mbit/s with one path lost at 2 s; 8 MiB for the single-path hard move;
+# 14 MiB for link-return, so that about 2 s of the transfer follow the path's return.
 case_bytes() {
     local mib=10
     [[ $1 == hard-move ]] && mib=8
+    [[ $1 == link-return ]] && mib=14
     echo $((mib * 1024 * 1024 * rate / 10))
 }
 
@@ -78,6 +88,7 @@ case_fault() {
             fi
             ;;
         flapping) echo "nbs_flap 1 6 0.5 c" ;;
+        link-return) echo "nbs_link_down 1 c; sleep 3; nbs_link_up 1 c" ;;
         *) nbs_die "unknown case $1" ;;
     esac
 }
@@ -112,7 +123,12 @@ run_trial() (
     else
         scmd=("$NBS_BIN" serve --name "$NBS_SERVER_NAME" --port "$port" --sink --once --json)
         ccmd=("$NBS_BIN" connect --name "$NBS_CLIENT_NAME" "$NBS_SERVER_NAME:$port" --bytes "$bytes"
-            --policy aggregate --json)
+            --policy aggregate --json "${nbs_args[@]}")
+    fi
+    local tl=""
+    if [[ -n $timeline ]]; then
+        tl=$timeline/$name-$impl-$n.tl
+        scmd+=(--timeline "$tl")
     fi
     nbs_log "$name/$impl #$n: ${bytes} B, fault after ${delay}s: $fault"
     nbs_bg sp "$NBS_NS_S" "$tmo" "$prefix.server" "$prefix.server.err" "${scmd[@]}"
@@ -126,10 +142,10 @@ run_trial() (
     fi
     nbs_wait_rc crc "$cp"
     nbs_wait_rc src "$sp"
-    python3 - "$name" "$impl" "$n" "$prefix" "$crc" "$src" "$bytes" "$fault_at" "$srcroute" "$rate" \
+    python3 - "$name" "$impl" "$n" "$prefix" "$crc" "$src" "$bytes" "$fault_at" "$srcroute" "$rate" "$tl" \
         >>"$NBS_TMP/rows" <<'EOF'
 import json, sys
-name, impl, n, prefix, crc, src, size, fault_at, srcroute, rate = sys.argv[1:]
+name, impl, n, prefix, crc, src, size, fault_at, srcroute, rate, timeline = sys.argv[1:]
 
 def last(path):
     try:
@@ -160,7 +176,7 @@ print(json.dumps({
     "stall_after_fault_ms": after, "bytes": s.get("bytes"), "seconds": s.get("seconds"),
     "goodput_mbps": s.get("goodput_mbps"), "subflows_max": s.get("subflows_max"),
     "fault_at_s": float(fault_at) if fault_at else None, "rate_mbit_per_path": float(rate),
-    "srcroute": srcroute == "1", "error": None if survived else error,
+    "srcroute": srcroute == "1", "timeline": timeline or None, "error": None if survived else error,
 }))
 EOF
     tail -n 1 "$NBS_TMP/rows"

@@ -176,6 +176,19 @@ nbs_tbf() {
         burst "${NBS_TBF_BURST:-15k}" latency "${NBS_TBF_LATENCY:-50ms}"
 }
 
+# nbs_path_rate RATE PATHNO: the Mbit/s of one path in a rate spec: "N" (every path N) or "A+B" (path 1 A,
+# path 2 B; unequal paths for the aggregation benchmark). 0 means no limit.
+nbs_path_rate() {
+    local -a r
+    IFS=+ read -ra r <<<"$1"
+    [[ ${#r[@]} == 1 ]] && r[1]=${r[0]}
+    [[ ${#r[@]} == 2 && ${r[0]} =~ ^[0-9.]+$ && ${r[1]} =~ ^[0-9.]+$ ]] || nbs_die "rate must be N or A+B (Mbit/s), not '$1'"
+    echo "${r[$(($2 - 1))]}"
+}
+
+# nbs_rate_sum RATE: the summed Mbit/s of both paths of a rate spec (what aggregation can reach at best).
+nbs_rate_sum() { awk -v a="$(nbs_path_rate "$1" 1)" -v b="$(nbs_path_rate "$1" 2)" 'BEGIN { print a + b }'; }
+
 # A fresh namespace: lo up, no DAD (link-local addresses included, so nothing is ever tentative), no reverse
 # path filter (cross pairs arrive on the "other" interface under --srcroute), its /etc/netns dir.
 nbs__ns_new() {
@@ -188,7 +201,7 @@ nbs__ns_new() {
     printf '127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n' >"/etc/netns/$ns/hosts"
 }
 
-# nbs_topology_create [--rate MBIT] [--id ID] [--move c|s|cs] [--srcroute] [--dns] [--nat]
+# nbs_topology_create [--rate MBIT|A+B] [--id ID] [--move c|s|cs] [--srcroute] [--dns] [--nat]
 # Creates the topology (see the top of this file) and exports NBS_NS_C, NBS_NS_S, NBS_NS_R (--nat, else
 # empty), NBS_NS_D (--dns, else empty) and NBS_TOPOLOGY_*. Defaults come from NBS_RATE, NBS_MOVE,
 # NBS_SRCROUTE=1, NBS_DNS=1. Registers its own cleanup (call nbs_cleanup_on_exit first so that the cleanup
@@ -208,6 +221,7 @@ nbs_topology_create() {
         esac
     done
     [[ $move =~ ^(c|s|cs|sc)?$ ]] || nbs_die "nbs_topology_create: --move takes c, s or cs, not '$move'"
+    nbs_path_rate "$rate" 1 >/dev/null
     if ((nat)); then
         [[ -z $move ]] || nbs_die "nbs_topology_create: --move and --nat do not combine"
         srcroute=1 # two default routes on the client: route by source
@@ -232,14 +246,14 @@ nbs_topology_create() {
     nbs_wait_links_up 5
     nbs_names_publish
     ((dns)) && nbs__dns_check
-    nbs_log "topology up: client ns $NBS_NS_C, server ns $NBS_NS_S${NBS_NS_R:+, router ns $NBS_NS_R (NAT)}${NBS_NS_D:+, DNS ns $NBS_NS_D}, rate ${rate:-0} Mbit/s per path (0 = unlimited)${move:+, move: $move}$( ((srcroute)) && echo ', source routing')"
+    nbs_log "topology up: client ns $NBS_NS_C, server ns $NBS_NS_S${NBS_NS_R:+, router ns $NBS_NS_R (NAT)}${NBS_NS_D:+, DNS ns $NBS_NS_D}, rate ${rate:-0} Mbit/s per path (A+B: path 1, path 2; 0 = unlimited)${move:+, move: $move}$( ((srcroute)) && echo ', source routing')"
 }
 
 # Two hosts, two paths. A side named in MOVE gets no addresses on path 2.
 nbs__topology_base() {
-    local rate=$1 move=$2 i dev side ns
+    local rate=$1 move=$2 i dev side ns r
     for i in 1 2; do
-        dev=nbs$i
+        dev=nbs$i r=$(nbs_path_rate "$rate" "$i")
         ip -n "$NBS_NS_C" link add name "$dev" type veth peer name "$dev" netns "$NBS_NS_S"
         for side in c s; do
             ns=$(nbs_ns_side $side)
@@ -248,16 +262,16 @@ nbs__topology_base() {
                 ip -n "$ns" addr add "$(nbs_addr $side 6 $i)" dev "$dev" nodad
             fi
             ip -n "$ns" link set "$dev" up
-            [[ $rate == 0 ]] || nbs_tbf "$ns" "$dev" "$rate"
+            [[ $r == 0 ]] || nbs_tbf "$ns" "$dev" "$r"
         done
     done
 }
 
 # Client -- router (masquerade) -- server.
 nbs__topology_nat() {
-    local rate=$1 i dev
+    local rate=$1 i dev r
     for i in 1 2; do
-        dev=nbs$i
+        dev=nbs$i r=$(nbs_path_rate "$rate" "$i")
         ip -n "$NBS_NS_C" link add name "$dev" type veth peer name "$dev" netns "$NBS_NS_R"
         ip -n "$NBS_NS_C" addr add "${NBS_C4[i]}/24" dev "$dev"
         ip -n "$NBS_NS_C" addr add "${NBS_C6[i]}/64" dev "$dev" nodad
@@ -265,9 +279,9 @@ nbs__topology_nat() {
         ip -n "$NBS_NS_R" addr add "${NBS_R6[i]}/64" dev "$dev" nodad
         ip -n "$NBS_NS_C" link set "$dev" up
         ip -n "$NBS_NS_R" link set "$dev" up
-        if [[ $rate != 0 ]]; then
-            nbs_tbf "$NBS_NS_C" "$dev" "$rate"
-            nbs_tbf "$NBS_NS_R" "$dev" "$rate"
+        if [[ $r != 0 ]]; then
+            nbs_tbf "$NBS_NS_C" "$dev" "$r"
+            nbs_tbf "$NBS_NS_R" "$dev" "$r"
         fi
         # Path 1 is the client's preferred default route, path 2 the fallback.
         ip -n "$NBS_NS_C" -4 route replace default via "${NBS_R4[i]}" dev "$dev" metric $((100 * i))

@@ -4,7 +4,13 @@
 //   swift run -c release nbs-bench [--bytes N] [--opens N] [--rounds N]
 //
 // Plain TCP and NBS alternate for --rounds rounds and the medians are compared, because this
-// machine's loopback rate varies by 2x from one second to the next.
+// machine's loopback rate varies by 2x from one second to the next. --rounds 0: set-up only.
+//
+// Set-up across a real path (netns-scripts/bench.sh runs the two halves in two namespaces):
+//   nbs-bench --serve-opens PORT [--name NAME] [--opens N]      NBS on PORT, TCP echo on PORT+1
+//   nbs-bench --connect-opens ADDR --port PORT --name NAME [--local ADDR] [--opens N]
+// The second prints one JSON line: medians of TCP connect, the TCP round trip, resolving NAME, and
+// NBS open (NAME resolved by the system resolver) to the first byte from the server.
 
 import Foundation
 import NameBasedSockets
@@ -16,9 +22,13 @@ func argument(_ name: String, default value: Int) -> Int {
     guard let i = arguments.firstIndex(of: name), i + 1 < arguments.count, let v = Int(arguments[i + 1]) else { return value }
     return v
 }
+func stringArgument(_ name: String) -> String? {
+    guard let i = arguments.firstIndex(of: name), i + 1 < arguments.count else { return nil }
+    return arguments[i + 1]
+}
 let totalBytes = argument("--bytes", default: 4 << 30)
-let opens = argument("--opens", default: 200)
-let rounds = max(1, argument("--rounds", default: 3))
+let opens = min(100_000, max(1, argument("--opens", default: 200)))
+let rounds = min(100, max(0, argument("--rounds", default: 3)))
 let chunkSize = 1 << 20
 let chunk = ByteBuffer(repeating: 0x5A, count: chunkSize)
 let group = MultiThreadedEventLoopGroup.singleton
@@ -128,41 +138,87 @@ func nbsSession(bytes: Int) async throws -> Measurement {
 
 // MARK: set-up latency
 
-func tcpConnectLatency(count: Int) async throws -> [Double] {
-    let server = try await ServerBootstrap(group: group).bind(host: "127.0.0.1", port: 0).get()
+/// TCP connect to `address`, closed at once, `count` times (ms each).
+func tcpConnectLatency(to address: SocketAddress, count: Int) async throws -> [Double] {
     var samples: [Double] = []
     for _ in 0..<count {
         let start = ContinuousClock.now
-        let channel = try await ClientBootstrap(group: group).connect(to: server.localAddress!).get()
+        let channel = try await ClientBootstrap(group: group).connect(to: address).get()
         samples.append((ContinuousClock.now - start).asSeconds * 1000)
         try await channel.close()
     }
-    try await server.close()
     return samples
 }
 
-func nbsOpenLatency(count: Int) async throws -> [Double] {
-    var options = NBSOptions()
-    options.localAddresses = [try SocketAddress(ipAddress: "127.0.0.1", port: 0)]
-    options.resolver = StaticResolver(["bench.server": ["127.0.0.1"]])
-    let listener = try await NBS.listen(localName: "bench.server", port: 0, options: options)
-    let acceptor = Task {
+/// The round trip of one byte over an established TCP connection to an echo server: the RTT an
+/// application sees, the unit in which NBS's extra set-up time is counted.
+func tcpRoundTrips(to address: SocketAddress, count: Int) async throws -> [Double] {
+    let channel = try await ClientBootstrap(group: group)
+        .channelOption(.socketOption(.tcp_nodelay), value: 1)
+        .connect(to: address)
+        .flatMapThrowing { try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: $0) }.get()
+    var samples: [Double] = []
+    try await channel.executeThenClose { inbound, outbound in
+        var replies = inbound.makeAsyncIterator()
+        for _ in 0..<count {
+            let start = ContinuousClock.now
+            try await outbound.write(ByteBuffer(bytes: [1]))
+            guard try await replies.next() != nil else { throw ChannelError.eof }
+            samples.append((ContinuousClock.now - start).asSeconds * 1000)
+        }
+    }
+    return samples
+}
+
+final class Echo: ChannelInboundHandler, @unchecked Sendable {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) { context.writeAndFlush(data, promise: nil) }
+}
+
+/// A TCP listener that echoes: connects to it measure TCP set-up, one connection the RTT.
+func tcpEchoServer(host: String, port: Int) async throws -> Channel {
+    try await ServerBootstrap(group: group)
+        .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+        .childChannelInitializer { channel in
+            channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(Echo()) }
+        }
+        .bind(host: host, port: port).get()
+}
+
+/// Accepts `count` sessions, sends each one byte (the opener's "first byte") and drops it when the
+/// opener goes.
+func serveOpens(_ listener: Listener, count: Int) -> Task<Void, Error> {
+    Task {
         for _ in 0..<count {
             let session = try await listener.accept()
             try await session.write(ByteBuffer(bytes: [1]))
             Task { _ = try? await session.read(); await session.abort() }
         }
     }
+}
+
+/// NBS.open to the first byte from the server, `count` times (ms each); resolving the name is part of open.
+func nbsOpenLatency(peerName: String, port: Int, options: NBSOptions, count: Int) async throws -> [Double] {
     var samples: [Double] = []
     for _ in 0..<count {
         let start = ContinuousClock.now
-        let session = try await NBS.open(localName: "bench.client", peerName: "bench.server", port: listener.port, options: options)
-        _ = try await session.read()  // first byte from the server
+        let session = try await NBS.open(localName: "bench.client", peerName: peerName, port: port, options: options)
+        _ = try await session.read()
         samples.append((ContinuousClock.now - start).asSeconds * 1000)
         await session.abort()
     }
-    try await acceptor.value
-    await listener.close()
+    return samples
+}
+
+/// Resolving the name alone, as open does it (ms each).
+func resolveLatency(_ name: String, resolver: any NameResolver, count: Int) async throws -> [Double] {
+    var samples: [Double] = []
+    for _ in 0..<count {
+        let start = ContinuousClock.now
+        _ = try await resolver.resolve(name, port: 0)
+        samples.append((ContinuousClock.now - start).asSeconds * 1000)
+    }
     return samples
 }
 
@@ -175,28 +231,74 @@ func json(_ object: [String: Any]) -> String {
     String(decoding: try! JSONSerialization.data(withJSONObject: object, options: [.sortedKeys]), as: UTF8.self)
 }
 
+/// One JSON line for a set-up measurement: medians, and NBS's extra time in round trips once the
+/// name's resolution is taken off (the target: at most one).
+func setupReport(where place: String, tcpConnect: [Double], rtt: [Double], resolve: [Double], nbsOpen: [Double]) -> String {
+    let extra = median(nbsOpen) - median(tcpConnect) - median(resolve)
+    return json(["case": "setup_latency", "where": place, "samples": nbsOpen.count, "tcp_connect_ms_median": median(tcpConnect),
+                 "tcp_rtt_ms_median": median(rtt), "resolve_ms_median": median(resolve), "nbs_open_first_byte_ms_median": median(nbsOpen),
+                 "nbs_extra_ms": extra, "nbs_extra_rtts": extra / median(rtt)])
+}
+
+if let port = stringArgument("--serve-opens").flatMap(Int.init) {
+    let name = stringArgument("--name") ?? "bench.server"
+    let echo = try await tcpEchoServer(host: "::", port: port + 1)
+    let listener = try await NBS.listen(localName: name, port: port, options: NBSOptions())
+    try await serveOpens(listener, count: opens).value
+    await listener.close()
+    try await echo.close()
+    exit(0)
+}
+if let host = stringArgument("--connect-opens") {
+    guard let port = stringArgument("--port").flatMap(Int.init), let name = stringArgument("--name") else {
+        fatalError("--connect-opens needs --port PORT and --name NAME")
+    }
+    var options = NBSOptions()
+    if let local = stringArgument("--local") { options.localAddresses = [try SocketAddress(ipAddress: local, port: 0)] }
+    let echo = try SocketAddress(ipAddress: host, port: port + 1)
+    let tcpSetup = try await tcpConnectLatency(to: echo, count: opens)
+    let rtt = try await tcpRoundTrips(to: echo, count: opens)
+    let resolve = try await resolveLatency(name, resolver: options.resolver, count: opens)
+    let nbsSetup = try await nbsOpenLatency(peerName: name, port: port, options: options, count: opens)
+    print(setupReport(where: "netns", tcpConnect: tcpSetup, rtt: rtt, resolve: resolve, nbsOpen: nbsSetup))
+    exit(0)
+}
+
 var tcpRuns: [Measurement] = []
 var nbsRuns: [Measurement] = []
 for _ in 0..<rounds {
     tcpRuns.append(try await plainTCP(bytes: totalBytes))
     nbsRuns.append(try await nbsSession(bytes: totalBytes))
 }
-let tcpSetup = try await tcpConnectLatency(count: opens)
-let nbsSetup = try await nbsOpenLatency(count: opens)
-
-func medianRun(_ runs: [Measurement]) -> Measurement { runs.sorted { $0.gbps < $1.gbps }[runs.count / 2] }
-let tcp = medianRun(tcpRuns)
-let nbs = medianRun(nbsRuns)
+let echoServer = try await tcpEchoServer(host: "127.0.0.1", port: 0)
+let tcpSetup = try await tcpConnectLatency(to: echoServer.localAddress!, count: opens)
+let loopbackRTT = try await tcpRoundTrips(to: echoServer.localAddress!, count: opens)
+try await echoServer.close()
+var setupOptions = NBSOptions()
+setupOptions.localAddresses = [try SocketAddress(ipAddress: "127.0.0.1", port: 0)]
+setupOptions.resolver = StaticResolver(["bench.server": ["127.0.0.1"]])
+let setupListener = try await NBS.listen(localName: "bench.server", port: 0, options: setupOptions)
+let acceptor = serveOpens(setupListener, count: opens)
+let nbsSetup = try await nbsOpenLatency(peerName: "bench.server", port: setupListener.port, options: setupOptions, count: opens)
+try await acceptor.value
+await setupListener.close()
+let resolveSetup = try await resolveLatency("bench.server", resolver: setupOptions.resolver, count: opens)
 
 func pad(_ text: String, _ width: Int) -> String { text.padding(toLength: width, withPad: " ", startingAt: 0) }
-print(pad("case (median of \(rounds))", 28) + pad("Gbit/s", 10) + pad("CPU s/GiB", 12) + "ratio to TCP")
-for m in [tcp, nbs] {
-    print(pad(m.name, 28) + pad(String(format: "%.2f", m.gbps), 10) + pad(String(format: "%.3f", m.cpuPerGiB), 12) + String(format: "%.2f", m.gbps / tcp.gbps))
+func medianRun(_ runs: [Measurement]) -> Measurement { runs.sorted { $0.gbps < $1.gbps }[runs.count / 2] }
+if rounds > 0 {
+    let tcp = medianRun(tcpRuns)
+    let nbs = medianRun(nbsRuns)
+    print(pad("case (median of \(rounds))", 28) + pad("Gbit/s", 10) + pad("CPU s/GiB", 12) + "ratio to TCP")
+    for m in [tcp, nbs] {
+        print(pad(m.name, 28) + pad(String(format: "%.2f", m.gbps), 10) + pad(String(format: "%.3f", m.cpuPerGiB), 12) + String(format: "%.2f", m.gbps / tcp.gbps))
+    }
+    print("all rounds, Gbit/s: TCP " + tcpRuns.map { String(format: "%.1f", $0.gbps) }.joined(separator: " ")
+          + "; NBS " + nbsRuns.map { String(format: "%.1f", $0.gbps) }.joined(separator: " "))
+    for m in [tcp, nbs] {
+        print(json(["case": m.name, "bytes": m.bytes, "rounds": rounds, "seconds": m.seconds, "goodput_gbps": m.gbps, "cpu_s_per_gib": m.cpuPerGiB,
+                    "ratio_to_tcp": m.gbps / tcp.gbps, "all_rounds_gbps": (m.name == tcp.name ? tcpRuns : nbsRuns).map(\.gbps)]))
+    }
 }
-print("all rounds, Gbit/s: TCP " + tcpRuns.map { String(format: "%.1f", $0.gbps) }.joined(separator: " ")
-      + "; NBS " + nbsRuns.map { String(format: "%.1f", $0.gbps) }.joined(separator: " "))
 print(String(format: "set-up, median of %d: TCP connect %.3f ms, NBS open to first byte %.3f ms", opens, median(tcpSetup), median(nbsSetup)))
-for m in [tcp, nbs] {
-    print(json(["case": m.name, "bytes": m.bytes, "rounds": rounds, "seconds": m.seconds, "goodput_gbps": m.gbps, "cpu_s_per_gib": m.cpuPerGiB, "ratio_to_tcp": m.gbps / tcp.gbps]))
-}
-print(json(["case": "setup_latency", "samples": opens, "tcp_connect_ms_median": median(tcpSetup), "nbs_open_first_byte_ms_median": median(nbsSetup)]))
+print(setupReport(where: "loopback", tcpConnect: tcpSetup, rtt: loopbackRTT, resolve: resolveSetup, nbsOpen: nbsSetup))

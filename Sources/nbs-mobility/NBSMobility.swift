@@ -86,9 +86,12 @@ struct Serve: AsyncParsableCommand {
     @Flag(name: .long, help: "Read and discard, reporting the checksum.") var sink = false
     @Flag(name: .long, help: "Send every byte back.") var echo = false
     @Flag(name: .long, help: "Serve one session, then exit with its status.") var once = false
+    @Option(name: .long, help: "With --once: write the bytes received per 100 ms to FILE, one 't_ms bytes' line per bin from the accept.")
+    var timeline: String?
 
     func validate() throws {
         guard sink != echo else { throw ValidationError("choose exactly one of --sink or --echo") }
+        if timeline != nil, !once { throw ValidationError("--timeline needs --once (one session, one file)") }
         guard (1...65535).contains(port) else { throw ValidationError("--port must be 1...65535") }
     }
 
@@ -129,9 +132,11 @@ struct Serve: AsyncParsableCommand {
         let tracked = console.registry.track(session, role: "server", progress: .received)
         var report = TransferReport(role: "server", session: session)
         var receiver = ReceiveMeter()
+        var trace = timeline.map { _ in ReceiveTimeline(origin: report.started) }
         do {
             while let chunk = try await session.read() {
                 receiver.record(chunk)
+                trace?.record(chunk.readableBytes)
                 tracked.addProgress(chunk.readableBytes)
                 if echo { try await session.write(chunk) }
             }
@@ -142,6 +147,14 @@ struct Serve: AsyncParsableCommand {
             await session.abort(reason: "\(error)")
         }
         report.fill(receiver: receiver)
+        if let timeline, let trace {
+            do {
+                try trace.text.write(toFile: timeline, atomically: true, encoding: .utf8)
+            } catch {
+                report.error = (report.error.map { $0 + "; " } ?? "") + "--timeline \(timeline): \(error)"
+                report.completed = false
+            }
+        }
         await report.finish(tracked)
         console.registry.forget(tracked)
         console.view.printPermanent(report.text(json: common.json))

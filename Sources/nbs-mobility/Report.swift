@@ -37,6 +37,35 @@ struct ReceiveMeter {
     var digest: String { hex(hash.finalize()) }
 }
 
+/// Bytes received per fixed-width bin since an origin (the session's accept): the receive rate over
+/// time, for plotting a transfer through a fault next to kernel MPTCP's (tools/mptcp_xfer.py writes
+/// the same format).
+struct ReceiveTimeline {
+    let origin: ContinuousClock.Instant
+    let bin: Duration
+    private(set) var bins: [Int] = []
+    /// 2^20 bins (29 h at 100 ms) bound the memory whatever the run's length.
+    static let maxBins = 1 << 20
+
+    init(origin: ContinuousClock.Instant, bin: Duration = .milliseconds(100)) {
+        self.origin = origin
+        self.bin = bin
+    }
+
+    mutating func record(_ bytes: Int, at now: ContinuousClock.Instant = .now) {
+        let index = max(0, Int(((now - origin) / bin).rounded(.down)))
+        guard index < Self.maxBins else { return }
+        if index >= bins.count { bins.append(contentsOf: repeatElement(0, count: index + 1 - bins.count)) }
+        bins[index] += bytes
+    }
+
+    /// One line per bin, "t_ms bytes", t_ms the bin's start; empty bins included, so a stall shows as zeros.
+    var text: String {
+        let ms = Int(bin.seconds * 1000)
+        return bins.enumerated().map { "\($0.offset * ms) \($0.element)\n" }.joined()
+    }
+}
+
 func describe(_ event: SessionEvent) -> String {
     switch event {
     case .subflowUp(let s): "subflow \(s.id) up \(s.local.ipAddress ?? "?") -> \(s.remote.ipAddress ?? "?")\(s.interface.map { " on \($0)" } ?? "")"

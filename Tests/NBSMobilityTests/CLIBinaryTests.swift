@@ -168,6 +168,25 @@ func randomFile(_ bytes: Int, in directory: String, name: String) throws -> URL 
         #expect(report["completed"] as? Bool == true)
     }
 
+    /// `serve --timeline`: every received byte lands in one 100 ms bin of the file bench.sh plots.
+    @Test func serveWritesItsReceiveTimeline() async throws {
+        let dir = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let file = dir + "/timeline"
+        let port = try await freePort()
+        let server = try CLIProcess(["serve", "--name", "localhost", "--port", "\(port)", "--sink", "--once", "--view", "off", "--timeline", file],
+                                    controlDirectory: dir)
+        try await waitListening(port)
+        let client = try CLIProcess(["connect", "--name", "client.test", "localhost:\(port)", "--bytes", "3M", "--view", "off"], controlDirectory: dir)
+        let (c, s) = await (client.finish(), server.finish())
+        #expect(c.status == 0 && s.status == 0, "\(c.stderr) \(s.stderr)")
+        let rows = try String(contentsOfFile: file, encoding: .utf8).split(separator: "\n").map { $0.split(separator: " ").compactMap { Int($0) } }
+        #expect(!rows.isEmpty)
+        #expect(rows.allSatisfy { $0.count == 2 })
+        #expect(rows.enumerated().allSatisfy { $0.element.first == $0.offset * 100 })
+        #expect(rows.reduce(0) { $0 + ($1.last ?? 0) } == 3 << 20)
+    }
+
     /// `status` sees the running processes' sessions and subflows, and they clean up after themselves.
     @Test func statusShowsRunningSessions() async throws {
         let dir = try temporaryDirectory()

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Bulk transfer over plain TCP or kernel MPTCP, for the reference figures NBS is measured against.
 
-  mptcp_xfer.py server --port P [--bind ADDR] [--proto tcp|mptcp] [--timeout S] [--recv-timeout S]
+  mptcp_xfer.py server --port P [--bind ADDR] [--proto tcp|mptcp] [--timeout S] [--recv-timeout S] [--timeline FILE]
   mptcp_xfer.py client --connect ADDR --port P (--bytes N | --duration S) [--proto tcp|mptcp] [--timeout S]
                        [--stall-timeout S]
 
@@ -11,7 +11,9 @@ at most N bytes when both are given), shuts down its sending side and waits for 
 one JSON line. The receiver's figure (first byte to EOF) is the goodput; the client's also includes the
 handshake and the final answer. The receiver reports max_stall_ms, the longest gap between two received
 chunks (for failover measurements), max_stall_at_s (when it began, seconds after accept), stalls (every gap
-of 100 ms or more: at_s, ms), and, for MPTCP, events when its number of subflows changes.
+of 100 ms or more: at_s, ms), and, for MPTCP, events when its number of subflows changes. --timeline FILE
+writes the bytes received per 100 ms since the accept, one "t_ms bytes" line per bin (the format of
+`nbs-mobility serve --timeline`, so both plot on one chart).
 
 A connection that stops delivering (no data for --recv-timeout seconds at the server, a send or the final
 answer blocked for --stall-timeout seconds at the client, or a reset) ends the run with "survived": false,
@@ -29,6 +31,8 @@ IPPROTO_MPTCP = 262
 SOL_MPTCP = 284
 MPTCP_INFO = 1
 CHUNK = 64 * 1024
+TIMELINE_BIN_S = 0.1
+TIMELINE_MAX_BINS = 1 << 20  # 29 h of 100 ms bins: memory stays bounded
 
 
 def proto_number(name):
@@ -78,6 +82,7 @@ def server(args):
     stalls = []  # every gap of 100 ms or more (the first 100): start (s after accept) and length
     max_gap_at = None
     error = None
+    bins = []
     while True:
         now = time.monotonic()
         if now >= deadline:
@@ -111,6 +116,10 @@ def server(args):
         last = now
         n += len(buf)
         h.update(buf)
+        b = int((now - t0) / TIMELINE_BIN_S)
+        if b < TIMELINE_MAX_BINS:
+            bins.extend([0] * (b + 1 - len(bins)))
+            bins[b] += len(buf)
         if args.proto == "mptcp":
             k = mptcp_subflows(conn)
             if k is not None and k != current:
@@ -133,6 +142,9 @@ def server(args):
         stalls.append({"at_s": round(since - t0, 3), "ms": round((end - since) * 1000, 1)})
         events.append({"t": round(end - t0, 3), "event": error})
     conn.close()
+    if args.timeline:
+        with open(args.timeline, "w", encoding="utf-8") as f:
+            f.writelines("%d %d\n" % (round(i * TIMELINE_BIN_S * 1000), v) for i, v in enumerate(bins))
     secs = ((last if error else end) - first) if first is not None else 0.0
     print(json.dumps({
         "role": "server", "proto": args.proto, "peer": peer[0], "bytes": n, "sha256": digest,
@@ -218,6 +230,7 @@ def main():
                     help="give up when a send or the answer blocks this long (s; default --timeout)")
     ps.add_argument("--recv-timeout", type=float, default=None,
                     help="give up when nothing arrives for this long (s; default --timeout)")
+    ps.add_argument("--timeline", default=None, help="write bytes received per 100 ms bin to this file")
     for q in (ps, pc):
         q.add_argument("--port", type=int, required=True)
         q.add_argument("--proto", choices=["tcp", "mptcp"], default="tcp")

@@ -1,0 +1,26 @@
+import Testing
+
+@testable import nbs_mobility
+
+@Suite struct TimelineTests {
+    @Test func bytesLandInTheBinOfTheirArrivalAndGapsStayAsZeros() {
+        let origin = ContinuousClock.now
+        var trace = ReceiveTimeline(origin: origin)
+        trace.record(10, at: origin + .milliseconds(50))
+        trace.record(20, at: origin + .milliseconds(150))
+        trace.record(5, at: origin + .milliseconds(199))
+        trace.record(1, at: origin + .milliseconds(450))
+        #expect(trace.bins == [10, 25, 0, 0, 1])
+        #expect(trace.text == "0 10\n100 25\n200 0\n300 0\n400 1\n")
+    }
+
+    @Test func earlyBytesCountInTheFirstBinAndThoseBeyondTheBoundAreDropped() {
+        let origin = ContinuousClock.now
+        var trace = ReceiveTimeline(origin: origin, bin: .milliseconds(10))
+        trace.record(7, at: origin - .milliseconds(5))
+        #expect(trace.bins == [7])
+        trace.record(1, at: origin + .seconds(3600 * 24 * 365))
+        #expect(trace.bins == [7])
+        #expect(ReceiveTimeline(origin: origin).text == "")
+    }
+}
