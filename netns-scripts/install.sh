@@ -4,7 +4,7 @@
 # Swift itself is not installed here (it comes with the machine, /opt/swift).
 set -euo pipefail
 
-PACKAGES=(libmnl-dev iproute2 nftables dnsmasq-base socat tmux python3 gnuplot-nox curl netcat-openbsd)
+PACKAGES=(libmnl-dev iproute2 nftables dnsmasq-base socat tmux python3 gnuplot-nox curl netcat-openbsd conntrack)
 export DEBIAN_FRONTEND=noninteractive
 
 SUDO=()

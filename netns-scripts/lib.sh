@@ -653,11 +653,12 @@ EOF
 nbs_blackhole_clear() { ip netns exec "$(nbs_ns_side "${1:-c}")" nft delete table inet nbs_blackhole 2>/dev/null || true; }
 
 # ---------------------------------------------------------------------------------------------- processes
-# nbs_wait_listen NS PORT [TIMEOUT_S]: wait until something listens on TCP PORT inside NS.
+# nbs_wait_listen NS PORT [TIMEOUT_S] [tcp|udp]: wait until something listens on PORT (TCP by default) inside NS.
 nbs_wait_listen() {
-    local ns=$1 port=$2 t=${3:-10} i
+    local ns=$1 port=$2 t=${3:-10} transport=${4:-tcp} i flags=-Hltn
+    [[ $transport == udp ]] && flags=-Hlun
     for ((i = 0; i < t * 10; i++)); do
-        if [[ -n $(ip netns exec "$ns" ss -Hltn "sport = :$port" 2>/dev/null) ]]; then return 0; fi
+        if [[ -n $(ip netns exec "$ns" ss "$flags" "sport = :$port" 2>/dev/null) ]]; then return 0; fi
         sleep 0.1
     done
     nbs_log "nothing listens on port $port in $ns after ${t}s"
@@ -714,6 +715,7 @@ EOF
 nbs_tx_bytes() { ip netns exec "$1" cat "/sys/class/net/$2/statistics/tx_bytes"; }
 
 # ---------------------------------------------------------------------------------------------- NBS runs
+# NBS_TRANSPORT (tcp or udp, default tcp) is passed to serve and connect as --transport.
 # nbs_serve_bg PIDVAR PORT PREFIX [MODE] [EXTRA ARGS...]: start `nbs-mobility serve --once --json` in the server
 # namespace (MODE --sink or --echo, default --sink), stdout to PREFIX.server, stderr to PREFIX.server.err, and
 # wait until it listens. Bounded by NBS_TIMEOUT (default 120 s).
@@ -721,8 +723,8 @@ nbs_serve_bg() {
     local pv=$1 port=$2 prefix=$3 mode=${4:---sink}
     shift 3; (($#)) && shift
     nbs_bg "$pv" "$NBS_NS_S" "${NBS_TIMEOUT:-120}" "$prefix.server" "$prefix.server.err" \
-        "$NBS_BIN" serve --name "$NBS_SERVER_NAME" --port "$port" "$mode" --once --json "$@"
-    nbs_wait_listen "$NBS_NS_S" "$port" 15
+        "$NBS_BIN" serve --name "$NBS_SERVER_NAME" --port "$port" "$mode" --once --json --transport "${NBS_TRANSPORT:-tcp}" "$@"
+    nbs_wait_listen "$NBS_NS_S" "$port" 15 "${NBS_TRANSPORT:-tcp}"
 }
 
 # nbs_connect_bg PIDVAR PORT PREFIX BYTES [EXTRA ARGS...]: start `nbs-mobility connect --bytes BYTES --json` in the
@@ -731,7 +733,7 @@ nbs_connect_bg() {
     local pv=$1 port=$2 prefix=$3 bytes=$4
     shift 4
     nbs_bg "$pv" "$NBS_NS_C" "${NBS_TIMEOUT:-120}" "$prefix.client" "$prefix.client.err" \
-        "$NBS_BIN" connect --name "$NBS_CLIENT_NAME" "$NBS_SERVER_NAME:$port" --bytes "$bytes" --json "$@"
+        "$NBS_BIN" connect --name "$NBS_CLIENT_NAME" "$NBS_SERVER_NAME:$port" --bytes "$bytes" --json --transport "${NBS_TRANSPORT:-tcp}" "$@"
 }
 
 # nbs_check PREFIX BYTES CLIENT_RC SERVER_RC [check_transfer.py options...]: print PASS/FAIL with the reason

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Run every netns-scripts/scenarios/*.sh (or the ones named as arguments), each bounded in time, and print
 # one line per scenario and a last line "N passed, N failed" (", N skipped" when any were skipped).
+# A scenario whose header has a line "# transports: tcp udp" runs once per transport (NBS_TRANSPORT set, and
+# "/udp" after its name); NBS_TRANSPORTS (e.g. "tcp") limits the transports run.
 # A scenario passes with exit 0 and is skipped with exit 77. Without root or a working `ip netns`, all are
 # skipped. Env: NBS_BIN, NBS_SCENARIO_TIMEOUT (s per scenario, default 300), NBS_RUN_ALL_LOGS (keep logs there),
 # and whatever the scenarios read (e.g. NBS_SRCROUTE=1: per-source policy routing in every topology).
@@ -32,12 +34,24 @@ else
     nbs_gc_stale
 fi
 
+runs=()
 for s in "${scenarios[@]}"; do
+    declared=$(sed -n 's/^# transports: //p' "$s" | head -n1)
+    for transport in ${declared:-tcp}; do
+        [[ " ${NBS_TRANSPORTS:-tcp udp} " == *" $transport "* ]] && runs+=("$s:$transport")
+    done
+done
+
+for run in "${runs[@]}"; do
+    s=${run%:*}
+    transport=${run##*:}
     name=$(basename "$s" .sh)
-    log=$logs/$name.log
+    label=$name
+    [[ $transport != tcp ]] && label=$name/$transport
+    log=$logs/${label//\//-}.log
     start=$SECONDS
     rc=0
-    timeout -k 10 "$tmo" bash "$s" >"$log" 2>&1 </dev/null || rc=$?
+    NBS_TRANSPORT=$transport timeout -k 10 "$tmo" bash "$s" >"$log" 2>&1 </dev/null || rc=$?
     took=$((SECONDS - start))
     nbs_gc_stale 2>>"$log" # only matters when a scenario had to be killed
     case $rc in
@@ -45,15 +59,15 @@ for s in "${scenarios[@]}"; do
             passed=$((passed + 1))
             # The scenario's own verdict line ("PASS NAME: max_stall_ms ..."), when it prints one.
             detail=$(grep -m1 "^PASS $name: " "$log" | sed "s/^PASS $name: //" || true)
-            echo "PASS $name (${took}s)${detail:+: $detail}"
+            echo "PASS $label (${took}s)${detail:+: $detail}"
             ;;
-        77) skipped=$((skipped + 1)); echo "SKIP $name: $(grep -m1 -o 'skip: .*' "$log" || echo 'skipped')" ;;
+        77) skipped=$((skipped + 1)); echo "SKIP $label: $(grep -m1 -o 'skip: .*' "$log" || echo 'skipped')" ;;
         *)
             failed=$((failed + 1))
             reason=$(grep -m1 '^FAIL: ' "$log" || true)
             ((rc == 124 || rc == 137)) && reason="timed out after ${tmo}s"
-            echo "FAIL $name (exit $rc, ${took}s)${reason:+: $reason}"
-            echo "---- last lines of $name.log"
+            echo "FAIL $label (exit $rc, ${took}s)${reason:+: $reason}"
+            echo "---- last lines of $label.log"
             tail -n 40 "$log" | sed 's/^/    /'
             ;;
     esac

@@ -93,9 +93,23 @@ final class DatagramListener {
         return future
     }
 
+    /// NIO closes a UDP socket on a send error such as ENETUNREACH, which one peer (or the forged
+    /// source of a hello) can cause: the socket is opened again for the others at once. If that
+    /// fails, the address itself is gone, and so are its subflows.
     private func localSocketClosed(_ key: String) {
         localSockets[key] = nil
-        for subflow in subflows.values where subflow.local.hostString == key { subflow.sharedSocketClosed() }
+        let affected = subflows.values.filter { $0.local.hostString == key }
+        guard !isClosed, let local = affected.first?.local else {
+            for subflow in affected { subflow.sharedSocketClosed() }
+            return
+        }
+        let bound = NIOLoopBound(affected, eventLoop: loop)
+        socket(for: local).whenComplete { result in
+            switch result {
+            case .success(let channel): for subflow in bound.value { subflow.attachShared(channel) }
+            case .failure: for subflow in bound.value { subflow.sharedSocketClosed() }
+            }
+        }
     }
 
     /// The listener stopped: sessions already accepted keep the sockets of their addresses until

@@ -66,12 +66,18 @@ struct ReceiveTimeline {
     }
 }
 
+/// An address and port as people write them: 192.0.2.1:443, [2001:db8::1]:443.
+func endpoint(_ address: SocketAddress) -> String {
+    let host = address.ipAddress ?? "?"
+    return host.contains(":") ? "[\(host)]:\(address.port ?? 0)" : "\(host):\(address.port ?? 0)"
+}
+
 func describe(_ event: SessionEvent) -> String {
     switch event {
     case .subflowUp(let s): "subflow \(s.id) up \(s.local.ipAddress ?? "?") -> \(s.remote.ipAddress ?? "?")\(s.interface.map { " on \($0)" } ?? "")"
     case .subflowDown(let s, let reason): "subflow \(s.id) down \(s.local.ipAddress ?? "?") -> \(s.remote.ipAddress ?? "?"): \(reason)"
     case .subflowStalled(let s, let ms): "subflow \(s.id) stalled (nothing acknowledged for \(ms) ms) \(s.local.ipAddress ?? "?") -> \(s.remote.ipAddress ?? "?"): probing"
-    case .subflowRebound(let s, let from): "subflow \(s.id) peer moved \(from) -> \(s.remote) (NAT rebinding, path checked)"
+    case .subflowRebound(let s, let from): "subflow \(s.id) peer moved \(endpoint(from)) -> \(endpoint(s.remote)) (NAT rebinding, path checked)"
     case .reinjected(let bytes, let from): "reinjected \(bytes) bytes from subflow \(from)"
     case .addressAnnounced(let a): "peer announced \(a.ipAddress ?? "?")"
     case .addressRemoved(let a): "peer removed \(a.ipAddress ?? "?")"

@@ -5,6 +5,7 @@
 # stall longer than NBS_STALL_BOUND_MS (default 5000 ms, 10x the 500 ms target).
 # Env: NBS_RATE (tbf Mbit/s per path, default 10), NBS_BYTES (default 10 MiB, ~7 s), NBS_FAULT_DELAY (s, default 2),
 #      NBS_TIMEOUT (s per process, default 60), NBS_SRCROUTE=1 (per-source routing), NBS_BIN.
+# transports: tcp udp
 set -euo pipefail
 # shellcheck source=netns-scripts/lib.sh
 source "$(dirname "$0")/../lib.sh"

@@ -6,6 +6,7 @@
 # Env: NBS_RATE (tbf Mbit/s per path, default 10), NBS_BYTES (default 10 MiB, ~7 s), NBS_FAULT_DELAY (s, default 2),
 #      NBS_FLAPS (default 6), NBS_FLAP_PERIOD (s, default 0.5), NBS_TIMEOUT (s per process, default 60),
 #      NBS_SRCROUTE=1 (per-source routing), NBS_BIN.
+# transports: tcp udp
 set -euo pipefail
 # shellcheck source=netns-scripts/lib.sh
 source "$(dirname "$0")/../lib.sh"

@@ -8,6 +8,7 @@
 #      receiver's max_stall_ms under NBS_STALL_BOUND_MS (default 1000 ms, as link-down.sh).
 # Env: NBS_RATE (tbf Mbit/s per path, default 10), NBS_BYTES, NBS_BYTES_QUIET, NBS_FAULT_DELAY (s, default 2),
 #      NBS_TIMEOUT (s per process, default 60), NBS_SRCROUTE=1 (per-source routing), NBS_BIN.
+# transports: tcp udp
 set -euo pipefail
 # shellcheck source=netns-scripts/lib.sh
 source "$(dirname "$0")/../lib.sh"

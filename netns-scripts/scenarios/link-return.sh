@@ -6,6 +6,7 @@
 # addresses, and nbs1 must carry at least NBS_RETURN_MIN_BYTES (default 1 MiB) after its return.
 # Env: NBS_RATE (tbf Mbit/s per path, default 10), NBS_BYTES (default 12 MiB), NBS_FAULT_DELAY (s, default 2),
 #      NBS_TIMEOUT (s per process, default 60), NBS_SRCROUTE=1 (per-source routing), NBS_BIN.
+# transports: tcp udp
 set -euo pipefail
 # shellcheck source=netns-scripts/lib.sh
 source "$(dirname "$0")/../lib.sh"

@@ -7,6 +7,7 @@
 # bytes (multipath behind NAT: only the opener creates subflows).
 # Env: NBS_RATE (tbf Mbit/s on the client's links, default 10), NBS_BYTES (default 10 MiB), NBS_TIMEOUT (s per
 #      process, default 60), NBS_BIN.
+# transports: tcp udp
 set -euo pipefail
 # shellcheck source=netns-scripts/lib.sh
 source "$(dirname "$0")/../lib.sh"

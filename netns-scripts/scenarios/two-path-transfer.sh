@@ -3,6 +3,7 @@
 # intact (same count, same SHA-256), more than one client subflow must have carried data, and each of the
 # two physical paths (client tx counters of nbs1 and nbs2) must have carried at least a fifth of the bytes.
 # Env: NBS_RATE (tbf Mbit/s per path, default 10, 0 = none), NBS_BYTES, NBS_TIMEOUT (s, default 120), NBS_BIN.
+# transports: tcp udp
 set -euo pipefail
 # shellcheck source=netns-scripts/lib.sh
 source "$(dirname "$0")/../lib.sh"
