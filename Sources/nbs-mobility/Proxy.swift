@@ -252,11 +252,6 @@ struct ProxyLog {
     }
 }
 
-private func endpoint(_ address: SocketAddress) -> String {
-    guard let ip = address.ipAddress else { return address.description }
-    return ip.contains(":") ? "[\(ip)]:\(address.port ?? 0)" : "\(ip):\(address.port ?? 0)"
-}
-
 private func note(_ line: String) {
     FileHandle.standardError.write(Data((line + "\n").utf8))
 }

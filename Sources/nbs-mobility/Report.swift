@@ -68,8 +68,8 @@ struct ReceiveTimeline {
 
 /// An address and port as people write them: 192.0.2.1:443, [2001:db8::1]:443.
 func endpoint(_ address: SocketAddress) -> String {
-    let host = address.ipAddress ?? "?"
-    return host.contains(":") ? "[\(host)]:\(address.port ?? 0)" : "\(host):\(address.port ?? 0)"
+    guard let ip = address.ipAddress else { return address.description }
+    return ip.contains(":") ? "[\(ip)]:\(address.port ?? 0)" : "\(ip):\(address.port ?? 0)"
 }
 
 func describe(_ event: SessionEvent) -> String {
