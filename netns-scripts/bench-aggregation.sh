@@ -4,11 +4,12 @@
 #   mptcp  kernel MPTCP, subflow endpoint on the client's second address (reference: 15-18 Mbit/s)
 #   nbs    nbs-mobility serve --sink / connect --policy aggregate (skipped if NBS_BIN is missing); it runs a
 #          subflow per address pair of a family, so two per path here (IPv4 and IPv6)
+#   nbs-udp  the same on UDP subflows (--transport udp)
 #   nbs-2sf  the same with --max-subflows 2: the first two subflows, in practice one per path, as MPTCP has
 #          (not in the default set; bench.sh runs it, to show what the second subflow per path costs)
 # Prints one JSON line per case on stdout, then a table. Goodput is the receiver's.
 #
-#   netns-scripts/bench-aggregation.sh [--rate MBIT|A+B] [--bytes N] [--cases tcp,mptcp,nbs,nbs-2sf] [--srcroute]
+#   netns-scripts/bench-aggregation.sh [--rate MBIT|A+B] [--bytes N] [--cases tcp,mptcp,nbs,nbs-2sf,nbs-udp] [--srcroute]
 # --rate A+B gives path 1 A and path 2 B Mbit/s (unequal paths); percent_of_sum is of A+B.
 # --srcroute adds per-source-address policy routing on both hosts (see lib.sh), so every subflow leaves by
 # the interface that owns its source address, cross pairs included.
@@ -56,6 +57,7 @@ fi
 
 ROWS=()
 FAILED=0
+listen_transport=tcp
 
 # record CASE SERVER_JSON CLIENT_RC SERVER_RC TX1 TX2 [NOTE]
 record() {
@@ -97,7 +99,7 @@ run_case() {
     ccmd=("$@")
     nbs_log "case $name: ${ccmd[*]}"
     nbs_bg sp "$NBS_NS_S" "$tmo" "$NBS_TMP/$name.server" "$NBS_TMP/$name.server.err" "${scmd[@]}"
-    nbs_wait_listen "$NBS_NS_S" "$port"
+    nbs_wait_listen "$NBS_NS_S" "$port" 10 "$listen_transport"
     a1=$(nbs_tx_bytes "$NBS_NS_C" "$NBS_IF_1"); a2=$(nbs_tx_bytes "$NBS_NS_C" "$NBS_IF_2")
     nbs_c timeout -k 5 "$tmo" "${ccmd[@]}" >"$NBS_TMP/$name.client" 2>"$NBS_TMP/$name.client.err" || crc=$?
     nbs_wait_rc src "$sp"
@@ -122,16 +124,19 @@ for c in ${cases//,/ }; do
                 -- python3 "$xfer" client --connect "${NBS_S4[1]}" --port "$port" --proto mptcp \
                 --bytes "$bytes" --timeout "$tmo"
             ;;
-        nbs | nbs-2sf)
+        nbs | nbs-2sf | nbs-udp)
             if [[ ! -x $NBS_BIN ]]; then
                 nbs_log "case $c: skipped, NBS binary not found: $NBS_BIN (run 'swift build')"
                 continue
             fi
             limit=()
             [[ $c == nbs-2sf ]] && limit=(--max-subflows 2)
+            listen_transport=tcp
+            [[ $c == nbs-udp ]] && listen_transport=udp
             run_case "$c" "$port" -- "$NBS_BIN" serve --name "$NBS_SERVER_NAME" --port "$port" --sink --once --json \
-                -- "$NBS_BIN" connect --name "$NBS_CLIENT_NAME" "$NBS_SERVER_NAME:$port" --bytes "$bytes" \
-                --policy aggregate --json "${limit[@]}"
+                --transport "$listen_transport" -- "$NBS_BIN" connect --name "$NBS_CLIENT_NAME" "$NBS_SERVER_NAME:$port" \
+                --bytes "$bytes" --policy aggregate --json --transport "$listen_transport" "${limit[@]}"
+            listen_transport=tcp
             ;;
         *) nbs_die "unknown case $c" ;;
     esac

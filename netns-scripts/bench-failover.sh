@@ -22,7 +22,7 @@
 # from its accept, a few ms after the client starts, the origin of fault_at_s), named in the JSON line.
 #
 #   netns-scripts/bench-failover.sh [--cases none,link-down,addr-delete,blackhole,hard-move,flapping,link-return]
-#                                   [--impls mptcp,nbs] [--repeat N] [--rate MBIT] [--delay S] [--give-up S]
+#                                   [--impls mptcp,nbs,nbs-udp] [--repeat N] [--rate MBIT] [--delay S] [--give-up S]
 #                                   [--srcroute] [--mptcp-no-pm] [--timeline DIR] [--nbs-arg ARG ...]
 # --nbs-arg ARG (repeatable) is added to NBS's connect, e.g. --nbs-arg --max-subflows --nbs-arg 2.
 # Env: NBS_BIN (default .build/debug/nbs-mobility), NBS_BENCH_TIMEOUT (s per process, default 90).
@@ -107,6 +107,7 @@ run_trial() (
     nbs_topology_create "${topo[@]}" 2>>"$prefix.log"
     port=$(nbs_port)
     local -a scmd ccmd
+    local transport=tcp
     if [[ $impl == mptcp ]]; then
         local ns
         for ns in "$NBS_NS_C" "$NBS_NS_S"; do ip -n "$ns" mptcp limits set subflow 2 add_addr_accepted 2; done
@@ -121,9 +122,11 @@ run_trial() (
         ccmd=(python3 "$xfer" client --connect "${NBS_S4[1]}" --port "$port" --proto mptcp --bytes "$bytes"
             --timeout "$tmo" --stall-timeout "$give_up")
     else
-        scmd=("$NBS_BIN" serve --name "$NBS_SERVER_NAME" --port "$port" --sink --once --json)
+        transport=tcp
+        [[ $impl == nbs-udp ]] && transport=udp
+        scmd=("$NBS_BIN" serve --name "$NBS_SERVER_NAME" --port "$port" --sink --once --json --transport "$transport")
         ccmd=("$NBS_BIN" connect --name "$NBS_CLIENT_NAME" "$NBS_SERVER_NAME:$port" --bytes "$bytes"
-            --policy aggregate --json "${nbs_args[@]}")
+            --policy aggregate --json --transport "$transport" "${nbs_args[@]}")
     fi
     local tl=""
     if [[ -n $timeline ]]; then
@@ -132,7 +135,7 @@ run_trial() (
     fi
     nbs_log "$name/$impl #$n: ${bytes} B, fault after ${delay}s: $fault"
     nbs_bg sp "$NBS_NS_S" "$tmo" "$prefix.server" "$prefix.server.err" "${scmd[@]}"
-    nbs_wait_listen "$NBS_NS_S" "$port"
+    nbs_wait_listen "$NBS_NS_S" "$port" 10 "${transport:-tcp}"
     t0=$(date +%s%N)
     nbs_bg cp "$NBS_NS_C" "$tmo" "$prefix.client" "$prefix.client.err" "${ccmd[@]}"
     sleep "$delay"
@@ -194,7 +197,7 @@ for c in ${cases//,/ }; do
                         continue
                     fi
                     ;;
-                nbs)
+                nbs | nbs-udp)
                     if [[ ! -x $NBS_BIN ]]; then
                         nbs_log "nbs: skipped, NBS binary not found: $NBS_BIN (run 'swift build')"
                         continue

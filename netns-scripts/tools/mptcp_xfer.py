@@ -159,6 +159,9 @@ def server(args):
 def client(args):
     fam = family_of(args.connect)
     s = socket.socket(fam, socket.SOCK_STREAM, proto_number(args.proto))
+    if args.cc:
+        # Per socket, so the host's default stays as it is (root may pick any available one).
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, args.cc.encode())
     stall = args.stall_timeout or args.timeout
     s.settimeout(min(stall, args.timeout))
     block = memoryview(pattern())
@@ -226,6 +229,7 @@ def main():
     pc.add_argument("--connect", required=True)
     pc.add_argument("--bytes", type=int, default=None, help="bytes to send (default 16 MiB without --duration)")
     pc.add_argument("--duration", type=float, default=None, help="send for this many seconds")
+    pc.add_argument("--cc", default=None, help="TCP congestion control of this flow (e.g. cubic, reno, bbr)")
     pc.add_argument("--stall-timeout", type=float, default=None,
                     help="give up when a send or the answer blocks this long (s; default --timeout)")
     ps.add_argument("--recv-timeout", type=float, default=None,
