@@ -215,7 +215,7 @@ import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 if not rows:
     sys.exit(0)
-impls = [i for i in ("mptcp", "nbs") if any(r["impl"] == i for r in rows)]
+impls = [i for i in ("mptcp", "nbs", "nbs-udp") if any(r["impl"] == i for r in rows)]
 cases = []
 for r in rows:
     if r["case"] not in cases:

@@ -321,7 +321,9 @@ final class DatagramSubflow: SubflowTransport {
         guard keepaliveTask == nil, keepaliveInterval > .zero else { return }
         let interval = UInt64(keepaliveInterval.nanoseconds)
         let bound = NIOLoopBound(self, eventLoop: loop)
-        keepaliveTask = loop.scheduleRepeatedTask(initialDelay: keepaliveInterval, delay: keepaliveInterval) { _ in
+        // Checked twice per interval, so the silence before a keepalive is between 1 and 1.5 intervals.
+        let half = TimeAmount.nanoseconds(keepaliveInterval.nanoseconds / 2)
+        keepaliveTask = loop.scheduleRepeatedTask(initialDelay: half, delay: half) { _ in
             let subflow = bound.value
             guard !subflow.closed, Self.now - subflow.lastSendAt >= interval else { return }
             subflow.connection.queuePing()

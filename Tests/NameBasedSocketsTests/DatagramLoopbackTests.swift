@@ -212,6 +212,33 @@ struct DatagramLoopbackTests {
         await server.close()
     }
 
+    @Test("an idle UDP subflow sends keepalives, so NAT bindings stay open, and they are acknowledged")
+    func keepalives() async throws {
+        let server = try await udpListener { $0.keepaliveInterval = .milliseconds(200) }
+        var options = udpOptions()
+        options.keepaliveInterval = .milliseconds(200)
+        options.probeInterval = .seconds(60)  // no PROBEs: only keepalives keep the flow warm
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options)
+        let accepted = Task { try await server.accept() }
+        try await client.write(pattern(100))
+        let live = try await withTimeout(10) { try await accepted.value }
+        let before = Tally()
+        await client.withDatagramSubflowsForTesting { before.add($0.statistics.datagramsSent) }
+        try await Task.sleep(for: .milliseconds(1500))
+        let after = Tally()
+        let silent = Tally()
+        await client.withDatagramSubflowsForTesting { subflow in
+            after.add(subflow.statistics.datagramsSent)
+            if subflow.connection.hasAckElicitingInFlight, subflow.connection.probeTimeouts > 0 { silent.add() }
+        }
+        #expect(after.count - before.count >= 4, "about one keepalive per 200 ms of silence: \(after.count - before.count) in 1.5 s")
+        #expect(silent.count == 0, "keepalives are acknowledged")
+        async let closed: Void = live.close()
+        try await client.close()
+        try await closed
+        await server.close()
+    }
+
     @Test("a UDP opener with nothing listening fails fast with a clear reason")
     func nothingListening() async throws {
         let probe = try await DatagramBootstrap(group: MultiThreadedEventLoopGroup.singleton).bind(host: "127.0.0.1", port: 0).get()
