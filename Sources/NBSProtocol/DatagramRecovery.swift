@@ -189,18 +189,25 @@ struct SentPackets<Packet> {
         guard range.lowerBound <= last else { return [] }
         var removed: [Packet] = []
         for number in max(range.lowerBound, first)...min(range.upperBound, last) {
-            let index = slots.index(slots.startIndex, offsetBy: Int(number - first))
-            if let packet = slots[index] {
-                removed.append(packet)
-                slots[index] = nil
-                count -= 1
-            }
+            if let packet = take(at: slots.index(slots.startIndex, offsetBy: Int(number - first))) { removed.append(packet) }
         }
+        trimFront()
+        return removed
+    }
+
+    private mutating func take(at index: CircularBuffer<Packet?>.Index) -> Packet? {
+        guard let packet = slots[index] else { return nil }
+        slots[index] = nil
+        count -= 1
+        return packet
+    }
+
+    /// The first slot always holds a packet, so that `first` is the oldest one awaiting its ACK.
+    private mutating func trimFront() {
         while let head = slots.first, head == nil {
             slots.removeFirst()
             first += 1
         }
-        return removed
     }
 
     /// Packets still awaiting acknowledgement numbered below `number`, oldest first.
@@ -218,16 +225,9 @@ struct SentPackets<Packet> {
     mutating func removeAll(where shouldRemove: (Packet) -> Bool) -> [Packet] {
         var removed: [Packet] = []
         for index in slots.indices {
-            if let packet = slots[index], shouldRemove(packet) {
-                removed.append(packet)
-                slots[index] = nil
-                count -= 1
-            }
+            if let packet = slots[index], shouldRemove(packet), let taken = take(at: index) { removed.append(taken) }
         }
-        while let head = slots.first, head == nil {
-            slots.removeFirst()
-            first += 1
-        }
+        trimFront()
         return removed
     }
 }

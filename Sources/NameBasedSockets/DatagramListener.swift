@@ -65,10 +65,11 @@ final class DatagramListener {
         subflow.receive(datagram, from: envelope.remoteAddress)
         touched.append(subflow)
         // Our datagrams leave from the address the opener chose, whatever the routing table says.
+        let bound = NIOLoopBound(subflow, eventLoop: loop)
         socket(for: local).whenComplete { result in
             switch result {
-            case .success(let channel): subflow.attachShared(channel)
-            case .failure(let error): subflow.socketFailed(error)
+            case .success(let channel): bound.value.attachShared(channel)
+            case .failure(let error): bound.value.socketFailed(error)
             }
         }
     }

@@ -577,12 +577,28 @@ struct SessionCoreTests {
         #expect(server.drain().compactMap(\.dataRange) == [0..<11])
     }
 
+    @Test("a CLOSE after our DATA_FIN acknowledges data whose DATA_ACK was lost, and nothing before the FIN")
+    func closeAcknowledgesLostDataAcks() throws {
+        var client = SessionCore(peerInitialWindow: 1 << 20)
+        client.addSubflow(a, backup: false)
+        client.write(buffer(patternBytes(5000, seed: 4)))
+        _ = client.drain()
+        #expect(client.receivePeerClose() == .none, "no DATA_FIN sent yet: the CLOSE cannot cover data still to come")
+        client.finish()
+        _ = client.drain()
+        _ = try client.receiveFin(.init(finalSequence: 0))
+        #expect(client.unacknowledgedBytes == 5000)
+        #expect(client.receivePeerClose() == .sendProgress)
+        #expect(client.unacknowledgedBytes == 0)
+        #expect(client.isTransportFinished)
+    }
+
     @Test("a CLOSE stands for the lost ack of our DATA_FIN, and only when nothing else is outstanding")
     func closeAcknowledgesFin() throws {
         var server = SessionCore(peerInitialWindow: 1 << 20)
         server.addSubflow(a, backup: false)
         server.write(buffer(patternBytes(1000, seed: 3)))
-        // Our data outstanding: a CLOSE proves nothing about it.
+        // Our data outstanding and no DATA_FIN sent: a CLOSE proves nothing about it.
         _ = server.drain()
         #expect(server.receivePeerClose() == .none)
         _ = try server.receiveAck(.init(cumulativeAck: 1000, window: 1 << 20))

@@ -9,9 +9,14 @@ import Testing
 /// Real sockets on loopback. 127.0.0.1, 127.0.0.2, ... and ::1 stand in for a multihomed host.
 @Suite("Loopback sessions", .timeLimit(.minutes(3)))
 struct LoopbackTests {
-    @Test("open by name, transfer both ways, close gracefully")
-    func echoRoundTrip() async throws {
-        let server = try await listener()
+    @Test("open by name, transfer both ways, close gracefully", arguments: NBSOptions.Transport.allCases)
+    func echoRoundTrip(transport: NBSOptions.Transport) async throws {
+        var listenerOptions = NBSOptions()
+        listenerOptions.transport = transport
+        var options = loopbackOptions()
+        options.transport = transport
+        let server = try await listener(options: listenerOptions)
+        #expect(server.transport == transport)
         let serverTask = Task {
             let session = try await server.accept()
             #expect(session.localName == "server.test")
@@ -20,8 +25,8 @@ struct LoopbackTests {
             while let chunk = try await session.read() { try await session.write(chunk) }
             try await session.close()
         }
-        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: loopbackOptions())
-        let data = pattern(300_000)
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options)
+        let data = pattern(1_000_000)
         let echoed = Task { try await drain(client) }
         try await client.write(data)
         await client.finish()
