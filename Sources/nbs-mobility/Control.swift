@@ -75,11 +75,19 @@ private final class StatusResponder: ChannelInboundHandler {
 
     init(registry: SessionRegistry) { self.registry = registry }
 
+    /// Samples every session first: with no view drawn nothing else does (Console), and then rates
+    /// are averages since the previous request.
     func channelActive(context: ChannelHandlerContext) {
-        var payload = (try? JSONEncoder.snakeCase.encode(registry.status())) ?? Data("{}".utf8)
-        payload.append(UInt8(ascii: "\n"))
+        let registry = self.registry
         let context = NIOLoopBound(context, eventLoop: context.eventLoop)
-        context.value.writeAndFlush(wrapOutboundOut(ByteBuffer(bytes: payload))).whenComplete { _ in context.value.close(promise: nil) }
+        context.value.eventLoop.makeFutureWithTask { () -> ByteBuffer in
+            await registry.refresh()
+            var payload = (try? JSONEncoder.snakeCase.encode(registry.status())) ?? Data("{}".utf8)
+            payload.append(UInt8(ascii: "\n"))
+            return ByteBuffer(bytes: payload)
+        }.whenSuccess { payload in
+            context.value.writeAndFlush(NIOAny(payload)).whenComplete { _ in context.value.close(promise: nil) }
+        }
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {}
