@@ -12,7 +12,9 @@
 # Prints a table and one JSON line per case on stdout.
 #
 #   netns-scripts/bench-scale.sh [--case idle|fair|all] [--sessions N] [--clients K] [--hold S]
-#                                [--active M] [--duration S] [--measure S]
+#                                [--active M] [--duration S] [--settle S] [--measure S] [--open-concurrency C]
+# --settle: seconds between the last subflow up and the idle measurement (default 3); --measure: its length (10);
+# --open-concurrency: opens in progress per client (16).
 # Env: NBS_BIN (default .build/release/nbs-mobility), NBS_SERVE_BIN (the server's binary, default NBS_BIN: to
 # measure an older server against the same clients), NBS_BENCH_TIMEOUT (s per process, default 600).
 set -euo pipefail
@@ -28,6 +30,8 @@ hold=40
 active=1000
 duration=10
 measure=10
+concurrency=16
+settle=3
 while (($#)); do
     case $1 in
         --case) which_case=$2; shift 2 ;;
@@ -37,7 +41,9 @@ while (($#)); do
         --active) active=$2; shift 2 ;;
         --duration) duration=$2; shift 2 ;;
         --measure) measure=$2; shift 2 ;;
-        -h | --help) sed -n '2,18p' "$0"; exit 0 ;;
+        --open-concurrency) concurrency=$2; shift 2 ;;
+        --settle) settle=$2; shift 2 ;;
+        -h | --help) sed -n '2,21p' "$0"; exit 0 ;;
         *) nbs_die "unknown argument $1" ;;
     esac
 done
@@ -55,8 +61,11 @@ export NBS_CONTROL_DIR=$NBS_TMP/control
 
 # Every session holds two descriptors in the server and two in its client: raise the limit for this shell and
 # the processes it starts (root may raise the hard limit too).
-need=$((2 * sessions + 4096))
-if (($(ulimit -Hn) < need)); then ulimit -Hn "$need" 2>/dev/null || nbs_die "cannot raise the hard descriptor limit to $need (not root?)"; fi
+# Raising the hard limit needs CAP_SYS_RESOURCE, which some containers withhold even from root.
+need=$((2 * sessions + 64))
+if (($(ulimit -Hn) < need)) && ! ulimit -Hn "$need" 2>/dev/null; then
+    nbs_die "the server needs $need descriptors and the hard limit is $(ulimit -Hn) (no CAP_SYS_RESOURCE to raise it): at most --sessions $((($(ulimit -Hn) - 64) / 2)) here"
+fi
 ulimit -Sn "$(ulimit -Hn)"
 nbs_log "descriptor limit $(ulimit -n)"
 
@@ -125,18 +134,28 @@ idle_case() {
     for ((k = 0; k < clients; k++)); do
         local cp
         start cp "idle-client$k" "$NBS_BIN" connect --name "client$k.scale.test" "localhost:$port" --sessions "$per" --hold "$hold" \
-            --max-subflows 2 --local "127.0.0.$((2 * k + 2))" --local "127.0.0.$((2 * k + 3))" --json --no-control
+            --open-concurrency "$concurrency" --max-subflows 2 --local "127.0.0.$((2 * k + 2))" --local "127.0.0.$((2 * k + 3))" --json --no-control
         cpids+=("$cp")
     done
     local want=$((2 * per * clients))
-    all_up() { (($(established "$port") >= want)); }
-    wait_for "$((hold / 2 + 60))" all_up || nbs_die "only $(established "$port") of $want subflows established; see $NBS_TMP/idle-*.err"
+    # Each client says when all its opens have ended (some may have failed); then the JOINs complete.
+    all_opened() { (($(cat "$NBS_TMP"/idle-client*.err | grep -c "sessions open after") >= clients)); }
+    wait_for "$((sessions / 20 + 60))" all_opened || nbs_die "the clients did not finish opening; see $NBS_TMP/idle-*.err"
+    local last=-1 now
+    for ((k = 0; k < 20; k++)); do
+        now=$(established "$port")
+        ((now >= want || now == last)) && break
+        last=$now
+        sleep 1
+    done
     t1=$(date +%s.%N)
+    cat "$NBS_TMP"/idle-client*.err | grep "sessions open after" >&2
+    (($(established "$port") > 0)) || nbs_die "no subflow established; see $NBS_TMP/idle-*.err"
     local open_s rate
     open_s=$(echo "$t1 $t0" | awk '{ printf "%.2f", $1 - $2 }')
     rate=$(echo "$want $open_s" | awk '{ printf "%.0f", $1 / 2 / $2 }')
-    nbs_log "idle: $want subflows established in ${open_s}s ($rate sessions/s); settling 3 s"
-    sleep 3
+    nbs_log "idle: $(established "$port") of $want subflows established in ${open_s}s ($rate sessions/s); settling ${settle}s"
+    sleep "$settle"
     local c0 c1 w0 w1 cc0=0 cc1=0 pid
     local client_pids=()
     for cp in "${cpids[@]}"; do client_pids+=("$(child_of "$cp")"); done

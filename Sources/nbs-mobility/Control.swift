@@ -146,8 +146,9 @@ struct Status: ParsableCommand {
         return lines
     }
 
-    /// A blocking read to EOF: the answer is small and the peer closes after writing it.
-    static func query(_ path: String, timeoutSeconds: Int = 2) throws -> Data {
+    /// A blocking read to EOF: the peer closes after writing its answer. The process samples every
+    /// session before answering, which takes seconds with 10,000 of them.
+    static func query(_ path: String, timeoutSeconds: Int = 10) throws -> Data {
         let fd = Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
         guard fd >= 0 else { throw POSIXError(.init(rawValue: errno) ?? .EIO) }
         defer { Glibc.close(fd) }

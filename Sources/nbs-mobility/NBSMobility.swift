@@ -158,7 +158,7 @@ struct Connect: AsyncParsableCommand {
     @Option(name: .long, help: "Run this many sessions at once, each sending --bytes or for --duration; one report each.")
     var sessions = 1
     @Option(name: .long, help: "With --sessions: at most this many opens in progress at once (a listener refuses handshakes beyond its limit).")
-    var openConcurrency = 256
+    var openConcurrency = 64
     @Flag(name: .long, help: "With --sessions: no session sends before all are open, so they share the path from the same instant (--hold implies it).")
     var startTogether = false
 
