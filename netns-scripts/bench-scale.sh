@@ -62,7 +62,9 @@ export NBS_CONTROL_DIR=$NBS_TMP/control
 # Every session holds two descriptors in the server and two in its client: raise the limit for this shell and
 # the processes it starts (root may raise the hard limit too).
 # Raising the hard limit needs CAP_SYS_RESOURCE, which some containers withhold even from root.
-need=$((2 * sessions + 64))
+most=$active
+[[ $which_case == fair ]] || most=$((sessions > active ? sessions : active))
+need=$((2 * most + 64))
 if (($(ulimit -Hn) < need)) && ! ulimit -Hn "$need" 2>/dev/null; then
     nbs_die "the server needs $need descriptors and the hard limit is $(ulimit -Hn) (no CAP_SYS_RESOURCE to raise it): at most --sessions $((($(ulimit -Hn) - 64) / 2)) here"
 fi
