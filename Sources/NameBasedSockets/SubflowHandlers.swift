@@ -18,10 +18,27 @@ final class FrameReader: ChannelInboundHandler {
     /// The start of a frame (or preamble) whose end has not arrived yet.
     private var carry: ByteBuffer?
     private var failed = false
+    /// NIO reads again from inside a flush when a write fails on a reset connection (it drains what
+    /// the socket still holds), so channelRead can be re-entered while a frame passed on from here is
+    /// being handled (the engine flushes its DATA_ACK there). The nested read's bytes come later in
+    /// the stream than those this call has yet to parse, so they wait and are parsed after them.
+    /// Parsed at once, they began mid-frame and their bytes were taken for a frame header.
+    private var reading = false
+    private var nested = CircularBuffer<ByteBuffer>()
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let bytes = Self.unwrapInboundIn(data)
+        guard !reading else { return nested.append(bytes) }
+        reading = true
+        defer { reading = false }
+        parse(bytes, context: context)
+        while !failed, let next = nested.popFirst() { parse(next, context: context) }
+        nested.removeAll()
+    }
+
+    private func parse(_ bytes: ByteBuffer, context: ChannelHandlerContext) {
         guard !failed else { return }
-        var incoming = Self.unwrapInboundIn(data)
+        var incoming = bytes
         do {
             while var partial = carry {
                 let missing = try decoder.bytesMissing(in: partial)

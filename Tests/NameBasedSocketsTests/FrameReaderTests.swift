@@ -53,6 +53,44 @@ struct FrameReaderTests {
         _ = try channel.finish()
     }
 
+    /// Passes frames on and, at the first one, feeds the pipeline another read from inside its
+    /// handling, as NIO does when a flush fails on a reset connection.
+    final class ReenteringSink: ChannelInboundHandler {
+        typealias InboundIn = Frame
+        var frames: [Frame] = []
+        var nestedRead: ByteBuffer?
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            frames.append(Self.unwrapInboundIn(data))
+            if let bytes = nestedRead {
+                nestedRead = nil
+                context.pipeline.fireChannelRead(NIOAny(bytes))
+            }
+        }
+    }
+
+    @Test("a read nested in the handling of a frame is parsed after the bytes that came before it")
+    func nestedRead() throws {
+        var first = ByteBuffer()
+        NBSWire.writePreamble(into: &first)
+        FrameEncoder.encode(.data(.init(sequence: 0, payload: pattern(50, seed: 1))), into: &first)
+        var whole = ByteBuffer()
+        FrameEncoder.encode(.data(.init(sequence: 50, payload: pattern(300, seed: 2))), into: &whole)
+        first.writeImmutableBuffer(whole.readSlice(length: 120)!)
+        var second = whole
+        FrameEncoder.encode(.probe(.init(identifier: 42)), into: &second)
+        let sink = ReenteringSink()
+        sink.nestedRead = second
+        let channel = EmbeddedChannel()
+        try channel.pipeline.syncOperations.addHandlers([FrameReader(), sink])
+        try channel.writeInbound(first)
+        #expect(sink.frames == [
+            .data(.init(sequence: 0, payload: pattern(50, seed: 1))),
+            .data(.init(sequence: 50, payload: pattern(300, seed: 2))),
+            .probe(.init(identifier: 42)),
+        ])
+        _ = try channel.finish()
+    }
+
     @Test("a frame header announcing too much is an error at once, before its payload")
     func oversizedHeader() throws {
         var bytes = ByteBuffer()
