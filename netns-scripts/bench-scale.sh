@@ -232,17 +232,20 @@ fair_case() {
     local port server server_timeout_pid="" cp rc
     port=$(nbs_port)
     start_server server "$port" fair-server
+    local c0 c1
+    c0=$(cpu_ticks "$server")
     # A small send buffer: what a session has written when its time is up drains in well under a second.
     start cp fair-client "$NBS_BIN" connect --name client.scale.test "localhost:$port" --sessions "$active" --duration "$duration" \
         --start-together --send-buffer 64K --max-subflows 2 --local 127.0.0.2 --local 127.0.0.3 --json --no-control
     nbs_wait_rc rc "$cp"
     all_done() { (($(grep -c '"completed"' "$NBS_TMP/fair-server.out" || true) >= active)); }
     wait_for 60 all_done || true
+    c1=$(cpu_ticks "$server")
     nbs__kill_child "$server_timeout_pid"
     grep -h "sessions open" "$NBS_TMP/fair-client.err" >&2 || true
-    python3 - "$NBS_TMP/fair-server.out" "$active" "$duration" "$rc" <<'EOF'
+    python3 - "$NBS_TMP/fair-server.out" "$active" "$duration" "$rc" "$(((c1 - c0) * 1000 / hz))" <<'EOF'
 import json, statistics, sys
-path, active, duration, rc = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+path, active, duration, rc, server_cpu_ms = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 reports = []
 for line in open(path, encoding="utf-8", errors="replace"):
     line = line.strip()
@@ -263,11 +266,13 @@ j = {"case": "fair", "sessions": active, "completed": len(done), "client_rc": rc
      "goodput_mbps_max": round(rates[-1], 3) if rates else 0, "jain_goodput": round(jain(rates), 4),
      "bytes_min": volumes[0] if volumes else 0, "bytes_median": int(statistics.median(volumes)) if volumes else 0,
      "bytes_max": volumes[-1] if volumes else 0, "jain_bytes": round(jain(volumes), 4),
-     "total_mbps": round(sum(volumes) * 8 / duration / 1e6, 1)}
+     "total_mbps": round(sum(volumes) * 8 / duration / 1e6, 1), "server_cpu_s": server_cpu_ms / 1000,
+     "server_cpu_s_per_gib": round(server_cpu_ms / 1000 / (sum(volumes) / 2**30), 3) if volumes and sum(volumes) else None}
 print(json.dumps(j, sort_keys=True))
 print(f"fair: {len(done)}/{active} sessions completed; goodput per session min/median/max {j['goodput_mbps_min']}/"
       f"{j['goodput_mbps_median']}/{j['goodput_mbps_max']} Mbit/s, Jain {j['jain_goodput']}; bytes min/median/max "
-      f"{j['bytes_min']}/{j['bytes_median']}/{j['bytes_max']}, Jain {j['jain_bytes']}; total {j['total_mbps']} Mbit/s", file=sys.stderr)
+      f"{j['bytes_min']}/{j['bytes_median']}/{j['bytes_max']}, Jain {j['jain_bytes']}; total {j['total_mbps']} Mbit/s; server CPU "
+      f"{j['server_cpu_s']} s = {j['server_cpu_s_per_gib']} s per GiB received", file=sys.stderr)
 EOF
 }
 
