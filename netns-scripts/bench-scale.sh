@@ -43,7 +43,7 @@ while (($#)); do
         --measure) measure=$2; shift 2 ;;
         --open-concurrency) concurrency=$2; shift 2 ;;
         --settle) settle=$2; shift 2 ;;
-        -h | --help) sed -n '2,21p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,19p' "$0"; exit 0 ;;
         *) nbs_die "unknown argument $1" ;;
     esac
 done
