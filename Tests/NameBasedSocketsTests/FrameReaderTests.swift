@@ -59,16 +59,24 @@ struct FrameReaderTests {
         typealias InboundIn = Frame
         var frames: [Frame] = []
         var nestedRead: ByteBuffer?
+        /// What reached this handler, in order: "frame", "end of input".
+        var seen: [String] = []
         func channelRead(context: ChannelHandlerContext, data: NIOAny) {
             frames.append(Self.unwrapInboundIn(data))
+            seen.append("frame")
             if let bytes = nestedRead {
                 nestedRead = nil
+                // As NIO's flush does: the read, then (here) the end of input it found.
                 context.pipeline.fireChannelRead(NIOAny(bytes))
+                context.pipeline.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
             }
+        }
+        func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+            if case .inputClosed? = event as? ChannelEvent { seen.append("end of input") }
         }
     }
 
-    @Test("a read nested in the handling of a frame is parsed after the bytes that came before it")
+    @Test("a read nested in the handling of a frame is parsed after the bytes that came before it, and its end of input after that")
     func nestedRead() throws {
         var first = ByteBuffer()
         NBSWire.writePreamble(into: &first)
@@ -88,6 +96,7 @@ struct FrameReaderTests {
             .data(.init(sequence: 50, payload: pattern(300, seed: 2))),
             .probe(.init(identifier: 42)),
         ])
+        #expect(sink.seen == ["frame", "frame", "frame", "end of input"])
         _ = try channel.finish()
     }
 
