@@ -26,7 +26,10 @@ final class FrameReader: ChannelInboundHandler {
     /// reports after such a read (read complete, end of input, inactive, an error) waits behind
     /// them too, so the engine never learns that a subflow ended before it has its last frames.
     private var reading = false
-    private var nested = CircularBuffer<Nested>()
+    /// An Array, not a CircularBuffer: an empty one allocates nothing, and this is empty for all but
+    /// moments in a subflow's life (a CircularBuffer here cost 1.4 KiB per idle session: 28.6 against
+    /// 27.2 KiB, bench-scale.sh --sessions 9960).
+    private var nested: [Nested] = []
 
     private enum Nested {
         case bytes(ByteBuffer)
@@ -41,7 +44,8 @@ final class FrameReader: ChannelInboundHandler {
         guard !reading else { return nested.append(.bytes(bytes)) }
         reading = true
         parse(bytes, context: context)
-        while let next = nested.popFirst() {
+        while !nested.isEmpty {
+            let next = nested.removeFirst()
             switch next {
             case .bytes(let more): parse(more, context: context)
             case .readComplete: context.fireChannelReadComplete()
