@@ -108,7 +108,7 @@ final class OpenAttempt: SubflowDelegate {
                 _ = try await DatagramSubflow.connect(on: loop, from: local, to: remote, options: options) { subflow in
                     boundAttempt.value.handler = subflow
                     subflow.delegate = boundAttempt.value
-                }.get()
+                }.map { _ in () }.get()
             }
         } catch {
             accepted.fail(error)

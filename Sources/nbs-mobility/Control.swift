@@ -75,11 +75,19 @@ private final class StatusResponder: ChannelInboundHandler {
 
     init(registry: SessionRegistry) { self.registry = registry }
 
+    /// Samples every session first: with no view drawn nothing else does (Console), and then rates
+    /// are averages since the previous request.
     func channelActive(context: ChannelHandlerContext) {
-        var payload = (try? JSONEncoder.snakeCase.encode(registry.status())) ?? Data("{}".utf8)
-        payload.append(UInt8(ascii: "\n"))
+        let registry = self.registry
         let context = NIOLoopBound(context, eventLoop: context.eventLoop)
-        context.value.writeAndFlush(wrapOutboundOut(ByteBuffer(bytes: payload))).whenComplete { _ in context.value.close(promise: nil) }
+        context.value.eventLoop.makeFutureWithTask { () -> ByteBuffer in
+            await registry.refresh()
+            var payload = (try? JSONEncoder.snakeCase.encode(registry.status())) ?? Data("{}".utf8)
+            payload.append(UInt8(ascii: "\n"))
+            return ByteBuffer(bytes: payload)
+        }.whenSuccess { payload in
+            context.value.writeAndFlush(NIOAny(payload)).whenComplete { _ in context.value.close(promise: nil) }
+        }
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {}
@@ -138,8 +146,9 @@ struct Status: ParsableCommand {
         return lines
     }
 
-    /// A blocking read to EOF: the answer is small and the peer closes after writing it.
-    static func query(_ path: String, timeoutSeconds: Int = 2) throws -> Data {
+    /// A blocking read to EOF: the peer closes after writing its answer. The process samples every
+    /// session before answering, which takes seconds with 10,000 of them.
+    static func query(_ path: String, timeoutSeconds: Int = 10) throws -> Data {
         let fd = Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
         guard fd >= 0 else { throw POSIXError(.init(rawValue: errno) ?? .EIO) }
         defer { Glibc.close(fd) }

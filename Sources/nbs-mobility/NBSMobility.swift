@@ -171,14 +171,24 @@ struct Connect: AsyncParsableCommand {
     @Option(name: .long, help: "Bytes to send (suffixes K, M, G: powers of 1024).") var bytes: String?
     @Option(name: .long, help: "Send for this many seconds.") var duration: Double?
     @Option(name: .long, help: "aggregate, handover or interactive.") var policy: MultipathPolicy = .aggregate
+    @Option(name: .long, help: "Send nothing: hold each session open and idle for this many seconds, counted from when all --sessions are open, then close it.")
+    var hold: Double?
     @Option(name: .long, help: "Run this many sessions at once, each sending --bytes or for --duration; one report each.")
     var sessions = 1
+    @Option(name: .long, help: "With --sessions: at most this many opens in progress at once (a listener refuses handshakes beyond its limit).")
+    var openConcurrency = 64
+    @Flag(name: .long, help: "With --sessions: no session sends before all are open, so they share the path from the same instant (--hold implies it).")
+    var startTogether = false
 
     func validate() throws {
-        guard (bytes == nil) != (duration == nil) else { throw ValidationError("give exactly one of --bytes or --duration") }
+        guard [bytes != nil, duration != nil, hold != nil].filter({ $0 }).count == 1 else {
+            throw ValidationError("give exactly one of --bytes, --duration or --hold")
+        }
         if let bytes, parseByteCount(bytes) == nil { throw ValidationError("--bytes \(bytes) is not a byte count") }
         if let duration, !(duration > 0) { throw ValidationError("--duration must be positive") }
+        if let hold, !(hold >= 0) { throw ValidationError("--hold must be zero or more seconds") }
         guard (1...100_000).contains(sessions) else { throw ValidationError("--sessions must be 1...100000") }
+        guard openConcurrency >= 1 else { throw ValidationError("--open-concurrency must be at least 1") }
         _ = try parsePeer(peer)
     }
 
@@ -206,11 +216,22 @@ struct Connect: AsyncParsableCommand {
         let console = await Console.start(command: "connect", localName: common.name, port: nil,
                                           view: display.resolved(json: common.json), control: !display.noControl)
         let json = common.json
+        let opening = AsyncLimiter(openConcurrency)
+        let allOpen = (startTogether || hold != nil) ? OpenBarrier(sessions) : nil
         let failed = await withTaskGroup(of: Bool.self) { group in
             for _ in 0..<sessions {
                 group.addTask {
                     do {
-                        let report = await transfer(try await open(), console: console)
+                        let session: Session
+                        do {
+                            session = try await opening.run(open)
+                        } catch {
+                            await allOpen?.arrive(opened: false)
+                            throw error
+                        }
+                        await allOpen?.arrive(opened: true)
+                        await allOpen?.wait()
+                        let report = await transfer(session, console: console)
                         console.view.printPermanent(report.text(json: json))
                         return !report.completed
                     } catch {
@@ -246,7 +267,8 @@ struct Connect: AsyncParsableCommand {
         }
         do {
             var sent = 0
-            while true {
+            if let hold { try await Task.sleep(for: .milliseconds(Int(hold * 1000))) }
+            while hold == nil {
                 if let limit, sent >= limit { break }
                 if let deadline, ContinuousClock.now >= deadline { break }
                 let size = min(256 * 1024, limit.map { $0 - sent } ?? Int.max)

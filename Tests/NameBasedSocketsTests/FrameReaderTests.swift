@@ -53,6 +53,53 @@ struct FrameReaderTests {
         _ = try channel.finish()
     }
 
+    /// Passes frames on and, at the first one, feeds the pipeline another read from inside its
+    /// handling, as NIO does when a flush fails on a reset connection.
+    final class ReenteringSink: ChannelInboundHandler {
+        typealias InboundIn = Frame
+        var frames: [Frame] = []
+        var nestedRead: ByteBuffer?
+        /// What reached this handler, in order: "frame", "end of input".
+        var seen: [String] = []
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            frames.append(Self.unwrapInboundIn(data))
+            seen.append("frame")
+            if let bytes = nestedRead {
+                nestedRead = nil
+                // As NIO's flush does: the read, then (here) the end of input it found.
+                context.pipeline.fireChannelRead(NIOAny(bytes))
+                context.pipeline.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
+            }
+        }
+        func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+            if case .inputClosed? = event as? ChannelEvent { seen.append("end of input") }
+        }
+    }
+
+    @Test("a read nested in the handling of a frame is parsed after the bytes that came before it, and its end of input after that")
+    func nestedRead() throws {
+        var first = ByteBuffer()
+        NBSWire.writePreamble(into: &first)
+        FrameEncoder.encode(.data(.init(sequence: 0, payload: pattern(50, seed: 1))), into: &first)
+        var whole = ByteBuffer()
+        FrameEncoder.encode(.data(.init(sequence: 50, payload: pattern(300, seed: 2))), into: &whole)
+        first.writeImmutableBuffer(whole.readSlice(length: 120)!)
+        var second = whole
+        FrameEncoder.encode(.probe(.init(identifier: 42)), into: &second)
+        let sink = ReenteringSink()
+        sink.nestedRead = second
+        let channel = EmbeddedChannel()
+        try channel.pipeline.syncOperations.addHandlers([FrameReader(), sink])
+        try channel.writeInbound(first)
+        #expect(sink.frames == [
+            .data(.init(sequence: 0, payload: pattern(50, seed: 1))),
+            .data(.init(sequence: 50, payload: pattern(300, seed: 2))),
+            .probe(.init(identifier: 42)),
+        ])
+        #expect(sink.seen == ["frame", "frame", "frame", "end of input"])
+        _ = try channel.finish()
+    }
+
     @Test("a frame header announcing too much is an error at once, before its payload")
     func oversizedHeader() throws {
         var bytes = ByteBuffer()
