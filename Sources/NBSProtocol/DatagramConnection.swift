@@ -543,10 +543,17 @@ public struct DatagramConnection {
             events += detectLosses(now: now)
         } else if let probe = probeDeadline, probe <= now {
             // Nothing acknowledged for a probe timeout: a PING makes the peer say what it has, and
-            // the losses are found from its answer.
+            // lost data is found from its answer. Control frames in flight go again with it: a lost
+            // OPEN, JOIN or ACCEPT has no later datagram whose acknowledgement could reveal it (the
+            // peer drops what it cannot place), and the receiver keeps each control frame once.
             probeTimeouts += 1
             lastAckElicitingSentAt = now
             itemQueue.append(.ping)
+            let unacknowledged = sent.packets(below: .max).flatMap { $0.control.map(Array.init) ?? [] }.filter { controlItems[$0] != nil }
+            if !unacknowledged.isEmpty {
+                statistics.retransmittedControlFrames += unacknowledged.count
+                controlQueue = Array(Set(controlQueue).union(unacknowledged)).sorted()
+            }
             if probeTimeouts == 3 { congestion.collapse() }
         }
         return events

@@ -130,6 +130,21 @@ import Testing
         #expect(opener.installKeys(send: Self.openerKey, receive: Self.listenerKey, now: 4) == [.frame(.dataAck(.init(cumulativeAck: 0, window: 9)))])
     }
 
+    @Test func aLostHelloIsSentAgainAtTheProbeTimeout() throws {
+        var opener = DatagramConnection(connectionID: 9, isOpener: true)
+        let open = Frame.open(.init(sourceName: "a.test", destinationName: "b.test", port: 1, publicKey: .init(repeating: 1, count: 32), nonce: .init(repeating: 2, count: 16)))
+        opener.queue(open)
+        #expect(Self.drain(&opener, now: 0).count == 1)  // lost on the way
+        let deadline = try #require(opener.nextTimeout)
+        _ = opener.timeout(now: deadline)
+        let again = Self.drain(&opener, now: deadline)
+        var listener = DatagramConnection(connectionID: 9, isOpener: false)
+        let carriers = again.filter { listener.receive($0, now: deadline).events.contains(.frame(open)) }
+        #expect(carriers.count == 1, "the probe carries the OPEN again")
+        #expect(carriers.first?.readableBytes == DatagramWire.minimumHelloSize, "padded again, or a listener would ignore it")
+        #expect(opener.probeTimeouts == 1)
+    }
+
     // MARK: a simulated path
 
     /// A one-way path: a drop-tail queue drained at `rate`, then `delay`; optional random loss.
