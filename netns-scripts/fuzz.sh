@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fuzz the parsers that read bytes from the network or the kernel, each for a bounded time, with libFuzzer
 # (swift build -sanitize=fuzzer,address of the separate package in Fuzz/).
-#   netns-scripts/fuzz.sh [--time SECONDS] [TARGET...]     targets: frames handshake netlink (default: all)
+#   netns-scripts/fuzz.sh [--time SECONDS] [TARGET...]     targets: frames handshake netlink datagrams (default: all)
 # Corpus: Fuzz/corpus/TARGET (not committed), started from the committed seeds in Fuzz/seeds/TARGET.
 # A crash leaves its input in Fuzz/crashes/TARGET-*; turn it into a unit test, then fix. Prints one line per
 # target: runs, coverage (cov/ft), corpus size, exec/s, and "crashes: N". Exit 1 if any target crashed.
@@ -17,7 +17,7 @@ while (($#)); do
         *) targets+=("$1"); shift ;;
     esac
 done
-((${#targets[@]})) || targets=(frames handshake netlink)
+((${#targets[@]})) || targets=(frames handshake netlink datagrams)
 
 echo "== building the fuzz targets (-sanitize=fuzzer,address)"
 swift build -c debug -Xswiftc -sanitize=fuzzer,address 2>&1 | grep -v "Cannot export local symbol" | tail -3
@@ -25,7 +25,7 @@ bin=.build/debug/nbs-fuzz
 
 # Seeds (committed in Fuzz/seeds): valid frames and handshakes from the real encoders, netlink datagrams
 # captured from a real kernel. They are made once, when missing; the working corpus starts from them.
-if [[ ! -d seeds/frames || ! -d seeds/handshake ]]; then
+if [[ ! -d seeds/frames || ! -d seeds/handshake || ! -d seeds/datagrams ]]; then
     NBS_FUZZ_WRITE_SEEDS=$PWD/seeds "$bin" >/dev/null
 fi
 if [[ ! -d seeds/netlink ]]; then
@@ -38,7 +38,7 @@ for i, h in enumerate(hexes):
 PY
 fi
 mkdir -p corpus crashes
-for t in frames handshake netlink; do
+for t in frames handshake netlink datagrams; do
     mkdir -p "corpus/$t"
     cp -n seeds/$t/* "corpus/$t/"
 done

@@ -62,13 +62,20 @@ func runCLI(_ arguments: [String], stdin: Any? = nil, controlDirectory: String? 
     return (result.status, String(decoding: result.stdout, as: UTF8.self), result.stderr)
 }
 
-/// A port nothing listens on right now (bound by the kernel's choice, then released).
+/// A port nothing uses right now, below Linux's ephemeral range (32768 and up): a port the kernel
+/// picked could be handed out again as the source port of some other test's connection before the
+/// CLI binds it, and the CLI's listen then fails with "address in use" (seen once in a full run).
 func freePort() async throws -> Int {
-    let channel = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton).bind(host: "127.0.0.1", port: 0).get()
-    let port = channel.localAddress!.port!
-    try await channel.close()
-    return port
+    for _ in 0..<100 {
+        let port = Int.random(in: 20_000..<32_768)
+        guard let channel = try? await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton).bind(host: "127.0.0.1", port: port).get() else { continue }
+        try await channel.close()
+        return port
+    }
+    throw NoFreePort()
 }
+
+struct NoFreePort: Error {}
 
 /// Waits until a socket listens on the port, as the kernel's tables show it: neither a probe
 /// connection (to an NBS listener it would be a legacy client) nor a probe bind (it could take the

@@ -43,6 +43,15 @@ enum Seeds {
         inputs[.handshake] = [encoded([frames[0], frames[5], frames[7], frames[13]], preamble: false), encoded([frames[2]], preamble: false),
                               encoded([frames[15], frames[1], frames[4]], preamble: false), encoded([frames[0], frames[15], frames[5]], preamble: false),
                               encoded(frames, preamble: false)]
+        // datagrams: a full-sized OPEN, a bare ACK, and a protected datagram of the genuine session.
+        var hello = DatagramConnection(connectionID: 77, isOpener: true)
+        hello.queue(frames[0])
+        var datagrams: [[UInt8]] = []
+        if case .datagram(let d) = hello.nextDatagram(now: 0) { datagrams.append(Array(d.readableBytesView)) }
+        datagrams.append(Array(DatagramPacket(isProtected: false, connectionID: 77, packetNumber: 3, controlBase: 0,
+                                              items: [.ack(ranges: [5...9, 1...2], delayMicros: 10)], frames: []).encode(key: nil).readableBytesView))
+        datagrams.append(Array(genuineDatagram(number: 5).readableBytesView))
+        inputs[.datagrams] = datagrams
         for (target, seeds) in inputs {
             let dir = "\(directory)/\(target.rawValue)"
             try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
