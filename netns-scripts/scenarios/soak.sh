@@ -71,11 +71,15 @@ fault() {
 }
 
 faults=0
+# All sessions open at once, before the first fault (1-3 s in): the soak is about sessions living through
+# churn. An OPEN made while a blackhole holds its first bytes for longer than the listener's legacy-detection
+# delay is taken for a silent legacy client and fails (README, "Known limits"); with connect's default of 64
+# opens at a time, the later opens met the faults, and CI failed on it once.
 round() { # round N: the client's sessions, with faults until it ends (at most 100 faults)
     local r=$1 cpid="" crc=0 n
     nbs_bg cpid "$NBS_NS_C" "$NBS_TIMEOUT" "$NBS_TMP/client$r" "$NBS_TMP/client$r.err" \
         "$NBS_BIN" connect --name "$NBS_CLIENT_NAME" "$NBS_SERVER_NAME:$port" --sessions "$sessions" --duration "$seconds" \
-        --send-buffer 128K --json
+        --send-buffer 128K --json --open-concurrency "$sessions"
     for ((n = 0; n < 100; n++)); do
         sleep "$((RANDOM % 3 + 1))"
         nbs__pid_alive "$cpid" || break
