@@ -63,7 +63,7 @@ public struct DatagramConnection {
         }
         var encodedLength: Int {
             switch self {
-            case .frame(let f): NBSWire.frameHeaderLength + f.payloadLength
+            case .frame(let f): f.encodedLength
             case .shutdown: 3
             }
         }
@@ -284,10 +284,12 @@ public struct DatagramConnection {
                 record.ackEliciting = true
             }
             if !unprotected {
-                while let frame = unordered.first, NBSWire.frameHeaderLength + frame.payloadLength <= budget {
+                while let frame = unordered.first {
+                    let size = frame.encodedLength
+                    guard size <= budget else { break }
                     unordered.removeFirst()
                     frames.append(frame)
-                    budget -= NBSWire.frameHeaderLength + frame.payloadLength
+                    budget -= size
                     record.ackEliciting = true
                     if case .dataAck(let ack) = frame { record.dataAck = ack; latestDataAck = ack }
                     if case .dataFin(let fin) = frame { record.dataFin = fin; finAwaitingAck = fin }
@@ -561,10 +563,11 @@ public struct DatagramConnection {
 }
 
 extension Frame {
-    /// Bytes of the frame after its header, as FrameEncoder writes them.
-    var payloadLength: Int {
+    /// Bytes of the frame with its header, as FrameEncoder writes them. Only for the small
+    /// non-DATA frames (DATA is measured from its payload): it encodes the frame to count.
+    var encodedLength: Int {
         var buffer = ByteBuffer()
         FrameEncoder.encode(self, into: &buffer)
-        return buffer.readableBytes - NBSWire.frameHeaderLength
+        return buffer.readableBytes
     }
 }

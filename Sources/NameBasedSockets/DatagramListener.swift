@@ -25,7 +25,8 @@ final class DatagramListener {
 
     var subflowCount: Int { subflows.count }
 
-    /// Binds `address` (a wildcard, or one of `bindAddresses`) and starts hearing on it.
+    /// Binds `address` (a wildcard, one of `bindAddresses`, or a local address openers send to) and
+    /// starts hearing on it.
     static func bind(_ address: SocketAddress, listener: NIOLoopBound<DatagramListener>, on loop: any EventLoop) -> EventLoopFuture<any Channel> {
         DatagramSubflow.openSocket(on: loop, bind: address, connect: nil, reuseAddress: true, packetInfo: true).flatMapThrowing { channel in
             let inbound = try channel.pipeline.syncOperations.handler(type: DatagramInbound.self)
@@ -80,13 +81,9 @@ final class DatagramListener {
     private func socket(for local: SocketAddress) -> EventLoopFuture<any Channel> {
         let key = local.hostString
         if let existing = localSockets[key] { return existing }
-        let port = local.port ?? 0
         let bound = NIOLoopBound(self, eventLoop: loop)
-        let future = DatagramSubflow.openSocket(on: loop, bind: local, connect: nil, reuseAddress: true, packetInfo: true).flatMapThrowing { channel in
-            let inbound = try channel.pipeline.syncOperations.handler(type: DatagramInbound.self)
-            inbound.onDatagram = { envelope in bound.value.received(envelope, port: port) }
-            inbound.onReadComplete = { bound.value.readComplete() }
-            inbound.onInactive = { bound.value.localSocketClosed(key) }
+        let future = Self.bind(local, listener: bound, on: loop).flatMapThrowing { channel in
+            try channel.pipeline.syncOperations.handler(type: DatagramInbound.self).onInactive = { bound.value.localSocketClosed(key) }
             return channel
         }
         localSockets[key] = future
