@@ -4,7 +4,7 @@
 # non-zero only when a benchmark could not run (a crash, a lost transfer), never for a missed target.
 #
 #   netns-scripts/bench.sh [--cases aggregation,failover,loopback,setup,plot] [--quick] [--rates 10+10,10+5,20+5]
-#                          [--repeat N] [--out DIR] [--plot FILE]
+#                          [--repeat N] [--out DIR] [--plot FILE] [--setup-delay MS]
 #
 # Cases (each calls the script or binary that owns it; see their headers for the details):
 #   aggregation  bench-aggregation.sh once per --rates entry and round: 16 MiB over two tbf paths (A+B Mbit/s),
@@ -22,6 +22,10 @@
 #                namespace topology (one 10 Mbit/s path: the client opens from 192.0.2.1 only; the name
 #                is resolved from the namespace's hosts file). NBS's extra time, after taking the name's
 #                resolution off, in TCP round trips (1-byte echo over an open connection). Target: <= 1.
+#                The namespace path is measured as it is (RTT ~0.06 ms: the extra time is CPU) and again
+#                over a link that delays each direction by --setup-delay ms (default 10, a 20 ms RTT: the
+#                extra time is round trips; tools/delay-link.py, as the kernel has no netem), case
+#                "netns-rtt20" (the RTT in the name). 0 skips it.
 #   plot         bench-failover.sh --cases link-return --timeline: path 1 down ~2 s into a 14 MiB
 #                transfer and up 3 s later; receive goodput per 100 ms of NBS and MPTCP on one PNG
 #                (gnuplot), --plot FILE (default OUT/bench-failover.png). Its stalls join the failover rows.
@@ -62,6 +66,7 @@ repeat=2
 quick=0
 out=""
 plot=""
+setup_delay=10
 while (($#)); do
     case $1 in
         --cases) cases=$2; shift 2 ;;
@@ -70,20 +75,22 @@ while (($#)); do
         --quick) quick=1; shift ;;
         --out) out=$2; shift 2 ;;
         --plot) plot=$2; shift 2 ;;
-        -h | --help) sed -n '2,51p' "$0"; exit 0 ;;
+        --setup-delay) setup_delay=$2; shift 2 ;;
+        -h | --help) sed -n '2,54p' "$0"; exit 0 ;;
         *) nbs_die "unknown argument $1" ;;
     esac
 done
 if ! [[ $repeat =~ ^[0-9]+$ ]] || ((repeat < 1 || repeat > 20)); then nbs_die "--repeat takes 1..20"; fi
+[[ $setup_delay =~ ^[0-9]+$ ]] && ((setup_delay <= 500)) || nbs_die "--setup-delay takes 0..500 (ms each way)"
 for c in ${cases//,/ }; do
     [[ $c =~ ^(aggregation|failover|loopback|setup|plot)$ ]] || nbs_die "unknown case $c"
 done
 agg_bytes=$((16 * 1024 * 1024))
 failover_cases=none,link-down,addr-delete,blackhole,hard-move,flapping
-loop_bytes=$((4 * 1024 * 1024 * 1024)) loop_rounds=5 opens=200
+loop_bytes=$((4 * 1024 * 1024 * 1024)) loop_rounds=5 opens=200 delayed_opens=50
 if ((quick)); then
     rates=10+10,20+5 agg_bytes=$((4 * 1024 * 1024)) failover_cases=link-down,blackhole repeat=1
-    loop_bytes=$((512 * 1024 * 1024)) loop_rounds=1 opens=50
+    loop_bytes=$((512 * 1024 * 1024)) loop_rounds=1 opens=50 delayed_opens=20
 fi
 for r in ${rates//,/ }; do nbs_path_rate "$r" 1 >/dev/null; done
 
@@ -167,6 +174,25 @@ setup_netns() (
         --local "${NBS_C4[1]}" --opens "$opens" || crc=$?
     nbs_wait_rc src "$spid"
     ((crc == 0 && src == 0)) || nbs_die "set-up across the topology: client exit $crc, server exit $src"
+    ((setup_delay > 0)) || return 0
+    # A third link with a real round trip: this kernel has no netem, so tools/delay-link.py carries its
+    # packets between two TUN devices after --setup-delay ms each way. The server's name on it is its own,
+    # so that resolving it gives only that link's address.
+    local dpid name=rtt.nbs.test c=203.0.113.161 s=203.0.113.162 i
+    nbs_bg dpid "$NBS_NS_C" 900 "$out/delay-link.out" "$out/delay-link.log" \
+        python3 "$NBS_LIB_DIR/tools/delay-link.py" --ns "$NBS_NS_C" "$c" --ns "$NBS_NS_S" "$s" --delay-ms "$setup_delay" --seconds 890
+    for ((i = 0; i < 50; i++)); do grep -q ready "$out/delay-link.out" 2>/dev/null && break; sleep 0.1; done
+    grep -q ready "$out/delay-link.out" || nbs_die "the delayed link did not come up: $(cat "$out/delay-link.log")"
+    printf '%s\t%s\n' "$s" "$name" >>"/etc/netns/$NBS_NS_C/hosts"
+    port=$(nbs_port)
+    nbs_bg spid "$NBS_NS_S" 300 "$out/setup-netns-rtt.server" "$out/setup-netns-rtt.server.log" \
+        "$NBS_BENCH_BIN" --serve-opens "$port" --name "$name" --opens "$delayed_opens"
+    nbs_wait_listen "$NBS_NS_S" $((port + 1))
+    nbs_wait_listen "$NBS_NS_S" "$port"
+    nbs_c timeout -k 5 300 "$NBS_BENCH_BIN" --connect-opens "$s" --port "$port" --name "$name" \
+        --local "$c" --opens "$delayed_opens" --where "netns-rtt$((2 * setup_delay))" || crc=$?
+    nbs_wait_rc src "$spid"
+    ((crc == 0 && src == 0)) || nbs_die "set-up across the delayed path: client exit $crc, server exit $src"
 )
 if selected setup && need_bin "$NBS_BENCH_BIN" setup; then
     run_logged setup-netns 900 setup_netns

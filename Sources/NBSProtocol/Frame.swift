@@ -46,13 +46,19 @@ public enum Frame: Sendable, Equatable {
         public var port: UInt16
         public var publicKey: [UInt8]  // X25519, 32 bytes
         public var nonce: [UInt8]  // 16 bytes
-        public init(version: UInt8 = NBSWire.version, sourceName: String, destinationName: String, port: UInt16, publicKey: [UInt8], nonce: [UInt8]) {
+        /// Set by an opener that will send no IDENTITY (flag `openWindowFlag`): nothing it sends
+        /// after ACCEPT can change the listener's verdict, so the listener may admit the session at
+        /// OPEN and send up to this window at once, which saves the set-up a round trip.
+        public var receiveWindow: UInt32?
+        public init(version: UInt8 = NBSWire.version, sourceName: String, destinationName: String, port: UInt16, publicKey: [UInt8], nonce: [UInt8],
+                    receiveWindow: UInt32? = nil) {
             self.version = version
             self.sourceName = sourceName
             self.destinationName = destinationName
             self.port = port
             self.publicKey = publicKey
             self.nonce = nonce
+            self.receiveWindow = receiveWindow
         }
     }
 

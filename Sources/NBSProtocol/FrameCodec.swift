@@ -52,6 +52,7 @@ public enum FrameEncoder {
         switch frame {
         case .join(let j): j.backup ? NBSWire.backupFlag : 0
         case .priority(let p): p.backup ? NBSWire.backupFlag : 0
+        case .open(let o): o.receiveWindow == nil ? 0 : NBSWire.openWindowFlag
         // Peers that predate IDENTITY skip it rather than fail, so it can be sent to any peer.
         case .identity: NBSWire.ignorableFlag
         default: 0
@@ -67,6 +68,7 @@ public enum FrameEncoder {
             b.writeInteger(o.port)
             b.writeBytes(o.publicKey)
             b.writeBytes(o.nonce)
+            if let window = o.receiveWindow { b.writeInteger(window) }
         case .accept(let a):
             b.writeInteger(a.version)
             writeName(a.serverName, into: &b)
@@ -207,7 +209,8 @@ public struct FrameDecoder: Sendable {
             let version = try r.u8()
             guard version == NBSWire.version else { throw .unsupportedVersion(version) }
             frame = .open(.init(version: version, sourceName: try r.name(), destinationName: try r.name(), port: try r.u16(),
-                                publicKey: try r.bytes(NBSWire.publicKeyLength), nonce: try r.bytes(NBSWire.nonceLength)))
+                                publicKey: try r.bytes(NBSWire.publicKeyLength), nonce: try r.bytes(NBSWire.nonceLength),
+                                receiveWindow: flags & NBSWire.openWindowFlag != 0 ? try r.u32() : nil))
         case .accept:
             let version = try r.u8()
             guard version == NBSWire.version else { throw .unsupportedVersion(version) }

@@ -30,11 +30,13 @@ public struct ClientHandshake: Sendable {
     private let privateKeyBytes: [UInt8]
     public let open: Frame.Open
 
-    public init(sourceName: String, destinationName: String, port: UInt16) {
+    /// `receiveWindow`: only for an opener that will send no IDENTITY (`Frame.Open.receiveWindow`).
+    public init(sourceName: String, destinationName: String, port: UInt16, receiveWindow: UInt32? = nil) {
         let privateKey = Curve25519.KeyAgreement.PrivateKey()
         privateKeyBytes = Array(privateKey.rawRepresentation)
         open = Frame.Open(sourceName: sourceName, destinationName: destinationName, port: port,
-                          publicKey: Array(privateKey.publicKey.rawRepresentation), nonce: randomBytes(NBSWire.nonceLength))
+                          publicKey: Array(privateKey.publicKey.rawRepresentation), nonce: randomBytes(NBSWire.nonceLength),
+                          receiveWindow: receiveWindow)
     }
 
     /// Checks ACCEPT and derives the session keys; the ACCEPT's MAC proves the server holds the

@@ -31,6 +31,9 @@ public struct SessionKeys: Sendable {
         }
         info.writeInteger(open.port)
         info.writeInteger(token)
+        // The window lets the listener send before anything authenticated came from the opener:
+        // bound into the keys, a window changed on the way makes the ACCEPT's MAC fail.
+        if let window = open.receiveWindow { info.writeInteger(window) }
         let infoBytes = Array(info.readableBytesView)
         let salt = open.nonce + serverNonce
         let material = shared.hkdfDerivedSymmetricKey(using: SHA256.self, salt: salt, sharedInfo: infoBytes, outputByteCount: 64)

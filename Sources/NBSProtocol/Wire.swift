@@ -29,6 +29,8 @@ public enum NBSWire {
     public static let ignorableFlag: UInt8 = 0x80
     /// Flag bit on ACCEPT/JOIN/JOIN_ACK/PRIO: the subflow is a backup.
     public static let backupFlag: UInt8 = 0x01
+    /// Flag bit on OPEN: a receive window follows the nonce, and the opener sends no IDENTITY.
+    public static let openWindowFlag: UInt8 = 0x02
 
     public static func writePreamble(into buffer: inout ByteBuffer) {
         buffer.writeBytes(magic)

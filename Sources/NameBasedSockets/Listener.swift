@@ -222,6 +222,9 @@ final class ListenerState: SubflowDelegate {
         }
         verifying[key] = PendingVerification(handler: handler, machine: established, open: open, accept: accept, keys: keys,
                                              local: local, remote: remote.unmapped, timeout: timeout)
+        // An opener that announced its window proves nothing after ACCEPT: what we know now is all
+        // the verdict can rest on, so it comes right behind the ACCEPT (or behind the name's lookup).
+        if open.receiveWindow != nil { startVerification(key) }
     }
 
     /// Frames from an opener between our ACCEPT and our verdict: its optional IDENTITY, then its
@@ -230,7 +233,9 @@ final class ListenerState: SubflowDelegate {
         guard var entry = verifying[key] else { return }
         switch entry.machine.receive(frame) {
         case .session(.identity(let proof)):
-            guard entry.identity == nil, entry.frames.isEmpty else { return refuseVerifying(key, .protocolViolation, "IDENTITY out of place") }
+            guard entry.identity == nil, entry.frames.isEmpty, !entry.verificationStarted else {
+                return refuseVerifying(key, .protocolViolation, "IDENTITY out of place")
+            }
             entry.identity = proof
             verifying[key] = entry
         case .session(let other):
@@ -241,7 +246,7 @@ final class ListenerState: SubflowDelegate {
             }
             entry.frames.append(other)
             verifying[key] = entry
-            if entry.frames.count == 1 { startVerification(key) }
+            if !entry.verificationStarted { startVerification(key) }
         case .peerAborted(let close):
             verifying.removeValue(forKey: key)?.timeout.cancel()
             refusals += 1
@@ -255,7 +260,9 @@ final class ListenerState: SubflowDelegate {
     }
 
     private func startVerification(_ key: ObjectIdentifier) {
-        guard let entry = verifying[key] else { return }
+        guard var entry = verifying[key], !entry.verificationStarted else { return }
+        entry.verificationStarted = true
+        verifying[key] = entry
         let transcript = HandshakeTranscript(open: entry.open, accept: entry.accept)
         var proven: [UInt8]?
         if let proof = entry.identity {
@@ -310,7 +317,7 @@ final class ListenerState: SubflowDelegate {
         entry.timeout.cancel()
         let token = entry.accept.token
         let engine = SessionEngine(loop: loop, role: .listener, localName: localName, peerName: entry.open.sourceName, port: entry.local.port ?? 0,
-                                   options: options, keys: entry.keys, token: token, peerInitialWindow: 0,
+                                   options: options, keys: entry.keys, token: token, peerInitialWindow: entry.open.receiveWindow ?? 0,
                                    addressBook: LocalAddressBook.current(monitor: options.interfaceMonitor), peerAddresses: [entry.remote])
         engine.peerVerification = result.level
         sessions[token] = engine
@@ -402,4 +409,6 @@ struct PendingVerification {
     var identity: Frame.Identity?
     /// The opener's first frames after ACCEPT (normally its DATA_ACK alone), for the session.
     var frames: [Frame] = []
+    /// Started at OPEN when the opener announced its window, else at its first frame after ACCEPT.
+    var verificationStarted = false
 }

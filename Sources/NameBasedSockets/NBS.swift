@@ -120,7 +120,8 @@ final class OpenAttempt: SubflowDelegate {
             guard let handler = attempt.handler else {
                 return loop.makeFailedFuture(NBSError.connectFailed(peer: peerName, reason: "the connection was not set up"))
             }
-            let handshake = ClientHandshake(sourceName: localName, destinationName: peerName, port: UInt16(port))
+            let handshake = ClientHandshake(sourceName: localName, destinationName: peerName, port: UInt16(port),
+                                            receiveWindow: options.admitsAtOpen(peerName) ? UInt32(clamping: options.receiveCapacity) : nil)
             handler.handshakeSentAt = .now()
             handler.write(.open(handshake.open))
             let timeout = loop.scheduleTask(in: options.handshakeTimeout) {

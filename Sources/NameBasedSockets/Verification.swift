@@ -134,6 +134,16 @@ extension NBSOptions {
         let wanted = canonicalName(name)
         return pinnedKeys.first { canonicalName($0.key) == wanted }?.value
     }
+
+    /// Whether an opener lets the listener admit the session at OPEN, a round trip sooner: only
+    /// when it has no proof of its own to send and its verdict on the listener cannot be a refusal
+    /// (nothing above `claimed` required; the name neither pinned nor self-certifying, where a
+    /// missing proof is a forgery). Otherwise a listener's application could see, and write to, a
+    /// session the opener is about to refuse.
+    func admitsAtOpen(_ peerName: String) -> Bool {
+        identity == nil && requiredPeerVerification == .claimed && pinnedKey(for: peerName) == nil
+            && !SelfCertifyingName.isSelfCertifying(peerName)
+    }
 }
 
 /// An identity key on disk: created atomically with mode 0600, and refused when group or others

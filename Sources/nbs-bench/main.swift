@@ -8,7 +8,7 @@
 //
 // Set-up across a real path (netns-scripts/bench.sh runs the two halves in two namespaces):
 //   nbs-bench --serve-opens PORT [--name NAME] [--opens N]      NBS on PORT, TCP echo on PORT+1
-//   nbs-bench --connect-opens ADDR --port PORT --name NAME [--local ADDR] [--opens N]
+//   nbs-bench --connect-opens ADDR --port PORT --name NAME [--local ADDR] [--opens N] [--where LABEL]
 // The second prints one JSON line: medians of TCP connect, the TCP round trip, resolving NAME, and
 // NBS open (NAME resolved by the system resolver) to the first byte from the server.
 
@@ -260,7 +260,7 @@ if let host = stringArgument("--connect-opens") {
     let rtt = try await tcpRoundTrips(to: echo, count: opens)
     let resolve = try await resolveLatency(name, resolver: options.resolver, count: opens)
     let nbsSetup = try await nbsOpenLatency(peerName: name, port: port, options: options, count: opens)
-    print(setupReport(where: "netns", tcpConnect: tcpSetup, rtt: rtt, resolve: resolve, nbsOpen: nbsSetup))
+    print(setupReport(where: stringArgument("--where") ?? "netns", tcpConnect: tcpSetup, rtt: rtt, resolve: resolve, nbsOpen: nbsSetup))
     exit(0)
 }
 

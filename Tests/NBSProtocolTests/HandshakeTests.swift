@@ -63,6 +63,36 @@ struct HandshakeTests {
         #expect(keys.clientKey == serverKeys.clientKey)
     }
 
+    @Test("an OPEN's window survives the wire behind its flag, and one without a window has neither")
+    func openWindowOnTheWire() throws {
+        let with = ClientHandshake(sourceName: "client.example", destinationName: "server.example", port: 1, receiveWindow: 0xDEAD_BEEF)
+        let without = ClientHandshake(sourceName: "client.example", destinationName: "server.example", port: 1)
+        #expect(try overTheWire(.open(with.open)) == .open(with.open))
+        #expect(try overTheWire(.open(without.open)) == .open(without.open))
+        let withBytes = encoded(.open(with.open)), withoutBytes = encoded(.open(without.open))
+        #expect(withBytes.getInteger(at: 1, as: UInt8.self) == NBSWire.openWindowFlag)
+        #expect(withoutBytes.getInteger(at: 1, as: UInt8.self) == 0)
+        #expect(withBytes.readableBytes == withoutBytes.readableBytes + 4)
+        // The flag without the window is a truncated frame, not a window of garbage.
+        var truncated = withoutBytes
+        truncated.setInteger(NBSWire.openWindowFlag, at: 1)
+        var decoder = FrameDecoder(expectPreamble: false)
+        #expect(throws: FrameDecodingError.self) { try decoder.next(from: &truncated) }
+    }
+
+    @Test("a window changed on the way, or added or removed, makes the ACCEPT fail: it is bound into the keys")
+    func openWindowIsAuthenticated() throws {
+        let client = ClientHandshake(sourceName: "client.example", destinationName: "server.example", port: 1, receiveWindow: 1 << 16)
+        let honest = try ServerHandshake.accept(client.open, serverName: "server.example", token: 3, receiveWindow: 9).0
+        #expect(throws: Never.self) { try client.complete(with: honest) }
+        for window: UInt32? in [1 << 30, nil] {
+            var changed = client.open
+            changed.receiveWindow = window
+            let (accept, _) = try ServerHandshake.accept(changed, serverName: "server.example", token: 3, receiveWindow: 9)
+            #expect(throws: HandshakeError.authenticationFailed) { try client.complete(with: accept) }
+        }
+    }
+
     @Test("two sessions never share keys")
     func distinctSessions() throws {
         let one = try HandshakeFixture()

@@ -210,10 +210,10 @@ struct LegacyLoopbackTests {
         }
         // The banner first, not lost; then the server's count of what it saw: the application's 3
         // bytes, after our preamble and OPEN when those went out before the banner came in (the
-        // worst case docs/PROTOCOL.md describes: 65 bytes plus both names).
+        // worst case docs/PROTOCOL.md describes: 69 bytes plus both names, the OPEN carrying a window).
         #expect(reply.hasPrefix(PlainServer.banner))
         let count = Int(reply.dropFirst(PlainServer.banner.count).split(separator: " ").first ?? "") ?? -1
-        let openBytes = 65 + "client.test".utf8.count + "legacy.test".utf8.count
+        let openBytes = 69 + "client.test".utf8.count + "legacy.test".utf8.count
         let sawNBS = await plain.log.connections.first?.startsWithNBS == true
         #expect(count == (sawNBS ? 3 + openBytes : 3))
         #expect(options.legacyPeers.isLegacy("legacy.test", port: plain.port))
