@@ -25,7 +25,8 @@
 #                The namespace path is measured as it is (RTT ~0.06 ms: the extra time is CPU) and again
 #                over a link that delays each direction by --setup-delay ms (default 10, a 20 ms RTT: the
 #                extra time is round trips; tools/delay-link.py, as the kernel has no netem), case
-#                "netns-rtt20" (the RTT in the name). 0 skips it.
+#                "netns-rtt20" (the RTT in the name), and again with an opener that proves an identity key
+#                (case "netns-rtt20-identity": not admitted at OPEN, docs/PROTOCOL.md). 0 skips both.
 #   plot         bench-failover.sh --cases link-return --timeline: path 1 down ~2 s into a 14 MiB
 #                transfer and up 3 s later; receive goodput per 100 ms of NBS and MPTCP on one PNG
 #                (gnuplot), --plot FILE (default OUT/bench-failover.png). Its stalls join the failover rows.
@@ -191,6 +192,16 @@ setup_netns() (
     nbs_wait_listen "$NBS_NS_S" "$port"
     nbs_c timeout -k 5 300 "$NBS_BENCH_BIN" --connect-opens "$s" --port "$port" --name "$name" \
         --local "$c" --opens "$delayed_opens" --where "netns-rtt$((2 * setup_delay))" || crc=$?
+    nbs_wait_rc src "$spid"
+    ((crc == 0 && src == 0)) || nbs_die "set-up across the delayed path: client exit $crc, server exit $src"
+    # An opener with an identity key: its proof comes after ACCEPT, so it is not admitted at OPEN.
+    port=$(nbs_port)
+    nbs_bg spid "$NBS_NS_S" 300 "$out/setup-netns-rtt-id.server" "$out/setup-netns-rtt-id.server.log" \
+        "$NBS_BENCH_BIN" --serve-opens "$port" --name "$name" --opens "$delayed_opens"
+    nbs_wait_listen "$NBS_NS_S" $((port + 1))
+    nbs_wait_listen "$NBS_NS_S" "$port"
+    nbs_c timeout -k 5 300 "$NBS_BENCH_BIN" --connect-opens "$s" --port "$port" --name "$name" --prove-identity \
+        --local "$c" --opens "$delayed_opens" --where "netns-rtt$((2 * setup_delay))-identity" || crc=$?
     nbs_wait_rc src "$spid"
     ((crc == 0 && src == 0)) || nbs_die "set-up across the delayed path: client exit $crc, server exit $src"
 )

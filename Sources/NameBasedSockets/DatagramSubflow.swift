@@ -89,6 +89,7 @@ final class DatagramSubflow: SubflowTransport {
     var localAddress: SocketAddress? { local }
     var remoteAddress: SocketAddress? { remote }
     var maxDataPayload: Int? { DatagramWire.maxDataPayload }
+    private(set) var peerAddressConfirmed = false
 
     func write(_ frame: Frame, flush: Bool) {
         guard !closed else { return }
@@ -336,6 +337,7 @@ final class DatagramSubflow: SubflowTransport {
     func receive(_ datagram: ByteBuffer, from source: SocketAddress) {
         guard !closed else { return }
         let result = connection.receive(datagram, now: Self.now)
+        if result.authenticated { peerAddressConfirmed = true }
         if result.dropped != nil {
             readPending = true  // a gap in the control stream is answered with an ACK at once
             return

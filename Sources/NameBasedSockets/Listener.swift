@@ -224,7 +224,9 @@ final class ListenerState: SubflowDelegate {
                                              local: local, remote: remote.unmapped, timeout: timeout)
         // An opener that announced its window proves nothing after ACCEPT: what we know now is all
         // the verdict can rest on, so it comes right behind the ACCEPT (or behind the name's lookup).
-        if open.receiveWindow != nil { startVerification(key) }
+        // Not on a UDP subflow, whose hello may come from a forged address: there the verdict and the
+        // application's first bytes wait for the opener's authenticated DATA_ACK.
+        if open.receiveWindow != nil, handler.peerAddressConfirmed { startVerification(key) }
     }
 
     /// Frames from an opener between our ACCEPT and our verdict: its optional IDENTITY, then its

@@ -127,6 +127,10 @@ protocol SubflowTransport: AnyObject {
     var remoteAddress: SocketAddress? { get }
     /// The largest DATA payload one transmission may carry; nil when the transport cuts for itself.
     var maxDataPayload: Int? { get }
+    /// Whether the peer has shown that it receives at its address: TCP's handshake shows it; a UDP
+    /// subflow knows it only from an authenticated datagram. Until then a listener sends no more than
+    /// its one-datagram answer to a hello there, whose source may be forged (no amplification).
+    var peerAddressConfirmed: Bool { get }
     func write(_ frame: Frame, flush: Bool)
     func writeData(sequence: UInt64, payload: ByteBuffer)
     func flush()
@@ -196,6 +200,7 @@ final class SubflowHandler: ChannelInboundHandler, SubflowTransport {
     var localAddress: SocketAddress? { context?.channel.localAddress }
     var remoteAddress: SocketAddress? { context?.channel.remoteAddress }
     var maxDataPayload: Int? { nil }
+    var peerAddressConfirmed: Bool { true }
 
     func handlerAdded(context: ChannelHandlerContext) { self.context = context }
     func handlerRemoved(context: ChannelHandlerContext) { self.context = nil }

@@ -8,7 +8,7 @@
 //
 // Set-up across a real path (netns-scripts/bench.sh runs the two halves in two namespaces):
 //   nbs-bench --serve-opens PORT [--name NAME] [--opens N]      NBS on PORT, TCP echo on PORT+1
-//   nbs-bench --connect-opens ADDR --port PORT --name NAME [--local ADDR] [--opens N] [--where LABEL]
+//   nbs-bench --connect-opens ADDR --port PORT --name NAME [--local ADDR] [--opens N] [--where LABEL] [--prove-identity]
 // The second prints one JSON line: medians of TCP connect, the TCP round trip, resolving NAME, and
 // NBS open (NAME resolved by the system resolver) to the first byte from the server.
 
@@ -255,6 +255,9 @@ if let host = stringArgument("--connect-opens") {
     }
     var options = NBSOptions()
     if let local = stringArgument("--local") { options.localAddresses = [try SocketAddress(ipAddress: local, port: 0)] }
+    // An opener with an identity key proves it after ACCEPT, so the listener's verdict waits for it:
+    // the set-up without admission at OPEN, for comparison.
+    if arguments.contains("--prove-identity") { options.identity = NBSIdentity() }
     let echo = try SocketAddress(ipAddress: host, port: port + 1)
     let tcpSetup = try await tcpConnectLatency(to: echo, count: opens)
     let rtt = try await tcpRoundTrips(to: echo, count: opens)

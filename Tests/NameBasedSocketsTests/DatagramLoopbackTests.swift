@@ -220,6 +220,34 @@ struct DatagramLoopbackTests {
         await server.close()
     }
 
+    @Test("a UDP hello that announces a window is not admitted at OPEN: its source may be forged, so it gets the ACCEPT and no more")
+    func noAdmissionAtOpenOverUDP() async throws {
+        let server = try await udpListener()
+        let accepted = Task { try await server.accept() }
+        let received = Tally(), datagrams = Tally()
+        let channel = try await DatagramBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(DatagramTally(bytes: received, datagrams: datagrams)) }
+            }
+            .bind(host: "127.0.0.1", port: 0).get()
+        var hello = DatagramConnection(connectionID: 42, isOpener: true)
+        hello.queue(.open(ClientHandshake(sourceName: "spoofed.test", destinationName: "server.test", port: UInt16(server.port), receiveWindow: 1 << 20).open))
+        guard case .datagram(let datagram) = hello.nextDatagram(now: 0) else {
+            Issue.record("no hello datagram")
+            return
+        }
+        #expect(datagram.readableBytes == DatagramWire.maxDatagramSize)
+        try await channel.writeAndFlush(AddressedEnvelope(remoteAddress: try SocketAddress(ipAddress: "127.0.0.1", port: server.port), data: datagram))
+        for _ in 0..<50 where datagrams.count == 0 { try await Task.sleep(for: .milliseconds(20)) }
+        try await Task.sleep(for: .milliseconds(500))
+        #expect(datagrams.count >= 1, "the ACCEPT")
+        #expect(received.count <= datagram.readableBytes, "no more back than the hello's size: \(received.count) bytes in \(datagrams.count) datagrams")
+        #expect(await server.stateCounts().verifying == 1, "still waiting for the opener's authenticated DATA_ACK")
+        accepted.cancel()
+        try await channel.close()
+        await server.close()
+    }
+
     @Test("a UDP opener with nothing listening fails fast with a clear reason")
     func nothingListening() async throws {
         let probe = try await DatagramBootstrap(group: MultiThreadedEventLoopGroup.singleton).bind(host: "127.0.0.1", port: 0).get()
@@ -239,4 +267,18 @@ final class Tally: @unchecked Sendable {
     private var value = 0
     var count: Int { lock.withLock { value } }
     func add(_ n: Int = 1) { lock.withLock { value += n } }
+}
+
+/// Counts what arrives on a raw UDP socket.
+final class DatagramTally: ChannelInboundHandler, Sendable {
+    typealias InboundIn = AddressedEnvelope<ByteBuffer>
+    let bytes: Tally, datagrams: Tally
+    init(bytes: Tally, datagrams: Tally) {
+        self.bytes = bytes
+        self.datagrams = datagrams
+    }
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        bytes.add(Self.unwrapInboundIn(data).data.readableBytes)
+        datagrams.add()
+    }
 }

@@ -24,6 +24,8 @@ enum Seeds {
             .probe(.init(identifier: 7)), .probeAck(.init(identifier: 7)),
             signals.close(.normal, "bye", abort: false), signals.close(.protocolViolation, "no", abort: true),
             .identity(NBSIdentity().prove(HandshakeTranscript(open: client.open, accept: accept), as: .server)),
+            // Last, so the indices above stay put: an OPEN that announces a window (admission at OPEN).
+            .open(ClientHandshake(sourceName: "client.fuzz", destinationName: "server.fuzz", port: 7000, receiveWindow: 1 << 20).open),
         ]
     }
 
