@@ -13,8 +13,12 @@
 #
 #   netns-scripts/bench-scale.sh [--case idle|fair|all] [--sessions N] [--clients K] [--hold S]
 #                                [--active M] [--duration S] [--settle S] [--measure S] [--open-concurrency C]
+#                                [--transport tcp|udp]
 # --settle: seconds between the last subflow up and the idle measurement (default 3); --measure: its length (10);
-# --open-concurrency: opens in progress per client (16).
+# --open-concurrency: opens in progress per client (16). --transport udp: UDP subflows, whose listener shares
+# one socket per local address among all its subflows, so the server needs a handful of descriptors instead of
+# two per session (the clients still hold one per subflow: --clients spreads them); subflows are counted from
+# the clients' connected sockets.
 # Env: NBS_BIN (default .build/release/nbs-mobility), NBS_SERVE_BIN (the server's binary, default NBS_BIN: to
 # measure an older server against the same clients), NBS_BENCH_TIMEOUT (s per process, default 600).
 set -euo pipefail
@@ -32,6 +36,7 @@ duration=10
 measure=10
 concurrency=16
 settle=3
+transport=tcp
 while (($#)); do
     case $1 in
         --case) which_case=$2; shift 2 ;;
@@ -43,11 +48,13 @@ while (($#)); do
         --measure) measure=$2; shift 2 ;;
         --open-concurrency) concurrency=$2; shift 2 ;;
         --settle) settle=$2; shift 2 ;;
-        -h | --help) sed -n '2,19p' "$0"; exit 0 ;;
+        --transport) transport=$2; shift 2 ;;
+        -h | --help) sed -n '2,23p' "$0"; exit 0 ;;
         *) nbs_die "unknown argument $1" ;;
     esac
 done
 [[ $which_case =~ ^(idle|fair|all)$ ]] || nbs_die "--case must be idle, fair or all"
+[[ $transport =~ ^(tcp|udp)$ ]] || nbs_die "--transport must be tcp or udp"
 ((clients >= 1 && clients <= 60)) || nbs_die "--clients must be 1...60 (two loopback addresses each)"
 NBS_BIN=$bin
 serve_bin=${NBS_SERVE_BIN:-$NBS_BIN}
@@ -59,14 +66,15 @@ nbs_cleanup_on_exit
 nbs_tmpdir
 export NBS_CONTROL_DIR=$NBS_TMP/control
 
-# Every session holds two descriptors in the server and two in its client: raise the limit for this shell and
-# the processes it starts (root may raise the hard limit too).
+# Over TCP every session holds two descriptors in the server and two in its client; over UDP two in its client
+# only. Raise the limit for this shell and the processes it starts (root may raise the hard limit too).
 # Raising the hard limit needs CAP_SYS_RESOURCE, which some containers withhold even from root.
 most=$active
 [[ $which_case == fair ]] || most=$((sessions > active ? sessions : active))
-need=$((2 * most + 64))
+need=$((2 * most + 64)) who="the server"
+[[ $transport == udp ]] && need=$((2 * (most + clients - 1) / clients + 64)) who="each client"
 if (($(ulimit -Hn) < need)) && ! ulimit -Hn "$need" 2>/dev/null; then
-    nbs_die "the server needs $need descriptors and the hard limit is $(ulimit -Hn) (no CAP_SYS_RESOURCE to raise it): at most --sessions $((($(ulimit -Hn) - 64) / 2)) here"
+    nbs_die "$who needs $need descriptors and the hard limit is $(ulimit -Hn) (no CAP_SYS_RESOURCE to raise it): at most --sessions $((($(ulimit -Hn) - 64) / 2)) here$([[ $transport == tcp ]] && echo " (over UDP the server needs only a few: --transport udp)")"
 fi
 ulimit -Sn "$(ulimit -Hn)"
 nbs_log "descriptor limit $(ulimit -n)"
@@ -96,11 +104,14 @@ rss_kib() { awk '/^VmRSS/ { print $2 }' "/proc/$1/status"; }
 anon_kib() { awk '/^RssAnon/ { print $2 }' "/proc/$1/status"; }
 fds() { find "/proc/$1/fd" -mindepth 1 -maxdepth 1 | wc -l; }
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
-established() { ss -Htn state established "( sport = :$1 )" | wc -l; }
+# Subflows up: the server's established TCP connections, or the clients' connected UDP sockets to the port.
+established() {
+    if [[ $transport == udp ]]; then ss -Hun state established "( dport = :$1 )" | wc -l; else ss -Htn state established "( sport = :$1 )" | wc -l; fi
+}
 wait_listen() {
     local i
     for ((i = 0; i < 150; i++)); do
-        [[ -n $(ss -Hltn "sport = :$1") ]] && return 0
+        [[ -n $(if [[ $transport == udp ]]; then ss -Huan "sport = :$1"; else ss -Hltn "sport = :$1"; fi) ]] && return 0
         sleep 0.1
     done
     nbs_die "nothing listens on port $1"
@@ -118,7 +129,7 @@ wait_for() {
 start_server() { # start_server PIDVAR PORT NAME
     local -n _sp=$1
     local tp
-    start tp "$3" "$serve_bin" serve --name localhost --port "$2" --sink --json --max-subflows 2
+    start tp "$3" "$serve_bin" serve --name localhost --port "$2" --sink --json --max-subflows 2 --transport "$transport"
     wait_listen "$2"
     _sp=$(child_of "$tp")
     server_timeout_pid=$tp
@@ -136,7 +147,8 @@ idle_case() {
     for ((k = 0; k < clients; k++)); do
         local cp
         start cp "idle-client$k" "$NBS_BIN" connect --name "client$k.scale.test" "localhost:$port" --sessions "$per" --hold "$hold" \
-            --open-concurrency "$concurrency" --max-subflows 2 --local "127.0.0.$((2 * k + 2))" --local "127.0.0.$((2 * k + 3))" --json --no-control
+            --open-concurrency "$concurrency" --max-subflows 2 --local "127.0.0.$((2 * k + 2))" --local "127.0.0.$((2 * k + 3))" --json --no-control \
+            --transport "$transport"
         cpids+=("$cp")
     done
     local want=$((2 * per * clients))
@@ -201,15 +213,15 @@ print(len(s), sum(1 for x in s if sum(1 for f in x["subflows"] if f["state"] == 
     nbs__kill_child "$server_timeout_pid"
     python3 - "$sessions" "$((per * clients))" "$held" "$open_s" "$rate" "$rss0" "$anon0" "$fds0" "$rss1" "$anon1" "$fds1" \
         "$cpu_pct" "$client_cpu_pct" "$measure" "$status_s" "$status_sessions" "$status_two" "$rss2" "$completed" "$closed" \
-        "$rss3" "$fds3" "$rcs" <<'EOF'
+        "$rss3" "$fds3" "$rcs" "$transport" <<'EOF'
 import json, sys
 a = sys.argv[1:]
 (asked, opened, held, open_s, rate, rss0, anon0, fds0, rss1, anon1, fds1, cpu, ccpu, measure, status_s, st_n, st_two, rss2,
- completed, closed, rss3, fds3, rcs) = a
+ completed, closed, rss3, fds3, rcs, transport) = a
 n = int(held) or 1
 per = (int(rss1) - int(rss0)) / n
 per_anon = (int(anon1) - int(anon0)) / n
-j = {"case": "idle", "sessions": int(opened), "held": int(held), "subflows_per_session": 2, "open_seconds": float(open_s),
+j = {"case": "idle", "transport": transport, "sessions": int(opened), "held": int(held), "subflows_per_session": 2, "open_seconds": float(open_s),
      "sessions_per_s": int(rate), "server_rss_kib_before": int(rss0), "server_rss_kib_idle": int(rss1),
      "server_anon_kib_before": int(anon0), "server_anon_kib_idle": int(anon1),
      "kib_per_idle_session": round(per, 2), "anon_kib_per_idle_session": round(per_anon, 2),
@@ -236,7 +248,8 @@ fair_case() {
     c0=$(cpu_ticks "$server")
     # A small send buffer: what a session has written when its time is up drains in well under a second.
     start cp fair-client "$NBS_BIN" connect --name client.scale.test "localhost:$port" --sessions "$active" --duration "$duration" \
-        --start-together --send-buffer 64K --max-subflows 2 --local 127.0.0.2 --local 127.0.0.3 --json --no-control
+        --start-together --send-buffer 64K --max-subflows 2 --local 127.0.0.2 --local 127.0.0.3 --json --no-control \
+        --transport "$transport"
     nbs_wait_rc rc "$cp"
     all_done() { (($(grep -c '"completed"' "$NBS_TMP/fair-server.out" || true) >= active)); }
     wait_for 60 all_done || true
