@@ -160,50 +160,37 @@ fi
 
 # Set-up across one namespace path: nbs-bench serves NBS on PORT and a TCP echo on PORT+1 in the server's
 # namespace, and measures from the client's.
+# setup_once LOG SERVER_NAME SERVER_ADDR CLIENT_ADDR OPENS [CONNECT ARGS...]: one such measurement.
+setup_once() {
+    local log=$1 name=$2 server=$3 client=$4 n=$5 port spid crc=0 src=0
+    shift 5
+    port=$(nbs_port)
+    nbs_bg spid "$NBS_NS_S" 300 "$out/$log.server" "$out/$log.server.log" "$NBS_BENCH_BIN" --serve-opens "$port" --name "$name" --opens "$n"
+    nbs_wait_listen "$NBS_NS_S" $((port + 1))
+    nbs_wait_listen "$NBS_NS_S" "$port"
+    nbs_c timeout -k 5 300 "$NBS_BENCH_BIN" --connect-opens "$server" --port "$port" --name "$name" --local "$client" --opens "$n" "$@" || crc=$?
+    nbs_wait_rc src "$spid"
+    ((crc == 0 && src == 0)) || nbs_die "set-up ($log): client exit $crc, server exit $src"
+}
 setup_netns() (
     set -e
-    local port spid crc=0 src=0
     NBS_CLEANUP=()
     nbs_cleanup_on_exit
     nbs_topology_create --rate 10
-    port=$(nbs_port)
-    nbs_bg spid "$NBS_NS_S" 300 "$out/setup-netns.server" "$out/setup-netns.server.log" \
-        "$NBS_BENCH_BIN" --serve-opens "$port" --name "$NBS_SERVER_NAME" --opens "$opens"
-    nbs_wait_listen "$NBS_NS_S" $((port + 1))
-    nbs_wait_listen "$NBS_NS_S" "$port"
-    nbs_c timeout -k 5 300 "$NBS_BENCH_BIN" --connect-opens "${NBS_S4[1]}" --port "$port" --name "$NBS_SERVER_NAME" \
-        --local "${NBS_C4[1]}" --opens "$opens" || crc=$?
-    nbs_wait_rc src "$spid"
-    ((crc == 0 && src == 0)) || nbs_die "set-up across the topology: client exit $crc, server exit $src"
+    setup_once setup-netns "$NBS_SERVER_NAME" "${NBS_S4[1]}" "${NBS_C4[1]}" "$opens"
     ((setup_delay > 0)) || return 0
     # A third link with a real round trip: this kernel has no netem, so tools/delay-link.py carries its
     # packets between two TUN devices after --setup-delay ms each way. The server's name on it is its own,
     # so that resolving it gives only that link's address.
-    local dpid name=rtt.nbs.test c=203.0.113.161 s=203.0.113.162 i
+    local dpid name=rtt.nbs.test c=203.0.113.161 s=203.0.113.162 i where="netns-rtt$((2 * setup_delay))"
     nbs_bg dpid "$NBS_NS_C" 900 "$out/delay-link.out" "$out/delay-link.log" \
         python3 "$NBS_LIB_DIR/tools/delay-link.py" --ns "$NBS_NS_C" "$c" --ns "$NBS_NS_S" "$s" --delay-ms "$setup_delay" --seconds 890
     for ((i = 0; i < 50; i++)); do grep -q ready "$out/delay-link.out" 2>/dev/null && break; sleep 0.1; done
     grep -q ready "$out/delay-link.out" || nbs_die "the delayed link did not come up: $(cat "$out/delay-link.log")"
     printf '%s\t%s\n' "$s" "$name" >>"/etc/netns/$NBS_NS_C/hosts"
-    port=$(nbs_port)
-    nbs_bg spid "$NBS_NS_S" 300 "$out/setup-netns-rtt.server" "$out/setup-netns-rtt.server.log" \
-        "$NBS_BENCH_BIN" --serve-opens "$port" --name "$name" --opens "$delayed_opens"
-    nbs_wait_listen "$NBS_NS_S" $((port + 1))
-    nbs_wait_listen "$NBS_NS_S" "$port"
-    nbs_c timeout -k 5 300 "$NBS_BENCH_BIN" --connect-opens "$s" --port "$port" --name "$name" \
-        --local "$c" --opens "$delayed_opens" --where "netns-rtt$((2 * setup_delay))" || crc=$?
-    nbs_wait_rc src "$spid"
-    ((crc == 0 && src == 0)) || nbs_die "set-up across the delayed path: client exit $crc, server exit $src"
+    setup_once setup-netns-rtt "$name" "$s" "$c" "$delayed_opens" --where "$where"
     # An opener with an identity key: its proof comes after ACCEPT, so it is not admitted at OPEN.
-    port=$(nbs_port)
-    nbs_bg spid "$NBS_NS_S" 300 "$out/setup-netns-rtt-id.server" "$out/setup-netns-rtt-id.server.log" \
-        "$NBS_BENCH_BIN" --serve-opens "$port" --name "$name" --opens "$delayed_opens"
-    nbs_wait_listen "$NBS_NS_S" $((port + 1))
-    nbs_wait_listen "$NBS_NS_S" "$port"
-    nbs_c timeout -k 5 300 "$NBS_BENCH_BIN" --connect-opens "$s" --port "$port" --name "$name" --prove-identity \
-        --local "$c" --opens "$delayed_opens" --where "netns-rtt$((2 * setup_delay))-identity" || crc=$?
-    nbs_wait_rc src "$spid"
-    ((crc == 0 && src == 0)) || nbs_die "set-up across the delayed path: client exit $crc, server exit $src"
+    setup_once setup-netns-rtt-id "$name" "$s" "$c" "$delayed_opens" --where "$where-identity" --prove-identity
 )
 if selected setup && need_bin "$NBS_BENCH_BIN" setup; then
     run_logged setup-netns 900 setup_netns
