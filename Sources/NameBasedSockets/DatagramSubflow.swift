@@ -257,6 +257,7 @@ final class DatagramSubflow: SubflowTransport {
         guard let channel else { return }
         write(datagram: datagram, to: destination, on: channel)
         channel.flush()
+        delegate?.subflowSent(self)
     }
 
     /// Sends what the window and the pacer allow, and sets the timer for the rest.
@@ -284,6 +285,7 @@ final class DatagramSubflow: SubflowTransport {
         if wrote {
             channel.flush()
             lastSendAt = now
+            delegate?.subflowSent(self)
         }
         armTimer(pacing: pacingWait)
         updateWritability()
