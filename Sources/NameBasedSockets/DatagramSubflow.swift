@@ -271,7 +271,10 @@ final class DatagramSubflow: SubflowTransport {
             case .datagram(let datagram):
                 if dropEveryForTesting > 0 {
                     sentForTesting += 1
-                    if sentForTesting % dropEveryForTesting == 0 { continue }
+                    if sentForTesting % dropEveryForTesting == 0 {
+                        wrote = true  // sent, as far as this end can tell, and lost on the way
+                        continue
+                    }
                 }
                 write(datagram: datagram, on: channel)
                 wrote = true

@@ -311,8 +311,13 @@ final class SubflowHandler: ChannelInboundHandler, SubflowTransport {
     func installKeys(_ keys: SessionKeys, localRole: SessionKeys.Role) {}
 
     func progress() -> EventLoopFuture<SubflowProgress>? {
-        (channel as? any SocketOptionProvider)?.getTCPInfo().map(SubflowProgress.init)
+        if let progressForTesting, let channel { return channel.eventLoop.makeSucceededFuture(progressForTesting) }
+        return (channel as? any SocketOptionProvider)?.getTCPInfo().map(SubflowProgress.init)
     }
+
+    /// Test hook: what `progress()` reports instead of TCP_INFO (a path that died, without root
+    /// to blackhole one).
+    var progressForTesting: SubflowProgress?
 
     /// The channel's write buffer and the kernel's unsent queue (TCP_NOTSENT_LOWAT).
     func setQueueLimit(_ bytes: Int) {
