@@ -913,8 +913,9 @@ final class SessionEngine: SubflowDelegate {
 
     /// An idle session probes less: each round after which nothing else was sent or received doubles
     /// the interval, up to `idleProbeBackoff` times `probeInterval`; a round with traffic goes back to
-    /// `probeInterval`. With probes every second and the 50 ms stall checks, 2,000 idle sessions kept a
-    /// serve at 58 % of a core (2.5 % without; BENCHMARKS.md, Scale). While data moves, RTT comes
+    /// `probeInterval`. Each probe, and each answer to one, starts the stall checks for a round or two
+    /// (`startLivenessChecks`), so probes are what an idle session costs (BENCHMARKS.md, Scale), and
+    /// the cap is how long a path that died while idle can go unnoticed. While data moves, RTT comes
     /// from TCP_INFO (`checkStalls`) rather than probes.
     private func scheduleProbes(after delay: TimeAmount) {
         let bound = self.bound
