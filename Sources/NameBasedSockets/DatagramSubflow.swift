@@ -258,6 +258,7 @@ final class DatagramSubflow: SubflowTransport {
         guard let channel else { return }
         write(datagram: datagram, to: destination, on: channel)
         channel.flush()
+        delegate?.subflowSent(self)
     }
 
     /// Sends what the window and the pacer allow, and sets the timer for the rest.
@@ -271,7 +272,10 @@ final class DatagramSubflow: SubflowTransport {
             case .datagram(let datagram):
                 if dropEveryForTesting > 0 {
                     sentForTesting += 1
-                    if sentForTesting % dropEveryForTesting == 0 { continue }
+                    if sentForTesting % dropEveryForTesting == 0 {
+                        wrote = true  // sent, as far as this end can tell, and lost on the way
+                        continue
+                    }
                 }
                 write(datagram: datagram, on: channel)
                 wrote = true
@@ -285,6 +289,7 @@ final class DatagramSubflow: SubflowTransport {
         if wrote {
             channel.flush()
             lastSendAt = now
+            delegate?.subflowSent(self)
         }
         armTimer(pacing: pacingWait)
         updateWritability()

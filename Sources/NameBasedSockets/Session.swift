@@ -152,6 +152,20 @@ extension Session {
         try? await loop.submit { (engine.value as? SessionEngine)?.killSubflow(id) }.get()
     }
 
+    /// Test hook: whether the engine's stall checks are scheduled now.
+    func livenessChecksRunningForTesting() async -> Bool {
+        let engine = self.engine
+        return (try? await loop.submit { (engine.value as? SessionEngine)?.livenessChecksRunningForTesting ?? false }.get()) ?? false
+    }
+
+    /// Test hook: runs `body` on the session's loop with each live TCP subflow.
+    func withTCPSubflowsForTesting(_ body: @escaping @Sendable (SubflowHandler) -> Void) async {
+        let engine = self.engine
+        try? await loop.submit {
+            for case let subflow as SubflowHandler in (engine.value as? SessionEngine)?.liveTransportsForTesting ?? [] { body(subflow) }
+        }.get()
+    }
+
     /// Test hook: runs `body` on the session's loop with each live UDP subflow.
     func withDatagramSubflowsForTesting(_ body: @escaping @Sendable (DatagramSubflow) -> Void) async {
         let engine = self.engine

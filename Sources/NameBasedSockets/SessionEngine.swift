@@ -53,6 +53,8 @@ final class SessionEngine: SubflowDelegate {
     private var graceTask: Scheduled<Void>?
     private var rejoinTask: RepeatedTask?
     private var livenessTask: RepeatedTask?
+    /// Something went out on a subflow since the last stall check began (see `startLivenessChecks`).
+    private var wroteSinceLivenessCheck = false
     private var monitorSubscription: InterfaceEventSubscription?
     private var announcedAddressIDs: [String: UInt8] = [:]
     private var suspendedSince: [SubflowID: NIODeadline] = [:]
@@ -419,12 +421,24 @@ final class SessionEngine: SubflowDelegate {
         record.handler.write(signals.removeAddress(wire))
     }
 
-    /// Every `livenessInterval` for as long as the session is open. The scale work stopped these
-    /// checks on idle sessions (an interval with nothing sent, nothing unacknowledged and nothing
-    /// suspended), which cut the CPU of 2,000 idle sessions sharply, but sessions then failed to
-    /// recover from a soak schedule of address moves, flaps and blackholes (`NBS_SOAK_SEED=290845780
-    /// netns-scripts/scenarios/soak.sh`: 4 to 19 of 200 sessions lost every subflow, against none
-    /// with the checks running); why was not found in time, so they run again.
+    /// Every `livenessInterval` while there is something to watch; checking 10,000 idle sessions
+    /// every 50 ms would be 400,000 TCP_INFO calls a second (2,000 idle sessions kept a serve at
+    /// 58 % of a core). A check that finds nothing to watch stops them: no subflow's transport has
+    /// anything unacknowledged in flight (TCP_INFO, or the UDP loss recovery), no session data is
+    /// unacknowledged, no subflow is suspended and nothing was written since the previous check.
+    /// Any write to a subflow starts them again (`subflowSent`), whoever made it: the pump, a
+    /// PROBE or its answer, a signal, a UDP keepalive or retransmission. A path that dies while
+    /// idle is found by the next probe (they back off to 32 s): it stays in flight, and the checks
+    /// run until it is acknowledged or the subflow is retired.
+    ///
+    /// An earlier version (7eb9c6a) judged idleness by what the pump sent, and restarted the checks
+    /// only from the pump. A listener that only receives writes nothing through the pump while no
+    /// data arrives, so its checks stopped for good 50 ms after the session was admitted whenever
+    /// the opener's first subflow wedged before any data got through (seen in the soak, seed
+    /// 290845780). Its subflows to the opener's addresses that then went away (moves, flaps; the
+    /// REMOVE_ADDR rode the wedged subflow) carried unanswered PROBEs but were never suspended or
+    /// retired, filled the listener's subflow limit, and the opener's JOINs were refused until its
+    /// grace period ended.
     private func startLivenessChecks() {
         guard livenessTask == nil, options.livenessInterval > .zero, state == .open else { return }
         let bound = self.bound
@@ -433,19 +447,46 @@ final class SessionEngine: SubflowDelegate {
         }
     }
 
-    /// Every `livenessInterval`, each subflow's TCP_INFO: to find stalls, and to size its queues.
+    private func stopLivenessChecks() {
+        livenessTask?.cancel()
+        livenessTask = nil
+    }
+
+    /// Each subflow's transport state (TCP_INFO for TCP): to find stalls, and to size its queues;
+    /// then whether anything is left to watch.
     private func checkStalls() {
-        guard state == .open else { return }
+        guard state == .open else { return stopLivenessChecks() }
+        let wrote = wroteSinceLivenessCheck
+        wroteSinceLivenessCheck = false
         let bound = self.bound
+        var pending = 1  // this pass itself, so that the verdict waits for every answer
+        var inFlight = false
+        let answered = {
+            let engine = bound.value
+            pending -= 1
+            guard pending == 0, engine.state == .open, !wrote, !inFlight, !engine.wroteSinceLivenessCheck,
+                engine.core.unacknowledgedBytes == 0, engine.suspendedSince.isEmpty
+            else { return }
+            engine.stopLivenessChecks()
+        }
         for (id, record) in records where record.established && !record.closed {
-            record.handler.progress()?.whenSuccess { progress in
-                let engine = bound.value
-                if progress.rttMs > 0 { engine.core.recordRTT(id, milliseconds: progress.rttMsPrecise) }
-                engine.stallCheck(id, progress)
-                engine.resizeQueues(id, progress)
+            guard let progress = record.handler.progress() else { continue }
+            pending += 1
+            progress.assumeIsolated().whenComplete { result in
+                if case .success(let progress) = result {
+                    let engine = bound.value
+                    inFlight = inFlight || progress.inFlight
+                    if progress.rttMs > 0 { engine.core.recordRTT(id, milliseconds: progress.rttMsPrecise) }
+                    engine.stallCheck(id, progress)
+                    engine.resizeQueues(id, progress)
+                }
+                answered()
             }
         }
+        answered()
     }
+
+    var livenessChecksRunningForTesting: Bool { livenessTask != nil }
 
     /// A blackhole sends no netlink event: the subflow's TCP just stops getting ACKs, and the kernel
     /// retransmits on its RTO. Data in flight, at least one RTO retransmission and no ACK for
@@ -643,6 +684,11 @@ final class SessionEngine: SubflowDelegate {
             bound.value.pumpScheduled = false
             bound.value.pump()
         }
+    }
+
+    func subflowSent(_ handler: any SubflowTransport) {
+        wroteSinceLivenessCheck = true
+        if livenessTask == nil { startLivenessChecks() }
     }
 
     func subflowWritabilityChanged(_ handler: any SubflowTransport, writable: Bool) {
@@ -867,8 +913,9 @@ final class SessionEngine: SubflowDelegate {
 
     /// An idle session probes less: each round after which nothing else was sent or received doubles
     /// the interval, up to `idleProbeBackoff` times `probeInterval`; a round with traffic goes back to
-    /// `probeInterval`. With probes every second and the 50 ms stall checks, 2,000 idle sessions kept a
-    /// serve at 58 % of a core (2.5 % without; BENCHMARKS.md, Scale). While data moves, RTT comes
+    /// `probeInterval`. Each probe, and each answer to one, starts the stall checks for a round or two
+    /// (`startLivenessChecks`), so probes are what an idle session costs (BENCHMARKS.md, Scale), and
+    /// the cap is how long a path that died while idle can go unnoticed. While data moves, RTT comes
     /// from TCP_INFO (`checkStalls`) rather than probes.
     private func scheduleProbes(after delay: TimeAmount) {
         let bound = self.bound

@@ -160,6 +160,8 @@ protocol SubflowDelegate: AnyObject {
     func subflow(_ subflow: any SubflowTransport, received frame: Frame)
     func subflowReadComplete(_ subflow: any SubflowTransport)
     func subflowWritabilityChanged(_ subflow: any SubflowTransport, writable: Bool)
+    /// The subflow put bytes on the wire (a flush, a datagram): the engine watches for stalls again.
+    func subflowSent(_ subflow: any SubflowTransport)
     func subflowInputClosed(_ subflow: any SubflowTransport)
     func subflowClosed(_ subflow: any SubflowTransport, error: (any Error)?)
     /// A UDP subflow lost a datagram that carried these bytes of the session.
@@ -169,6 +171,7 @@ protocol SubflowDelegate: AnyObject {
 }
 
 extension SubflowDelegate {
+    func subflowSent(_ subflow: any SubflowTransport) {}
     func subflow(_ subflow: any SubflowTransport, lostDataAt sequence: UInt64, length: Int) {}
     func subflow(_ subflow: any SubflowTransport, peerMovedFrom old: SocketAddress, to new: SocketAddress) {}
 }
@@ -263,7 +266,7 @@ final class SubflowHandler: ChannelInboundHandler, SubflowTransport {
         ensurePreamble(into: &buffer)
         FrameEncoder.encode(frame, into: &buffer)
         context.write(Self.wrapOutboundOut(buffer), promise: nil)
-        if flush { context.flush() }
+        if flush { self.flush() }
     }
 
     func writeData(sequence: UInt64, payload: ByteBuffer) {
@@ -275,7 +278,11 @@ final class SubflowHandler: ChannelInboundHandler, SubflowTransport {
         context.write(Self.wrapOutboundOut(payload), promise: nil)
     }
 
-    func flush() { context?.flush() }
+    func flush() {
+        guard let context else { return }
+        context.flush()
+        delegate?.subflowSent(self)
+    }
 
     /// Closes once `frame` is on the wire.
     func writeAndClose(_ frame: Frame?) {
@@ -309,8 +316,13 @@ final class SubflowHandler: ChannelInboundHandler, SubflowTransport {
     func installKeys(_ keys: SessionKeys, localRole: SessionKeys.Role) {}
 
     func progress() -> EventLoopFuture<SubflowProgress>? {
-        (channel as? any SocketOptionProvider)?.getTCPInfo().map(SubflowProgress.init)
+        if let progressForTesting, let channel { return channel.eventLoop.makeSucceededFuture(progressForTesting) }
+        return (channel as? any SocketOptionProvider)?.getTCPInfo().map(SubflowProgress.init)
     }
+
+    /// Test hook: what `progress()` reports instead of TCP_INFO (a path that died, without root
+    /// to blackhole one).
+    var progressForTesting: SubflowProgress?
 
     /// The channel's write buffer and the kernel's unsent queue (TCP_NOTSENT_LOWAT).
     func setQueueLimit(_ bytes: Int) {

@@ -1,0 +1,105 @@
+import NIOCore
+import Testing
+
+@testable import NameBasedSockets
+
+/// The 50 ms stall checks stop on idle sessions (they cost a serve with 2,000 idle sessions 58 % of
+/// a core), and whatever a session writes starts them again. Found by the soak
+/// (`NBS_SOAK_SEED=290845780`): with the checks stopped and restarted only by the pump, a listener
+/// that only receives never watched its subflows again, kept subflows to addresses the opener had
+/// left, and refused the opener's JOINs at its subflow limit.
+@Suite("Stall checks on idle sessions", .timeLimit(.minutes(2)))
+struct IdleLivenessTests {
+    @Test("an idle session stops its stall checks on both ends, and a write starts them again", arguments: NBSOptions.Transport.allCases)
+    func idleStopsChecks(transport: NBSOptions.Transport) async throws {
+        var serverOptions = NBSOptions()
+        serverOptions.transport = transport
+        // Long enough that the checks a write starts are still running when the test looks.
+        serverOptions.livenessInterval = .milliseconds(300)
+        let server = try await listener(options: serverOptions)
+        var options = loopbackOptions()
+        options.transport = transport
+        options.livenessInterval = .milliseconds(300)
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options)
+        let accepted = Task { try await server.accept() }
+        try await client.write(pattern(1000))
+        let session = try await withTimeout(10) { try await accepted.value }
+        _ = try await withTimeout(10) { try await session.read() }
+
+        try await waitFor("the checks of both idle ends stop") {
+            let clientChecks = await client.livenessChecksRunningForTesting()
+            let serverChecks = await session.livenessChecksRunningForTesting()
+            return !clientChecks && !serverChecks
+        }
+        try await client.write(pattern(1000, seed: 2))
+        #expect(await client.livenessChecksRunningForTesting(), "a write starts the sender's checks")
+        _ = try await withTimeout(10) { try await session.read() }
+        try await waitFor("the checks stop again") {
+            let clientChecks = await client.livenessChecksRunningForTesting()
+            let serverChecks = await session.livenessChecksRunningForTesting()
+            return !clientChecks && !serverChecks
+        }
+
+        async let closed: Void = session.close()
+        try await client.close()
+        try await closed
+        await server.close()
+    }
+
+    /// The soak's failing listener in small: it has received all there is and sends nothing but its
+    /// PROBEs, its checks have stopped, and then its path dies. Its next PROBE must start the checks,
+    /// so that the subflow is suspended and retired. TCP cannot be blackholed on loopback without
+    /// root, so its TCP_INFO is replaced by what a dead path shows; UDP loses every datagram it sends.
+    @Test("a listener that only receives finds a path that died while it was idle", arguments: NBSOptions.Transport.allCases)
+    func receiverFindsDeadPathWhileIdle(transport: NBSOptions.Transport) async throws {
+        var serverOptions = NBSOptions()
+        serverOptions.transport = transport
+        serverOptions.probeInterval = .milliseconds(200)
+        serverOptions.stallRetirement = .milliseconds(500)
+        let server = try await listener(options: serverOptions)
+        var options = loopbackOptions()
+        options.transport = transport
+        // The opener stays quiet: only the listener's own writes can find the dead path.
+        options.probeInterval = .seconds(60)
+        options.keepaliveInterval = .seconds(60)
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options)
+        let accepted = Task { try await server.accept() }
+        try await client.write(pattern(1000))
+        let session = try await withTimeout(10) { try await accepted.value }
+        _ = try await withTimeout(10) { try await session.read() }
+        try await waitFor("the listener's checks stop") { await !session.livenessChecksRunningForTesting() }
+
+        switch transport {
+        case .tcp:
+            let dead = SubflowProgress(inFlight: true, silentMs: 60_000, rttMs: 1, timeoutRetransmissions: 3, bytesPerSecond: 0)
+            await session.withTCPSubflowsForTesting { $0.progressForTesting = dead }
+        case .udp:
+            await session.withDatagramSubflowsForTesting { $0.dropEveryForTesting = 1 }
+        }
+        // Probes back off to 32 × 200 ms while idle; a few of those, a probe timeout and the retirement.
+        let seen = try await withTimeout(30, "the listener retiring its dead subflow") { () -> [SessionEvent] in
+            var seen: [SessionEvent] = []
+            for await event in session.events {
+                seen.append(event)
+                if case .subflowDown = event { break }
+            }
+            return seen
+        }
+        #expect(seen.contains { if case .subflowStalled = $0 { true } else { false } }, "suspended first: \(seen)")
+        #expect(seen.contains { if case .subflowDown(_, let reason) = $0 { reason.contains("no acknowledgement") } else { false } }, "\(seen)")
+
+        await session.abort()
+        await client.abort()
+        await server.close()
+    }
+}
+
+/// Polls `condition` every 20 ms for up to `seconds`.
+func waitFor(_ what: String, seconds: Double = 10, _ condition: @escaping @Sendable () async -> Bool) async throws {
+    let deadline = ContinuousClock.now + .milliseconds(Int(seconds * 1000))
+    while ContinuousClock.now < deadline {
+        if await condition() { return }
+        try await Task.sleep(for: .milliseconds(20))
+    }
+    throw TimeoutError(what: what, seconds: seconds)
+}
