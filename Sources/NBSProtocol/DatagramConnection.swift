@@ -190,6 +190,15 @@ public struct DatagramConnection {
     public var isWritable: Bool { congestion.bytesInFlight + queuedDataBytes < congestion.window }
 
     public var hasAckElicitingInFlight: Bool { !sent.isEmpty }
+    /// Since when the peer owes us an acknowledgement: the later of its last ACK and the sending of
+    /// the oldest packet it has not acknowledged. An idle subflow's last ACK may be long past; a probe
+    /// sent now is not overdue by that much.
+    public var silentSince: UInt64? {
+        switch (lastAckReceivedAt, sent.oldest?.sentAt) {
+        case let (ack?, oldest?): max(ack, oldest)
+        case let (ack, oldest): ack ?? oldest
+        }
+    }
     public var bytesInFlight: Int { congestion.bytesInFlight }
 
     // MARK: building datagrams

@@ -210,6 +210,9 @@ struct SentPackets<Packet> {
         }
     }
 
+    /// The oldest packet still awaiting its acknowledgement.
+    var oldest: Packet? { slots.first ?? nil }
+
     /// Packets still awaiting acknowledgement numbered below `number`, oldest first.
     func packets(below number: UInt64) -> [Packet] {
         var result: [Packet] = []

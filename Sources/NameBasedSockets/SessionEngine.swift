@@ -52,7 +52,10 @@ final class SessionEngine: SubflowDelegate {
     private(set) var waitingSince: NIODeadline?
     private var graceTask: Scheduled<Void>?
     private var rejoinTask: RepeatedTask?
-    private var livenessTask: RepeatedTask?
+    /// The stall checks' chain of timers runs while this is set; a chain started earlier and not yet
+    /// fired sees another generation and ends (see `startLivenessChecks`).
+    private var livenessRunning = false
+    private var livenessGeneration = 0
     /// Something went out on a subflow since the last stall check began (see `startLivenessChecks`).
     private var wroteSinceLivenessCheck = false
     private var monitorSubscription: InterfaceEventSubscription?
@@ -439,17 +442,30 @@ final class SessionEngine: SubflowDelegate {
     /// REMOVE_ADDR rode the wedged subflow) carried unanswered PROBEs but were never suspended or
     /// retired, filled the listener's subflow limit, and the opener's JOINs were refused until its
     /// grace period ended.
+    ///
+    /// The checks start and stop often, so they are a chain of one-shot timers that stopping
+    /// abandons rather than a repeated task that stopping cancels: NIO finds a cancelled task in its
+    /// scheduling heap by a linear search, which at 10,000 sessions cost more than the checks.
     private func startLivenessChecks() {
-        guard livenessTask == nil, options.livenessInterval > .zero, state == .open else { return }
+        guard !livenessRunning, options.livenessInterval > .zero, state == .open else { return }
+        livenessRunning = true
+        livenessGeneration &+= 1
+        scheduleLivenessCheck(generation: livenessGeneration)
+    }
+
+    private func scheduleLivenessCheck(generation: Int) {
         let bound = self.bound
-        livenessTask = loop.scheduleRepeatedTask(initialDelay: options.livenessInterval, delay: options.livenessInterval) { _ in
-            bound.value.checkStalls()
+        loop.scheduleTask(in: options.livenessInterval) {
+            let engine = bound.value
+            guard engine.livenessRunning, engine.livenessGeneration == generation else { return }
+            engine.checkStalls()
+            guard engine.livenessRunning, engine.livenessGeneration == generation else { return }
+            engine.scheduleLivenessCheck(generation: generation)
         }
     }
 
     private func stopLivenessChecks() {
-        livenessTask?.cancel()
-        livenessTask = nil
+        livenessRunning = false
     }
 
     /// Each subflow's transport state (TCP_INFO for TCP): to find stalls, and to size its queues;
@@ -486,7 +502,7 @@ final class SessionEngine: SubflowDelegate {
         answered()
     }
 
-    var livenessChecksRunningForTesting: Bool { livenessTask != nil }
+    var livenessChecksRunningForTesting: Bool { livenessRunning }
 
     /// A blackhole sends no netlink event: the subflow's TCP just stops getting ACKs, and the kernel
     /// retransmits on its RTO. Data in flight, at least one RTO retransmission and no ACK for
@@ -688,7 +704,7 @@ final class SessionEngine: SubflowDelegate {
 
     func subflowSent(_ handler: any SubflowTransport) {
         wroteSinceLivenessCheck = true
-        if livenessTask == nil { startLivenessChecks() }
+        if !livenessRunning { startLivenessChecks() }
     }
 
     func subflowWritabilityChanged(_ handler: any SubflowTransport, writable: Bool) {
@@ -871,7 +887,7 @@ final class SessionEngine: SubflowDelegate {
     private func terminated() {
         graceTask?.cancel()
         rejoinTask?.cancel()
-        livenessTask?.cancel()
+        livenessRunning = false
         monitorSubscription?.cancel()
         monitorSubscription = nil
         onTerminate?()

@@ -145,6 +145,22 @@ import Testing
         #expect(opener.probeTimeouts == 1)
     }
 
+    /// Found at 4,000 idle UDP sessions on one host: a probe after a long idle spell counted its wait
+    /// from the last ACK, seconds earlier, so one late answer made the session suspend the subflow.
+    @Test func silenceCountsFromTheOldestUnansweredPacketNotTheLastAck() throws {
+        var (opener, listener) = Self.keyedPair()
+        opener.queue(.dataAck(.init(cumulativeAck: 0, window: 100)))
+        for d in Self.drain(&opener, now: 1_000_000) { _ = listener.receive(d, now: 1_500_000) }
+        _ = listener.timeout(now: 20_000_000)  // its ACK goes out at the ack delay
+        for d in Self.drain(&listener, now: 20_000_000) { _ = opener.receive(d, now: 21_000_000) }
+        #expect(!opener.hasAckElicitingInFlight)
+        #expect(opener.silentSince == 21_000_000, "nothing owed: the last ACK")
+        let probeAt: UInt64 = 8_000_000_000  // eight idle seconds later
+        opener.queue(.probe(.init(identifier: 1)))
+        #expect(Self.drain(&opener, now: probeAt).count == 1)
+        #expect(opener.silentSince == probeAt, "owed since the probe went out, not since the ACK eight seconds ago")
+    }
+
     // MARK: a simulated path
 
     /// A one-way path: a drop-tail queue drained at `rate`, then `delay`; optional random loss.
