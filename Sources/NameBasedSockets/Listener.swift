@@ -27,6 +27,12 @@ public final class Listener: Sendable {
         self.channels = channels
     }
 
+    /// The kernel's accept queue (capped by net.core.somaxconn). Every session's JOINs arrive in a
+    /// burst after its OPEN: at 256, the soak's 200 concurrent opens overflowed it about 1,100 times,
+    /// and a connection whose handshake the kernel dropped reached the listener a retransmission
+    /// (a second or more) later, past `legacyDetectionDelay`, to be taken for a legacy client.
+    static let listenBacklog: Int32 = 4096
+
     static func start(localName: String, port: Int, options: NBSOptions) async throws -> Listener {
         let loop = options.eventLoopGroup.next()
         let state = try await loop.submit { NIOLoopBound(ListenerState(loop: loop, localName: localName, options: options), eventLoop: loop) }.get()
@@ -47,7 +53,7 @@ public final class Listener: Sendable {
                 }
                 let channel = try await ServerBootstrap(group: loop)
                     .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-                    .serverChannelOption(.backlog, value: 256)
+                    .serverChannelOption(.backlog, value: Self.listenBacklog)
                     .childChannelInitializer { channel in
                         guard options.acceptLegacyClients else {
                             return SubflowConnector.configure(channel).flatMapThrowing {
