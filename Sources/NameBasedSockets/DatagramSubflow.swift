@@ -65,7 +65,8 @@ final class DatagramSubflow: SubflowTransport {
     private var reportedClosed = false
     private var outputShutdown = false
     private var peerShutdown = false
-    private var closeAfterShutdownAck: Scheduled<Void>?
+    /// Our SHUTDOWN is out: its acknowledgement, or 500 ms, ends the subflow.
+    private var closingAfterShutdown = false
     private var closeError: (any Error)?
     private var closeOnAttach = false
     /// Listener side: a path check of a new peer address in progress.
@@ -120,7 +121,8 @@ final class DatagramSubflow: SubflowTransport {
             // goes, or the peer waits for it until its linger ends.
             transmit()
             if connection.shutdownAcknowledged { return close(error: nil) }
-            closeAfterShutdownAck = loop.assumeIsolated().scheduleTask(in: .milliseconds(500)) { [self] in close(error: nil) }
+            closingAfterShutdown = true
+            loop.assumeIsolated().scheduleTask(in: .milliseconds(500)) { [self] in close(error: nil) }
         } else {
             resetAndClose()
         }
@@ -391,7 +393,7 @@ final class DatagramSubflow: SubflowTransport {
                 writeAndClose(.abort(.init(reason: .protocolViolation, message: why)))
             }
         }
-        if connection.shutdownAcknowledged, closeAfterShutdownAck != nil { close(error: nil) }
+        if connection.shutdownAcknowledged, closingAfterShutdown { close(error: nil) }
     }
 
     static func sameEndpoint(_ a: SocketAddress, _ b: SocketAddress) -> Bool {

@@ -241,7 +241,8 @@ final class ListenerState: SubflowDelegate {
         guard var entry = verifying[key] else { return }
         switch entry.machine.receive(frame) {
         case .session(.identity(let proof)):
-            guard entry.identity == nil, entry.frames.isEmpty, !entry.verificationStarted else {
+            // Verification starts at the first frame after ACCEPT, or at OPEN after a window.
+            guard entry.identity == nil, !entry.verificationStarted else {
                 return refuseVerifying(key, .protocolViolation, "IDENTITY out of place")
             }
             entry.identity = proof

@@ -158,19 +158,12 @@ extension Session {
         return (try? await loop.submit { (engine.value as? SessionEngine)?.livenessChecksRunningForTesting ?? false }.get()) ?? false
     }
 
-    /// Test hook: runs `body` on the session's loop with each live TCP subflow.
-    func withTCPSubflowsForTesting(_ body: @escaping @Sendable (SubflowHandler) -> Void) async {
+    /// Test hook: runs `body` on the session's loop with each live subflow of one transport
+    /// (`SubflowHandler` for TCP, `DatagramSubflow` for UDP).
+    func withSubflowsForTesting<Transport: SubflowTransport>(_ type: Transport.Type, _ body: @escaping @Sendable (Transport) -> Void) async {
         let engine = self.engine
         try? await loop.submit {
-            for case let subflow as SubflowHandler in (engine.value as? SessionEngine)?.liveTransportsForTesting ?? [] { body(subflow) }
-        }.get()
-    }
-
-    /// Test hook: runs `body` on the session's loop with each live UDP subflow.
-    func withDatagramSubflowsForTesting(_ body: @escaping @Sendable (DatagramSubflow) -> Void) async {
-        let engine = self.engine
-        try? await loop.submit {
-            for case let subflow as DatagramSubflow in (engine.value as? SessionEngine)?.liveTransportsForTesting ?? [] { body(subflow) }
+            for case let subflow as Transport in (engine.value as? SessionEngine)?.liveTransportsForTesting ?? [] { body(subflow) }
         }.get()
     }
 }

@@ -887,7 +887,7 @@ final class SessionEngine: SubflowDelegate {
     private func terminated() {
         graceTask?.cancel()
         rejoinTask?.cancel()
-        livenessRunning = false
+        stopLivenessChecks()
         monitorSubscription?.cancel()
         monitorSubscription = nil
         onTerminate?()

@@ -72,12 +72,12 @@ struct DatagramLoopbackTests {
         let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port,
                                         options: udpOptions(locals: ["127.0.0.1", "127.0.0.2"]))
         try await waitForSubflows(client, count: 2)
-        await client.withDatagramSubflowsForTesting { $0.dropEveryForTesting = 20 }
+        await client.withSubflowsForTesting(DatagramSubflow.self) { $0.dropEveryForTesting = 20 }
         let accepted = Task { try await server.accept() }
         // The listener's side loses every 20th too, once it has the session.
         let serverLoses = Task {
             let session = try await accepted.value
-            await session.withDatagramSubflowsForTesting { $0.dropEveryForTesting = 20 }
+            await session.withSubflowsForTesting(DatagramSubflow.self) { $0.dropEveryForTesting = 20 }
             return session
         }
         let chunk = pattern(256 * 1024, seed: 5)
@@ -94,7 +94,7 @@ struct DatagramLoopbackTests {
         #expect(digest == Array(hash.finalize()))
         // Both ends still open: the subflows' own counts are there to read.
         let lost = Tally()
-        await client.withDatagramSubflowsForTesting { lost.add($0.statistics.lostPackets) }
+        await client.withSubflowsForTesting(DatagramSubflow.self) { lost.add($0.statistics.lostPackets) }
         #expect(lost.count > 0, "the subflows found their losses from the acknowledgements")
         #expect(await client.statistics.reinjectedBytes > 0, "lost data is resent by the session")
         let serverSession = try await serverLoses.value
@@ -118,7 +118,7 @@ struct DatagramLoopbackTests {
             }
             return nil
         }
-        await client.withDatagramSubflowsForTesting { subflow in _ = subflow.rebindForTesting() }
+        await client.withSubflowsForTesting(DatagramSubflow.self) { subflow in _ = subflow.rebindForTesting() }
         let data = pattern(2 << 20, seed: 3)
         let reading = Task { () -> Int in
             var total = 0
@@ -204,11 +204,11 @@ struct DatagramLoopbackTests {
         try await client.write(pattern(100))
         let live = try await withTimeout(10) { try await accepted.value }
         let before = Tally()
-        await client.withDatagramSubflowsForTesting { before.add($0.statistics.datagramsSent) }
+        await client.withSubflowsForTesting(DatagramSubflow.self) { before.add($0.statistics.datagramsSent) }
         try await Task.sleep(for: .milliseconds(1500))
         let after = Tally()
         let silent = Tally()
-        await client.withDatagramSubflowsForTesting { subflow in
+        await client.withSubflowsForTesting(DatagramSubflow.self) { subflow in
             after.add(subflow.statistics.datagramsSent)
             if subflow.connection.hasAckElicitingInFlight, subflow.connection.probeTimeouts > 0 { silent.add() }
         }

@@ -72,9 +72,9 @@ struct IdleLivenessTests {
         switch transport {
         case .tcp:
             let dead = SubflowProgress(inFlight: true, silentMs: 60_000, rttMs: 1, timeoutRetransmissions: 3, bytesPerSecond: 0)
-            await session.withTCPSubflowsForTesting { $0.progressForTesting = dead }
+            await session.withSubflowsForTesting(SubflowHandler.self) { $0.progressForTesting = dead }
         case .udp:
-            await session.withDatagramSubflowsForTesting { $0.dropEveryForTesting = 1 }
+            await session.withSubflowsForTesting(DatagramSubflow.self) { $0.dropEveryForTesting = 1 }
         }
         // Probes back off to 32 × 200 ms while idle; a few of those, a probe timeout and the retirement.
         let seen = try await withTimeout(30, "the listener retiring its dead subflow") { () -> [SessionEvent] in
