@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Soak: many concurrent sessions under churn. One `serve --sink` process holds NBS_SOAK_SESSIONS sessions (default
 # 200) from one `connect --sessions` process, each sending for NBS_SOAK_SECONDS (default 20; run it by hand with
-# 300 or more), in two rounds, while a seeded random schedule (NBS_SOAK_SEED, printed) flaps links, moves the
+# 300 or more), in three rounds, while a seeded random schedule (NBS_SOAK_SEED, printed) flaps links, moves the
 # client's path-2 addresses and blackholes a path, one fault at a time. Then it checks:
-#   - every session of both rounds completed, and the server received exactly what each client sent (SHA-256);
-#   - the server leaked nothing: its open descriptors after round 2 are back at the level before round 1, and its
-#     RSS after round 2 is within 25 % (+16 MiB) of its RSS after round 1 (a leak grows with every round);
+#   - every session of every round completed, and the server received exactly what each client sent (SHA-256);
+#   - the server leaked nothing: its open descriptors after round 3 are back at the level before round 1, and its
+#     RSS after round 3 is within 25 % (+16 MiB) of the higher of its RSS after rounds 1 and 2 (a leak grows with
+#     every round). RSS is a high-water mark (the allocator keeps what it freed), so one round with light faults
+#     sets a low mark that a heavier next round exceeds without leaking anything: one round's figure alone is not
+#     the level, and with seed 1004149641 a check of round 2 against round 1 failed on a round 1 of blackholes only.
 #   - the server still accepts: a fresh session afterwards completes.
 # Each session's send buffer is 128 KiB: with 8 MiB (the default) and ~0.5 Mbit/s per session, what a session
 # has written when its time is up would take minutes to drain.
@@ -24,7 +27,7 @@ nbs_require_bin
 nbs_cleanup_on_exit
 nbs_tmpdir
 nbs_topology_create --rate "${NBS_RATE:-50}"
-echo "soak: $sessions sessions x 2 rounds of ${seconds}s, seed $seed"
+echo "soak: $sessions sessions x 3 rounds of ${seconds}s, seed $seed"
 RANDOM=$seed
 
 port=$(nbs_port)
@@ -105,9 +108,13 @@ sleep 2
 fd1=$(fds) rss1=$(rss)
 round_end=$(($(date +%s) + seconds))
 round 2
+sleep 2
+rss2=$(rss)
+round_end=$(($(date +%s) + seconds))
+round 3
 sleep 3
-fd2=$(fds) rss2=$(rss)
-echo "server descriptors: $fd0 before, $fd1 after round 1, $fd2 after round 2; RSS ${rss1} KiB after round 1, ${rss2} KiB after round 2"
+fd3=$(fds) rss3=$(rss)
+echo "server descriptors: $fd0 before, $fd1 after round 1, $fd3 after round 3; RSS ${rss1} KiB after round 1, ${rss2} KiB after round 2, ${rss3} KiB after round 3"
 # A JOIN from an address that is deleted right after it connects never sends a byte: the listener
 # takes it for a silent legacy client, and the sink application holds it as a plain TCP server
 # would, until TCP keepalive (about 90 s) finds the peer gone. Those are counted, not leaks: connections
@@ -117,13 +124,14 @@ stale=$(nbs_s ss -Htn state established "( sport = :$port )" | awk -v cur=" $cur
     peer = $4; sub(/:[0-9]+$/, "", peer); gsub(/^\[|\]$/, "", peer); sub(/^::ffff:/, "", peer)
     if (index(cur, " " peer " ") == 0) n++ } END { print n + 0 }')
 echo "connections still held from client addresses that no longer exist: $stale"
-if ((fd2 > fd0 + 2 + stale)); then
-    nbs_fail "the server holds $fd2 descriptors after the soak, $fd0 before (+ $stale held from vanished addresses)"
+if ((fd3 > fd0 + 2 + stale)); then
+    nbs_fail "the server holds $fd3 descriptors after the soak, $fd0 before (+ $stale held from vanished addresses)"
     # What they are: sockets the server still holds, and the descriptor table.
     nbs_s ss -tnp state established state close-wait 2>/dev/null | grep -v "^State" | awk '{print "  " $1, $4, $5}' | sort | uniq -c | sort -rn | head -20 || true
     ls -l "/proc/$server/fd" 2>/dev/null | awk '{print "  " $NF}' | sed 's/\[[0-9]*\]//' | sort | uniq -c || true
 fi
-((rss2 <= rss1 * 5 / 4 + 16384)) || nbs_fail "the server's RSS grew from ${rss1} to ${rss2} KiB between rounds"
+rss_level=$((rss1 > rss2 ? rss1 : rss2))
+((rss3 <= rss_level * 5 / 4 + 16384)) || nbs_fail "the server's RSS grew from ${rss_level} KiB (the higher of rounds 1 and 2) to ${rss3} KiB in round 3"
 
 # Still accepting?
 xpid="" xrc=0
@@ -143,7 +151,7 @@ def lines(path):
         if line.startswith("{"):
             out.append(json.loads(line))
     return out
-clients = lines(tmp + "/client1") + lines(tmp + "/client2") + lines(tmp + "/last")
+clients = lines(tmp + "/client1") + lines(tmp + "/client2") + lines(tmp + "/client3") + lines(tmp + "/last")
 servers = lines(tmp + "/server")
 # A subflow whose first bytes come later than legacyDetectionDelay is taken for a legacy client and
 # reset (the opener retries): the server application sees it as a failed legacy session. Counted, not
@@ -155,8 +163,8 @@ fails = []
 bad = [c for c in clients if not c.get("completed")]
 if bad:
     fails.append("%d client sessions did not complete (first: %s)" % (len(bad), bad[0].get("error")))
-if len(clients) != 2 * sessions + 1:
-    fails.append("%d client reports, expected %d" % (len(clients), 2 * sessions + 1))
+if len(clients) != 3 * sessions + 1:
+    fails.append("%d client reports, expected %d" % (len(clients), 3 * sessions + 1))
 sent = collections.Counter((c.get("bytes"), c.get("sha256")) for c in clients if c.get("completed"))
 got = collections.Counter((s.get("bytes"), s.get("sha256")) for s in servers if s.get("completed"))
 if sent != got:
@@ -181,4 +189,4 @@ if ((NBS_FAILS)); then
     echo "FAIL soak: $NBS_FAILS failed check(s), seed $seed"
     exit 1
 fi
-echo "PASS soak: $sessions sessions x 2 rounds of ${seconds}s, $faults faults (seed $seed), every byte accounted for; server fds $fd0 -> $fd2 ($stale from vanished addresses), RSS ${rss1} -> ${rss2} KiB; still accepting"
+echo "PASS soak: $sessions sessions x 3 rounds of ${seconds}s, $faults faults (seed $seed), every byte accounted for; server fds $fd0 -> $fd3 ($stale from vanished addresses), RSS ${rss1} -> ${rss2} -> ${rss3} KiB; still accepting"
