@@ -13,6 +13,7 @@ public enum Frame: Sendable, Equatable {
     case addAddress(AddAddress)
     case removeAddress(RemoveAddress)
     case priority(Priority)
+    case interface(Interface)
     case probe(Probe)
     case probeAck(Probe)
     case close(Close)
@@ -31,6 +32,7 @@ public enum Frame: Sendable, Equatable {
         case .addAddress: .addAddress
         case .removeAddress: .removeAddress
         case .priority: .priority
+        case .interface: .interface
         case .probe: .probe
         case .probeAck: .probeAck
         case .close: .close
@@ -174,6 +176,14 @@ public enum Frame: Sendable, Equatable {
             self.sequence = sequence
             self.mac = mac
         }
+    }
+
+    /// Which of the sender's interfaces this subflow leaves by, as a tag that means something only
+    /// within the session (equal tags: the same interface). The receiver groups subflows that share
+    /// both ends' interfaces, and so most likely one bottleneck; a hint, not a command.
+    public struct Interface: Sendable, Equatable {
+        public var tag: UInt32
+        public init(tag: UInt32) { self.tag = tag }
     }
 
     public struct Probe: Sendable, Equatable {

@@ -55,6 +55,8 @@ public enum FrameEncoder {
         case .open(let o): o.receiveWindow == nil ? 0 : NBSWire.openWindowFlag
         // Peers that predate IDENTITY skip it rather than fail, so it can be sent to any peer.
         case .identity: NBSWire.ignorableFlag
+        // A scheduling hint: a peer that predates it loses nothing by skipping it.
+        case .interface: NBSWire.ignorableFlag
         default: 0
         }
     }
@@ -108,6 +110,8 @@ public enum FrameEncoder {
         case .priority(let p):
             b.writeInteger(p.sequence)
             b.writeBytes(p.mac)
+        case .interface(let i):
+            b.writeInteger(i.tag)
         case .probe(let p), .probeAck(let p):
             b.writeInteger(p.identifier)
         case .close(let c), .abort(let c):
@@ -238,6 +242,8 @@ public struct FrameDecoder: Sendable {
             frame = .removeAddress(.init(address: try r.address(), sequence: try r.u32(), mac: try r.bytes(NBSWire.macLength)))
         case .priority:
             frame = .priority(.init(backup: flags & NBSWire.backupFlag != 0, sequence: try r.u32(), mac: try r.bytes(NBSWire.macLength)))
+        case .interface:
+            frame = .interface(.init(tag: try r.u32()))
         case .probe:
             frame = .probe(.init(identifier: try r.u64()))
         case .probeAck:

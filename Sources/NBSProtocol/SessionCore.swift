@@ -55,6 +55,9 @@ public struct SessionCore: Sendable {
         var smoothedRTT: Double?  // milliseconds
         /// A slow path gets smaller segments, so reinjected data waits behind less of them.
         var segmentLimit: Int?
+        /// Subflows of one group share their bottleneck (the same pair of interfaces): under
+        /// `aggregate` one of them carries data and the others stand by (see `scheduledSubflow`).
+        var pathGroup: String?
         var stats = SubflowStats()
     }
 
@@ -121,6 +124,11 @@ public struct SessionCore: Sendable {
         subflows[id]?.backup = backup
     }
 
+    /// nil: the subflow shares its path with no other that we know of.
+    public mutating func setPathGroup(_ id: SubflowID, _ group: String?) {
+        subflows[id]?.pathGroup = group
+    }
+
     public mutating func recordRTT(_ id: SubflowID, milliseconds sample: Double) {
         guard let old = subflows[id]?.smoothedRTT else {
             subflows[id]?.smoothedRTT = sample
@@ -178,6 +186,12 @@ public struct SessionCore: Sendable {
     public func stats(_ id: SubflowID) -> SubflowStats? { subflows[id]?.stats }
     public func smoothedRTT(_ id: SubflowID) -> Double? { subflows[id]?.smoothedRTT }
     public func isBackup(_ id: SubflowID) -> Bool { subflows[id]?.backup ?? false }
+    /// Usable, but kept from data while a sibling on the same path group carries it.
+    public func isStandby(_ id: SubflowID) -> Bool {
+        guard configuration.policy == .aggregate, subflows[id]?.pathGroup != nil else { return false }
+        let pool = schedulingPool()
+        return pool.contains { $0.id == id } && !dataCarriers(in: pool).contains { $0.id == id }
+    }
 
     // MARK: application side
 
@@ -355,12 +369,29 @@ public struct SessionCore: Sendable {
         return usableSubflows.first ?? aliveSubflows.first
     }
 
-    /// The scheduler's decision for the next data segment, according to the policy.
-    func scheduledSubflow() -> SubflowID? {
+    /// Usable subflows in establishment order; backups only when no regular subflow is left.
+    private func schedulingPool() -> [Subflow] {
         let alive = order.compactMap { subflows[$0] }.filter { $0.alive && !$0.suspended }
         let regular = alive.filter { !$0.backup }
-        // Backups carry data only when no regular subflow is left.
-        let pool = regular.isEmpty ? alive : regular
+        return regular.isEmpty ? alive : regular
+    }
+
+    /// One subflow per path group, the oldest: two flows through one bottleneck (an IPv4 and an
+    /// IPv6 subflow between the same two interfaces) only compete there, and each one's losses hold
+    /// the receiver's head of line. The sibling stands by, warm (probed, established), and takes
+    /// over as soon as the carrier is suspended or gone. A carrier that is merely not writable keeps
+    /// its sibling idle: the bottleneck they share is what is full.
+    private func dataCarriers(in pool: [Subflow]) -> [Subflow] {
+        var seen: Set<String> = []
+        return pool.filter { subflow in
+            guard let group = subflow.pathGroup else { return true }
+            return seen.insert(group).inserted
+        }
+    }
+
+    /// The scheduler's decision for the next data segment, according to the policy.
+    func scheduledSubflow() -> SubflowID? {
+        let pool = schedulingPool()
         switch configuration.policy {
         case .handover:
             guard let primary = pool.first, primary.writable else { return nil }
@@ -372,8 +403,9 @@ public struct SessionCore: Sendable {
             // A subflow much slower than the fastest holds the receiver's head of line for longer
             // than waiting for the fast one would (the idea of the ECF/BLEST schedulers): data
             // waits for the fast subflows rather than go there.
-            let fastest = pool.compactMap(\.smoothedRTT).min()
-            let usable = pool.filter { subflow in
+            let carriers = dataCarriers(in: pool)
+            let fastest = carriers.compactMap(\.smoothedRTT).min()
+            let usable = carriers.filter { subflow in
                 guard let fastest, let rtt = subflow.smoothedRTT else { return true }
                 return rtt <= Self.slowFactor * fastest + Self.slowMarginMs
             }

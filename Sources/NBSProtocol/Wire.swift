@@ -51,6 +51,7 @@ public enum FrameType: UInt8, Sendable, CaseIterable {
     case addAddress = 0x20
     case removeAddress = 0x21
     case priority = 0x22
+    case interface = 0x23
     case probe = 0x30
     case probeAck = 0x31
     case close = 0x40

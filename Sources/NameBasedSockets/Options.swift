@@ -11,6 +11,11 @@ public struct NBSOptions: Sendable {
     /// names, events, policies and mobility; both ends of a session must use the same.
     public var transport: Transport = .tcp
     public var policy: MultipathPolicy = .aggregate
+    /// Under `aggregate`, of the subflows between the same two interfaces (an IPv4 and an IPv6
+    /// subflow over one path) one carries data and the others stand by, taking over at once if it
+    /// fails: two flows through one bottleneck only compete and lose there. Each end names its
+    /// interface per subflow (INTERFACE, docs/PROTOCOL.md). false: every subflow carries data.
+    public var siblingSubflowsStandBy = true
     /// Most subflows a session runs (and, on a listener, accepts per session).
     public var maxSubflows = 4
     public var resolver: any NameResolver = SystemResolver()
@@ -177,7 +182,13 @@ public enum SubflowState: String, Sendable, Codable {
     /// No TCP progress: suspended from scheduling, its data reinjected elsewhere.
     case stalled
     case backup
+    /// Established and probed, but carrying no data while a sibling between the same two
+    /// interfaces does (`NBSOptions.siblingSubflowsStandBy`); it takes over when that one fails.
+    case standby
     case closed
+
+    /// Established and not stalled: carrying data, or ready to.
+    public var isUp: Bool { self == .active || self == .standby || self == .backup }
 }
 
 public struct SubflowInfo: Sendable, Equatable {

@@ -24,6 +24,8 @@ final class SessionEngine: SubflowDelegate {
         let local: SocketAddress
         var remote: SocketAddress
         let interface: String?
+        /// The peer's tag for its interface on this subflow (INTERFACE), when it sent one.
+        var peerInterface: UInt32?
         var backup: Bool
         var pendingJoin: Frame.Join?
         var established = false
@@ -64,6 +66,8 @@ final class SessionEngine: SubflowDelegate {
     private var queueHighWaterMark: [SubflowID: Int] = [:]
     private var pendingInterfaceEvents: [InterfaceEvent] = []
     private var refusedJoinRetries = 0
+    /// Our interfaces' tags in INTERFACE hints, numbered by first use in this session.
+    private var interfaceTags: [String: UInt32] = [:]
     private(set) var rejectedSignals = 0
     var peerAddresses: [SocketAddress]
 
@@ -125,20 +129,39 @@ final class SessionEngine: SubflowDelegate {
         handler.delegate = self
         records[id] = SubflowRecord(handler: handler, machine: machine, local: local.unmapped, remote: remote.unmapped,
                                     interface: addressBook.interface(for: local.unmapped), backup: backup, established: true)
-        subflowEstablished(id, backup: backup, rttSample: rttSample)
         startProbingIfNeeded()
-        pump()
+        subflowEstablished(id, backup: backup, rttSample: rttSample)
     }
 
     /// The subflow's handshake is done: it joins the data plane.
     private func subflowEstablished(_ id: SubflowID, backup: Bool, rttSample: Double?) {
         core.addSubflow(id, backup: backup)
+        updatePathGroup(id)
         if let limit = records[id]?.handler.maxDataPayload { core.setSegmentLimit(id, limit) }
         if let rttSample { core.recordRTT(id, milliseconds: rttSample) }
         core.setWritable(id, records[id]?.handler.isWritable ?? false)
         maxConcurrentSubflows = max(maxConcurrentSubflows, core.aliveSubflows.count)
         eventContinuation.yield(.subflowUp(info(id)))
         pathRestored()
+        // After the pump: a listener's first frame after ACCEPT must be its DATA_ACK, the verdict.
+        pump()
+        announceInterface(id)
+    }
+
+    private func announceInterface(_ id: SubflowID) {
+        guard let record = records[id], let interface = record.interface else { return }
+        let tag = interfaceTags[interface] ?? UInt32(interfaceTags.count + 1)
+        interfaceTags[interface] = tag
+        record.handler.write(.interface(.init(tag: tag)))
+    }
+
+    /// Subflows between the same two interfaces most likely share one bottleneck. Until the peer
+    /// names its interface, only those to the same peer address are known to (two of our addresses
+    /// on one interface); a subflow whose local interface is unknown is grouped with none.
+    private func updatePathGroup(_ id: SubflowID) {
+        guard options.siblingSubflowsStandBy, let record = records[id], let interface = record.interface else { return }
+        let peerSide = record.peerInterface.map { "interface \($0)" } ?? "address \(record.remote.hostString)"
+        core.setPathGroup(id, "\(interface) > peer \(peerSide)")
     }
 
     /// Local addresses subflows may start from: the fixed list from the options, else what the
@@ -619,7 +642,6 @@ final class SessionEngine: SubflowDelegate {
         records[id] = record
         let rtt = record.handler.handshakeSentAt.map { Double((NIODeadline.now() - $0).nanoseconds) / 1e6 }
         subflowEstablished(id, backup: record.backup, rttSample: rtt)
-        pump()
         refusedJoinRetries = 0
         // Addresses learnt while this JOIN was in flight may call for a better mesh now.
         joinMissingPairs()
@@ -644,6 +666,11 @@ final class SessionEngine: SubflowDelegate {
                 return
             case .addAddress, .removeAddress, .priority:
                 handleSignal(id, frame)
+                return
+            case .interface(let hint):
+                records[id]?.peerInterface = hint.tag
+                updatePathGroup(id)
+                schedulePump()
                 return
             default:
                 retire(id, reason: "\(frame.type) not allowed here", abort: .protocolViolation)
@@ -960,7 +987,7 @@ final class SessionEngine: SubflowDelegate {
         let record = records[id]!
         let stats = core.stats(id) ?? .init()
         let state: SubflowState = record.closed ? .closed : !record.established ? .connecting
-            : core.isSuspended(id) ? .stalled : record.backup ? .backup : .active
+            : core.isSuspended(id) ? .stalled : record.backup ? .backup : core.isStandby(id) ? .standby : .active
         return SubflowInfo(id: id.rawValue, local: record.local, remote: record.remote, interface: record.interface, state: state,
                            rttMilliseconds: core.smoothedRTT(id), bytesSent: stats.bytesSent, bytesReceived: stats.bytesReceived,
                            reinjectedBytes: stats.reinjectedBytes, closeReason: record.closeReason)

@@ -25,6 +25,7 @@ func displayState(_ state: SubflowState) -> String {
     case .connecting: "joining"
     case .active: "active"
     case .backup: "backup"
+    case .standby: "standby"
     case .stalled: "probing"
     case .closed: "retired"
     }

@@ -47,6 +47,9 @@ struct CommonOptions: ParsableArguments {
     @Option(name: .long, help: "Most subflows per session.")
     var maxSubflows = 4
 
+    @Flag(name: .long, help: "With --policy aggregate: every subflow carries data, including siblings between the same two interfaces (by default one of them does and the others stand by).")
+    var allSiblingsCarry = false
+
     @Option(name: .customLong("local"), help: "A local address to open subflows from (repeatable); default: every usable address.")
     var localAddresses: [String] = []
 
@@ -64,6 +67,7 @@ struct CommonOptions: ParsableArguments {
         options.policy = policy
         options.transport = transport
         options.maxSubflows = maxSubflows
+        options.siblingSubflowsStandBy = !allSiblingsCarry
         if let bytes = sendBuffer.flatMap(parseByteCount) { options.sendBufferCapacity = bytes }
         if !localAddresses.isEmpty {
             options.localAddresses = try localAddresses.map {

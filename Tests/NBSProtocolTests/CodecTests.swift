@@ -316,6 +316,16 @@ struct CodecTests {
         #expect(part.readableBytes == full.readableBytes - 1)
     }
 
+    @Test("INTERFACE is marked ignorable, so a peer that predates it skips it")
+    func interfaceHintIsIgnorable() throws {
+        // The skipping itself: "an unknown frame type is an error unless marked ignorable".
+        var encoded = ByteBuffer()
+        FrameEncoder.encode(.interface(.init(tag: 2)), into: &encoded)
+        #expect(Array(encoded.readableBytesView) == [FrameType.interface.rawValue, NBSWire.ignorableFlag, 0, 0, 0, 4, 0, 0, 0, 2])
+        var decoder = FrameDecoder(expectPreamble: false)
+        #expect(try decoder.next(from: &encoded) == .interface(.init(tag: 2)))
+    }
+
     @Test("a known type marked ignorable is still parsed")
     func knownTypeWithIgnorableFlag() throws {
         var b = rawFrame(type: FrameType.dataFin.rawValue, flags: NBSWire.ignorableFlag, payload: [0, 0, 0, 0, 0, 0, 0, 9])

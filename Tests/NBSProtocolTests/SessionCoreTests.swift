@@ -224,6 +224,59 @@ struct SessionCoreTests {
         #expect(core.nextTransmission()?.subflow == b)
     }
 
+    @Test("aggregate: one subflow per path group carries data, its sibling stands by and takes over when it stalls or goes")
+    func siblingsStandBy() {
+        var core = makeCore(coreConfiguration(policy: .aggregate, segment: 100), peerWindow: .max, subflows: [(a, false), (b, false), (c, false)])
+        // a and b: IPv4 and IPv6 over one pair of interfaces; c: the other path, slower.
+        core.setPathGroup(a, "nbs1 > peer interface 1")
+        core.setPathGroup(b, "nbs1 > peer interface 1")
+        core.setPathGroup(c, "nbs2 > peer interface 2")
+        core.recordRTT(a, milliseconds: 12)
+        core.recordRTT(b, milliseconds: 5)
+        core.recordRTT(c, milliseconds: 30)
+        #expect(!core.isStandby(a) && core.isStandby(b) && !core.isStandby(c))
+        core.write(buffer(patternBytes(1000, seed: 6)))
+        // b is faster but stands by: the oldest of a group carries, whatever the RTTs say.
+        #expect(core.nextTransmission()?.subflow == a)
+        // a's bottleneck is full: the data goes to the other path, not to a's sibling.
+        core.setWritable(a, false)
+        #expect(core.nextTransmission()?.subflow == c)
+        core.setWritable(c, false)
+        #expect(core.nextTransmission() == nil)
+        core.setWritable(a, true)
+        core.setWritable(c, true)
+        // a stalls: its data is reinjected, and b takes over at once.
+        core.suspendSubflow(a)
+        #expect(!core.isStandby(b))
+        #expect(core.nextTransmission()?.subflow == b)
+        core.resumeSubflow(a)
+        #expect(core.isStandby(b))
+        #expect(core.nextTransmission()?.subflow == a)
+        core.removeSubflow(a)
+        #expect(!core.isStandby(b))
+        #expect(core.nextTransmission()?.subflow == b)
+        #expect(core.stats(b)!.bytesSent > 0)
+    }
+
+    @Test("subflows without a path group, and every policy but aggregate, ignore grouping", arguments: MultipathPolicy.allCases)
+    func groupingOnlyUnderAggregate(policy: MultipathPolicy) {
+        var core = makeCore(coreConfiguration(policy: policy, segment: 100), peerWindow: .max, subflows: [(a, false), (b, false), (c, false)])
+        core.setPathGroup(b, "lo > peer interface 1")
+        core.setPathGroup(c, "lo > peer interface 1")
+        core.recordRTT(a, milliseconds: 20)
+        core.recordRTT(b, milliseconds: 10)
+        core.recordRTT(c, milliseconds: 5)
+        core.write(buffer(patternBytes(1000, seed: 7)))
+        #expect(!core.isStandby(a) && !core.isStandby(b))
+        #expect(core.isStandby(c) == (policy == .aggregate))
+        let expected: SubflowID = switch policy {
+        case .aggregate: b  // c stands by for b, so b is the fastest carrier
+        case .interactive: c
+        case .handover: a
+        }
+        #expect(core.nextTransmission()?.subflow == expected)
+    }
+
     @Test("RTT samples are smoothed")
     func smoothing() {
         var core = makeCore(peerWindow: 0, subflows: [(a, false)])

@@ -125,6 +125,8 @@ enum Samples {
             ]
         case .priority:
             return [.priority(.init(backup: true, sequence: 3, mac: mac)), .priority(.init(backup: false, sequence: 0, mac: mac))]
+        case .interface:
+            return [.interface(.init(tag: 1)), .interface(.init(tag: .max))]
         case .probe:
             return [.probe(.init(identifier: 0)), .probe(.init(identifier: .max))]
         case .probeAck:

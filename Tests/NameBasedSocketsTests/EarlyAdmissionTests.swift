@@ -30,7 +30,8 @@ struct EarlyAdmissionTests {
         let handshake = ClientHandshake(sourceName: "raw.test", destinationName: "server.test", port: UInt16(server.port), receiveWindow: Self.window)
         try await raw.send([.open(handshake.open)], preamble: true)
         let frames = try await raw.frames(until: Self.isData)
-        #expect(frames.map(\.type) == [.accept, .dataAck, .data])
+        // The verdict (DATA_ACK) comes first; then the listener's INTERFACE hint, then the bytes.
+        #expect(frames.map(\.type) == [.accept, .dataAck, .interface, .data])
         if case .accept(let accept) = frames.first { _ = try handshake.complete(with: accept) }
         if case .data(let data) = frames.last { #expect(Array(data.payload.readableBytesView) == [7, 8, 9]) }
         let session = try await withTimeout(10) { try await accepted.value }
@@ -50,7 +51,7 @@ struct EarlyAdmissionTests {
         let handshake = ClientHandshake(sourceName: "raw.test", destinationName: "server.test", port: UInt16(server.port), receiveWindow: Self.window)
         try await raw.send([.open(handshake.open)], preamble: true)
         let frames = try await raw.frames(until: Self.isData)
-        #expect(frames.map(\.type) == [.accept, .dataAck, .data])
+        #expect(frames.map(\.type) == [.accept, .dataAck, .interface, .data])
         let session = try await withTimeout(10) { try await accepted.value }
         #expect(session.peerVerification == .dnsConfirmed)
         await raw.close()
@@ -72,7 +73,7 @@ struct EarlyAdmissionTests {
         #expect(await server.stateCounts().verifying == 1)
         try await raw.send([.dataAck(.init(cumulativeAck: 0, window: Self.window))])
         let rest = try await raw.frames(until: Self.isData)
-        #expect(rest.map(\.type) == [.dataAck, .data])
+        #expect(rest.map(\.type) == [.dataAck, .interface, .data])
         let session = try await withTimeout(10) { try await accepted.value }
         await raw.close()
         await session.abort()

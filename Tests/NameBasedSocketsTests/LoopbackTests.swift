@@ -81,6 +81,42 @@ struct LoopbackTests {
         await server.close()
     }
 
+    @Test("two subflows over lo, between the same two interfaces: one carries the data and the other stands by, on both ends; with siblingSubflowsStandBy off both are active",
+          arguments: [true, false])
+    func siblingsStandBy(standBy: Bool) async throws {
+        var serverOptions = NBSOptions()
+        serverOptions.siblingSubflowsStandBy = standBy
+        let server = try await listener(options: serverOptions)
+        let received = Task { () -> (Session, Int) in
+            let session = try await server.accept()
+            let (bytes, _) = try await drain(session)
+            return (session, bytes)
+        }
+        var options = loopbackOptions(locals: ["127.0.0.1", "127.0.0.2"])
+        options.siblingSubflowsStandBy = standBy
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options)
+        try await waitForSubflows(client, count: 2)
+        let total = 8 * 1024 * 1024
+        try await client.write(pattern(total, seed: 3))
+        await client.finish()
+        let (serverSession, count) = try await withTimeout(60, "receiving") { try await received.value }
+        #expect(count == total)
+        let clientSubflows = await client.subflows
+        let serverSubflows = await serverSession.subflows
+        let expected: [SubflowState] = standBy ? [.active, .standby] : [.active, .active]
+        #expect(clientSubflows.map(\.state).sorted { $0.rawValue < $1.rawValue } == expected, "\(clientSubflows)")
+        // The listener groups them by the opener's INTERFACE hints (and its own interface).
+        #expect(serverSubflows.map(\.state).sorted { $0.rawValue < $1.rawValue } == expected, "\(serverSubflows)")
+        if standBy {
+            #expect(clientSubflows.first { $0.state == .standby }?.bytesSent == 0)
+            #expect(clientSubflows.first { $0.state == .active }?.bytesSent == total)
+        }
+        async let serverClosed: Void = serverSession.close()
+        try await client.close()
+        try await serverClosed
+        await server.close()
+    }
+
     @Test("a name with A and AAAA records gets an IPv4 and an IPv6 subflow")
     func dualStack() async throws {
         let server = try await listener()
@@ -240,7 +276,7 @@ struct LoopbackTests {
 func waitForSubflows(_ session: Session, count: Int, seconds: Double = 10) async throws {
     let deadline = ContinuousClock.now + .milliseconds(Int(seconds * 1000))
     while ContinuousClock.now < deadline {
-        if await session.subflows.filter({ $0.state == .active || $0.state == .backup }).count >= count { return }
+        if await session.subflows.filter({ $0.state.isUp }).count >= count { return }
         try await Task.sleep(for: .milliseconds(10))
     }
     Issue.record("fewer than \(count) subflows came up within \(seconds) s: \(await session.subflows)")
