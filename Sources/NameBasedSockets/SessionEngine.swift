@@ -1038,10 +1038,17 @@ struct SubflowProgress {
         self.bytesPerSecond = bytesPerSecond
     }
 
+    /// A peer that advertised a zero window is sent window probes instead of data: nothing is
+    /// unacknowledged and nothing is retransmitted, so a path that dies then would never look
+    /// stalled (a helper saw a subflow wedged so in the soak: persist timer, `retrans 0`). Two
+    /// probes in a row without an answer (`tcpi_probes`; any ACK resets it) count as timeouts with
+    /// data waiting; one may just be on its way, to a live peer that is slow to read.
     init(_ info: tcp_info) {
         let rtt = Double(max(info.tcpi_rtt, 1)) / 1e6
-        self.init(inFlight: info.tcpi_unacked > 0, silentMs: Int64(info.tcpi_last_ack_recv), rttMs: Double(info.tcpi_rtt) / 1000,
-                  timeoutRetransmissions: Int(info.tcpi_retransmits),
+        let unansweredProbes = info.tcpi_probes >= 2 ? Int(info.tcpi_probes) : 0
+        self.init(inFlight: info.tcpi_unacked > 0 || unansweredProbes > 0, silentMs: Int64(info.tcpi_last_ack_recv),
+                  rttMs: Double(info.tcpi_rtt) / 1000,
+                  timeoutRetransmissions: Int(info.tcpi_retransmits) + unansweredProbes,
                   bytesPerSecond: Double(info.tcpi_snd_cwnd) * Double(info.tcpi_snd_mss) / rtt)
     }
 }

@@ -1,3 +1,4 @@
+import Glibc
 import NIOCore
 import Testing
 
@@ -102,4 +103,39 @@ func waitFor(_ what: String, seconds: Double = 10, _ condition: @escaping @Senda
         try await Task.sleep(for: .milliseconds(20))
     }
     throw TimeoutError(what: what, seconds: seconds)
+}
+
+@Suite("Reading TCP_INFO for stall detection")
+struct TCPProgressTests {
+    @Test("a subflow whose window probes go unanswered twice counts as in flight and timed out; one whose probes are answered does not")
+    func unansweredWindowProbesAreTimeouts() {
+        var info = tcp_info()
+        info.tcpi_rtt = 40_000  // µs
+        info.tcpi_unacked = 0
+        info.tcpi_retransmits = 0
+        info.tcpi_probes = 3
+        info.tcpi_last_ack_recv = 5_000  // ms
+        let wedged = SubflowProgress(info)
+        #expect(wedged.inFlight)
+        #expect(wedged.timeoutRetransmissions == 3)
+        #expect(wedged.silentMs == 5_000)
+
+        // One probe out: it may just be on its way to a live peer.
+        info.tcpi_probes = 1
+        #expect(!SubflowProgress(info).inFlight)
+
+        // The peer answers the probes (with a zero window): alive, just not reading. Not a stall.
+        info.tcpi_probes = 0
+        info.tcpi_last_ack_recv = 150
+        let answered = SubflowProgress(info)
+        #expect(!answered.inFlight)
+        #expect(answered.timeoutRetransmissions == 0)
+
+        // The usual blackhole: data in flight and RTO retransmissions.
+        info.tcpi_unacked = 10
+        info.tcpi_retransmits = 2
+        info.tcpi_last_ack_recv = 900
+        let blackholed = SubflowProgress(info)
+        #expect(blackholed.inFlight && blackholed.timeoutRetransmissions == 2)
+    }
 }
