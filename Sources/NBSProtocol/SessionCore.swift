@@ -186,6 +186,12 @@ public struct SessionCore: Sendable {
     public func stats(_ id: SubflowID) -> SubflowStats? { subflows[id]?.stats }
     public func smoothedRTT(_ id: SubflowID) -> Double? { subflows[id]?.smoothedRTT }
     public func isBackup(_ id: SubflowID) -> Bool { subflows[id]?.backup ?? false }
+    /// Usable subflows in `id`'s path group, other than `id`.
+    public func siblings(of id: SubflowID) -> [SubflowID] {
+        guard let group = subflows[id]?.pathGroup else { return [] }
+        return order.filter { $0 != id && subflows[$0]!.alive && !subflows[$0]!.suspended && subflows[$0]!.pathGroup == group }
+    }
+
     /// Usable, but kept from data while a sibling on the same path group carries it.
     public func isStandby(_ id: SubflowID) -> Bool {
         guard configuration.policy == .aggregate, subflows[id]?.pathGroup != nil else { return false }

@@ -554,6 +554,16 @@ final class SessionEngine: SubflowDelegate {
             logger.info("subflow \(id) stalled: no acknowledgement for \(tcp.silentMs) ms after a timeout; reinjecting \(bytes) bytes")
             eventContinuation.yield(.subflowStalled(info(id), silentMilliseconds: Int(tcp.silentMs)))
             if bytes > 0 { eventContinuation.yield(.reinjected(bytes: bytes, from: id.rawValue)) }
+            // Its siblings run between the same two interfaces, most likely through whatever just
+            // failed silently: taking over with nothing in flight, a sibling would only be found
+            // dead one RTO later, with the data it took (a blackhole doubled its stall). They carry
+            // nothing until they are acknowledged again, which their next PROBE shows.
+            for sibling in core.siblings(of: id) {
+                suspendedSince[sibling] = .now()
+                let moved = core.suspendSubflow(sibling)
+                logger.info("subflow \(sibling) suspended with its sibling \(id): same pair of interfaces")
+                if moved > 0 { eventContinuation.yield(.reinjected(bytes: moved, from: sibling.rawValue)) }
+            }
             pump()
         }
     }

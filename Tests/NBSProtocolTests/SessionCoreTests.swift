@@ -235,6 +235,7 @@ struct SessionCoreTests {
         core.recordRTT(b, milliseconds: 5)
         core.recordRTT(c, milliseconds: 30)
         #expect(!core.isStandby(a) && core.isStandby(b) && !core.isStandby(c))
+        #expect(core.siblings(of: a) == [b] && core.siblings(of: b) == [a] && core.siblings(of: c).isEmpty)
         core.write(buffer(patternBytes(1000, seed: 6)))
         // b is faster but stands by: the oldest of a group carries, whatever the RTTs say.
         #expect(core.nextTransmission()?.subflow == a)

@@ -117,6 +117,44 @@ struct LoopbackTests {
         await server.close()
     }
 
+    /// A blackhole takes a whole path: the standby sibling of a stalled carrier must not take the
+    /// data before it is shown alive, or it is found dead one RTO later with that data (the
+    /// blackhole benchmark's stall doubled, 164-378 ms to 539-767 ms). TCP cannot be blackholed on
+    /// loopback without root, so the carrier's TCP_INFO is replaced by what a dead path shows; the
+    /// sibling's is real, so its next PROBE's answer resumes it.
+    @Test("a stalled carrier's standby sibling is suspended with it, and resumes on its own first acknowledgement")
+    func stalledCarrierSuspendsItsSibling() async throws {
+        let server = try await listener()
+        let received = Task { () -> Int in
+            let session = try await server.accept()
+            let (bytes, _) = try await drain(session)
+            try await session.close()
+            return bytes
+        }
+        var options = loopbackOptions(locals: ["127.0.0.1", "127.0.0.2"])
+        // Probes far apart, and a quiet moment before the fault, so that the sibling stays suspended
+        // (no acknowledgement comes its way) long enough to be seen so.
+        options.probeInterval = .seconds(1)
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options)
+        try await waitForSubflows(client, count: 2)
+        try await waitFor("a carrier and a standby") { await client.subflows.map(\.state).sorted { $0.rawValue < $1.rawValue } == [.active, .standby] }
+        try await Task.sleep(for: .milliseconds(200))
+        let carrier = try #require(await client.subflows.first { $0.state == .active }).id
+        let dead = SubflowProgress(inFlight: true, silentMs: 60_000, rttMs: 1, timeoutRetransmissions: 3, bytesPerSecond: 0)
+        await client.withSubflowsForTesting(SubflowHandler.self) { if $0.id.rawValue == carrier { $0.progressForTesting = dead } }
+        try await waitFor("both suspended") { await client.subflows.filter { $0.state == .stalled }.count == 2 }
+        // Written only now, so everything the sibling carries went after its own resumption.
+        let total = 4 * 1024 * 1024
+        try await client.write(pattern(total, seed: 9))
+        await client.finish()
+        #expect(try await withTimeout(30, "receiving") { try await received.value } == total)
+        let subflows = await client.subflows
+        #expect(subflows.first { $0.id == carrier }?.bytesSent == 0, "\(subflows)")
+        #expect(subflows.first { $0.id != carrier }?.bytesSent == total, "\(subflows)")
+        try await client.close()
+        await server.close()
+    }
+
     @Test("a name with A and AAAA records gets an IPv4 and an IPv6 subflow")
     func dualStack() async throws {
         let server = try await listener()
