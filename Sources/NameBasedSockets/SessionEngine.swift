@@ -50,12 +50,13 @@ final class SessionEngine: SubflowDelegate {
     /// Pairs with a connect or JOIN in progress, so the mesh is not opened twice.
     private var connectingPairs: Set<PathPlanner.Pair> = []
     private(set) var waitingSince: NIODeadline?
-    private var graceTask: Scheduled<Void>?
-    private var rejoinTask: RepeatedTask?
-    /// The stall checks' chain of timers runs while this is set; a chain started earlier and not yet
-    /// fired sees another generation and ends (see `startLivenessChecks`).
+    /// Every timer of the session is a `LoopTimer`: stopping one cancels no NIO task (a linear
+    /// search in NIO's heap, which at 10,000 sessions on one loop cost more than the timers).
+    private lazy var graceTimer = LoopTimer(on: loop, owner: self) { $0.graceEnded() }
+    private lazy var rejoinTimer = LoopTimer(on: loop, owner: self) { $0.rejoinFired() }
+    /// The stall checks run while this is set (see `startLivenessChecks`).
     private var livenessRunning = false
-    private var livenessGeneration = 0
+    private lazy var livenessTimer = LoopTimer(on: loop, owner: self) { $0.livenessFired() }
     /// Something went out on a subflow since the last stall check began (see `startLivenessChecks`).
     private var wroteSinceLivenessCheck = false
     private var monitorSubscription: InterfaceEventSubscription?
@@ -75,12 +76,13 @@ final class SessionEngine: SubflowDelegate {
     let events: AsyncStream<SessionEvent>
     private var pumpScheduled = false
     private var pumping = false
-    private var probeTask: Scheduled<Void>?
+    private lazy var probeTimer = LoopTimer(on: loop, owner: self) { $0.probesDue() }
+    private var probeDelay = TimeAmount.zero
     /// Passes of the pump that put something on a subflow: idle timers compare it with what they
     /// saw last time to tell an idle session from a busy one.
     private var transmissions = 0
     private var transmissionsAtProbe = 0
-    private var lingerTask: Scheduled<Void>?
+    private lazy var lingerTimer = LoopTimer(on: loop, owner: self) { $0.lingerEnded() }
     /// Set by whoever verified the peer's name before handing the session out.
     var peerVerification: PeerVerification = .claimed
     /// Called once when the session ends, so a listener can forget its token.
@@ -268,16 +270,18 @@ final class SessionEngine: SubflowDelegate {
         waitingSince = .now()
         logger.info("every path lost; waiting up to \(options.waitingGracePeriod) for one to return")
         eventContinuation.yield(.waiting)
-        let bound = self.bound
-        graceTask = loop.scheduleTask(in: options.waitingGracePeriod) {
-            let engine = bound.value
-            if engine.waitingSince != nil { engine.fail(.allSubflowsLost, notifyPeer: nil) }
-        }
-        if role == .opener {
-            rejoinTask = loop.scheduleRepeatedTask(initialDelay: .zero, delay: options.rejoinInterval) { _ in
-                bound.value.rejoin()
-            }
-        }
+        graceTimer.arm(in: options.waitingGracePeriod)
+        if role == .opener { rejoinTimer.arm(in: .zero) }
+    }
+
+    private func graceEnded() {
+        if waitingSince != nil { fail(.allSubflowsLost, notifyPeer: nil) }
+    }
+
+    private func rejoinFired() {
+        guard state == .open, waitingSince != nil else { return }
+        rejoinTimer.arm(in: options.rejoinInterval)
+        rejoin()
     }
 
     /// While waiting: ask the resolver again (both ends may have moved) and try the mesh.
@@ -311,10 +315,8 @@ final class SessionEngine: SubflowDelegate {
     private func pathRestored() {
         guard waitingSince != nil else { return }
         waitingSince = nil
-        graceTask?.cancel()
-        rejoinTask?.cancel()
-        graceTask = nil
-        rejoinTask = nil
+        graceTimer.stop()
+        rejoinTimer.stop()
         logger.info("a path is back; resuming")
         eventContinuation.yield(.resumed)
     }
@@ -443,29 +445,22 @@ final class SessionEngine: SubflowDelegate {
     /// retired, filled the listener's subflow limit, and the opener's JOINs were refused until its
     /// grace period ended.
     ///
-    /// The checks start and stop often, so they are a chain of one-shot timers that stopping
-    /// abandons rather than a repeated task that stopping cancels: NIO finds a cancelled task in its
-    /// scheduling heap by a linear search, which at 10,000 sessions cost more than the checks.
+    /// The checks start and stop often: their timer is a `LoopTimer`, which stopping cancels nothing.
     private func startLivenessChecks() {
         guard !livenessRunning, options.livenessInterval > .zero, state == .open else { return }
         livenessRunning = true
-        livenessGeneration &+= 1
-        scheduleLivenessCheck(generation: livenessGeneration)
+        livenessTimer.arm(in: options.livenessInterval)
     }
 
-    private func scheduleLivenessCheck(generation: Int) {
-        let bound = self.bound
-        loop.scheduleTask(in: options.livenessInterval) {
-            let engine = bound.value
-            guard engine.livenessRunning, engine.livenessGeneration == generation else { return }
-            engine.checkStalls()
-            guard engine.livenessRunning, engine.livenessGeneration == generation else { return }
-            engine.scheduleLivenessCheck(generation: generation)
-        }
+    private func livenessFired() {
+        guard livenessRunning else { return }
+        checkStalls()
+        if livenessRunning { livenessTimer.arm(in: options.livenessInterval) }
     }
 
     private func stopLivenessChecks() {
         livenessRunning = false
+        livenessTimer.stop()
     }
 
     /// Each subflow's transport state (TCP_INFO for TCP): to find stalls, and to size its queues;
@@ -855,7 +850,7 @@ final class SessionEngine: SubflowDelegate {
 
     private func beginClosing() {
         state = .closing
-        probeTask?.cancel()
+        probeTimer.stop()
         for (_, record) in records where !record.closed && record.established {
             record.handler.write(signals.close(.normal, "", abort: false), flush: false)
             record.handler.shutdownOutput()
@@ -864,17 +859,18 @@ final class SessionEngine: SubflowDelegate {
             record.handler.writeAndClose(nil)
             records[id]!.closed = true
         }
-        let bound = self.bound
         // Subflows whose peer never closes its side are closed after a short linger.
-        lingerTask = loop.scheduleTask(in: .seconds(2)) {
-            for record in bound.value.records.values where !record.closed { record.handler.writeAndClose(nil) }
-        }
+        lingerTimer.arm(in: .seconds(2))
         checkClosingDone()
+    }
+
+    private func lingerEnded() {
+        for record in records.values where !record.closed { record.handler.writeAndClose(nil) }
     }
 
     private func checkClosingDone() {
         guard state == .closing, records.values.allSatisfy(\.closed) else { return }
-        lingerTask?.cancel()
+        lingerTimer.stop()
         state = .closed
         for waiter in closeWaiters { waiter.succeed(()) }
         closeWaiters.removeAll()
@@ -885,8 +881,10 @@ final class SessionEngine: SubflowDelegate {
     }
 
     private func terminated() {
-        graceTask?.cancel()
-        rejoinTask?.cancel()
+        graceTimer.stop()
+        rejoinTimer.stop()
+        probeTimer.stop()
+        lingerTimer.stop()
         stopLivenessChecks()
         monitorSubscription?.cancel()
         monitorSubscription = nil
@@ -900,8 +898,8 @@ final class SessionEngine: SubflowDelegate {
         guard state == .open || state == .closing else { return }
         logger.info("session failed: \(error)")
         state = .failed(error)
-        probeTask?.cancel()
-        lingerTask?.cancel()
+        probeTimer.stop()
+        lingerTimer.stop()
         for (id, record) in records where !record.closed {
             let frame = reason.map { abortFrame(for: record, $0, error.description) }
             record.handler.writeAndClose(frame)
@@ -923,8 +921,9 @@ final class SessionEngine: SubflowDelegate {
     // MARK: liveness and statistics
 
     private func startProbingIfNeeded() {
-        guard probeTask == nil else { return }
-        scheduleProbes(after: options.probeInterval)
+        guard !probeTimer.isArmed, probeDelay == .zero else { return }
+        probeDelay = options.probeInterval
+        probeTimer.arm(in: probeDelay)
     }
 
     /// An idle session probes less: each round after which nothing else was sent or received doubles
@@ -933,17 +932,14 @@ final class SessionEngine: SubflowDelegate {
     /// (`startLivenessChecks`), so probes are what an idle session costs (BENCHMARKS.md, Scale), and
     /// the cap is how long a path that died while idle can go unnoticed. While data moves, RTT comes
     /// from TCP_INFO (`checkStalls`) rather than probes.
-    private func scheduleProbes(after delay: TimeAmount) {
-        let bound = self.bound
-        probeTask = loop.scheduleTask(in: delay) {
-            let engine = bound.value
-            guard engine.state == .open else { return }
-            engine.sendProbes()
-            let idle = engine.transmissions == engine.transmissionsAtProbe
-            engine.transmissionsAtProbe = engine.transmissions
-            let longest = engine.options.probeInterval.nanoseconds * Self.idleProbeBackoff
-            engine.scheduleProbes(after: idle ? .nanoseconds(min(delay.nanoseconds * 2, longest)) : engine.options.probeInterval)
-        }
+    private func probesDue() {
+        guard state == .open else { return }
+        sendProbes()
+        let idle = transmissions == transmissionsAtProbe
+        transmissionsAtProbe = transmissions
+        let longest = options.probeInterval.nanoseconds * Self.idleProbeBackoff
+        probeDelay = idle ? .nanoseconds(min(probeDelay.nanoseconds * 2, longest)) : options.probeInterval
+        probeTimer.arm(in: probeDelay)
     }
 
     static let idleProbeBackoff: Int64 = 32
