@@ -505,22 +505,29 @@ final class SessionEngine: SubflowDelegate {
     /// (MPTCP reinjects on a subflow RTO too). An ACK after that resumes it; none within
     /// `stallRetirement` retires it. Requiring the retransmission keeps an idle subflow that just
     /// sent a probe from looking stalled.
-    func stallCheck(_ id: SubflowID, _ tcp: SubflowProgress) {
+    ///
+    /// Time this event loop was blocked (`LoopLag`: its timers ran late) does not count as silence
+    /// or as time suspended: acknowledgements that arrived meanwhile sat unread in the socket. With
+    /// 10,000 UDP sessions on one loop, a loop blocked for a second made every subflow with a probe
+    /// in flight look stalled, and the retirements and rejoins that followed blocked it longer.
+    func stallCheck(_ id: SubflowID, _ tcp: SubflowProgress, lag: LoopLag = LoopLag.current) {
         guard state == .open, let record = records[id], record.established, !record.closed else { return }
         let floor = options.minimumStallTimeout.nanoseconds / 1_000_000
         let limitMs = max(floor, 2 * tcp.rttMs)
+        let now = NIODeadline.now()
         if core.isSuspended(id) {
             guard let since = suspendedSince[id] else { return }
-            let suspendedMs = (NIODeadline.now() - since).nanoseconds / 1_000_000
+            let suspendedMs = (now - since).nanoseconds / 1_000_000
             if tcp.silentMs < suspendedMs {
                 suspendedSince[id] = nil
                 core.resumeSubflow(id)
                 logger.info("subflow \(id) recovered: acknowledged again")
                 pump()
-            } else if NIODeadline.now() - since > options.stallRetirement {
+            } else if Int64(now.uptimeNanoseconds - since.uptimeNanoseconds)
+                        - Int64(lag.blocked(from: since.uptimeNanoseconds, to: now.uptimeNanoseconds)) > options.stallRetirement.nanoseconds {
                 retire(id, reason: "no acknowledgement for \(tcp.silentMs) ms")
             }
-        } else if tcp.inFlight, tcp.timeoutRetransmissions > 0, tcp.silentMs > limitMs {
+        } else if tcp.looksStalled(limitMs: limitMs, lag: lag, now: now.uptimeNanoseconds) {
             suspendedSince[id] = .now()
             let bytes = core.suspendSubflow(id)
             logger.info("subflow \(id) stalled: no acknowledgement for \(tcp.silentMs) ms after a timeout; reinjecting \(bytes) bytes")
@@ -1005,6 +1012,12 @@ struct SubflowProgress {
         self.rttMsPrecise = rttMs
         self.timeoutRetransmissions = timeoutRetransmissions
         self.bytesPerSecond = bytesPerSecond
+    }
+
+    /// Data in flight, a timeout without an acknowledgement since, and silence beyond `limitMs` that
+    /// is not the event loop's own lag (see `SessionEngine.stallCheck`).
+    func looksStalled(limitMs: Int64, lag: LoopLag, now: UInt64) -> Bool {
+        inFlight && timeoutRetransmissions > 0 && silentMs > limitMs && lag.discounted(silentMs: silentMs, now: now) > limitMs
     }
 
     init(_ info: tcp_info) {

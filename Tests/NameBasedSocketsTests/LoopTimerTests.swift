@@ -44,6 +44,24 @@ struct LoopLagTests {
         #expect(LoopLag().discounted(silentMs: 800, now: 12_000 * ms) == 800)
     }
 
+    @Test("a probe in flight through a blocked loop is not a stall; the same silence without the block is")
+    func stallRuleDiscountsLag() {
+        let progress = SubflowProgress(inFlight: true, silentMs: 1_050, rttMs: 1, timeoutRetransmissions: 1, bytesPerSecond: 0)
+        var lag = LoopLag()
+        lag.record(due: 10_000 * ms, ran: 11_000 * ms)
+        #expect(!progress.looksStalled(limitMs: 200, lag: lag, now: 11_010 * ms))
+        #expect(progress.looksStalled(limitMs: 200, lag: LoopLag(), now: 11_010 * ms))
+        // Silent long after the block: a real stall.
+        #expect(progress.looksStalled(limitMs: 200, lag: lag, now: 13_000 * ms))
+        // Nothing in flight, or no timeout yet: never.
+        var idle = progress
+        idle.inFlight = false
+        #expect(!idle.looksStalled(limitMs: 200, lag: LoopLag(), now: 11_010 * ms))
+        idle = progress
+        idle.timeoutRetransmissions = 0
+        #expect(!idle.looksStalled(limitMs: 200, lag: LoopLag(), now: 11_010 * ms))
+    }
+
     @Test("the record keeps a bounded number of intervals")
     func bounded() {
         var lag = LoopLag()
