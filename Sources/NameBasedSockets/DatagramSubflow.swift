@@ -148,14 +148,16 @@ final class DatagramSubflow: SubflowTransport {
         startKeepalive()
     }
 
-    func progress() -> EventLoopFuture<SubflowProgress>? {
+    func progress() -> EventLoopFuture<SubflowProgress>? { loop.makeSucceededFuture(currentProgress!) }
+
+    var currentProgress: SubflowProgress? {
         let now = Self.now
         let silentSince = connection.silentSince ?? handshakeSentAt?.uptimeNanoseconds ?? now
         let srtt = Double(connection.rtt.smoothed) / 1e9
-        return loop.makeSucceededFuture(SubflowProgress(
+        return SubflowProgress(
             inFlight: connection.hasAckElicitingInFlight, silentMs: Int64((now - min(silentSince, now)) / 1_000_000),
             rttMs: connection.rtt.hasSample ? srtt * 1000 : 0, timeoutRetransmissions: connection.probeTimeouts,
-            bytesPerSecond: Double(connection.congestion.window) / max(srtt, 1e-4)))
+            bytesPerSecond: Double(connection.congestion.window) / max(srtt, 1e-4))
     }
 
     /// The congestion window is the queue: nothing to size.
