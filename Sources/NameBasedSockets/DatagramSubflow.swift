@@ -56,8 +56,9 @@ final class DatagramSubflow: SubflowTransport {
     /// The listener's table of subflows forgets this one.
     var onClosed: ((DatagramSubflow) -> Void)?
     private let keepaliveInterval: TimeAmount
-    private var keepaliveRunning = false
-    private var timerDeadline: UInt64?
+    /// Loss recovery, acknowledgement delay and pacing: the earliest of the connection's deadlines.
+    private lazy var timer = LoopTimer(on: loop, owner: self) { $0.timerFired() }
+    private lazy var keepaliveTimer = LoopTimer(on: loop, owner: self) { $0.keepaliveCheck() }
     private var lastSendAt: UInt64 = 0
     private var reportedWritable = true
     private var readPending = false
@@ -147,14 +148,16 @@ final class DatagramSubflow: SubflowTransport {
         startKeepalive()
     }
 
-    func progress() -> EventLoopFuture<SubflowProgress>? {
+    func progress() -> EventLoopFuture<SubflowProgress>? { loop.makeSucceededFuture(currentProgress!) }
+
+    var currentProgress: SubflowProgress? {
         let now = Self.now
         let silentSince = connection.silentSince ?? handshakeSentAt?.uptimeNanoseconds ?? now
         let srtt = Double(connection.rtt.smoothed) / 1e9
-        return loop.makeSucceededFuture(SubflowProgress(
+        return SubflowProgress(
             inFlight: connection.hasAckElicitingInFlight, silentMs: Int64((now - min(silentSince, now)) / 1_000_000),
             rttMs: connection.rtt.hasSample ? srtt * 1000 : 0, timeoutRetransmissions: connection.probeTimeouts,
-            bytesPerSecond: Double(connection.congestion.window) / max(srtt, 1e-4)))
+            bytesPerSecond: Double(connection.congestion.window) / max(srtt, 1e-4))
     }
 
     /// The congestion window is the queue: nothing to size.
@@ -301,24 +304,19 @@ final class DatagramSubflow: SubflowTransport {
         updateWritability()
     }
 
-    /// A timer that is no longer needed, or needed later, is left to fire rather than cancelled:
-    /// NIO removes a cancelled task from its scheduling heap by a linear search, and this ran per
-    /// acknowledgement and per send, so with 8,000 subflows on one event loop (4,000 idle UDP
-    /// sessions) opening and acknowledging were slow enough to time probes out. Firing early is
-    /// harmless: the connection acts only on deadlines that have passed, and the timer is set again.
+    /// The timer follows the connection's earliest deadline (or the pacer's). It never cancels a NIO
+    /// task (`LoopTimer`): this ran per acknowledgement and per send, and with 8,000 subflows on one
+    /// event loop NIO's linear search for a cancelled task made opening and acknowledging slow enough
+    /// to time probes out.
     private func armTimer(pacing: UInt64?) {
-        guard let deadline = [pacing, connection.nextTimeout].compactMap({ $0 }).min() else { return }
-        if let current = timerDeadline, current <= deadline { return }
-        timerDeadline = deadline
-        let now = Self.now
-        let delay = TimeAmount.nanoseconds(Int64(deadline > now ? deadline - now : 0))
-        loop.assumeIsolated().scheduleTask(in: delay) { [self] in
-            // A later timer set before an earlier one replaced it fires too, and finds nothing due.
-            if timerDeadline == deadline { timerDeadline = nil }
-            guard !closed else { return }
-            handle(connection.timeout(now: Self.now))
-            transmit()
-        }
+        guard let deadline = [pacing, connection.nextTimeout].compactMap({ $0 }).min() else { return timer.stop() }
+        timer.arm(at: NIODeadline.uptimeNanoseconds(deadline))
+    }
+
+    private func timerFired() {
+        guard !closed else { return }
+        handle(connection.timeout(now: Self.now))
+        transmit()
     }
 
     private func updateWritability() {
@@ -329,24 +327,18 @@ final class DatagramSubflow: SubflowTransport {
     }
 
     /// Checked twice per interval, so the silence before a keepalive is between 1 and 1.5 intervals.
-    /// A one-shot timer that sets the next while the subflow is open, so that closing cancels
-    /// nothing (see `armTimer`).
     private func startKeepalive() {
-        guard !keepaliveRunning, keepaliveInterval > .zero else { return }
-        keepaliveRunning = true
-        scheduleKeepaliveCheck()
+        guard !keepaliveTimer.isArmed, keepaliveInterval > .zero else { return }
+        keepaliveTimer.arm(in: .nanoseconds(keepaliveInterval.nanoseconds / 2))
     }
 
-    private func scheduleKeepaliveCheck() {
-        let interval = UInt64(keepaliveInterval.nanoseconds)
-        loop.assumeIsolated().scheduleTask(in: .nanoseconds(keepaliveInterval.nanoseconds / 2)) { [self] in
-            guard !closed else { return }
-            if Self.now - lastSendAt >= interval {
-                connection.queuePing()
-                transmit()
-            }
-            scheduleKeepaliveCheck()
+    private func keepaliveCheck() {
+        guard !closed else { return }
+        if Self.now - lastSendAt >= UInt64(keepaliveInterval.nanoseconds) {
+            connection.queuePing()
+            transmit()
         }
+        keepaliveTimer.arm(in: .nanoseconds(keepaliveInterval.nanoseconds / 2))
     }
 
     // MARK: receiving
@@ -441,8 +433,10 @@ final class DatagramSubflow: SubflowTransport {
     private func close(error: (any Error)?, line: Int = #line) {
         guard !closed else { return }
         logger.debug("subflow \(id) \(local) ↔ \(remote) closing (from line \(line)): \(error.map { "\($0)" } ?? "no error")")
-        // Its timers are left to fire and find it closed: cancelling costs a linear search (`armTimer`).
+        // Stopping a LoopTimer cancels nothing: its pending task fires and finds no deadline.
         closed = true
+        timer.stop()
+        keepaliveTimer.stop()
         pathCheck = nil
         inbound?.detach()
         if let channel, ownsChannel { closeOnNextTick(channel) }

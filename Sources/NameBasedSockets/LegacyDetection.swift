@@ -77,7 +77,10 @@ final class FirstBytesClassifier: ChannelInboundHandler, RemovableChannelHandler
     private var inputEnded = false
     private var decided = false
     private var addedAt = NIODeadline.now()
-    private var timer: Scheduled<Void>?
+    /// The silence timer is armed; it is never cancelled (NIO's cancellation is a linear search of
+    /// its heap) and does nothing once the classifier decided or left the pipeline.
+    private var timerArmed = false
+    private var removed = false
     private var waited: TimeAmount?
     private var silenceRechecks = 0
 
@@ -98,7 +101,7 @@ final class FirstBytesClassifier: ChannelInboundHandler, RemovableChannelHandler
     }
 
     func channelActive(context: ChannelHandlerContext) {
-        if timer == nil { startSilenceTimer(context: context, connectTime: .now() - addedAt) }
+        if !timerArmed { startSilenceTimer(context: context, connectTime: .now() - addedAt) }
         context.fireChannelActive()
     }
 
@@ -111,7 +114,8 @@ final class FirstBytesClassifier: ChannelInboundHandler, RemovableChannelHandler
 
     private func armSilenceTimer(context: ChannelHandlerContext, in wait: TimeAmount) {
         let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
-        timer = context.eventLoop.scheduleTask(in: wait) {
+        timerArmed = true
+        context.eventLoop.scheduleTask(in: wait) {
             let (classifier, context) = bound.value
             classifier.silenceTimerFired(context: context)
         }
@@ -121,7 +125,7 @@ final class FirstBytesClassifier: ChannelInboundHandler, RemovableChannelHandler
     /// handshakes can run this timer before the read of bytes that arrived in time. TCP knows what
     /// it received; while that is more than was read, the peer was not silent.
     private func silenceTimerFired(context: ChannelHandlerContext) {
-        guard !decided else { return }
+        guard !decided, !removed else { return }
         guard let provider = context.channel as? any SocketOptionProvider, silenceRechecks < 100 else {
             return evaluate(context: context, silentTooLong: true)
         }
@@ -130,7 +134,7 @@ final class FirstBytesClassifier: ChannelInboundHandler, RemovableChannelHandler
         let future: EventLoopFuture<KernelTCPInfo> = provider.unsafeGetSocketOption(level: .tcp, name: .tcp_info)
         future.whenComplete { result in
             let (classifier, context) = bound.value
-            guard !classifier.decided else { return }
+            guard !classifier.decided, !classifier.removed else { return }
             if case .success(let info) = result, info.bytesReceived > UInt64(classifier.held?.readableBytes ?? 0) {
                 classifier.armSilenceTimer(context: context, in: .milliseconds(10))
             } else {
@@ -139,7 +143,7 @@ final class FirstBytesClassifier: ChannelInboundHandler, RemovableChannelHandler
         }
     }
 
-    func handlerRemoved(context: ChannelHandlerContext) { timer?.cancel() }
+    func handlerRemoved(context: ChannelHandlerContext) { removed = true }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var bytes = Self.unwrapInboundIn(data)
@@ -171,7 +175,6 @@ final class FirstBytesClassifier: ChannelInboundHandler, RemovableChannelHandler
         let verdict = LegacyDetection.classify(bytes.readableBytesView, side: side, silentTooLong: silentTooLong, inputEnded: inputEnded)
         guard verdict != .undecided else { return }
         decided = true
-        timer?.cancel()
         let evidence: Evidence =
             if LegacyDetection.classify(bytes.readableBytesView, side: side) != .undecided { .bytes } else if inputEnded { .closed } else { .silence }
         let disposition = decide(Outcome(verdict: verdict, evidence: evidence, firstBytes: bytes, waited: evidence == .silence ? waited : nil), context)

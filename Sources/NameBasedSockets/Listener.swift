@@ -117,13 +117,19 @@ final class ListenerState: SubflowDelegate {
     let options: NBSOptions
     private var sessions: [UInt64: SessionEngine] = [:]
     /// Connections that have not completed OPEN or JOIN yet.
-    private var pending: [ObjectIdentifier: (handler: any SubflowTransport, machine: SubflowStateMachine, timeout: Scheduled<Void>)] = [:]
+    private var pending: [ObjectIdentifier: (handler: any SubflowTransport, machine: SubflowStateMachine, serial: UInt64)] = [:]
     /// Sessions whose ACCEPT is sent and whose opener is being verified: not in `sessions` (no
     /// JOIN reaches them) nor visible to accept(). Bounded by maxPendingHandshakes.
     private var verifying: [ObjectIdentifier: PendingVerification] = [:]
     /// Forward lookups of openers' names in progress. Bounded by maxPendingVerifications: only
     /// these wait on something other than the opener, so only these can pile up.
     private var lookupsInProgress = 0
+    /// Handshake timeouts of `pending` and `verifying`, served by one timer and never cancelled (NIO's
+    /// cancellation is a linear search of its heap, which 20,000 subflows fill): an entry that ended
+    /// is left in the queue, and its serial no longer matches when its deadline comes.
+    private var handshakeDeadlines = DeadlineQueue<ObjectIdentifier>()
+    private var nextSerial: UInt64 = 0
+    private lazy var handshakeTimer = LoopTimer(on: loop, owner: self) { $0.handshakesExpired() }
     private var ready = CircularBuffer<Session>()
     private var waiters = CircularBuffer<EventLoopPromise<Session>>()
     private var closed = false
@@ -139,7 +145,6 @@ final class ListenerState: SubflowDelegate {
     func newConnection(_ handler: any SubflowTransport) {
         handler.delegate = self
         let key = ObjectIdentifier(handler)
-        let bound = NIOLoopBound(self, eventLoop: loop)
         guard pending.count < options.maxPendingHandshakes else {
             // Not in `pending`, so whatever it sends is ignored; refused once the channel is active.
             refusals += 1
@@ -149,13 +154,30 @@ final class ListenerState: SubflowDelegate {
             }
             return
         }
-        let timeout = loop.scheduleTask(in: options.handshakeTimeout) {
-            if let entry = bound.value.pending.removeValue(forKey: key) {
+        pending[key] = (handler, .listenerSide(), startHandshakeTimeout(key))
+    }
+
+    /// A serial for the entry that `key` now names, whose handshake must end within `handshakeTimeout`.
+    private func startHandshakeTimeout(_ key: ObjectIdentifier) -> UInt64 {
+        nextSerial += 1
+        let deadline = NIODeadline.now() + options.handshakeTimeout
+        handshakeDeadlines.add(key, serial: nextSerial, deadline: deadline)
+        handshakeTimer.armIfEarlier(at: deadline)
+        return nextSerial
+    }
+
+    private func handshakesExpired() {
+        for (key, serial) in handshakeDeadlines.popExpired(now: .now()) {
+            if pending[key]?.serial == serial, let entry = pending.removeValue(forKey: key) {
                 entry.handler.writeAndClose(.abort(.init(reason: .timeout, message: "no OPEN or JOIN in time")))
+            } else if verifying[key]?.serial == serial {
+                refuseVerifying(key, .timeout, "the opener did not finish its handshake in time")
             }
         }
-        pending[key] = (handler, .listenerSide(), timeout)
+        if let next = handshakeDeadlines.next { handshakeTimer.arm(at: next) }
     }
+
+    var handshakeDeadlinesForTesting: Int { handshakeDeadlines.count }
 
     /// Room for one more connection in handshake: UDP listeners ask before they make a socket.
     var canTakeHandshake: Bool { pending.count < options.maxPendingHandshakes && !closed }
@@ -184,7 +206,6 @@ final class ListenerState: SubflowDelegate {
         let key = ObjectIdentifier(handler)
         if verifying[key] != nil { return verifyingReceived(key, frame) }
         guard var entry = pending.removeValue(forKey: key) else { return }
-        entry.timeout.cancel()
         switch entry.machine.receive(frame) {
         case .handshake(.open(let open)):
             handleOpen(open, handler: handler, machine: entry.machine)
@@ -222,12 +243,8 @@ final class ListenerState: SubflowDelegate {
         var established = machine
         established.handshakeCompleted()
         let key = ObjectIdentifier(handler)
-        let bound = NIOLoopBound(self, eventLoop: loop)
-        let timeout = loop.scheduleTask(in: options.handshakeTimeout) {
-            bound.value.refuseVerifying(key, .timeout, "the opener did not finish its handshake in time")
-        }
         verifying[key] = PendingVerification(handler: handler, machine: established, open: open, accept: accept, keys: keys,
-                                             local: local, remote: remote.unmapped, timeout: timeout)
+                                             local: local, remote: remote.unmapped, serial: startHandshakeTimeout(key))
         // An opener that announced its window proves nothing after ACCEPT: what we know now is all
         // the verdict can rest on, so it comes right behind the ACCEPT (or behind the name's lookup).
         // Not on a UDP subflow, whose hello may come from a forged address: there the verdict and the
@@ -257,7 +274,7 @@ final class ListenerState: SubflowDelegate {
             verifying[key] = entry
             if !entry.verificationStarted { startVerification(key) }
         case .peerAborted(let close):
-            verifying.removeValue(forKey: key)?.timeout.cancel()
+            verifying.removeValue(forKey: key)
             refusals += 1
             logger.info("the opener \(entry.open.sourceName) at \(entry.remote.hostString) refused the session: \(close.reason) \(close.message)")
             entry.handler.writeAndClose(nil)
@@ -297,12 +314,12 @@ final class ListenerState: SubflowDelegate {
         let lookup = loop.makePromise(of: [SocketAddress].self)
         lookup.completeWithTask { try await resolver.resolve(name, port: 0) }
         let limit = options.nameVerificationTimeout
-        let deadline = loop.scheduleTask(in: limit) {
+        // Not cancelled when the answer comes first (failing a completed promise does nothing).
+        loop.scheduleTask(in: limit) {
             lookup.fail(NBSError.nameResolutionFailed(name: name, reason: "no answer within \(limit)"))
         }
         let bound = NIOLoopBound(self, eventLoop: loop)
         lookup.futureResult.whenComplete { outcome in
-            deadline.cancel()
             bound.value.lookupsInProgress -= 1
             var evidence = evidence
             switch outcome {
@@ -323,7 +340,6 @@ final class ListenerState: SubflowDelegate {
         guard !closed else { return refuseVerifying(key, .shuttingDown, "listener closing") }
         guard ready.count < options.acceptBacklog else { return refuseVerifying(key, .resourceLimit, "accept backlog full") }
         verifying.removeValue(forKey: key)
-        entry.timeout.cancel()
         let token = entry.accept.token
         let engine = SessionEngine(loop: loop, role: .listener, localName: localName, peerName: entry.open.sourceName, port: entry.local.port ?? 0,
                                    options: options, keys: entry.keys, token: token, peerInitialWindow: entry.open.receiveWindow ?? 0,
@@ -345,7 +361,6 @@ final class ListenerState: SubflowDelegate {
     /// Ends a session before the application saw it. Keys exist, so the ABORT is authenticated.
     fileprivate func refuseVerifying(_ key: ObjectIdentifier, _ reason: CloseReason, _ message: String) {
         guard let entry = verifying.removeValue(forKey: key) else { return }
-        entry.timeout.cancel()
         refusals += 1
         logger.warning("refused \(entry.open.sourceName) at \(entry.remote.hostString): \(reason): \(message)")
         entry.handler.writeAndClose(SignalAuthenticator(keys: entry.keys, localRole: .server).close(reason, message, abort: true))
@@ -396,8 +411,8 @@ final class ListenerState: SubflowDelegate {
     func subflowWritabilityChanged(_ handler: any SubflowTransport, writable: Bool) {}
     func subflowInputClosed(_ handler: any SubflowTransport) { handler.writeAndClose(nil) }
     func subflowClosed(_ handler: any SubflowTransport, error: (any Error)?) {
-        pending.removeValue(forKey: ObjectIdentifier(handler))?.timeout.cancel()
-        verifying.removeValue(forKey: ObjectIdentifier(handler))?.timeout.cancel()
+        pending.removeValue(forKey: ObjectIdentifier(handler))
+        verifying.removeValue(forKey: ObjectIdentifier(handler))
         handler.delegate = nil
     }
 
@@ -414,7 +429,8 @@ struct PendingVerification {
     let keys: SessionKeys
     let local: SocketAddress
     let remote: SocketAddress
-    let timeout: Scheduled<Void>
+    /// Names its handshake timeout (`ListenerState.handshakeDeadlines`).
+    let serial: UInt64
     var identity: Frame.Identity?
     /// The opener's first frames after ACCEPT (normally its DATA_ACK alone), for the session.
     var frames: [Frame] = []

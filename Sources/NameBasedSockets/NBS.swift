@@ -124,7 +124,9 @@ final class OpenAttempt: SubflowDelegate {
                                             receiveWindow: options.admitsAtOpen(peerName) ? UInt32(clamping: options.receiveCapacity) : nil)
             handler.handshakeSentAt = .now()
             handler.write(.open(handshake.open))
-            let timeout = loop.scheduleTask(in: options.handshakeTimeout) {
+            // Left to fire after the handshake ends (failing completed promises does nothing): NIO
+            // cancels a scheduled task by a linear search of its heap.
+            loop.scheduleTask(in: options.handshakeTimeout) {
                 let error = NBSError.connectFailed(peer: peerName, reason: "no ACCEPT and admission within \(options.handshakeTimeout)")
                 accepted.fail(error)
                 admitted.fail(error)
@@ -171,7 +173,6 @@ final class OpenAttempt: SubflowDelegate {
                 handler.write(.dataAck(.init(cumulativeAck: 0, window: UInt32(clamping: options.receiveCapacity))))
                 return admitted.futureResult.map { (keys, result, $0, accepted.accept, rtt) }
             }.map { (keys: SessionKeys, result: VerificationResult, firstFrame: Frame, accept: Frame.Accept, rtt: Double?) in
-                timeout.cancel()
                 let handler = boundHandler.value
                 let engine = SessionEngine(loop: loop, role: .opener, localName: localName, peerName: peerName, port: port, options: options,
                                            keys: keys, token: accept.token, peerInitialWindow: accept.receiveWindow, addressBook: book,
@@ -184,7 +185,6 @@ final class OpenAttempt: SubflowDelegate {
                 engine.startPathManagement()
                 return Session(engine: engine)
             }.flatMapErrorThrowing { error in
-                timeout.cancel()
                 if case LegacyServer.adopted = error {} else { boundAttempt.value.handler?.writeAndClose(nil) }
                 throw error
             }

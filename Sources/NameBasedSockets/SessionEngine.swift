@@ -52,12 +52,13 @@ final class SessionEngine: SubflowDelegate {
     /// Pairs with a connect or JOIN in progress, so the mesh is not opened twice.
     private var connectingPairs: Set<PathPlanner.Pair> = []
     private(set) var waitingSince: NIODeadline?
-    private var graceTask: Scheduled<Void>?
-    private var rejoinTask: RepeatedTask?
-    /// The stall checks' chain of timers runs while this is set; a chain started earlier and not yet
-    /// fired sees another generation and ends (see `startLivenessChecks`).
-    private var livenessRunning = false
-    private var livenessGeneration = 0
+    /// Every timer of the session is a `LoopTimer`: stopping one cancels no NIO task (a linear
+    /// search in NIO's heap, which at 10,000 sessions on one loop cost more than the timers).
+    private lazy var graceTimer = LoopTimer(on: loop, owner: self) { $0.graceEnded() }
+    private lazy var rejoinTimer = LoopTimer(on: loop, owner: self) { $0.rejoinFired() }
+    /// The stall checks run while this is set, driven by the loop's `LivenessTicker` (see
+    /// `startLivenessChecks`).
+    private(set) var livenessRunning = false
     /// Something went out on a subflow since the last stall check began (see `startLivenessChecks`).
     private var wroteSinceLivenessCheck = false
     private var monitorSubscription: InterfaceEventSubscription?
@@ -79,12 +80,13 @@ final class SessionEngine: SubflowDelegate {
     let events: AsyncStream<SessionEvent>
     private var pumpScheduled = false
     private var pumping = false
-    private var probeTask: Scheduled<Void>?
+    private lazy var probeTimer = LoopTimer(on: loop, owner: self) { $0.probesDue() }
+    private var probeDelay = TimeAmount.zero
     /// Passes of the pump that put something on a subflow: idle timers compare it with what they
     /// saw last time to tell an idle session from a busy one.
     private var transmissions = 0
     private var transmissionsAtProbe = 0
-    private var lingerTask: Scheduled<Void>?
+    private lazy var lingerTimer = LoopTimer(on: loop, owner: self) { $0.lingerEnded() }
     /// Set by whoever verified the peer's name before handing the session out.
     var peerVerification: PeerVerification = .claimed
     /// Called once when the session ends, so a listener can forget its token.
@@ -291,16 +293,18 @@ final class SessionEngine: SubflowDelegate {
         waitingSince = .now()
         logger.info("every path lost; waiting up to \(options.waitingGracePeriod) for one to return")
         eventContinuation.yield(.waiting)
-        let bound = self.bound
-        graceTask = loop.scheduleTask(in: options.waitingGracePeriod) {
-            let engine = bound.value
-            if engine.waitingSince != nil { engine.fail(.allSubflowsLost, notifyPeer: nil) }
-        }
-        if role == .opener {
-            rejoinTask = loop.scheduleRepeatedTask(initialDelay: .zero, delay: options.rejoinInterval) { _ in
-                bound.value.rejoin()
-            }
-        }
+        graceTimer.arm(in: options.waitingGracePeriod)
+        if role == .opener { rejoinTimer.arm(in: .zero) }
+    }
+
+    private func graceEnded() {
+        if waitingSince != nil { fail(.allSubflowsLost, notifyPeer: nil) }
+    }
+
+    private func rejoinFired() {
+        guard state == .open, waitingSince != nil else { return }
+        rejoinTimer.arm(in: options.rejoinInterval)
+        rejoin()
     }
 
     /// While waiting: ask the resolver again (both ends may have moved) and try the mesh.
@@ -334,10 +338,8 @@ final class SessionEngine: SubflowDelegate {
     private func pathRestored() {
         guard waitingSince != nil else { return }
         waitingSince = nil
-        graceTask?.cancel()
-        rejoinTask?.cancel()
-        graceTask = nil
-        rejoinTask = nil
+        graceTimer.stop()
+        rejoinTimer.stop()
         logger.info("a path is back; resuming")
         eventContinuation.yield(.resumed)
     }
@@ -466,25 +468,19 @@ final class SessionEngine: SubflowDelegate {
     /// retired, filled the listener's subflow limit, and the opener's JOINs were refused until its
     /// grace period ended.
     ///
-    /// The checks start and stop often, so they are a chain of one-shot timers that stopping
-    /// abandons rather than a repeated task that stopping cancels: NIO finds a cancelled task in its
-    /// scheduling heap by a linear search, which at 10,000 sessions cost more than the checks.
+    /// The checks start and stop often, and at 10,000 sessions a timer each made 200,000 timers a
+    /// second: one `LivenessTicker` per event loop runs the checks of every session that wants them,
+    /// and stopping only clears the flag (the ticker drops the session at its next tick).
     private func startLivenessChecks() {
         guard !livenessRunning, options.livenessInterval > .zero, state == .open else { return }
         livenessRunning = true
-        livenessGeneration &+= 1
-        scheduleLivenessCheck(generation: livenessGeneration)
+        LivenessTicker.on(loop, interval: options.livenessInterval).add(self)
     }
 
-    private func scheduleLivenessCheck(generation: Int) {
-        let bound = self.bound
-        loop.scheduleTask(in: options.livenessInterval) {
-            let engine = bound.value
-            guard engine.livenessRunning, engine.livenessGeneration == generation else { return }
-            engine.checkStalls()
-            guard engine.livenessRunning, engine.livenessGeneration == generation else { return }
-            engine.scheduleLivenessCheck(generation: generation)
-        }
+    /// The ticker's call, every `livenessInterval` while `livenessRunning`.
+    func livenessTick() {
+        guard livenessRunning else { return }
+        checkStalls()
     }
 
     private func stopLivenessChecks() {
@@ -497,32 +493,43 @@ final class SessionEngine: SubflowDelegate {
         guard state == .open else { return stopLivenessChecks() }
         let wrote = wroteSinceLivenessCheck
         wroteSinceLivenessCheck = false
-        let bound = self.bound
-        var pending = 1  // this pass itself, so that the verdict waits for every answer
         var inFlight = false
-        let answered = {
-            let engine = bound.value
-            pending -= 1
-            guard pending == 0, engine.state == .open, !wrote, !inFlight, !engine.wroteSinceLivenessCheck,
-                engine.core.unacknowledgedBytes == 0, engine.suspendedSince.isEmpty
-            else { return }
-            engine.stopLivenessChecks()
-        }
+        var asked: [(SubflowID, EventLoopFuture<SubflowProgress>)] = []
         for (id, record) in records where record.established && !record.closed {
-            guard let progress = record.handler.progress() else { continue }
-            pending += 1
-            progress.assumeIsolated().whenComplete { result in
-                if case .success(let progress) = result {
-                    let engine = bound.value
-                    inFlight = inFlight || progress.inFlight
-                    if progress.rttMs > 0 { engine.core.recordRTT(id, milliseconds: progress.rttMsPrecise) }
-                    engine.stallCheck(id, progress)
-                    engine.resizeQueues(id, progress)
-                }
-                answered()
+            // UDP knows its state at once: no future, no closure (10,000 sessions check 20 times a second).
+            if let progress = record.handler.currentProgress {
+                inFlight = inFlight || progress.inFlight
+                observed(id, progress)
+            } else if let progress = record.handler.progress() {
+                asked.append((id, progress))
             }
         }
-        answered()
+        guard !asked.isEmpty else { return checkFinished(wrote: wrote, inFlight: inFlight) }
+        let bound = self.bound
+        var pending = asked.count
+        for (id, progress) in asked {
+            progress.assumeIsolated().whenComplete { result in
+                let engine = bound.value
+                if case .success(let progress) = result {
+                    inFlight = inFlight || progress.inFlight
+                    engine.observed(id, progress)
+                }
+                pending -= 1
+                if pending == 0 { engine.checkFinished(wrote: wrote, inFlight: inFlight) }
+            }
+        }
+    }
+
+    /// Every subflow answered: the checks stop when there is nothing left to watch.
+    private func checkFinished(wrote: Bool, inFlight: Bool) {
+        guard state == .open, !wrote, !inFlight, !wroteSinceLivenessCheck, core.unacknowledgedBytes == 0, suspendedSince.isEmpty else { return }
+        stopLivenessChecks()
+    }
+
+    private func observed(_ id: SubflowID, _ progress: SubflowProgress) {
+        if progress.rttMs > 0 { core.recordRTT(id, milliseconds: progress.rttMsPrecise) }
+        stallCheck(id, progress)
+        resizeQueues(id, progress)
     }
 
     var livenessChecksRunningForTesting: Bool { livenessRunning }
@@ -533,22 +540,29 @@ final class SessionEngine: SubflowDelegate {
     /// (MPTCP reinjects on a subflow RTO too). An ACK after that resumes it; none within
     /// `stallRetirement` retires it. Requiring the retransmission keeps an idle subflow that just
     /// sent a probe from looking stalled.
-    func stallCheck(_ id: SubflowID, _ tcp: SubflowProgress) {
+    ///
+    /// Time this event loop was blocked (`LoopLag`: its timers ran late) does not count as silence
+    /// or as time suspended: acknowledgements that arrived meanwhile sat unread in the socket. With
+    /// 10,000 UDP sessions on one loop, a loop blocked for a second made every subflow with a probe
+    /// in flight look stalled, and the retirements and rejoins that followed blocked it longer.
+    func stallCheck(_ id: SubflowID, _ tcp: SubflowProgress, lag: LoopLag = LoopLag.current) {
         guard state == .open, let record = records[id], record.established, !record.closed else { return }
         let floor = options.minimumStallTimeout.nanoseconds / 1_000_000
         let limitMs = max(floor, 2 * tcp.rttMs)
+        let now = NIODeadline.now()
         if core.isSuspended(id) {
             guard let since = suspendedSince[id] else { return }
-            let suspendedMs = (NIODeadline.now() - since).nanoseconds / 1_000_000
+            let suspendedMs = (now - since).nanoseconds / 1_000_000
             if tcp.silentMs < suspendedMs {
                 suspendedSince[id] = nil
                 core.resumeSubflow(id)
                 logger.info("subflow \(id) recovered: acknowledged again")
                 pump()
-            } else if NIODeadline.now() - since > options.stallRetirement {
+            } else if Int64(now.uptimeNanoseconds - since.uptimeNanoseconds)
+                        - Int64(lag.blocked(from: since.uptimeNanoseconds, to: now.uptimeNanoseconds)) > options.stallRetirement.nanoseconds {
                 retire(id, reason: "no acknowledgement for \(tcp.silentMs) ms")
             }
-        } else if tcp.inFlight, tcp.timeoutRetransmissions > 0, tcp.silentMs > limitMs {
+        } else if tcp.looksStalled(limitMs: limitMs, lag: lag, now: now.uptimeNanoseconds) {
             suspendedSince[id] = .now()
             let bytes = core.suspendSubflow(id)
             logger.info("subflow \(id) stalled: no acknowledgement for \(tcp.silentMs) ms after a timeout; reinjecting \(bytes) bytes")
@@ -892,7 +906,7 @@ final class SessionEngine: SubflowDelegate {
 
     private func beginClosing() {
         state = .closing
-        probeTask?.cancel()
+        probeTimer.stop()
         for (_, record) in records where !record.closed && record.established {
             record.handler.write(signals.close(.normal, "", abort: false), flush: false)
             record.handler.shutdownOutput()
@@ -901,17 +915,18 @@ final class SessionEngine: SubflowDelegate {
             record.handler.writeAndClose(nil)
             records[id]!.closed = true
         }
-        let bound = self.bound
         // Subflows whose peer never closes its side are closed after a short linger.
-        lingerTask = loop.scheduleTask(in: .seconds(2)) {
-            for record in bound.value.records.values where !record.closed { record.handler.writeAndClose(nil) }
-        }
+        lingerTimer.arm(in: .seconds(2))
         checkClosingDone()
+    }
+
+    private func lingerEnded() {
+        for record in records.values where !record.closed { record.handler.writeAndClose(nil) }
     }
 
     private func checkClosingDone() {
         guard state == .closing, records.values.allSatisfy(\.closed) else { return }
-        lingerTask?.cancel()
+        lingerTimer.stop()
         state = .closed
         for waiter in closeWaiters { waiter.succeed(()) }
         closeWaiters.removeAll()
@@ -922,8 +937,10 @@ final class SessionEngine: SubflowDelegate {
     }
 
     private func terminated() {
-        graceTask?.cancel()
-        rejoinTask?.cancel()
+        graceTimer.stop()
+        rejoinTimer.stop()
+        probeTimer.stop()
+        lingerTimer.stop()
         stopLivenessChecks()
         monitorSubscription?.cancel()
         monitorSubscription = nil
@@ -937,8 +954,8 @@ final class SessionEngine: SubflowDelegate {
         guard state == .open || state == .closing else { return }
         logger.info("session failed: \(error)")
         state = .failed(error)
-        probeTask?.cancel()
-        lingerTask?.cancel()
+        probeTimer.stop()
+        lingerTimer.stop()
         for (id, record) in records where !record.closed {
             let frame = reason.map { abortFrame(for: record, $0, error.description) }
             record.handler.writeAndClose(frame)
@@ -960,8 +977,9 @@ final class SessionEngine: SubflowDelegate {
     // MARK: liveness and statistics
 
     private func startProbingIfNeeded() {
-        guard probeTask == nil else { return }
-        scheduleProbes(after: options.probeInterval)
+        guard !probeTimer.isArmed, probeDelay == .zero else { return }
+        probeDelay = options.probeInterval
+        probeTimer.arm(in: probeDelay)
     }
 
     /// An idle session probes less: each round after which nothing else was sent or received doubles
@@ -970,17 +988,14 @@ final class SessionEngine: SubflowDelegate {
     /// (`startLivenessChecks`), so probes are what an idle session costs (BENCHMARKS.md, Scale), and
     /// the cap is how long a path that died while idle can go unnoticed. While data moves, RTT comes
     /// from TCP_INFO (`checkStalls`) rather than probes.
-    private func scheduleProbes(after delay: TimeAmount) {
-        let bound = self.bound
-        probeTask = loop.scheduleTask(in: delay) {
-            let engine = bound.value
-            guard engine.state == .open else { return }
-            engine.sendProbes()
-            let idle = engine.transmissions == engine.transmissionsAtProbe
-            engine.transmissionsAtProbe = engine.transmissions
-            let longest = engine.options.probeInterval.nanoseconds * Self.idleProbeBackoff
-            engine.scheduleProbes(after: idle ? .nanoseconds(min(delay.nanoseconds * 2, longest)) : engine.options.probeInterval)
-        }
+    private func probesDue() {
+        guard state == .open else { return }
+        sendProbes()
+        let idle = transmissions == transmissionsAtProbe
+        transmissionsAtProbe = transmissions
+        let longest = options.probeInterval.nanoseconds * Self.idleProbeBackoff
+        probeDelay = idle ? .nanoseconds(min(probeDelay.nanoseconds * 2, longest)) : options.probeInterval
+        probeTimer.arm(in: probeDelay)
     }
 
     static let idleProbeBackoff: Int64 = 32
@@ -1046,6 +1061,12 @@ struct SubflowProgress {
         self.rttMsPrecise = rttMs
         self.timeoutRetransmissions = timeoutRetransmissions
         self.bytesPerSecond = bytesPerSecond
+    }
+
+    /// Data in flight, a timeout without an acknowledgement since, and silence beyond `limitMs` that
+    /// is not the event loop's own lag (see `SessionEngine.stallCheck`).
+    func looksStalled(limitMs: Int64, lag: LoopLag, now: UInt64) -> Bool {
+        inFlight && timeoutRetransmissions > 0 && silentMs > limitMs && lag.discounted(silentMs: silentMs, now: now) > limitMs
     }
 
     /// A peer that advertised a zero window is sent window probes instead of data: nothing is

@@ -144,11 +144,14 @@ protocol SubflowTransport: AnyObject {
     func installKeys(_ keys: SessionKeys, localRole: SessionKeys.Role)
     /// What the transport knows of the path: for stall detection and queue sizing.
     func progress() -> EventLoopFuture<SubflowProgress>?
+    /// The same, when the transport knows it without asking the kernel (UDP): nil means ask `progress()`.
+    var currentProgress: SubflowProgress? { get }
     /// Roughly how much may wait in the transport beyond what is in flight.
     func setQueueLimit(_ bytes: Int)
 }
 
 extension SubflowTransport {
+    var currentProgress: SubflowProgress? { nil }
     func write(_ frame: Frame) { write(frame, flush: true) }
     /// Who the subflow is, for logs.
     var peerDescription: String { remoteAddress?.description ?? "?" }

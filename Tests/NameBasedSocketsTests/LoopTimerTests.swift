@@ -1,0 +1,167 @@
+import NIOCore
+import NIOPosix
+import Synchronization
+import Testing
+
+@testable import NameBasedSockets
+
+private let ms: UInt64 = 1_000_000
+
+/// The event loop's own lag is not a path's silence. At 10,000 UDP sessions on one loop, a loop
+/// blocked for a second made every subflow with a probe in flight look stalled (its acknowledgement
+/// sat unread in the socket), and the retirements and rejoins that followed blocked it longer.
+@Suite("Loop lag (pure)")
+struct LoopLagTests {
+    @Test("lateness under the threshold is noise; overlapping reports merge into one interval")
+    func recordsAndMerges() {
+        var lag = LoopLag()
+        lag.record(due: 1_000 * ms, ran: 1_005 * ms)
+        #expect(lag.intervals.isEmpty)
+        // A blocked second: every timer due in it reports when it finally ran.
+        lag.record(due: 2_000 * ms, ran: 3_000 * ms)
+        lag.record(due: 2_500 * ms, ran: 3_001 * ms)
+        lag.record(due: 2_950 * ms, ran: 3_002 * ms)
+        #expect(lag.intervals.count == 1)
+        #expect(lag.intervals.first?.start == 2_000 * ms && lag.intervals.first?.end == 3_002 * ms)
+        lag.record(due: 5_000 * ms, ran: 5_100 * ms)
+        #expect(lag.intervals.count == 2)
+        // A timer due before both that ran after them covers both.
+        lag.record(due: 1_500 * ms, ran: 5_200 * ms)
+        #expect(lag.intervals.count == 1)
+        #expect(lag.blocked(from: 0, to: 10_000 * ms) == 3_700 * ms)
+    }
+
+    @Test("only the blocked time inside the silence is discounted")
+    func discountsInsideTheWindow() {
+        var lag = LoopLag()
+        lag.record(due: 10_000 * ms, ran: 11_000 * ms)  // blocked 10.0 s to 11.0 s
+        // Silent 1,100 ms at 11.05 s: 1,000 of them the loop's.
+        #expect(lag.discounted(silentMs: 1_100, now: 11_050 * ms) == 100)
+        // Silent 300 ms at 11.2 s: the window starts at 10.9 s, 100 ms of it blocked.
+        #expect(lag.discounted(silentMs: 300, now: 11_200 * ms) == 200)
+        // A block before the silence began does not shorten it.
+        #expect(lag.discounted(silentMs: 500, now: 12_000 * ms) == 500)
+        #expect(LoopLag().discounted(silentMs: 800, now: 12_000 * ms) == 800)
+    }
+
+    @Test("a probe in flight through a blocked loop is not a stall; the same silence without the block is")
+    func stallRuleDiscountsLag() {
+        let progress = SubflowProgress(inFlight: true, silentMs: 1_050, rttMs: 1, timeoutRetransmissions: 1, bytesPerSecond: 0)
+        var lag = LoopLag()
+        lag.record(due: 10_000 * ms, ran: 11_000 * ms)
+        #expect(!progress.looksStalled(limitMs: 200, lag: lag, now: 11_010 * ms))
+        #expect(progress.looksStalled(limitMs: 200, lag: LoopLag(), now: 11_010 * ms))
+        // Silent long after the block: a real stall.
+        #expect(progress.looksStalled(limitMs: 200, lag: lag, now: 13_000 * ms))
+        // Nothing in flight, or no timeout yet: never.
+        var idle = progress
+        idle.inFlight = false
+        #expect(!idle.looksStalled(limitMs: 200, lag: LoopLag(), now: 11_010 * ms))
+        idle = progress
+        idle.timeoutRetransmissions = 0
+        #expect(!idle.looksStalled(limitMs: 200, lag: LoopLag(), now: 11_010 * ms))
+    }
+
+    @Test("the record keeps a bounded number of intervals")
+    func bounded() {
+        var lag = LoopLag()
+        for i in 0 ..< UInt64(100) { lag.record(due: i * 1_000 * ms, ran: i * 1_000 * ms + 50 * ms) }
+        #expect(lag.intervals.count == LoopLag.capacity)
+    }
+}
+
+@Suite("Handshake deadlines (pure)")
+struct DeadlineQueueTests {
+    @Test("expired entries come out in order; a reused key keeps its new entry")
+    func expiresInOrderWithSerials() {
+        var queue = DeadlineQueue<Int>()
+        let t0 = NIODeadline.uptimeNanoseconds(1_000 * ms)
+        queue.add(7, serial: 1, deadline: t0 + .seconds(5))
+        queue.add(8, serial: 2, deadline: t0 + .seconds(6))
+        queue.add(7, serial: 3, deadline: t0 + .seconds(7))  // key 7 again, a new entry
+        queue.add(9, serial: 4, deadline: t0 + .milliseconds(5_500))  // out of order: inserted in place
+        #expect(queue.next == t0 + .seconds(5))
+        #expect(queue.popExpired(now: t0 + .seconds(4)).isEmpty)
+        let due = queue.popExpired(now: t0 + .seconds(6))
+        #expect(due.map(\.key) == [7, 9, 8])
+        #expect(due.map(\.serial) == [1, 4, 2])
+        // The owner compares serials: the entry now under key 7 has serial 3, so serial 1 expires nothing.
+        #expect(queue.count == 1 && queue.next == t0 + .seconds(7))
+    }
+}
+
+@Suite("LoopTimer", .timeLimit(.minutes(1)))
+struct LoopTimerTests {
+    final class Owner: @unchecked Sendable {
+        let fired = Mutex<[UInt64]>([])
+    }
+
+    private func onLoop<T: Sendable>(_ loop: any EventLoop, _ body: @escaping @Sendable () -> T) async throws -> T {
+        try await loop.submit(body).get()
+    }
+
+    @Test("stopping prevents the action; re-arming later fires once, at the later deadline")
+    func stopAndRearm() async throws {
+        let loop = MultiThreadedEventLoopGroup.singleton.next()
+        let owner = Owner()
+        let timer = try await onLoop(loop) {
+            NIOLoopBound(LoopTimer(on: loop, owner: owner) { $0.fired.withLock { $0.append(NIODeadline.now().uptimeNanoseconds) } }, eventLoop: loop)
+        }
+        let start = NIODeadline.now().uptimeNanoseconds
+        try await onLoop(loop) {
+            timer.value.arm(in: .milliseconds(30))
+            timer.value.stop()
+        }
+        try await Task.sleep(for: .milliseconds(80))
+        #expect(owner.fired.withLock { $0.isEmpty }, "stopped")
+        let tasks = try await onLoop(loop) {
+            timer.value.arm(in: .milliseconds(20))
+            timer.value.arm(in: .milliseconds(60))  // later: no second task, the first re-arms
+            return timer.value.scheduledCountForTesting
+        }
+        #expect(tasks == 1)
+        try await Task.sleep(for: .milliseconds(150))
+        let fired = owner.fired.withLock { $0 }
+        #expect(fired.count == 1)
+        if let first = fired.first { #expect(first - start >= 80 * ms + 60 * ms) }
+        let (armed, pending) = try await onLoop(loop) { (timer.value.isArmed, timer.value.scheduledCountForTesting) }
+        #expect(!armed && pending == 0)
+    }
+
+    @Test("moving the deadline earlier fires at the earlier one, once")
+    func earlier() async throws {
+        let loop = MultiThreadedEventLoopGroup.singleton.next()
+        let owner = Owner()
+        let timer = try await onLoop(loop) {
+            NIOLoopBound(LoopTimer(on: loop, owner: owner) { $0.fired.withLock { $0.append(NIODeadline.now().uptimeNanoseconds) } }, eventLoop: loop)
+        }
+        let start = NIODeadline.now().uptimeNanoseconds
+        try await onLoop(loop) {
+            timer.value.arm(in: .seconds(10))
+            timer.value.arm(in: .milliseconds(20))
+        }
+        try await Task.sleep(for: .milliseconds(120))
+        let fired = owner.fired.withLock { $0 }
+        #expect(fired.count == 1)
+        if let first = fired.first { #expect(first - start < 1_000 * ms) }
+    }
+
+    @Test("a blocked loop shows up in its LoopLag")
+    func recordsLag() async throws {
+        let loop = MultiThreadedEventLoopGroup.singleton.next()
+        let owner = Owner()
+        let timer = try await onLoop(loop) {
+            NIOLoopBound(LoopTimer(on: loop, owner: owner) { _ in }, eventLoop: loop)
+        }
+        try await onLoop(loop) {
+            timer.value.arm(in: .milliseconds(10))
+            usleep(150_000)  // the loop blocked past the deadline
+        }
+        try await Task.sleep(for: .milliseconds(50))
+        let blocked = try await onLoop(loop) {
+            let now = NIODeadline.now().uptimeNanoseconds
+            return LoopLag.current.blocked(from: now - 1_000 * ms, to: now)
+        }
+        #expect(blocked >= 100 * ms)
+    }
+}
