@@ -13,6 +13,8 @@ set -euo pipefail
 # shellcheck source=netns-scripts/lib.sh
 source "$(dirname "$0")/../lib.sh"
 
+# UDP's scenario: run bare, it must not fall back to lib.sh's default transport (tcp).
+export NBS_TRANSPORT=udp
 bytes=${NBS_BYTES:-$((10 * 1024 * 1024))}
 export NBS_TIMEOUT=${NBS_TIMEOUT:-60}
 
