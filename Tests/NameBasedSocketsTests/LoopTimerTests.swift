@@ -100,13 +100,18 @@ struct LoopTimerTests {
         try await loop.submit(body).get()
     }
 
+    /// A timer whose action records when it ran in `owner.fired`.
+    private func recordingTimer(on loop: any EventLoop, owner: Owner) async throws -> NIOLoopBound<LoopTimer> {
+        try await onLoop(loop) {
+            NIOLoopBound(LoopTimer(on: loop, owner: owner) { $0.fired.withLock { $0.append(NIODeadline.now().uptimeNanoseconds) } }, eventLoop: loop)
+        }
+    }
+
     @Test("stopping prevents the action; re-arming later fires once, at the later deadline")
     func stopAndRearm() async throws {
         let loop = MultiThreadedEventLoopGroup.singleton.next()
         let owner = Owner()
-        let timer = try await onLoop(loop) {
-            NIOLoopBound(LoopTimer(on: loop, owner: owner) { $0.fired.withLock { $0.append(NIODeadline.now().uptimeNanoseconds) } }, eventLoop: loop)
-        }
+        let timer = try await recordingTimer(on: loop, owner: owner)
         let start = NIODeadline.now().uptimeNanoseconds
         try await onLoop(loop) {
             timer.value.arm(in: .milliseconds(30))
@@ -132,9 +137,7 @@ struct LoopTimerTests {
     func earlier() async throws {
         let loop = MultiThreadedEventLoopGroup.singleton.next()
         let owner = Owner()
-        let timer = try await onLoop(loop) {
-            NIOLoopBound(LoopTimer(on: loop, owner: owner) { $0.fired.withLock { $0.append(NIODeadline.now().uptimeNanoseconds) } }, eventLoop: loop)
-        }
+        let timer = try await recordingTimer(on: loop, owner: owner)
         let start = NIODeadline.now().uptimeNanoseconds
         try await onLoop(loop) {
             timer.value.arm(in: .seconds(10))
