@@ -66,6 +66,32 @@ struct DatagramLoopbackTests {
         await server.close()
     }
 
+    /// The close storm of `bench-scale.sh --transport udp --sessions 3000` in small: the opener's
+    /// last DATA_ACK, CLOSE and SHUTDOWN are lost for longer than the session's 2 s close linger.
+    /// Resetting then left the listener waiting for them until its close timeout (236 of 3,000
+    /// sessions failed so); the subflow now keeps resending an unacknowledged SHUTDOWN a while.
+    @Test("an opener whose CLOSE is lost for 2.5 s keeps resending it, and both ends close cleanly")
+    func closeSurvivesLostShutdown() async throws {
+        let server = try await udpListener { $0.closeTimeout = .seconds(15) }
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: udpOptions())
+        let session = try await server.accept()
+        try await client.write(pattern(1000))
+        await client.finish()
+        #expect(try await withTimeout(10, "reading") { try await drain(session) }.bytes == 1000)
+        try await waitFor("the opener's DATA_FIN acknowledged") { await client.statistics.unacknowledgedBytes == 0 }
+        try await Task.sleep(for: .milliseconds(100))
+        await client.withSubflowsForTesting(DatagramSubflow.self) { $0.dropEveryForTesting = 1 }
+        let serverClosed = Task { try await session.close() }
+        let clientClosed = Task { try await client.close() }
+        try await Task.sleep(for: .milliseconds(2500))
+        await client.withSubflowsForTesting(DatagramSubflow.self) { $0.dropEveryForTesting = 0 }
+        try await withTimeout(20, "closing") {
+            try await serverClosed.value
+            try await clientClosed.value
+        }
+        await server.close()
+    }
+
     @Test("every 20th datagram lost both ways: the session resends through its sequence space and delivers everything")
     func lossyPath() async throws {
         let server = try await udpListener()
