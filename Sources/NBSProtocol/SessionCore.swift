@@ -53,8 +53,6 @@ public struct SessionCore: Sendable {
         /// Stalled (no TCP progress): carries nothing until it recovers; its data went elsewhere.
         var suspended = false
         var smoothedRTT: Double?  // milliseconds
-        /// What the transport can carry (TCP: cwnd × MSS / RTT), when known.
-        var bytesPerSecond: Double?
         /// A slow path gets smaller segments, so reinjected data waits behind less of them.
         var segmentLimit: Int?
         /// Subflows of one group share their bottleneck (the same pair of interfaces): under
@@ -129,10 +127,6 @@ public struct SessionCore: Sendable {
     /// nil: the subflow shares its path with no other that we know of.
     public mutating func setPathGroup(_ id: SubflowID, _ group: String?) {
         subflows[id]?.pathGroup = group
-    }
-
-    public mutating func setDeliveryRate(_ id: SubflowID, bytesPerSecond: Double) {
-        subflows[id]?.bytesPerSecond = bytesPerSecond > 0 ? bytesPerSecond : nil
     }
 
     public mutating func recordRTT(_ id: SubflowID, milliseconds sample: Double) {
@@ -419,15 +413,7 @@ public struct SessionCore: Sendable {
             let fastest = carriers.compactMap(\.smoothedRTT).min()
             let usable = carriers.filter { subflow in
                 guard let fastest, let rtt = subflow.smoothedRTT else { return true }
-                if rtt <= Self.slowFactor * fastest + Self.slowMarginMs { return true }
-                // Far slower, but with more waiting than the faster subflows could send in its
-                // round trip, it still delivers first what it is given (the idea of ECF): without
-                // this, a 5 Mbit/s path whose own queue pushed its RTT past the bound sat idle
-                // beside a 20 Mbit/s one (20+5 at 89.5 % of the sum once, against 95 %).
-                let faster = carriers.filter { ($0.smoothedRTT ?? .infinity) < rtt }
-                let rates = faster.compactMap(\.bytesPerSecond)
-                guard rates.count == faster.count, !rates.isEmpty else { return false }
-                return Double(send.unsentBytes) / rates.reduce(0, +) * 1000 > rtt
+                return rtt <= Self.slowFactor * fastest + Self.slowMarginMs
             }
             return usable.filter(\.writable).min(by: Self.fasterFirst)?.id
         }

@@ -528,7 +528,6 @@ final class SessionEngine: SubflowDelegate {
 
     private func observed(_ id: SubflowID, _ progress: SubflowProgress) {
         if progress.rttMs > 0 { core.recordRTT(id, milliseconds: progress.rttMsPrecise) }
-        core.setDeliveryRate(id, bytesPerSecond: progress.bytesPerSecond)
         stallCheck(id, progress)
         resizeQueues(id, progress)
     }

@@ -278,25 +278,6 @@ struct SessionCoreTests {
         #expect(core.nextTransmission()?.subflow == expected)
     }
 
-    @Test("aggregate gives a far slower subflow data while more waits than the faster ones could send in its round trip")
-    func farSlowerWithABacklog() {
-        var core = makeCore(coreConfiguration(policy: .aggregate, segment: 10_000, send: 4 << 20), peerWindow: .max, subflows: [(a, false), (b, false)])
-        core.recordRTT(a, milliseconds: 10)
-        core.recordRTT(b, milliseconds: 200)  // beyond 4 × 10 + 20 ms
-        core.write(buffer(patternBytes(1_000_000, seed: 8)))
-        core.setWritable(a, false)
-        // Rates unknown: the RTT bound alone decides, as before.
-        #expect(core.nextTransmission() == nil)
-        // 1 MB at 2.5 MB/s is 400 ms of work for a, more than b's 200 ms round trip: b helps.
-        core.setDeliveryRate(a, bytesPerSecond: 2_500_000)
-        #expect(core.nextTransmission()?.subflow == b)
-        // Near the end (under 500 kB left, 200 ms of a's rate), b would deliver after a could: wait for a.
-        core.setWritable(a, true)
-        while core.send.unsentBytes >= 500_000, let t = core.nextTransmission() { #expect(t.subflow == a) }
-        core.setWritable(a, false)
-        #expect(core.nextTransmission() == nil)
-    }
-
     @Test("RTT samples are smoothed")
     func smoothing() {
         var core = makeCore(peerWindow: 0, subflows: [(a, false)])
