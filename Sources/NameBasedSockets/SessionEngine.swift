@@ -572,6 +572,9 @@ final class SessionEngine: SubflowDelegate {
             // failed silently: taking over with nothing in flight, a sibling would only be found
             // dead one RTO later, with the data it took (a blackhole doubled its stall). They carry
             // nothing until they are acknowledged again, which their next PROBE shows.
+            // An idle session's probes may be backed off to 32 s, past the retirement: probe soon.
+            probeDelay = options.probeInterval
+            probeTimer.armIfEarlier(at: .now() + options.probeInterval)
             for sibling in core.siblings(of: id) {
                 suspendedSince[sibling] = .now()
                 let moved = core.suspendSubflow(sibling)
@@ -991,7 +994,9 @@ final class SessionEngine: SubflowDelegate {
     private func probesDue() {
         guard state == .open else { return }
         sendProbes()
-        let idle = transmissions == transmissionsAtProbe
+        // Not idle while a subflow is suspended: its next acknowledgement, which a probe asks for,
+        // is what resumes it before `stallRetirement` retires it.
+        let idle = transmissions == transmissionsAtProbe && suspendedSince.isEmpty
         transmissionsAtProbe = transmissions
         let longest = options.probeInterval.nanoseconds * Self.idleProbeBackoff
         probeDelay = idle ? .nanoseconds(min(probeDelay.nanoseconds * 2, longest)) : options.probeInterval

@@ -93,6 +93,37 @@ struct IdleLivenessTests {
         await client.abort()
         await server.close()
     }
+
+    /// 10,000 idle UDP sessions on one 2-core machine: subflows suspended after a burst of losses
+    /// waited for the session's next PROBE, backed off to 32 × `probeInterval`, and were retired at
+    /// `stallRetirement` first; only 8,817 of 9,968 sessions still had both subflows. A suspension
+    /// now brings the probes back to `probeInterval` (9,975 of 9,975). TCP stands in for the loss
+    /// here: its TCP_INFO is made to look dead for one check, then real again.
+    @Test("a subflow suspended in an idle session is probed at once, and resumes before its retirement")
+    func suspensionInAnIdleSessionProbesSoon() async throws {
+        let server = try await listener()
+        var options = loopbackOptions()
+        options.probeInterval = .milliseconds(100)
+        options.stallRetirement = .seconds(2)
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options)
+        let session = try await server.accept()
+        try await client.write(pattern(1000))
+        _ = try await withTimeout(10) { try await session.read() }
+        // Idle for long enough that the probes back off past the retirement (100, 200, …, 3,200 ms).
+        try await Task.sleep(for: .milliseconds(3500))
+        let dead = SubflowProgress(inFlight: true, silentMs: 60_000, rttMs: 1, timeoutRetransmissions: 3, bytesPerSecond: 0)
+        await client.withSubflowsForTesting(SubflowHandler.self) { $0.progressForTesting = dead }
+        // The next backed-off PROBE starts the stall checks; its answer comes before the first check,
+        // so after the suspension nothing more arrives unless another PROBE asks for it.
+        try await waitFor("suspended", seconds: 8) { await client.subflows.contains { $0.state == .stalled } }
+        await client.withSubflowsForTesting(SubflowHandler.self) { $0.progressForTesting = nil }
+        try await waitFor("resumed", seconds: 1.5) { await client.subflows.contains { $0.state == .active } }
+        let subflows = await client.subflows
+        #expect(subflows.allSatisfy { $0.closeReason == nil }, "\(subflows)")
+        await session.abort()
+        await client.abort()
+        await server.close()
+    }
 }
 
 /// Polls `condition` every 20 ms for up to `seconds`.
