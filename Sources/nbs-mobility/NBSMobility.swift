@@ -3,7 +3,9 @@ import Crypto
 import Foundation
 import Logging
 import NameBasedSockets
+import NIOConcurrencyHelpers
 import NIOCore
+import NIOPosix
 
 @main
 struct NBSMobility: AsyncParsableCommand {
@@ -47,6 +49,9 @@ struct CommonOptions: ParsableArguments {
     @Option(name: .long, help: "Most subflows per session.")
     var maxSubflows = 4
 
+    @Option(name: .long, help: "Event-loop threads for this process's sessions (default: one per core). Load generators sharing a machine with the server under test use fewer.")
+    var eventLoops: Int?
+
     @Flag(name: .long, help: "With --policy aggregate: every subflow carries data, including siblings between the same two interfaces (by default one of them does and the others stand by).")
     var allSiblingsCarry = false
 
@@ -59,6 +64,7 @@ struct CommonOptions: ParsableArguments {
     mutating func validate() throws {
         name = try verification.localName(name)
         if let sendBuffer, (parseByteCount(sendBuffer) ?? 0) < 65536 { throw ValidationError("--send-buffer must be a byte count of at least 64K") }
+        if let eventLoops, !(1...256).contains(eventLoops) { throw ValidationError("--event-loops must be 1...256") }
     }
 
     func options(policy: MultipathPolicy = .aggregate) throws -> NBSOptions {
@@ -68,6 +74,7 @@ struct CommonOptions: ParsableArguments {
         options.transport = transport
         options.maxSubflows = maxSubflows
         options.siblingSubflowsStandBy = !allSiblingsCarry
+        if let eventLoops { options.eventLoopGroup = CommonOptions.group(threads: eventLoops) }
         if let bytes = sendBuffer.flatMap(parseByteCount) { options.sendBufferCapacity = bytes }
         if !localAddresses.isEmpty {
             options.localAddresses = try localAddresses.map {
@@ -75,6 +82,19 @@ struct CommonOptions: ParsableArguments {
             }
         }
         return options
+    }
+}
+
+extension CommonOptions {
+    /// One group per process, made at the first call: every session of the command shares it.
+    private static let groups = NIOLockedValueBox<[Int: MultiThreadedEventLoopGroup]>([:])
+    static func group(threads: Int) -> MultiThreadedEventLoopGroup {
+        groups.withLockedValue { groups in
+            if let group = groups[threads] { return group }
+            let group = MultiThreadedEventLoopGroup(numberOfThreads: threads)
+            groups[threads] = group
+            return group
+        }
     }
 }
 
