@@ -152,6 +152,12 @@ extension Session {
         try? await loop.submit { (engine.value as? SessionEngine)?.killSubflow(id) }.get()
     }
 
+    /// Test hook: starts the stall checks now, as a write or a PROBE would.
+    func startLivenessChecksForTesting() async {
+        let engine = self.engine
+        try? await loop.submit { (engine.value as? SessionEngine)?.startLivenessChecksForTesting() }.get()
+    }
+
     /// Test hook: whether the engine's stall checks are scheduled now.
     func livenessChecksRunningForTesting() async -> Bool {
         let engine = self.engine

@@ -533,6 +533,7 @@ final class SessionEngine: SubflowDelegate {
     }
 
     var livenessChecksRunningForTesting: Bool { livenessRunning }
+    func startLivenessChecksForTesting() { startLivenessChecks() }
 
     /// A blackhole sends no netlink event: the subflow's TCP just stops getting ACKs, and the kernel
     /// retransmits on its RTO. Data in flight, at least one RTO retransmission and no ACK for

@@ -142,6 +142,8 @@ struct LoopbackTests {
         let carrier = try #require(await client.subflows.first { $0.state == .active }).id
         let dead = SubflowProgress(inFlight: true, silentMs: 60_000, rttMs: 1, timeoutRetransmissions: 3, bytesPerSecond: 0)
         await client.withSubflowsForTesting(SubflowHandler.self) { if $0.id.rawValue == carrier { $0.progressForTesting = dead } }
+        // Not left to the next PROBE, which an idle session backs off to seconds away.
+        await client.startLivenessChecksForTesting()
         try await waitFor("both suspended") { await client.subflows.filter { $0.state == .stalled }.count == 2 }
         // Written only now, so everything the sibling carries went after its own resumption.
         let total = 4 * 1024 * 1024
