@@ -177,8 +177,6 @@ final class ListenerState: SubflowDelegate {
         if let next = handshakeDeadlines.next { handshakeTimer.arm(at: next) }
     }
 
-    var handshakeDeadlinesForTesting: Int { handshakeDeadlines.count }
-
     /// Room for one more connection in handshake: UDP listeners ask before they make a socket.
     var canTakeHandshake: Bool { pending.count < options.maxPendingHandshakes && !closed }
 

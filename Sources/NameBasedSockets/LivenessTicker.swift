@@ -20,8 +20,6 @@ final class LivenessTicker {
         self.interval = interval
     }
 
-    var memberCountForTesting: Int { members.count }
-
     func add(_ engine: SessionEngine) {
         members[ObjectIdentifier(engine)] = engine
         if !timer.isArmed { timer.arm(in: interval) }
@@ -40,21 +38,13 @@ final class LivenessTicker {
 
     /// The ticker of this thread's event loop for `interval`. Call on `loop`.
     static func on(_ loop: any EventLoop, interval: TimeAmount) -> LivenessTicker {
-        let box = perThread.currentValue ?? {
-            let box = Box()
-            perThread.currentValue = box
-            return box
-        }()
-        if let ticker = box.tickers[interval.nanoseconds] { return ticker }
-        let ticker = LivenessTicker(loop: loop, interval: interval)
-        box.tickers[interval.nanoseconds] = ticker
-        return ticker
+        perThread.withValue { tickers in
+            if let ticker = tickers[interval.nanoseconds] { return ticker }
+            let ticker = LivenessTicker(loop: loop, interval: interval)
+            tickers[interval.nanoseconds] = ticker
+            return ticker
+        }
     }
 
-    /// Used only by the thread it belongs to.
-    private final class Box: @unchecked Sendable {
-        var tickers: [Int64: LivenessTicker] = [:]
-    }
-
-    private static let perThread = ThreadSpecificVariable<Box>()
+    private static let perThread = PerThread<[Int64: LivenessTicker]> { [:] }
 }

@@ -120,25 +120,36 @@ struct LoopLag {
         return silentMs - Int64(blockedNs / 1_000_000)
     }
 
-    /// Used only by the thread it belongs to.
-    private final class Box: @unchecked Sendable {
-        var lag = LoopLag()
-    }
-
-    private static let perThread = ThreadSpecificVariable<Box>()
-
-    private static var box: Box {
-        if let box = perThread.currentValue { return box }
-        let box = Box()
-        perThread.currentValue = box
-        return box
-    }
+    private static let perThread = PerThread { LoopLag() }
 
     /// This thread's (event loop's) record.
-    static var current: LoopLag { box.lag }
+    static var current: LoopLag { perThread.withValue { $0 } }
 
     /// A timer on this thread due at `due` ran at `ran`.
-    static func record(due: UInt64, ran: UInt64) { box.lag.record(due: due, ran: ran) }
+    static func record(due: UInt64, ran: UInt64) { perThread.withValue { $0.record(due: due, ran: ran) } }
+}
+
+/// A value of each event-loop thread, made there on first use and touched only there (so no lock):
+/// what a loop's timers share, as its `LoopLag` and its `LivenessTicker`s.
+final class PerThread<Value>: @unchecked Sendable {
+    private final class Box {
+        var value: Value
+        init(_ value: Value) { self.value = value }
+    }
+
+    private let variable = ThreadSpecificVariable<Box>()
+    private let make: () -> Value
+
+    init(_ make: @escaping () -> Value) { self.make = make }
+
+    func withValue<Result>(_ body: (inout Value) -> Result) -> Result {
+        let box = variable.currentValue ?? {
+            let box = Box(make())
+            variable.currentValue = box
+            return box
+        }()
+        return body(&box.value)
+    }
 }
 
 /// Deadlines kept in order for one `LoopTimer` to serve them all: a listener's handshake timeouts,
