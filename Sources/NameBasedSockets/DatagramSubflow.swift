@@ -117,27 +117,27 @@ final class DatagramSubflow: SubflowTransport {
             }
             transmit()
             close(error: nil)
-        } else if outputShutdown, peerShutdown {
-            // Both ends said they are done; our shutdown should be acknowledged before the socket
-            // goes, or the peer waits for it until its linger ends.
+        } else if outputShutdown, peerShutdown || !connection.shutdownAcknowledged {
+            // Our SHUTDOWN (and the CLOSE before it) should be acknowledged before the socket goes,
+            // as TCP's kernel keeps resending a FIN after close; until then we resend, a while.
+            // Once both ends said they are done the peer is closing too: half a second. While only
+            // we are, a reset now would leave the peer waiting for our CLOSE until its close timeout,
+            // its session failed though all was done (a burst of closes overflowed its socket: 236
+            // of 3,000 UDP sessions at once, in bench-scale.sh): longer, then the reset.
             transmit()
             if connection.shutdownAcknowledged { return close(error: nil) }
             closingAfterShutdown = true
-            loop.assumeIsolated().scheduleTask(in: .milliseconds(500)) { [self] in close(error: nil) }
-        } else if outputShutdown, !connection.shutdownAcknowledged {
-            // The peer has acknowledged neither our CLOSE nor our SHUTDOWN (a burst of closes
-            // overflowed its socket, say): reset now, and it waits for them until its close timeout,
-            // with its session failed though all was done (236 of 3,000 UDP sessions at once, in
-            // bench-scale.sh). TCP's kernel keeps resending a FIN after close; so do we, a while.
-            transmit()
-            closingAfterShutdown = true
-            loop.assumeIsolated().scheduleTask(in: Self.unacknowledgedShutdownLinger) { [self] in resetAndClose() }
+            if peerShutdown {
+                loop.assumeIsolated().scheduleTask(in: .milliseconds(500)) { [self] in close(error: nil) }
+            } else {
+                loop.assumeIsolated().scheduleTask(in: Self.unacknowledgedShutdownLinger) { [self] in resetAndClose() }
+            }
         } else {
             resetAndClose()
         }
     }
 
-    /// How long a closing subflow keeps resending a SHUTDOWN that the peer has not acknowledged.
+    /// How long a closing subflow whose peer has not shut down keeps resending an unacknowledged SHUTDOWN.
     static let unacknowledgedShutdownLinger = TimeAmount.seconds(5)
 
     func resetAndClose() {

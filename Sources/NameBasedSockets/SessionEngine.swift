@@ -564,20 +564,20 @@ final class SessionEngine: SubflowDelegate {
                 retire(id, reason: "no acknowledgement for \(tcp.silentMs) ms")
             }
         } else if tcp.looksStalled(limitMs: limitMs, lag: lag, now: now.uptimeNanoseconds) {
-            suspendedSince[id] = .now()
+            suspendedSince[id] = now
             let bytes = core.suspendSubflow(id)
             logger.info("subflow \(id) stalled: no acknowledgement for \(tcp.silentMs) ms after a timeout; reinjecting \(bytes) bytes")
             eventContinuation.yield(.subflowStalled(info(id), silentMilliseconds: Int(tcp.silentMs)))
             if bytes > 0 { eventContinuation.yield(.reinjected(bytes: bytes, from: id.rawValue)) }
+            // An idle session's probes may be backed off to 32 s, past the retirement: probe soon.
+            probeDelay = options.probeInterval
+            probeTimer.armIfEarlier(at: now + options.probeInterval)
             // Its siblings run between the same two interfaces, most likely through whatever just
             // failed silently: taking over with nothing in flight, a sibling would only be found
             // dead one RTO later, with the data it took (a blackhole doubled its stall). They carry
             // nothing until they are acknowledged again, which their next PROBE shows.
-            // An idle session's probes may be backed off to 32 s, past the retirement: probe soon.
-            probeDelay = options.probeInterval
-            probeTimer.armIfEarlier(at: .now() + options.probeInterval)
             for sibling in core.siblings(of: id) {
-                suspendedSince[sibling] = .now()
+                suspendedSince[sibling] = now
                 let moved = core.suspendSubflow(sibling)
                 logger.info("subflow \(sibling) suspended with its sibling \(id): same pair of interfaces")
                 if moved > 0 { eventContinuation.yield(.reinjected(bytes: moved, from: sibling.rawValue)) }
