@@ -267,6 +267,11 @@ final class DatagramSubflow: SubflowTransport {
     }
 
     private func write(datagram: ByteBuffer, to destination: SocketAddress? = nil, on channel: any Channel) {
+        if dropEveryForTesting > 0 {
+            sentForTesting += 1
+            // Sent, as far as this end can tell, and lost on the way.
+            if sentForTesting % dropEveryForTesting == 0 { return }
+        }
         if ownsChannel {
             channel.write(datagram, promise: nil)
         } else {
@@ -290,13 +295,6 @@ final class DatagramSubflow: SubflowTransport {
         sending: while true {
             switch connection.nextDatagram(now: now, allocator: channel.allocator) {
             case .datagram(let datagram):
-                if dropEveryForTesting > 0 {
-                    sentForTesting += 1
-                    if sentForTesting % dropEveryForTesting == 0 {
-                        wrote = true  // sent, as far as this end can tell, and lost on the way
-                        continue
-                    }
-                }
                 write(datagram: datagram, on: channel)
                 wrote = true
             case .wait(let until):

@@ -393,7 +393,7 @@ final class ListenerState: SubflowDelegate {
     private func handleJoin(_ join: Frame.Join, handler: any SubflowTransport, machine: SubflowStateMachine) {
         guard let engine = sessions[join.token] else { return refuse(handler, .unknownToken, "") }
         guard let local = handler.localAddress, let remote = handler.remoteAddress else { return }
-        switch engine.verifyJoin(join) {
+        switch engine.verifyJoin(join, local: local, remote: remote) {
         case .refused(let reason):
             refuse(handler, reason, "")
         case .accepted(let ack):

@@ -92,6 +92,33 @@ struct DatagramLoopbackTests {
         await server.close()
     }
 
+    /// The refusal storm of `bench-scale.sh --transport udp --sessions 10000` in small: the opener
+    /// gives its only subflow up and its close is lost, so the listener, at its limit of one, still
+    /// holds the orphan when the opener joins the same pair again. The listener retires an
+    /// unanswered subflow only after `stallRetirement` (a minute here): before, it refused the JOIN
+    /// until then.
+    @Test("at the subflow limit, a JOIN over the pair of a subflow the opener gave up replaces it")
+    func joinReplacesOrphanedSubflow() async throws {
+        let server = try await udpListener { $0.maxSubflows = 1; $0.stallRetirement = .seconds(60) }
+        var options = udpOptions()
+        options.maxSubflows = 1
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options)
+        let session = try await server.accept()
+        await client.withSubflowsForTesting(DatagramSubflow.self) { $0.dropEveryForTesting = 1 }
+        try await client.write(pattern(1000))
+        try await waitFor("the opener's subflow retired with data in flight") { await client.retireBusiestSubflow() > 0 }
+        await client.finish()
+        let received = try await withTimeout(10, "reading over the replacement") { try await drain(session) }
+        #expect(received.bytes == 1000)
+        #expect(await session.subflows.filter { $0.state.isUp }.count == 1)
+        let reasons = await session.subflows.map { "\($0.id) \($0.state) \($0.closeReason ?? "")" }
+        #expect(reasons.contains { $0.hasSuffix("replaced by a new JOIN over the same addresses") }, "\(reasons)")
+        async let serverClosed: Void = session.close()
+        try await client.close()
+        try await serverClosed
+        await server.close()
+    }
+
     @Test("every 20th datagram lost both ways: the session resends through its sequence space and delivers everything")
     func lossyPath() async throws {
         let server = try await udpListener()
