@@ -8,9 +8,9 @@ import NIOPosix
 /// serve's CPU in `perf` and starved it of the time to read its socket, so more was lost.
 ///
 /// A session joins with `add` when its checks start and leaves at the first tick after they
-/// stopped (`SessionEngine.livenessRunning`), so stopping costs nothing.
+/// stopped or moved to another pace (`SessionEngine.livenessTicker`), so stopping costs nothing.
 final class LivenessTicker {
-    private let interval: TimeAmount
+    let interval: TimeAmount
     private var members: [ObjectIdentifier: SessionEngine] = [:]
     private lazy var timer = LoopTimer(on: loop, owner: self) { $0.tick() }
     private let loop: any EventLoop
@@ -28,9 +28,9 @@ final class LivenessTicker {
     private func tick() {
         var stopped: [ObjectIdentifier] = []
         for (key, engine) in members {
-            if engine.livenessRunning { engine.livenessTick() }
-            // Stopped before this tick or by it.
-            if !engine.livenessRunning { stopped.append(key) }
+            if engine.livenessTicker === self { engine.livenessTick() }
+            // Stopped or moved before this tick or by it.
+            if engine.livenessTicker !== self { stopped.append(key) }
         }
         for key in stopped { members[key] = nil }
         if !members.isEmpty, !timer.isArmed { timer.arm(in: interval) }

@@ -43,8 +43,11 @@ public struct NBSOptions: Sendable {
     public var queueTarget: TimeAmount = .milliseconds(10)
     /// A stalled subflow that gets no acknowledgement for this long after being suspended is closed.
     public var stallRetirement: TimeAmount = .seconds(3)
-    /// How often subflows are checked for stalls while the session is active.
+    /// How often subflows are checked for stalls while session data is unacknowledged.
     public var livenessInterval: TimeAmount = .milliseconds(50)
+    /// How often they are checked while only probes are in flight or a suspended subflow waits for
+    /// an acknowledgement (never more often than `livenessInterval`).
+    public var idleLivenessInterval: TimeAmount = .milliseconds(500)
     public var sendBufferCapacity = 8 * 1024 * 1024
     public var receiveCapacity = 8 * 1024 * 1024
     public var maxSegmentSize = 64 * 1024

@@ -159,9 +159,12 @@ extension Session {
     }
 
     /// Test hook: whether the engine's stall checks are scheduled now.
-    func livenessChecksRunningForTesting() async -> Bool {
+    func livenessChecksRunningForTesting() async -> Bool { await livenessIntervalForTesting() != nil }
+
+    /// Test hook: how often the engine's stall checks run now (nil: stopped).
+    func livenessIntervalForTesting() async -> TimeAmount? {
         let engine = self.engine
-        return (try? await loop.submit { (engine.value as? SessionEngine)?.livenessChecksRunningForTesting ?? false }.get()) ?? false
+        return (try? await loop.submit { (engine.value as? SessionEngine)?.livenessIntervalForTesting }.get()) ?? nil
     }
 
     /// Test hook: runs `body` on the session's loop with each live subflow of one transport

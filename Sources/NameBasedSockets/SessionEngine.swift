@@ -56,9 +56,10 @@ final class SessionEngine: SubflowDelegate {
     /// search in NIO's heap, which at 10,000 sessions on one loop cost more than the timers).
     private lazy var graceTimer = LoopTimer(on: loop, owner: self) { $0.graceEnded() }
     private lazy var rejoinTimer = LoopTimer(on: loop, owner: self) { $0.rejoinFired() }
-    /// The stall checks run while this is set, driven by the loop's `LivenessTicker` (see
-    /// `startLivenessChecks`).
-    private(set) var livenessRunning = false
+    /// The loop's `LivenessTicker` that runs the stall checks, at the fast or the idle pace (see
+    /// `startLivenessChecks`); nil while they are stopped.
+    private(set) var livenessTicker: LivenessTicker?
+    var livenessRunning: Bool { livenessTicker != nil }
     /// Something went out on a subflow since the last stall check began (see `startLivenessChecks`).
     private var wroteSinceLivenessCheck = false
     private var monitorSubscription: InterfaceEventSubscription?
@@ -491,20 +492,35 @@ final class SessionEngine: SubflowDelegate {
     /// The checks start and stop often, and at 10,000 sessions a timer each made 200,000 timers a
     /// second: one `LivenessTicker` per event loop runs the checks of every session that wants them,
     /// and stopping only clears the flag (the ticker drops the session at its next tick).
+    ///
+    /// The checks run every `livenessInterval` while session data is unacknowledged, where a stall
+    /// costs delivery time; with only probes in flight or a suspended subflow to watch, every
+    /// `idleLivenessInterval`. At 10,000 UDP sessions, a burst that delayed answers suspended
+    /// thousands of idle subflows at once, and checking each of them 20 times a second took two
+    /// thirds of the serve's loop: its one socket went unread and overflowed, which suspended more.
     private func startLivenessChecks() {
-        guard !livenessRunning, options.livenessInterval > .zero, state == .open else { return }
-        livenessRunning = true
-        LivenessTicker.on(loop, interval: options.livenessInterval).add(self)
+        guard options.livenessInterval > .zero, state == .open else { return }
+        let fast = core.unacknowledgedBytes > 0
+        if let current = livenessTicker, !fast || current.interval == options.livenessInterval { return }
+        runLivenessChecks(every: fast ? options.livenessInterval : idleLivenessInterval)
     }
 
-    /// The ticker's call, every `livenessInterval` while `livenessRunning`.
+    private var idleLivenessInterval: TimeAmount { max(options.livenessInterval, options.idleLivenessInterval) }
+
+    private func runLivenessChecks(every interval: TimeAmount) {
+        let ticker = LivenessTicker.on(loop, interval: interval)
+        livenessTicker = ticker
+        ticker.add(self)
+    }
+
+    /// The ticker's call, while it is this session's `livenessTicker`.
     func livenessTick() {
         guard livenessRunning else { return }
         checkStalls()
     }
 
     private func stopLivenessChecks() {
-        livenessRunning = false
+        livenessTicker = nil
     }
 
     /// Each subflow's transport state (TCP_INFO for TCP): to find stalls, and to size its queues;
@@ -540,9 +556,14 @@ final class SessionEngine: SubflowDelegate {
         }
     }
 
-    /// Every subflow answered: the checks stop when there is nothing left to watch.
+    /// Every subflow answered: the checks stop when there is nothing left to watch, and slow down
+    /// when no session data is.
     private func checkFinished(wrote: Bool, inFlight: Bool) {
-        guard state == .open, !wrote, !inFlight, !wroteSinceLivenessCheck, core.unacknowledgedBytes == 0, suspendedSince.isEmpty else { return }
+        guard state == .open, core.unacknowledgedBytes == 0 else { return }
+        guard !wrote, !inFlight, !wroteSinceLivenessCheck, suspendedSince.isEmpty else {
+            if livenessTicker?.interval != idleLivenessInterval { runLivenessChecks(every: idleLivenessInterval) }
+            return
+        }
         stopLivenessChecks()
     }
 
@@ -552,7 +573,7 @@ final class SessionEngine: SubflowDelegate {
         resizeQueues(id, progress)
     }
 
-    var livenessChecksRunningForTesting: Bool { livenessRunning }
+    var livenessIntervalForTesting: TimeAmount? { livenessTicker?.interval }
     func startLivenessChecksForTesting() { startLivenessChecks() }
 
     /// A blackhole sends no netlink event: the subflow's TCP just stops getting ACKs, and the kernel
@@ -779,7 +800,7 @@ final class SessionEngine: SubflowDelegate {
 
     func subflowSent(_ handler: any SubflowTransport) {
         wroteSinceLivenessCheck = true
-        if !livenessRunning { startLivenessChecks() }
+        startLivenessChecks()
     }
 
     func subflowWritabilityChanged(_ handler: any SubflowTransport, writable: Bool) {

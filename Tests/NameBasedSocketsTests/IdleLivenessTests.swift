@@ -47,6 +47,36 @@ struct IdleLivenessTests {
         await server.close()
     }
 
+    /// At 10,000 UDP sessions a burst of delayed answers suspended thousands of idle subflows, and
+    /// checking each 20 times a second starved the serve's socket (bench-scale.sh, BENCHMARKS.md).
+    @Test("the stall checks run every livenessInterval while session data is unacknowledged, else every idleLivenessInterval")
+    func checksSlowDownWithoutData() async throws {
+        let server = try await udpListener()
+        var options = udpOptions()
+        options.idleLivenessInterval = .milliseconds(700)
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options)
+        let session = try await server.accept()
+        try await waitFor("the idle opener's checks at the idle pace or stopped") {
+            let interval = await client.livenessIntervalForTesting()
+            return interval == nil || interval == .milliseconds(700)
+        }
+        await client.startLivenessChecksForTesting()
+        #expect(await client.livenessIntervalForTesting() == .milliseconds(700), "nothing unacknowledged: the idle pace")
+        await client.withSubflowsForTesting(DatagramSubflow.self) { $0.dropEveryForTesting = 1 }
+        try await client.write(pattern(1000))
+        #expect(await client.livenessIntervalForTesting() == options.livenessInterval, "data unacknowledged: the fast pace")
+        await client.withSubflowsForTesting(DatagramSubflow.self) { $0.dropEveryForTesting = 0 }
+        _ = try await withTimeout(10, "reading") { try await session.read() }
+        try await waitFor("the data acknowledged: the idle pace again, or stopped") {
+            let interval = await client.livenessIntervalForTesting()
+            return await client.statistics.unacknowledgedBytes == 0 && (interval == nil || interval == .milliseconds(700))
+        }
+        async let closed: Void = session.close()
+        try await client.close()
+        try await closed
+        await server.close()
+    }
+
     /// The soak's failing listener in small: it has received all there is and sends nothing but its
     /// PROBEs, its checks have stopped, and then its path dies. Its next PROBE must start the checks,
     /// so that the subflow is suspended and retired. TCP cannot be blackholed on loopback without
