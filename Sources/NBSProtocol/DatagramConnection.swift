@@ -113,7 +113,7 @@ public struct DatagramConnection {
     private var largestAcked: UInt64?
     private var lossTime: UInt64?
     public private(set) var probeTimeouts = 0
-    private var lastAckElicitingSentAt: UInt64?
+    public private(set) var lastAckElicitingSentAt: UInt64?
     public private(set) var lastAckReceivedAt: UInt64?
     private var shutdownSequence: UInt32?
     public private(set) var shutdownAcknowledged = false

@@ -291,6 +291,7 @@ final class DatagramSubflow: SubflowTransport {
         guard !closed, let channel else { return }
         let now = Self.now
         var wrote = false
+        let watchedBefore = connection.lastAckElicitingSentAt
         var pacingWait: UInt64?
         sending: while true {
             switch connection.nextDatagram(now: now, allocator: channel.allocator) {
@@ -307,7 +308,8 @@ final class DatagramSubflow: SubflowTransport {
         if wrote {
             channel.flush()
             lastSendAt = now
-            delegate?.subflowSent(self)
+            // Only what the peer acknowledges is worth watching: a datagram of ACKs alone is not.
+            if connection.lastAckElicitingSentAt != watchedBefore { delegate?.subflowSent(self) }
         }
         armTimer(pacing: pacingWait)
         updateWritability()

@@ -158,6 +158,12 @@ extension Session {
         try? await loop.submit { (engine.value as? SessionEngine)?.startLivenessChecksForTesting() }.get()
     }
 
+    /// Test hook: one PROBE round now; returns how many subflows were probed.
+    func probeRoundForTesting() async -> Int {
+        let engine = self.engine
+        return (try? await loop.submit { (engine.value as? SessionEngine)?.probeRoundForTesting() ?? 0 }.get()) ?? 0
+    }
+
     /// Test hook: whether the engine's stall checks are scheduled now.
     func livenessChecksRunningForTesting() async -> Bool { await livenessIntervalForTesting() != nil }
 

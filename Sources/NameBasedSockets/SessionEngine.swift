@@ -27,6 +27,8 @@ final class SessionEngine: SubflowDelegate {
         /// The peer's tag for its interface on this subflow (INTERFACE), when it sent one.
         var peerInterface: UInt32?
         var backup: Bool
+        /// Something went out on this subflow since our last PROBE round (see `sendProbes`).
+        var wroteSinceProbeRound = false
         var pendingJoin: Frame.Join?
         var established = false
         var closed = false
@@ -575,6 +577,7 @@ final class SessionEngine: SubflowDelegate {
 
     var livenessIntervalForTesting: TimeAmount? { livenessTicker?.interval }
     func startLivenessChecksForTesting() { startLivenessChecks() }
+    func probeRoundForTesting() -> Int { sendProbes() }
 
     /// A blackhole sends no netlink event: the subflow's TCP just stops getting ACKs, and the kernel
     /// retransmits on its RTO. Data in flight, at least one RTO retransmission and no ACK for
@@ -799,6 +802,7 @@ final class SessionEngine: SubflowDelegate {
     }
 
     func subflowSent(_ handler: any SubflowTransport) {
+        records[handler.id]?.wroteSinceProbeRound = true
         wroteSinceLivenessCheck = true
         startLivenessChecks()
     }
@@ -1047,12 +1051,28 @@ final class SessionEngine: SubflowDelegate {
 
     static let idleProbeBackoff: Int64 = 32
 
-    private func sendProbes() {
-        guard state == .open else { return }
+    /// A subflow that sent anything since the last round is skipped: whatever it sent (data, an
+    /// acknowledgement, the answer to the peer's PROBE, a UDP keepalive) is watched until the
+    /// transport acknowledges it, as the PROBE would be, so it has tested the path already. Only
+    /// subflows that sent nothing, such as a standby sibling while data moves, need the PROBE.
+    /// Both ends back off alike, so on an idle session one end's rounds soon answer for the
+    /// other's; and when 10,000 sessions closed at once, each probed both subflows every second
+    /// (a round with traffic is not idle) while their closes queued behind (BENCHMARKS.md, Scale).
+    /// Skipped subflows give no RTT sample; TCP_INFO and UDP's acknowledgements give theirs.
+    /// Returns how many PROBEs went out.
+    @discardableResult
+    private func sendProbes() -> Int {
+        guard state == .open else { return 0 }
         let now = NIODeadline.now().uptimeNanoseconds
-        for record in records.values where record.established && !record.closed {
-            record.handler.write(.probe(.init(identifier: now)))
+        var sent = 0
+        for (id, record) in records where record.established && !record.closed {
+            if !record.wroteSinceProbeRound {
+                record.handler.write(.probe(.init(identifier: now)))
+                sent += 1
+            }
+            records[id]?.wroteSinceProbeRound = false
         }
+        return sent
     }
 
     func info(_ id: SubflowID) -> SubflowInfo {

@@ -163,7 +163,8 @@ protocol SubflowDelegate: AnyObject {
     func subflow(_ subflow: any SubflowTransport, received frame: Frame)
     func subflowReadComplete(_ subflow: any SubflowTransport)
     func subflowWritabilityChanged(_ subflow: any SubflowTransport, writable: Bool)
-    /// The subflow put bytes on the wire (a flush, a datagram): the engine watches for stalls again.
+    /// The subflow put bytes on the wire that its transport will see acknowledged (a flush, a
+    /// datagram other than ACKs alone): the engine watches for stalls again.
     func subflowSent(_ subflow: any SubflowTransport)
     func subflowInputClosed(_ subflow: any SubflowTransport)
     func subflowClosed(_ subflow: any SubflowTransport, error: (any Error)?)

@@ -47,6 +47,35 @@ struct IdleLivenessTests {
         await server.close()
     }
 
+    /// A subflow that sent something its transport sees acknowledged since the last round has
+    /// tested its path already; ACKs alone (UDP) have not. At 10,000 UDP sessions closing at once,
+    /// each probed both subflows every second while their closes queued behind.
+    @Test("a PROBE round skips subflows that answered the peer's PROBE since the last round, not those that sent only ACKs",
+          arguments: NBSOptions.Transport.allCases)
+    func probeRoundSkipsSubflowsThatSent(transport: NBSOptions.Transport) async throws {
+        var serverOptions = NBSOptions()
+        serverOptions.transport = transport
+        serverOptions.probeInterval = .seconds(60)
+        let server = try await listener(options: serverOptions)
+        var options = loopbackOptions()
+        options.transport = transport
+        options.probeInterval = .seconds(60)
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options)
+        let session = try await server.accept()
+        _ = await session.probeRoundForTesting()
+        #expect(await session.probeRoundForTesting() == 1, "its own PROBEs do not count")
+        try await Task.sleep(for: .milliseconds(300))  // the client's answer, and the listener's ACK of it
+        #expect(await session.probeRoundForTesting() == 1, "what it sent since was ACKs alone")
+        #expect(await client.probeRoundForTesting() == 0, "it answered the listener's PROBE")
+        #expect(await client.probeRoundForTesting() == 1)
+        try await Task.sleep(for: .milliseconds(300))
+        #expect(await session.probeRoundForTesting() == 0, "it answered the opener's PROBE")
+        async let closed: Void = session.close()
+        try await client.close()
+        try await closed
+        await server.close()
+    }
+
     /// At 10,000 UDP sessions a burst of delayed answers suspended thousands of idle subflows, and
     /// checking each 20 times a second starved the serve's socket (bench-scale.sh, BENCHMARKS.md).
     @Test("the stall checks run every livenessInterval while session data is unacknowledged, else every idleLivenessInterval")
