@@ -155,30 +155,7 @@ struct TransferReport {
     var goodputMbps: Double { seconds > 0 ? Double(bytes) * 8 / seconds / 1e6 : 0 }
 
     func text(json: Bool) -> String {
-        if json {
-            var object: [String: Any] = [
-                "role": role, "local_name": localName, "peer_name": peerName, "peer_verification": verification,
-                "bytes": bytes, "sha256": sha256, "seconds": round3(seconds), "goodput_mbps": round3(goodputMbps),
-                "max_stall_ms": round3(maxStallMs), "max_stall_at_s": maxStallAt.map(round3) ?? NSNull(),
-                "stalls": stalls.map { ["at_s": round3($0.at), "ms": round3($0.ms)] }, "subflows_max": subflowsMax, "reinjected_bytes": reinjected,
-                "completed": completed,
-                "subflows": subflows.map { s -> [String: Any] in
-                    var o: [String: Any] = ["local": s.local.ipAddress ?? "?", "remote": s.remote.ipAddress ?? "?", "state": s.state.rawValue,
-                                            "bytes_sent": s.bytesSent, "bytes_received": s.bytesReceived, "reinjected_bytes": s.reinjectedBytes,
-                                            "rtt_ms": s.rttMilliseconds.map(round3) ?? NSNull()]
-                    if let i = s.interface { o["interface"] = i }
-                    return o
-                },
-                "events": events.map { ["t": round3($0.0), "event": $0.1] },
-            ]
-            if let echoBytes { object["echo_bytes"] = echoBytes }
-            if let echoSHA256 { object["echo_sha256"] = echoSHA256 }
-            if let sentBytes { object["sent_bytes"] = sentBytes }
-            if let sentSHA256 { object["sent_sha256"] = sentSHA256 }
-            if let error { object["error"] = error }
-            let data = try! JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])
-            return String(decoding: data, as: UTF8.self)
-        }
+        if json { return String(decoding: try! Self.encoder.encode(self), as: UTF8.self) }
         var lines = ["\(role) \(localName) <-> \(peerName) [\(verification)]: \(completed ? "completed" : "FAILED: \(error ?? "?")")"]
         lines.append(String(format: "  %d bytes in %.3f s = %.2f Mbit/s, max stall %.1f ms, sha256 %@", bytes, seconds, goodputMbps, maxStallMs, sha256))
         if let sentBytes { lines.append("  sent \(sentBytes) bytes, sha256 \(sentSHA256 ?? "?")") }
@@ -187,6 +164,81 @@ struct TransferReport {
             lines.append("  subflow \(s.id) \(s.local.ipAddress ?? "?") -> \(s.remote.ipAddress ?? "?") \(s.interface ?? "-") \(displayState(s.state)) sent \(s.bytesSent) received \(s.bytesReceived) reinjected \(s.reinjectedBytes) rtt \(s.rttMilliseconds.map { String(format: "%.2f ms", $0) } ?? "-")\(s.closeReason.map { " (\($0))" } ?? "")")
         }
         return lines.joined(separator: "\n")
+    }
+}
+
+/// One JSON object per session. Encodable rather than JSONSerialization: with sorted keys, the
+/// latter compared keys as NSStrings, and when 10,000 sessions ended at once a serve spent a
+/// quarter of its CPU writing their reports while its event loop needed the core.
+extension TransferReport: Encodable {
+    static let encoder: JSONEncoder = {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = .sortedKeys
+        return encoder
+    }()
+
+    private enum Key: String, CodingKey {
+        case role, bytes, sha256, seconds, completed, stalls, subflows, events, error
+        case localName = "local_name", peerName = "peer_name", peerVerification = "peer_verification"
+        case goodputMbps = "goodput_mbps", maxStallMs = "max_stall_ms", maxStallAtS = "max_stall_at_s"
+        case subflowsMax = "subflows_max", reinjectedBytes = "reinjected_bytes"
+        case echoBytes = "echo_bytes", echoSHA256 = "echo_sha256", sentBytes = "sent_bytes", sentSHA256 = "sent_sha256"
+    }
+
+    private struct Stall: Encodable {
+        let at_s: Double
+        let ms: Double
+    }
+
+    private struct Event: Encodable {
+        let t: Double
+        let event: String
+    }
+
+    private struct Subflow: Encodable {
+        let info: SubflowInfo
+
+        private enum Key: String, CodingKey {
+            case local, remote, state, interface
+            case bytesSent = "bytes_sent", bytesReceived = "bytes_received", reinjectedBytes = "reinjected_bytes", rttMs = "rtt_ms"
+        }
+
+        func encode(to encoder: any Encoder) throws {
+            var c = encoder.container(keyedBy: Key.self)
+            try c.encode(info.local.ipAddress ?? "?", forKey: .local)
+            try c.encode(info.remote.ipAddress ?? "?", forKey: .remote)
+            try c.encode(info.state.rawValue, forKey: .state)
+            try c.encode(info.bytesSent, forKey: .bytesSent)
+            try c.encode(info.bytesReceived, forKey: .bytesReceived)
+            try c.encode(info.reinjectedBytes, forKey: .reinjectedBytes)
+            try c.encode(info.rttMilliseconds.map(round3), forKey: .rttMs)  // null when unknown
+            try c.encodeIfPresent(info.interface, forKey: .interface)
+        }
+    }
+
+    func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: Key.self)
+        try c.encode(role, forKey: .role)
+        try c.encode(localName, forKey: .localName)
+        try c.encode(peerName, forKey: .peerName)
+        try c.encode(verification, forKey: .peerVerification)
+        try c.encode(bytes, forKey: .bytes)
+        try c.encode(sha256, forKey: .sha256)
+        try c.encode(round3(seconds), forKey: .seconds)
+        try c.encode(round3(goodputMbps), forKey: .goodputMbps)
+        try c.encode(round3(maxStallMs), forKey: .maxStallMs)
+        try c.encode(maxStallAt.map(round3), forKey: .maxStallAtS)  // null when there was no gap
+        try c.encode(stalls.map { Stall(at_s: round3($0.at), ms: round3($0.ms)) }, forKey: .stalls)
+        try c.encode(subflowsMax, forKey: .subflowsMax)
+        try c.encode(reinjected, forKey: .reinjectedBytes)
+        try c.encode(completed, forKey: .completed)
+        try c.encode(subflows.map(Subflow.init), forKey: .subflows)
+        try c.encode(events.map { Event(t: round3($0.0), event: $0.1) }, forKey: .events)
+        try c.encodeIfPresent(echoBytes, forKey: .echoBytes)
+        try c.encodeIfPresent(echoSHA256, forKey: .echoSHA256)
+        try c.encodeIfPresent(sentBytes, forKey: .sentBytes)
+        try c.encodeIfPresent(sentSHA256, forKey: .sentSHA256)
+        try c.encodeIfPresent(error, forKey: .error)
     }
 }
 
