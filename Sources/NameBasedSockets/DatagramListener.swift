@@ -40,8 +40,8 @@ final class DatagramListener {
     }
 
     /// Every subflow to an address shares its socket, so one loop's pause meets all their bursts at
-    /// once: when 10,000 sessions closed together the default 4 MiB (8 in the kernel's count)
-    /// overflowed for 15 s, and a third of the closes failed on the listener.
+    /// once: with 10,000 sessions, the 4 MiB asked (8 in the kernel's count) overflowed within a
+    /// second of the serve's loop falling behind.
     static let sharedReceiveBuffer = 32 << 20
 
     private func received(_ envelope: AddressedEnvelope<ByteBuffer>, port: Int) {
