@@ -113,10 +113,7 @@ struct DatagramLoopbackTests {
         #expect(await session.subflows.filter { $0.state.isUp }.count == 1)
         let reasons = await session.subflows.map { "\($0.id) \($0.state) \($0.closeReason ?? "")" }
         #expect(reasons.contains { $0.hasSuffix("replaced by a new JOIN over the same addresses") }, "\(reasons)")
-        async let serverClosed: Void = session.close()
-        try await client.close()
-        try await serverClosed
-        await server.close()
+        try await closeBothEnds(client, session, listener: server)
     }
 
     @Test("every 20th datagram lost both ways: the session resends through its sequence space and delivers everything")
@@ -151,10 +148,7 @@ struct DatagramLoopbackTests {
         #expect(lost.count > 0, "the subflows found their losses from the acknowledgements")
         #expect(await client.statistics.reinjectedBytes > 0, "lost data is resent by the session")
         let serverSession = try await serverLoses.value
-        async let serverClosed: Void = serverSession.close()
-        try await client.close()
-        try await serverClosed
-        await server.close()
+        try await closeBothEnds(client, serverSession, listener: server)
     }
 
     @Test("a NAT rebinding mid-transfer: the listener checks the new path and follows it")
@@ -186,10 +180,7 @@ struct DatagramLoopbackTests {
         let total = try await withTimeout(30, "reading") { try await reading.value }
         #expect(total == 64 * 1024 + data.readableBytes)
         #expect(await serverSession.subflows.filter { $0.state == .active }.count == 1, "followed, not replaced")
-        async let serverClosed: Void = serverSession.close()
-        try await client.close()
-        try await serverClosed
-        await server.close()
+        try await closeBothEnds(client, serverSession, listener: server)
     }
 
     @Test("spoofed and garbage datagrams and a flood of hellos leave a live session and the listener's tables intact")
@@ -267,10 +258,7 @@ struct DatagramLoopbackTests {
         }
         #expect(after.count - before.count >= 4, "about one keepalive per 200 ms of silence: \(after.count - before.count) in 1.5 s")
         #expect(silent.count == 0, "keepalives are acknowledged")
-        async let closed: Void = live.close()
-        try await client.close()
-        try await closed
-        await server.close()
+        try await closeBothEnds(client, live, listener: server)
     }
 
     @Test("a UDP hello that announces a window is not admitted at OPEN: its source may be forged, so it gets the ACCEPT and no more")

@@ -41,10 +41,7 @@ struct IdleLivenessTests {
             return !clientChecks && !serverChecks
         }
 
-        async let closed: Void = session.close()
-        try await client.close()
-        try await closed
-        await server.close()
+        try await closeBothEnds(client, session, listener: server)
     }
 
     /// A subflow that sent something its transport sees acknowledged since the last round has
@@ -70,10 +67,7 @@ struct IdleLivenessTests {
         #expect(await client.probeRoundForTesting() == 1)
         try await Task.sleep(for: .milliseconds(300))
         #expect(await session.probeRoundForTesting() == 0, "it answered the opener's PROBE")
-        async let closed: Void = session.close()
-        try await client.close()
-        try await closed
-        await server.close()
+        try await closeBothEnds(client, session, listener: server)
     }
 
     /// At 10,000 UDP sessions a burst of delayed answers suspended thousands of idle subflows, and
@@ -100,10 +94,7 @@ struct IdleLivenessTests {
             let interval = await client.livenessIntervalForTesting()
             return await client.statistics.unacknowledgedBytes == 0 && (interval == nil || interval == .milliseconds(700))
         }
-        async let closed: Void = session.close()
-        try await client.close()
-        try await closed
-        await server.close()
+        try await closeBothEnds(client, session, listener: server)
     }
 
     /// The soak's failing listener in small: it has received all there is and sends nothing but its

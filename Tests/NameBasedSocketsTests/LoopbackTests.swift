@@ -111,10 +111,7 @@ struct LoopbackTests {
             #expect(clientSubflows.first { $0.state == .standby }?.bytesSent == 0)
             #expect(clientSubflows.first { $0.state == .active }?.bytesSent == total)
         }
-        async let serverClosed: Void = serverSession.close()
-        try await client.close()
-        try await serverClosed
-        await server.close()
+        try await closeBothEnds(client, serverSession, listener: server)
     }
 
     /// A blackhole takes a whole path: the standby sibling of a stalled carrier must not take the

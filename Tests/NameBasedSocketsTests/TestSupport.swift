@@ -68,3 +68,11 @@ struct TimeoutError: Error, CustomStringConvertible {
     let seconds: Double
     var description: String { "\(what) did not finish within \(seconds) s" }
 }
+
+/// Closes both ends of a session together (each end's close waits for the other's), then the listener.
+func closeBothEnds(_ client: Session, _ accepted: Session, listener: Listener) async throws {
+    async let acceptedClosed: Void = accepted.close()
+    try await client.close()
+    try await acceptedClosed
+    await listener.close()
+}
