@@ -107,6 +107,36 @@ struct LoopTimerTests {
         }
     }
 
+    /// The timers of a loop share its `TimerQueue` (one NIO task at the earliest deadline): they
+    /// fire in deadline order, each once, an action may arm timers again, and a timer whose owner
+    /// is gone does nothing; afterwards the queue holds nothing.
+    @Test("timers on one loop share its queue: deadline order, once each, nothing left behind")
+    func sharedQueue() async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let loop = group.next()
+        let order = Mutex<[Int]>([])
+        let owners = (0..<50).map { _ in Owner() }
+        try await onLoop(loop) {
+            // 7 and 50 are coprime: 50 distinct deadlines, 10 to 59 ms, armed out of order.
+            for (i, owner) in owners.enumerated() {
+                LoopTimer(on: loop, owner: owner) { _ in order.withLock { $0.append(i) } }.arm(in: .milliseconds(Int64(10 + (i * 7) % 50)))
+            }
+            // Armed from another timer's action, for after all of them.
+            let later = LoopTimer(on: loop, owner: owners[0]) { _ in order.withLock { $0.append(100) } }
+            LoopTimer(on: loop, owner: owners[0]) { _ in later.arm(in: .milliseconds(70)) }.arm(in: .milliseconds(5))
+            // Its owner goes before the deadline: nothing runs.
+            var orphan: Owner? = Owner()
+            LoopTimer(on: loop, owner: orphan!) { _ in order.withLock { $0.append(-1) } }.arm(in: .milliseconds(30))
+            orphan = nil
+        }
+        try await Task.sleep(for: .milliseconds(300))
+        let expected = (0..<50).sorted { (10 + ($0 * 7) % 50) < (10 + ($1 * 7) % 50) } + [100]
+        #expect(order.withLock { $0 } == expected)
+        #expect(try await onLoop(loop) { TimerQueue.on(loop).countForTesting } == 0)
+        withExtendedLifetime(owners) {}
+        try await group.shutdownGracefully()
+    }
+
     @Test("stopping prevents the action; re-arming later fires once, at the later deadline")
     func stopAndRearm() async throws {
         let loop = MultiThreadedEventLoopGroup.singleton.next()
