@@ -243,27 +243,27 @@ final class SessionEngine: SubflowDelegate {
 
     /// Listener: a JOIN arrived on a new connection for this session's token, from `remote` to `local`.
     ///
-    /// At the subflow limit, a JOIN over a pair of addresses that already has a subflow replaces it:
-    /// an opener joins each pair once, so it has given that subflow up, and its close did not get
-    /// here (UDP datagrams lost under load). Refusing left both ends waiting until the listener's
-    /// own stall checks retired the orphan: at 10,000 UDP sessions, 75,000 refused JOINs in 3 min
-    /// and sessions without a path for up to 55 s. Behind a NAT two of the opener's subflows can
-    /// share a pair; a suspended one goes first, then the oldest. Only an authenticated JOIN
-    /// replaces anything.
+    /// At the subflow limit, a JOIN over a pair of addresses whose subflow here is suspended
+    /// replaces it: the opener most likely gave that subflow up, and its close did not get here
+    /// (UDP datagrams lost under load). Refusing left both ends waiting until the listener's own
+    /// stall checks retired it: at 10,000 UDP sessions, 75,000 refused JOINs in 3 min and sessions
+    /// without a path for up to 55 s. Only a suspended one: in the soak (seed 550972306) an opener
+    /// joined a pair whose subflow was still alive on both ends while it rearranged its pairs, and
+    /// replacing that one, with an ABORT as first written, aborted the session. The replaced
+    /// subflow is closed, not aborted. Only an authenticated JOIN replaces anything.
     func verifyJoin(_ join: Frame.Join, local: SocketAddress, remote: SocketAddress) -> JoinAuthenticator.JoinVerdict {
         guard state == .open else { return .refused(.shuttingDown) }
         var replaced: SubflowID?
         if liveSubflowCount >= options.maxSubflows {
-            let samePair = records.filter { _, record in
-                !record.closed && record.established && record.local.hostString == local.unmapped.hostString
+            replaced = records.filter { id, record in
+                !record.closed && record.established && core.isSuspended(id) && record.local.hostString == local.unmapped.hostString
                     && record.remote.hostString == remote.unmapped.hostString
-            }.keys
-            replaced = samePair.min { (core.isSuspended($0) ? 0 : 1, $0) < (core.isSuspended($1) ? 0 : 1, $1) }
+            }.keys.min()
             guard replaced != nil else { return .refused(.tooManySubflows) }
         }
         let verdict = joins.verify(join)
         if case .accepted = verdict, let replaced {
-            retire(replaced, reason: "replaced by a new JOIN over the same addresses", abort: .tooManySubflows)
+            retire(replaced, reason: "replaced by a new JOIN over the same addresses")
         }
         return verdict
     }

@@ -94,10 +94,10 @@ struct DatagramLoopbackTests {
 
     /// The refusal storm of `bench-scale.sh --transport udp --sessions 10000` in small: the opener
     /// gives its only subflow up and its close is lost, so the listener, at its limit of one, still
-    /// holds the orphan when the opener joins the same pair again. The listener retires an
-    /// unanswered subflow only after `stallRetirement` (a minute here): before, it refused the JOIN
-    /// until then.
-    @Test("at the subflow limit, a JOIN over the pair of a subflow the opener gave up replaces it")
+    /// holds the orphan, suspended, when the opener joins the same pair again. The listener retires
+    /// a suspended subflow only after `stallRetirement` (a minute here): before, it refused the
+    /// JOIN until then.
+    @Test("at the subflow limit, a JOIN over the pair of a suspended subflow the opener gave up replaces it")
     func joinReplacesOrphanedSubflow() async throws {
         let server = try await udpListener { $0.maxSubflows = 1; $0.stallRetirement = .seconds(60) }
         var options = udpOptions()
@@ -105,8 +105,13 @@ struct DatagramLoopbackTests {
         let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options)
         let session = try await server.accept()
         await client.withSubflowsForTesting(DatagramSubflow.self) { $0.dropEveryForTesting = 1 }
+        // The listener's PROBE goes unanswered: it suspends its subflow.
+        _ = await session.probeRoundForTesting()
+        try await waitFor("the listener's subflow suspended") { await session.subflows.contains { $0.state == .stalled } }
+        // The opener gives its subflow up; its reset is lost too.
+        let first = try #require(await client.subflows.first)
+        await client.killSubflow(first.id)
         try await client.write(pattern(1000))
-        try await waitFor("the opener's subflow retired with data in flight") { await client.retireBusiestSubflow() > 0 }
         await client.finish()
         let received = try await withTimeout(10, "reading over the replacement") { try await drain(session) }
         #expect(received.bytes == 1000)
