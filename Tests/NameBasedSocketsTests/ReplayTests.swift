@@ -134,4 +134,40 @@ struct ReplayTests {
         await session.abort()
         await server.close()
     }
+
+    /// The soak (seed 550972306) lost two sessions when a listener at its limit replaced a live
+    /// subflow over the JOIN's pair with an ABORT: only a suspended one may be replaced.
+    @Test("at the subflow limit, a JOIN over the pair of a live subflow is refused, and the session goes on")
+    func joinOverLivePairAtLimitIsRefused() async throws {
+        var options = loopbackOptions(peers: ["raw.test": ["127.0.0.1"]])
+        options.maxSubflows = 1
+        let server = try await listener(options: options)
+        let accepted = Task { try await server.accept() }
+        let raw = try await RawConnection(port: server.port)
+        let handshake = ClientHandshake(sourceName: "raw.test", destinationName: "server.test", port: UInt16(server.port))
+        try await raw.send([.open(handshake.open)], preamble: true)
+        let hello = try await raw.frames { if case .accept = $0 { true } else { false } }
+        guard case .accept(let accept) = try #require(hello.last) else {
+            Issue.record("no ACCEPT: \(hello)")
+            return
+        }
+        let keys = try handshake.complete(with: accept)
+        try await raw.send([.dataAck(.init(cumulativeAck: 0, window: 1 << 20))])
+        let session = try await withTimeout(10) { try await accepted.value }
+
+        // The same pair (127.0.0.1 to 127.0.0.1) as the live subflow.
+        let join = JoinAuthenticator(keys: keys, token: accept.token).makeJoin(backup: false)
+        var joinBytes = ByteBuffer()
+        NBSWire.writePreamble(into: &joinBytes)
+        FrameEncoder.encode(.join(join), into: &joinBytes)
+        let refused = try await RawPeer.exchange(port: server.port, send: Array(joinBytes.readableBytesView), seconds: 3)
+        #expect(refused.frames.contains { if case .abort(let c) = $0 { c.reason == .tooManySubflows } else { false } })
+        #expect(await session.subflows.filter { $0.state.isUp }.count == 1)
+        try await raw.send([.data(.init(sequence: 0, payload: ByteBuffer(bytes: [4, 5, 6])))])
+        let bytes = try await withTimeout(10) { try await session.read() }
+        #expect(bytes.map { Array($0.readableBytesView) } == [4, 5, 6])
+        await raw.close()
+        await session.abort()
+        await server.close()
+    }
 }
