@@ -7,10 +7,10 @@ import NIOPosix
 /// Why: NIO removes a cancelled scheduled task from its event loop's heap by a linear search, so
 /// with 20,000 subflows on one loop (10,000 UDP sessions) every `Scheduled.cancel()` and
 /// `RepeatedTask.cancel()` walks tens of thousands of entries. A `LoopTimer` instead keeps its
-/// deadline itself and leaves its NIO tasks to fire: one that finds no deadline due does nothing
-/// (or schedules the deadline's task, lazily, if none is pending earlier). Stopping is `stop()`,
-/// which only forgets the deadline; moving the deadline later costs nothing until the earlier task
-/// fires; moving it earlier schedules one more task.
+/// deadline itself and leaves its fire times to come: one that finds no deadline due does nothing
+/// (or adds the deadline's, lazily, if none is pending earlier). Stopping is `stop()`, which only
+/// forgets the deadline; moving the deadline later costs nothing until the earlier fire time comes;
+/// moving it earlier adds one more.
 ///
 /// The pending fire times of every timer on a loop wait in that loop's `TimerQueue`, behind one NIO
 /// task, rather than as a NIO task each: NIO's heap moves tasks with their closures, a retain and a
@@ -26,9 +26,8 @@ final class LoopTimer {
     private let action: () -> Void
     /// When the action is due; nil: stopped.
     private(set) var deadline: NIODeadline?
-    /// Fire times of NIO tasks scheduled and not yet run (a few at most: a task is added only when
-    /// the deadline moves before all of them).
-    private var scheduled: [NIODeadline] = []
+    /// Fire times in the loop's queue and not yet come.
+    private var scheduled = PendingFireTimes()
 
     init<Owner: AnyObject>(on loop: any EventLoop, owner: Owner, _ action: @escaping (Owner) -> Void) {
         self.loop = loop
@@ -56,20 +55,19 @@ final class LoopTimer {
     /// The action will not run until armed again. Nothing is cancelled.
     func stop() { deadline = nil }
 
-    /// Tasks pending, for tests.
+    /// Fire times pending, for tests.
     var scheduledCountForTesting: Int { scheduled.count }
 
     private lazy var queue = TimerQueue.on(loop)
 
     private func scheduleIfNeeded() {
-        guard let deadline, !scheduled.contains(where: { $0 <= deadline }) else { return }
-        scheduled.append(deadline)
+        guard let deadline, scheduled.insertIfFirst(deadline) else { return }
         queue.add(self, at: deadline)
     }
 
     /// The queue's call when a fire time of this timer is due.
     fileprivate func fired(_ taskDeadline: NIODeadline) {
-        if let index = scheduled.firstIndex(of: taskDeadline) { scheduled.remove(at: index) }
+        scheduled.remove(taskDeadline)
         guard let deadline else { return }
         let now = NIODeadline.now()
         guard deadline <= now else { return scheduleIfNeeded() }
@@ -79,13 +77,33 @@ final class LoopTimer {
     }
 }
 
-/// Every `LoopTimer` fire time on one event loop, in a binary heap of plain values (deadline, order
-/// of arrival, unretained timer), with one NIO task at the earliest. A timer with fire times
-/// pending is kept alive here, as a NIO task would keep it.
+/// Fire times waiting to come, of which a holder needs only the earliest: a time is added only when
+/// it comes before all those pending (a few at most), and removed when it comes.
+struct PendingFireTimes {
+    private var times: [NIODeadline] = []
+
+    var count: Int { times.count }
+
+    /// Adds `time` if none pending comes at or before it; false: one does, nothing to schedule.
+    mutating func insertIfFirst(_ time: NIODeadline) -> Bool {
+        guard !times.contains(where: { $0 <= time }) else { return false }
+        times.append(time)
+        return true
+    }
+
+    mutating func remove(_ time: NIODeadline) {
+        if let index = times.firstIndex(of: time) { times.remove(at: index) }
+    }
+}
+
+/// Every `LoopTimer` fire time on one event loop, in a binary heap of (deadline, order of arrival,
+/// timer), with one NIO task at the earliest. Each entry holds its timer retained, as a NIO task
+/// would, and gives it up when it comes.
 final class TimerQueue {
     private struct Entry {
         let deadline: UInt64
         let order: UInt64
+        /// Retained by `add`, released when the entry comes: no reference counting as it moves.
         let timer: Unmanaged<LoopTimer>
 
         static func < (a: Entry, b: Entry) -> Bool { (a.deadline, a.order) < (b.deadline, b.order) }
@@ -94,10 +112,8 @@ final class TimerQueue {
     private let loop: any EventLoop
     private var heap: [Entry] = []
     private var arrivals: UInt64 = 0
-    /// The timers with entries in the heap, and how many each has.
-    private var pending: [ObjectIdentifier: (timer: LoopTimer, entries: Int)] = [:]
-    /// When the NIO tasks scheduled and not yet run will wake the queue (a few at most).
-    private var wakeups: [NIODeadline] = []
+    /// When the NIO tasks scheduled and not yet run will wake the queue.
+    private var wakeups = PendingFireTimes()
 
     private init(loop: any EventLoop) { self.loop = loop }
 
@@ -117,29 +133,22 @@ final class TimerQueue {
 
     func add(_ timer: LoopTimer, at deadline: NIODeadline) {
         arrivals &+= 1
-        push(Entry(deadline: deadline.uptimeNanoseconds, order: arrivals, timer: Unmanaged.passUnretained(timer)))
-        pending[ObjectIdentifier(timer), default: (timer, 0)].entries += 1
+        push(Entry(deadline: deadline.uptimeNanoseconds, order: arrivals, timer: Unmanaged.passRetained(timer)))
         wake(at: deadline)
     }
 
     private func wake(at deadline: NIODeadline) {
-        guard !wakeups.contains(where: { $0 <= deadline }) else { return }
-        wakeups.append(deadline)
+        guard wakeups.insertIfFirst(deadline) else { return }
         loop.assumeIsolated().scheduleTask(deadline: deadline) { [self] in woke(deadline) }
     }
 
     private func woke(_ at: NIODeadline) {
-        if let index = wakeups.firstIndex(of: at) { wakeups.remove(at: index) }
+        wakeups.remove(at)
         let now = NIODeadline.now().uptimeNanoseconds
         var due: [Entry] = []
         while let first = heap.first, first.deadline <= now { due.append(popFirst()) }
         // Fired after they all left the heap: an action may arm timers, which go in for later.
-        for entry in due {
-            let timer = entry.timer.takeUnretainedValue()
-            let key = ObjectIdentifier(timer)
-            timer.fired(.uptimeNanoseconds(entry.deadline))
-            if let left = pending[key], left.entries > 1 { pending[key]!.entries -= 1 } else { pending[key] = nil }
-        }
+        for entry in due { entry.timer.takeRetainedValue().fired(.uptimeNanoseconds(entry.deadline)) }
         if let first = heap.first { wake(at: .uptimeNanoseconds(first.deadline)) }
     }
 
