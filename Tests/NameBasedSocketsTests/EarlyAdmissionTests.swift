@@ -22,19 +22,11 @@ struct EarlyAdmissionTests {
 
     static func isData(_ frame: Frame) -> Bool { if case .data = frame { true } else { false } }
 
-    /// A hand-driven opener "raw.test" that has sent its OPEN (with `receiveWindow`, if any) to `server`.
-    static func rawOpen(_ server: Listener, receiveWindow: UInt32?) async throws -> (RawConnection, ClientHandshake) {
-        let raw = try await RawConnection(port: server.port)
-        let handshake = ClientHandshake(sourceName: "raw.test", destinationName: "server.test", port: UInt16(server.port), receiveWindow: receiveWindow)
-        try await raw.send([.open(handshake.open)], preamble: true)
-        return (raw, handshake)
-    }
-
     @Test("an OPEN with a window gets ACCEPT, the verdict and the application's first bytes, and the opener sends nothing else")
     func admittedAtOpen() async throws {
         let server = try await listener(options: loopbackOptions(peers: [:]))
         let accepted = Self.acceptAndReply(server, [7, 8, 9])
-        let (raw, handshake) = try await Self.rawOpen(server, receiveWindow: Self.window)
+        let (raw, handshake) = try await RawConnection.open(to: server, receiveWindow: Self.window)
         let frames = try await raw.frames(until: Self.isData)
         // The verdict (DATA_ACK) comes first; then the listener's INTERFACE hint, then the bytes.
         #expect(frames.map(\.type) == [.accept, .dataAck, .interface, .data])
@@ -53,7 +45,7 @@ struct EarlyAdmissionTests {
         options.lookUpPeerNames = true
         let server = try await listener(options: options)
         let accepted = Self.acceptAndReply(server, [1])
-        let (raw, _) = try await Self.rawOpen(server, receiveWindow: Self.window)
+        let (raw, _) = try await RawConnection.open(to: server, receiveWindow: Self.window)
         let frames = try await raw.frames(until: Self.isData)
         #expect(frames.map(\.type) == [.accept, .dataAck, .interface, .data])
         let session = try await withTimeout(10) { try await accepted.value }
@@ -67,7 +59,7 @@ struct EarlyAdmissionTests {
     func withoutWindowTheVerdictWaits() async throws {
         let server = try await listener(options: loopbackOptions(peers: [:]))
         let accepted = Self.acceptAndReply(server, [5])
-        let (raw, _) = try await Self.rawOpen(server, receiveWindow: nil)
+        let (raw, _) = try await RawConnection.open(to: server)
         let hello = try await raw.frames(until: { $0.type == .accept })
         #expect(hello.map(\.type) == [.accept])
         // Nothing more comes while the opener is silent: the listener waits for its part.
@@ -95,7 +87,7 @@ struct EarlyAdmissionTests {
         }
         options.resolver = Slow()
         let server = try await listener(options: options)
-        let (raw, handshake) = try await Self.rawOpen(server, receiveWindow: Self.window)
+        let (raw, handshake) = try await RawConnection.open(to: server, receiveWindow: Self.window)
         let hello = try await raw.frames(until: { $0.type == .accept })
         guard case .accept(let accept) = try #require(hello.last) else { return }
         let transcript = HandshakeTranscript(open: handshake.open, accept: accept)

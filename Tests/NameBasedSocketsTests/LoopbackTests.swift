@@ -257,10 +257,8 @@ struct LoopbackTests {
         let garbage = try await RawPeer.exchange(port: server.port, send: Array("GET / HTTP/1.0\r\n\r\n".utf8))
         #expect(garbage.closed)
         // A well-formed JOIN for a token that does not exist.
-        var join = ByteBuffer()
-        NBSWire.writePreamble(into: &join)
-        FrameEncoder.encode(.join(.init(token: 42, nonce: randomBytes(16), backup: false, mac: randomBytes(32))), into: &join)
-        let unknown = try await RawPeer.exchange(port: server.port, send: Array(join.readableBytesView))
+        let join = joinBytes(.init(token: 42, nonce: randomBytes(16), backup: false, mac: randomBytes(32)))
+        let unknown = try await RawPeer.exchange(port: server.port, send: join)
         #expect(unknown.frames.contains { if case .abort(let c) = $0 { c.reason == .unknownToken } else { false } })
         // An oversized frame header.
         var huge = ByteBuffer()

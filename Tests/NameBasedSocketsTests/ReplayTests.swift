@@ -69,6 +69,39 @@ final class RawConnection: Sendable {
     }
 
     func close() async { try? await channel.close() }
+
+    /// A hand-driven opener "raw.test" that has sent its OPEN (with `receiveWindow`, if any) to `server`.
+    static func open(to server: Listener, receiveWindow: UInt32? = nil) async throws -> (RawConnection, ClientHandshake) {
+        let raw = try await RawConnection(port: server.port)
+        let handshake = ClientHandshake(sourceName: "raw.test", destinationName: "server.test", port: UInt16(server.port), receiveWindow: receiveWindow)
+        try await raw.send([.open(handshake.open)], preamble: true)
+        return (raw, handshake)
+    }
+
+    struct NotAdmitted: Error, CustomStringConvertible {
+        let frames: [Frame]
+        var description: String { "not admitted: \(frames)" }
+    }
+
+    /// The same, then admitted: ACCEPT, its DATA_ACK, and the listener's verdict (a DATA_ACK).
+    static func admitted(to server: Listener) async throws -> (raw: RawConnection, accept: Frame.Accept, keys: SessionKeys) {
+        let (raw, handshake) = try await open(to: server)
+        let hello = try await raw.frames { if case .accept = $0 { true } else { false } }
+        guard case .accept(let accept) = hello.last else { throw NotAdmitted(frames: hello) }
+        let keys = try handshake.complete(with: accept)
+        try await raw.send([.dataAck(.init(cumulativeAck: 0, window: 1 << 20))])
+        let verdict = try await raw.frames { _ in true }
+        guard case .dataAck = verdict.first else { throw NotAdmitted(frames: verdict) }
+        return (raw, accept, keys)
+    }
+}
+
+/// A JOIN as a new connection's first bytes: the preamble, then the frame.
+func joinBytes(_ join: Frame.Join) -> [UInt8] {
+    var bytes = ByteBuffer()
+    NBSWire.writePreamble(into: &bytes)
+    FrameEncoder.encode(.join(join), into: &bytes)
+    return Array(bytes.readableBytesView)
 }
 
 @Suite("Replayed and forged signalling on real sockets", .timeLimit(.minutes(2)))
@@ -79,39 +112,19 @@ struct ReplayTests {
         options.lookUpPeerNames = true
         let server = try await listener(options: options)
         let accepted = Task { try await server.accept() }
-        let raw = try await RawConnection(port: server.port)
-        let handshake = ClientHandshake(sourceName: "raw.test", destinationName: "server.test", port: UInt16(server.port))
-        try await raw.send([.open(handshake.open)], preamble: true)
-        let hello = try await raw.frames { if case .accept = $0 { true } else { false } }
-        guard case .accept(let accept) = try #require(hello.last) else {
-            Issue.record("no ACCEPT: \(hello)")
-            return
-        }
-        let keys = try handshake.complete(with: accept)
-        try await raw.send([.dataAck(.init(cumulativeAck: 0, window: 1 << 20))])
-        let verdict = try await raw.frames { _ in true }
-        guard case .dataAck = try #require(verdict.first) else {
-            Issue.record("not admitted: \(verdict)")
-            return
-        }
+        let (raw, accept, keys) = try await RawConnection.admitted(to: server)
         let session = try await withTimeout(10) { try await accepted.value }
         #expect(session.peerVerification == .dnsConfirmed)
 
         // A genuine JOIN, then the same bytes again on a third connection, then a forged MAC.
         let join = JoinAuthenticator(keys: keys, token: accept.token).makeJoin(backup: false)
-        var joinBytes = ByteBuffer()
-        NBSWire.writePreamble(into: &joinBytes)
-        FrameEncoder.encode(.join(join), into: &joinBytes)
-        let first = try await RawPeer.exchange(port: server.port, send: Array(joinBytes.readableBytesView), seconds: 3)
+        let first = try await RawPeer.exchange(port: server.port, send: joinBytes(join), seconds: 3)
         #expect(first.frames.contains { if case .joinAck = $0 { true } else { false } })
-        let replayed = try await RawPeer.exchange(port: server.port, send: Array(joinBytes.readableBytesView))
+        let replayed = try await RawPeer.exchange(port: server.port, send: joinBytes(join))
         #expect(replayed.frames.contains { if case .abort(let c) = $0 { c.reason == .replay } else { false } })
         var forged = join
         forged.nonce = randomBytes(16)
-        var forgedBytes = ByteBuffer()
-        NBSWire.writePreamble(into: &forgedBytes)
-        FrameEncoder.encode(.join(forged), into: &forgedBytes)
-        let unauthenticated = try await RawPeer.exchange(port: server.port, send: Array(forgedBytes.readableBytesView))
+        let unauthenticated = try await RawPeer.exchange(port: server.port, send: joinBytes(forged))
         #expect(unauthenticated.frames.contains { if case .abort(let c) = $0 { c.reason == .authenticationFailed } else { false } })
 
         // ADD_ADDR: accepted once; its replay, and one MAC'd with the wrong role's key, are dropped.
@@ -143,24 +156,12 @@ struct ReplayTests {
         options.maxSubflows = 1
         let server = try await listener(options: options)
         let accepted = Task { try await server.accept() }
-        let raw = try await RawConnection(port: server.port)
-        let handshake = ClientHandshake(sourceName: "raw.test", destinationName: "server.test", port: UInt16(server.port))
-        try await raw.send([.open(handshake.open)], preamble: true)
-        let hello = try await raw.frames { if case .accept = $0 { true } else { false } }
-        guard case .accept(let accept) = try #require(hello.last) else {
-            Issue.record("no ACCEPT: \(hello)")
-            return
-        }
-        let keys = try handshake.complete(with: accept)
-        try await raw.send([.dataAck(.init(cumulativeAck: 0, window: 1 << 20))])
+        let (raw, accept, keys) = try await RawConnection.admitted(to: server)
         let session = try await withTimeout(10) { try await accepted.value }
 
         // The same pair (127.0.0.1 to 127.0.0.1) as the live subflow.
         let join = JoinAuthenticator(keys: keys, token: accept.token).makeJoin(backup: false)
-        var joinBytes = ByteBuffer()
-        NBSWire.writePreamble(into: &joinBytes)
-        FrameEncoder.encode(.join(join), into: &joinBytes)
-        let refused = try await RawPeer.exchange(port: server.port, send: Array(joinBytes.readableBytesView), seconds: 3)
+        let refused = try await RawPeer.exchange(port: server.port, send: joinBytes(join), seconds: 3)
         #expect(refused.frames.contains { if case .abort(let c) = $0 { c.reason == .tooManySubflows } else { false } })
         #expect(await session.subflows.filter { $0.state.isUp }.count == 1)
         try await raw.send([.data(.init(sequence: 0, payload: ByteBuffer(bytes: [4, 5, 6])))])
