@@ -13,15 +13,9 @@ import Testing
 struct IdleLivenessTests {
     @Test("an idle session stops its stall checks on both ends, and a write starts them again", arguments: NBSOptions.Transport.allCases)
     func idleStopsChecks(transport: NBSOptions.Transport) async throws {
-        var serverOptions = NBSOptions()
-        serverOptions.transport = transport
         // Long enough that the checks a write starts are still running when the test looks.
-        serverOptions.livenessInterval = .milliseconds(300)
-        let server = try await listener(options: serverOptions)
-        var options = loopbackOptions()
-        options.transport = transport
-        options.livenessInterval = .milliseconds(300)
-        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options)
+        let (server, client) = try await listenerAndOpener(over: transport) { $0.livenessInterval = .milliseconds(300) }
+            opener: { $0.livenessInterval = .milliseconds(300) }
         let accepted = Task { try await server.accept() }
         try await client.write(pattern(1000))
         let session = try await withTimeout(10) { try await accepted.value }
@@ -50,14 +44,8 @@ struct IdleLivenessTests {
     @Test("a PROBE round skips subflows that answered the peer's PROBE since the last round, not those that sent only ACKs",
           arguments: NBSOptions.Transport.allCases)
     func probeRoundSkipsSubflowsThatSent(transport: NBSOptions.Transport) async throws {
-        var serverOptions = NBSOptions()
-        serverOptions.transport = transport
-        serverOptions.probeInterval = .seconds(60)
-        let server = try await listener(options: serverOptions)
-        var options = loopbackOptions()
-        options.transport = transport
-        options.probeInterval = .seconds(60)
-        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options)
+        let (server, client) = try await listenerAndOpener(over: transport) { $0.probeInterval = .seconds(60) }
+            opener: { $0.probeInterval = .seconds(60) }
         let session = try await server.accept()
         // Each attempt: the listener probes twice in a row, then once more after the opener's answer
         // and its own ACKs of it; the opener then has answered (skips), and probes next round; then
@@ -117,17 +105,14 @@ struct IdleLivenessTests {
     /// root, so its TCP_INFO is replaced by what a dead path shows; UDP loses every datagram it sends.
     @Test("a listener that only receives finds a path that died while it was idle", arguments: NBSOptions.Transport.allCases)
     func receiverFindsDeadPathWhileIdle(transport: NBSOptions.Transport) async throws {
-        var serverOptions = NBSOptions()
-        serverOptions.transport = transport
-        serverOptions.probeInterval = .milliseconds(200)
-        serverOptions.stallRetirement = .milliseconds(500)
-        let server = try await listener(options: serverOptions)
-        var options = loopbackOptions()
-        options.transport = transport
-        // The opener stays quiet: only the listener's own writes can find the dead path.
-        options.probeInterval = .seconds(60)
-        options.keepaliveInterval = .seconds(60)
-        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options)
+        let (server, client) = try await listenerAndOpener(over: transport) {
+            $0.probeInterval = .milliseconds(200)
+            $0.stallRetirement = .milliseconds(500)
+        } opener: {
+            // The opener stays quiet: only the listener's own writes can find the dead path.
+            $0.probeInterval = .seconds(60)
+            $0.keepaliveInterval = .seconds(60)
+        }
         let accepted = Task { try await server.accept() }
         try await client.write(pattern(1000))
         let session = try await withTimeout(10) { try await accepted.value }
@@ -188,6 +173,20 @@ struct IdleLivenessTests {
         await client.abort()
         await server.close()
     }
+}
+
+/// A listener and an opener on loopback over `transport`, each side's options set by its closure.
+func listenerAndOpener(over transport: NBSOptions.Transport, listener configureListener: (inout NBSOptions) -> Void,
+                       opener configureOpener: (inout NBSOptions) -> Void) async throws -> (Listener, Session) {
+    var listenerOptions = NBSOptions()
+    listenerOptions.transport = transport
+    configureListener(&listenerOptions)
+    let server = try await listener(options: listenerOptions)
+    var options = loopbackOptions()
+    options.transport = transport
+    configureOpener(&options)
+    let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options)
+    return (server, client)
 }
 
 /// Polls `condition` every 20 ms for up to `seconds`.
