@@ -88,105 +88,41 @@ final class OpenAttempt: SubflowDelegate {
 
     static func run(on loop: any EventLoop, local: SocketAddress, remote: SocketAddress, localName: String, peerName: String, port: Int,
                     options: NBSOptions, book: LocalAddressBook, peerAddresses: [SocketAddress]) async throws -> Session {
-        let accepted = loop.makePromise(of: Accepted.self)
-        let admitted = loop.makePromise(of: Frame.self)
-        let boundAttempt = try await loop.submit { NIOLoopBound(OpenAttempt(accepted: accepted, admitted: admitted), eventLoop: loop) }.get()
-        do {
+        // One hop onto the loop and one back for the whole attempt: each hop between the caller's
+        // task and the loop wakes a thread (20-60 µs here), a round trip's worth on a short path.
+        let future: EventLoopFuture<Session> = loop.flatSubmit {
+            let accepted = loop.makePromise(of: Accepted.self)
+            let admitted = loop.makePromise(of: Frame.self)
+            let boundAttempt = NIOLoopBound(OpenAttempt(accepted: accepted, admitted: admitted), eventLoop: loop)
+            let connected: EventLoopFuture<Void>
             switch options.transport {
             case .tcp:
                 // A server that speaks first may do so as soon as TCP connects: the attempt and the
                 // classifier are in place before that.
-                _ = try await SubflowConnector.connect(on: loop, from: local, to: remote, options: options) { channel in
+                connected = SubflowConnector.connect(on: loop, from: local, to: remote, options: options) { channel in
                     let attempt = boundAttempt.value
                     let handler = try channel.pipeline.syncOperations.handler(type: SubflowHandler.self)
                     attempt.handler = handler
                     handler.delegate = attempt
                     try attempt.watchForLegacyServer(channel: channel, handler: handler, localName: localName, peerName: peerName, port: port, options: options)
-                }.get()
+                }.map { _ in () }
             case .udp:
                 // UDP has no legacy servers to tell apart: a plain UDP service ignores the OPEN.
-                _ = try await DatagramSubflow.connect(on: loop, from: local, to: remote, options: options) { subflow in
+                connected = DatagramSubflow.connect(on: loop, from: local, to: remote, options: options) { subflow in
                     boundAttempt.value.handler = subflow
                     subflow.delegate = boundAttempt.value
-                }.map { _ in () }.get()
+                }.map { _ in () }
             }
-        } catch {
-            accepted.fail(error)
-            admitted.fail(error)
-            throw error
-        }
-        let future: EventLoopFuture<Session> = loop.flatSubmit {
-            let attempt = boundAttempt.value
-            guard let handler = attempt.handler else {
-                return loop.makeFailedFuture(NBSError.connectFailed(peer: peerName, reason: "the connection was not set up"))
-            }
-            let handshake = ClientHandshake(sourceName: localName, destinationName: peerName, port: UInt16(port),
-                                            receiveWindow: options.admitsAtOpen(peerName) ? UInt32(clamping: options.receiveCapacity) : nil)
-            handler.handshakeSentAt = .now()
-            handler.write(.open(handshake.open))
-            // Left to fire after the handshake ends (failing completed promises does nothing): NIO
-            // cancels a scheduled task by a linear search of its heap.
-            loop.scheduleTask(in: options.handshakeTimeout) {
-                let error = NBSError.connectFailed(peer: peerName, reason: "no ACCEPT and admission within \(options.handshakeTimeout)")
+            // Our ephemeral key is made while TCP's handshake is on the wire, not after it.
+            let clientHandshake = ClientHandshake(sourceName: localName, destinationName: peerName, port: UInt16(port),
+                                                  receiveWindow: options.admitsAtOpen(peerName) ? UInt32(clamping: options.receiveCapacity) : nil)
+            return connected.flatMapError { error in
                 accepted.fail(error)
                 admitted.fail(error)
-            }
-            let boundHandler = NIOLoopBound(handler, eventLoop: loop)
-            return accepted.futureResult.flatMap { accepted -> EventLoopFuture<(SessionKeys, VerificationResult, Frame, Frame.Accept, Double?)> in
-                let handler = boundHandler.value
-                // OPEN to ACCEPT: one round trip. The verdict comes later, after the listener's lookup.
-                let rtt = handler.handshakeSentAt.map { Double((NIODeadline.now() - $0).nanoseconds) / 1e6 }
-                let keys: SessionKeys
-                do {
-                    keys = try handshake.complete(with: accepted.accept)
-                    handler.installKeys(keys, localRole: .client)
-                } catch {
-                    handler.writeAndClose(.abort(.init(reason: .authenticationFailed, message: "\(error)")))
-                    return loop.makeFailedFuture(NBSError.handshakeFailed("\(error)"))
-                }
-                let transcript = HandshakeTranscript(open: handshake.open, accept: accepted.accept)
-                let signals = SignalAuthenticator(keys: keys, localRole: .client)
-                var proven: [UInt8]?
-                if let proof = accepted.identity {
-                    guard let key = transcript.verify(proof, by: .server) else {
-                        let why = "the listener's identity proof does not verify for this session"
-                        handler.writeAndClose(signals.close(.authenticationFailed, why, abort: true))
-                        return loop.makeFailedFuture(NBSError.handshakeFailed(why))
-                    }
-                    proven = key
-                }
-                // The listener's address came from resolving the dialled name, so it is among the
-                // name's addresses by construction, unless the name was an address literal.
-                let result = NameVerifier.evaluate(PeerEvidence(
-                    claimedName: peerName, sourceAddress: remote.hostString,
-                    resolvedAddresses: NameVerifier.isAddressLiteral(peerName) ? nil : peerAddresses.map(\.hostString),
-                    provenKey: proven, pinnedKey: options.pinnedKey(for: peerName)))
-                if let why = NameVerifier.refusal(result, required: options.requiredPeerVerification) {
-                    Logger(label: "nbs.open").warning("refused listener \(peerName) at \(remote.hostString): \(why)")
-                    handler.writeAndClose(signals.close(.verificationFailed, why, abort: true))
-                    return loop.makeFailedFuture(NBSError.verificationFailed(peer: peerName, reason: why))
-                }
-                if let identity = options.identity {
-                    handler.write(.identity(identity.prove(transcript, as: .client)), flush: false)
-                }
-                // Ends our part of the handshake: the listener decides once it has this.
-                handler.write(.dataAck(.init(cumulativeAck: 0, window: UInt32(clamping: options.receiveCapacity))))
-                return admitted.futureResult.map { (keys, result, $0, accepted.accept, rtt) }
-            }.map { (keys: SessionKeys, result: VerificationResult, firstFrame: Frame, accept: Frame.Accept, rtt: Double?) in
-                let handler = boundHandler.value
-                let engine = SessionEngine(loop: loop, role: .opener, localName: localName, peerName: peerName, port: port, options: options,
-                                           keys: keys, token: accept.token, peerInitialWindow: accept.receiveWindow, addressBook: book,
-                                           peerAddresses: peerAddresses)
-                engine.peerVerification = result.level
-                var machine = SubflowStateMachine.openerSide(joining: false)
-                machine.handshakeCompleted()
-                engine.adoptEstablished(handler, machine: machine, local: handler.localAddress ?? local, remote: remote, backup: false, rttSample: rtt)
-                engine.subflow(handler, received: firstFrame)
-                engine.startPathManagement()
-                return Session(engine: engine)
-            }.flatMapErrorThrowing { error in
-                if case LegacyServer.adopted = error {} else { boundAttempt.value.handler?.writeAndClose(nil) }
-                throw error
+                return loop.makeFailedFuture(error)
+            }.flatMap {
+                handshake(clientHandshake, boundAttempt, on: loop, local: local, remote: remote, localName: localName, peerName: peerName, port: port,
+                          options: options, book: book, peerAddresses: peerAddresses)
             }
         }
         do {
@@ -198,6 +134,83 @@ final class OpenAttempt: SubflowDelegate {
             case .reconnect:
                 return try await LegacyConnection.connect(on: loop, from: local, to: remote, localName: localName, peerName: peerName, port: port, options: options)
             }
+        }
+    }
+
+    /// OPEN on the connected subflow, then ACCEPT, verification and the verdict, on the loop.
+    private static func handshake(_ handshake: ClientHandshake, _ boundAttempt: NIOLoopBound<OpenAttempt>, on loop: any EventLoop, local: SocketAddress, remote: SocketAddress,
+                                  localName: String, peerName: String, port: Int, options: NBSOptions, book: LocalAddressBook,
+                                  peerAddresses: [SocketAddress]) -> EventLoopFuture<Session> {
+        let attempt = boundAttempt.value
+        let accepted = attempt.accepted, admitted = attempt.admitted
+        guard let handler = attempt.handler else {
+            return loop.makeFailedFuture(NBSError.connectFailed(peer: peerName, reason: "the connection was not set up"))
+        }
+        handler.handshakeSentAt = .now()
+        handler.write(.open(handshake.open))
+        // Left to fire after the handshake ends (failing completed promises does nothing): NIO
+        // cancels a scheduled task by a linear search of its heap.
+        loop.scheduleTask(in: options.handshakeTimeout) {
+            let error = NBSError.connectFailed(peer: peerName, reason: "no ACCEPT and admission within \(options.handshakeTimeout)")
+            accepted.fail(error)
+            admitted.fail(error)
+        }
+        let boundHandler = NIOLoopBound(handler, eventLoop: loop)
+        return accepted.futureResult.flatMap { accepted -> EventLoopFuture<(SessionKeys, VerificationResult, Frame, Frame.Accept, Double?)> in
+            let handler = boundHandler.value
+            // OPEN to ACCEPT: one round trip. The verdict comes later, after the listener's lookup.
+            let rtt = handler.handshakeSentAt.map { Double((NIODeadline.now() - $0).nanoseconds) / 1e6 }
+            let keys: SessionKeys
+            do {
+                keys = try handshake.complete(with: accepted.accept)
+                handler.installKeys(keys, localRole: .client)
+            } catch {
+                handler.writeAndClose(.abort(.init(reason: .authenticationFailed, message: "\(error)")))
+                return loop.makeFailedFuture(NBSError.handshakeFailed("\(error)"))
+            }
+            let transcript = HandshakeTranscript(open: handshake.open, accept: accepted.accept)
+            let signals = SignalAuthenticator(keys: keys, localRole: .client)
+            var proven: [UInt8]?
+            if let proof = accepted.identity {
+                guard let key = transcript.verify(proof, by: .server) else {
+                    let why = "the listener's identity proof does not verify for this session"
+                    handler.writeAndClose(signals.close(.authenticationFailed, why, abort: true))
+                    return loop.makeFailedFuture(NBSError.handshakeFailed(why))
+                }
+                proven = key
+            }
+            // The listener's address came from resolving the dialled name, so it is among the
+            // name's addresses by construction, unless the name was an address literal.
+            let result = NameVerifier.evaluate(PeerEvidence(
+                claimedName: peerName, sourceAddress: remote.hostString,
+                resolvedAddresses: NameVerifier.isAddressLiteral(peerName) ? nil : peerAddresses.map(\.hostString),
+                provenKey: proven, pinnedKey: options.pinnedKey(for: peerName)))
+            if let why = NameVerifier.refusal(result, required: options.requiredPeerVerification) {
+                Logger(label: "nbs.open").warning("refused listener \(peerName) at \(remote.hostString): \(why)")
+                handler.writeAndClose(signals.close(.verificationFailed, why, abort: true))
+                return loop.makeFailedFuture(NBSError.verificationFailed(peer: peerName, reason: why))
+            }
+            if let identity = options.identity {
+                handler.write(.identity(identity.prove(transcript, as: .client)), flush: false)
+            }
+            // Ends our part of the handshake: the listener decides once it has this.
+            handler.write(.dataAck(.init(cumulativeAck: 0, window: UInt32(clamping: options.receiveCapacity))))
+            return admitted.futureResult.map { (keys, result, $0, accepted.accept, rtt) }
+        }.map { (keys: SessionKeys, result: VerificationResult, firstFrame: Frame, accept: Frame.Accept, rtt: Double?) in
+            let handler = boundHandler.value
+            let engine = SessionEngine(loop: loop, role: .opener, localName: localName, peerName: peerName, port: port, options: options,
+                                       keys: keys, token: accept.token, peerInitialWindow: accept.receiveWindow, addressBook: book,
+                                       peerAddresses: peerAddresses)
+            engine.peerVerification = result.level
+            var machine = SubflowStateMachine.openerSide(joining: false)
+            machine.handshakeCompleted()
+            engine.adoptEstablished(handler, machine: machine, local: handler.localAddress ?? local, remote: remote, backup: false, rttSample: rtt)
+            engine.subflow(handler, received: firstFrame)
+            engine.startPathManagement()
+            return Session(engine: engine)
+        }.flatMapErrorThrowing { error in
+            if case LegacyServer.adopted = error {} else { boundAttempt.value.handler?.writeAndClose(nil) }
+            throw error
         }
     }
 
