@@ -101,6 +101,10 @@ struct LocalAddressBook: Sendable {
 
     var addresses: [SocketAddress] { entries.map(\.address) }
 
+    func matches(_ others: [(address: SocketAddress, interface: String)]) -> Bool {
+        entries.count == others.count && zip(entries, others).allSatisfy { $0.address == $1.address && $0.interface == $1.interface }
+    }
+
     mutating func add(_ address: SocketAddress, interface: String) -> Bool {
         guard !entries.contains(where: { $0.address == address }) else { return false }
         entries.append((address, interface))

@@ -64,7 +64,7 @@ final class SessionEngine: SubflowDelegate {
     var livenessRunning: Bool { livenessTicker != nil }
     /// Something went out on a subflow since the last stall check began (see `startLivenessChecks`).
     private var wroteSinceLivenessCheck = false
-    private var monitorSubscription: InterfaceEventSubscription?
+    private var interfaceFeed: LoopInterfaceFeed.Membership?
     private var announcedAddressIDs: [String: UInt8] = [:]
     private var suspendedSince: [SubflowID: NIODeadline] = [:]
     private var queueHighWaterMark: [SubflowID: Int] = [:]
@@ -369,17 +369,15 @@ final class SessionEngine: SubflowDelegate {
 
     // MARK: path management: interfaces, addresses, stalls
 
-    /// Subscribes to the interface monitor and starts stall detection. The monitor first replays
-    /// the current state; addresses already known are no-ops.
+    /// Joins this loop's feed of interface events and starts stall detection. The feed first
+    /// replays the current state if it differs from the address book; addresses already known are
+    /// no-ops.
     func startPathManagement() {
         joinMissingPairs()
         startLivenessChecks()
         guard let monitor = options.interfaceMonitor else { return }
         let bound = self.bound
-        let loop = self.loop
-        monitorSubscription = monitor.onEvent { event in
-            loop.execute { bound.value.interfaceEvent(event) }
-        }
+        interfaceFeed = LoopInterfaceFeed.join(monitor, on: loop, knowing: addressBook) { bound.value.interfaceEvent($0) }
     }
 
     /// Events are handled in batches a few milliseconds long: an address storm (hundreds added and
@@ -991,8 +989,8 @@ final class SessionEngine: SubflowDelegate {
         probeTimer.stop()
         lingerTimer.stop()
         stopLivenessChecks()
-        monitorSubscription?.cancel()
-        monitorSubscription = nil
+        interfaceFeed?.cancel()
+        interfaceFeed = nil
         onTerminate?()
         onTerminate = nil
         // Closed subflows no longer report; dropping the delegate breaks the handler ↔ engine cycle.

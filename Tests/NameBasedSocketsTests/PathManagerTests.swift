@@ -1,6 +1,7 @@
 import NBSProtocol
 import NBSNetlink
 import NIOCore
+import NIOPosix
 import Synchronization
 import Testing
 
@@ -76,7 +77,7 @@ struct PathPlannerTests {
 
 /// An interface monitor a test drives event by event: the injectable edge of the path manager.
 final class TestInterfaceMonitor: InterfaceMonitor {
-    private let state: Mutex<(table: InterfaceTable, continuations: [AsyncStream<InterfaceEvent>.Continuation])>
+    private let state: Mutex<(table: InterfaceTable, continuations: [Int: AsyncStream<InterfaceEvent>.Continuation], next: Int)>
 
     init(addresses: [String]) {
         var table = InterfaceTable()
@@ -84,20 +85,28 @@ final class TestInterfaceMonitor: InterfaceMonitor {
         for ip in addresses {
             _ = table.apply(.newAddress(.init(interfaceIndex: 1, interfaceName: "lo", family: ip.contains(":") ? .inet6 : .inet, address: ip, prefixLength: 8, scope: 0)))
         }
-        state = Mutex((table, []))
+        state = Mutex((table, [:], 0))
     }
 
     func start() throws {}
     var snapshot: InterfaceTable { state.withLock { $0.table } }
     var events: AsyncStream<InterfaceEvent> {
         let (stream, continuation) = AsyncStream.makeStream(of: InterfaceEvent.self)
-        state.withLock { $0.continuations.append(continuation) }
+        let id = state.withLock { state in
+            state.next += 1
+            state.continuations[state.next] = continuation
+            return state.next
+        }
+        continuation.onTermination = { [weak self] _ in self?.state.withLock { _ = $0.continuations.removeValue(forKey: id) } }
         return stream
     }
-    func stop() { state.withLock { for c in $0.continuations { c.finish() } } }
+    func stop() { state.withLock { for c in $0.continuations.values { c.finish() } } }
+
+    /// Streams handed out and not yet ended.
+    var subscriberCount: Int { state.withLock { $0.continuations.count } }
 
     func send(_ event: InterfaceEvent) {
-        state.withLock { for c in $0.continuations { c.yield(event) } }
+        state.withLock { for c in $0.continuations.values { c.yield(event) } }
     }
 
     static func loopback(_ ip: String) -> InterfaceAddress {
@@ -162,6 +171,74 @@ struct PathManagerLoopbackTests {
         await client.abort()
         await serverSession.abort()
         await server.close()
+    }
+
+    @Test("the sessions on one event loop share one subscription to the monitor, each hears its events, and the last to end ends it")
+    func sessionsShareTheLoopsSubscription() async throws {
+        let server = try await listener(options: { var o = NBSOptions(); o.interfaceMonitor = nil; return o }())
+        let monitor = TestInterfaceMonitor(addresses: ["127.0.0.1"])
+        var opts = options(monitor)
+        opts.eventLoopGroup = MultiThreadedEventLoopGroup.singleton.next()
+        var clients: [Session] = []
+        var accepted: [Session] = []
+        for _ in 0..<4 {
+            async let serverSide = server.accept()
+            clients.append(try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: opts))
+            accepted.append(try await serverSide)
+        }
+        #expect(monitor.subscriberCount == 1)
+        monitor.send(.addressAdded(TestInterfaceMonitor.loopback("127.0.0.3")))
+        for client in clients {
+            try await waitForSubflows(client, count: 2)
+            #expect(await client.subflows.contains { $0.local.ipAddress == "127.0.0.3" && $0.state.isUp })
+        }
+        for client in clients.dropLast() { await client.abort() }
+        try await Task.sleep(for: .milliseconds(50))
+        #expect(monitor.subscriberCount == 1)
+        // Joined while the feed runs: it hears later events as the first ones did.
+        async let serverSide = server.accept()
+        let late = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: opts)
+        accepted.append(try await serverSide)
+        monitor.send(.addressAdded(TestInterfaceMonitor.loopback("127.0.0.4")))
+        try await waitForSubflows(late, count: 2)
+        #expect(await late.subflows.contains { $0.local.ipAddress == "127.0.0.4" && $0.state.isUp })
+        #expect(monitor.subscriberCount == 1)
+        await late.abort()
+        await clients.last!.abort()
+        let deadline = ContinuousClock.now + .seconds(5)
+        while monitor.subscriberCount > 0, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(10)) }
+        #expect(monitor.subscriberCount == 0)
+        for session in accepted { await session.abort() }
+        await server.close()
+    }
+
+    @Test("a member joining a running feed with an outdated view of the addresses gets the monitor's state first; one with the current view does not")
+    func lateMemberWithOutdatedView() async throws {
+        let monitor = TestInterfaceMonitor(addresses: ["127.0.0.1", "127.0.0.2"])
+        let loop = MultiThreadedEventLoopGroup.singleton.next()
+        let heard = Mutex<[String: [InterfaceEvent]]>([:])
+        let current = LocalAddressBook.current(monitor: monitor)
+        let outdated = LocalAddressBook(entries: Array(current.entries.prefix(1)))
+        let memberships = try await loop.submit {
+            let record = { (who: String) in { (event: InterfaceEvent) in heard.withLock { $0[who, default: []].append(event) } } }
+            return NIOLoopBound(["first", "current", "outdated"].map { who in
+                LoopInterfaceFeed.join(monitor, on: loop, knowing: who == "outdated" ? outdated : current, record(who))
+            }, eventLoop: loop)
+        }.get()
+        #expect(monitor.subscriberCount == 1)
+        let added = InterfaceEvent.addressAdded(TestInterfaceMonitor.loopback("127.0.0.3"))
+        monitor.send(added)
+        let deadline = ContinuousClock.now + .seconds(5)
+        while heard.withLock({ $0.values.reduce(0) { $0 + $1.count } }) < 3 + monitor.snapshot.currentStateEvents.count, ContinuousClock.now < deadline {
+            try await Task.sleep(for: .milliseconds(5))
+        }
+        let events = heard.withLock { $0 }
+        #expect(events["first"] == [added])
+        #expect(events["current"] == [added])
+        #expect(events["outdated"] == monitor.snapshot.currentStateEvents + [added])
+        try await loop.submit { for membership in memberships.value { membership.cancel() } }.get()
+        while monitor.subscriberCount > 0, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(5)) }
+        #expect(monitor.subscriberCount == 0)
     }
 
     @Test("an address storm neither exceeds the subflow limit nor leaks subflows")
