@@ -136,10 +136,18 @@ final class ListenerState: SubflowDelegate {
     private let logger = Logger(label: "nbs.listener")
     private(set) var refusals = 0
 
+    /// Keeps this loop's interface feed running while the listener is open, so that each session
+    /// it admits finds the subscription made rather than making one.
+    private var interfaceFeed: LoopInterfaceFeed.Membership?
+
+    /// Call on `loop`.
     init(loop: any EventLoop, localName: String, options: NBSOptions) {
         self.loop = loop
         self.localName = localName
         self.options = options
+        if let monitor = options.interfaceMonitor {
+            interfaceFeed = LoopInterfaceFeed.join(monitor, on: loop, knowing: .current(monitor: monitor)) { _ in }
+        }
     }
 
     func newConnection(_ handler: any SubflowTransport) {
@@ -190,6 +198,8 @@ final class ListenerState: SubflowDelegate {
 
     func close() {
         closed = true
+        interfaceFeed?.cancel()
+        interfaceFeed = nil
         for waiter in waiters { waiter.fail(NBSError.listenerClosed) }
         waiters.removeAll()
     }
