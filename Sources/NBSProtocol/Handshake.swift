@@ -59,8 +59,9 @@ public struct ClientHandshake: Sendable {
 
 /// The listener's side: answer an OPEN with an ACCEPT and the keys.
 public enum ServerHandshake {
-    public static func accept(_ open: Frame.Open, serverName: String, token: UInt64, receiveWindow: UInt32) throws(HandshakeError) -> (Frame.Accept, SessionKeys) {
-        let privateKey = Curve25519.KeyAgreement.PrivateKey()
+    /// `privateKey`: a fresh ephemeral key, used for this handshake only.
+    public static func accept(_ open: Frame.Open, serverName: String, token: UInt64, receiveWindow: UInt32,
+                              privateKey: Curve25519.KeyAgreement.PrivateKey = .init()) throws(HandshakeError) -> (Frame.Accept, SessionKeys) {
         let nonce = randomBytes(NBSWire.nonceLength)
         let keys: SessionKeys
         do {

@@ -1,3 +1,4 @@
+import Crypto
 import Logging
 import NBSProtocol
 import NIOCore
@@ -133,6 +134,9 @@ final class ListenerState: SubflowDelegate {
     private var ready = CircularBuffer<Session>()
     private var waiters = CircularBuffer<EventLoopPromise<Session>>()
     private var closed = false
+    /// The next OPEN's ephemeral key, made after the previous OPEN was answered: generating it
+    /// while an opener waits put a quarter of the listener's handshake work on that opener's path.
+    private var nextEphemeralKey = Curve25519.KeyAgreement.PrivateKey()
     private let logger = Logger(label: "nbs.listener")
     private(set) var refusals = 0
 
@@ -238,8 +242,11 @@ final class ListenerState: SubflowDelegate {
         while sessions[token] != nil || verifying.values.contains(where: { $0.accept.token == token }) { token = UInt64.random(in: 1 ... .max) }
         let accept: Frame.Accept
         let keys: SessionKeys
+        // Replaced once this OPEN is answered (and, if admitted at OPEN, its verdict sent).
+        defer { nextEphemeralKey = .init() }
         do {
-            (accept, keys) = try ServerHandshake.accept(open, serverName: localName, token: token, receiveWindow: UInt32(clamping: options.receiveCapacity))
+            (accept, keys) = try ServerHandshake.accept(open, serverName: localName, token: token, receiveWindow: UInt32(clamping: options.receiveCapacity),
+                                                        privateKey: nextEphemeralKey)
         } catch {
             return refuse(handler, .protocolViolation, "\(error)")
         }

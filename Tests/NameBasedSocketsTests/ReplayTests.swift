@@ -150,6 +150,22 @@ struct ReplayTests {
 
     /// The soak (seed 550972306) lost two sessions when a listener at its limit replaced a live
     /// subflow over the JOIN's pair with an ABORT: only a suspended one may be replaced.
+    @Test("every ACCEPT carries an ephemeral key of its own, although the listener makes each before its OPEN comes")
+    func everyAcceptHasItsOwnKey() async throws {
+        let server = try await listener(options: loopbackOptions(peers: [:]))
+        var keys: Set<[UInt8]> = []
+        for _ in 0..<4 {
+            let (raw, handshake) = try await RawConnection.open(to: server)
+            let frames = try await raw.frames { if case .accept = $0 { true } else { false } }
+            guard case .accept(let accept) = frames.last else { Issue.record("no ACCEPT: \(frames)"); return }
+            _ = try handshake.complete(with: accept)
+            keys.insert(accept.publicKey)
+            await raw.close()
+        }
+        #expect(keys.count == 4)
+        await server.close()
+    }
+
     @Test("at the subflow limit, a JOIN over the pair of a live subflow is refused, and the session goes on")
     func joinOverLivePairAtLimitIsRefused() async throws {
         var options = loopbackOptions(peers: ["raw.test": ["127.0.0.1"]])
