@@ -340,8 +340,11 @@ final class DatagramSubflow: SubflowTransport {
     /// Checked twice per interval, so the silence before a keepalive is between 1 and 1.5 intervals.
     private func startKeepalive() {
         guard !keepaliveTimer.isArmed, keepaliveInterval > .zero else { return }
-        keepaliveTimer.arm(in: .nanoseconds(keepaliveInterval.nanoseconds / 2))
+        keepaliveTimer.arm(in: .nanoseconds(keepaliveInterval.nanoseconds / 2), slack: Self.keepaliveSlack)
     }
+
+    /// Keepalive checks of a loop's subflows are gathered to this grain (`LoopTimer.arm(in:slack:)`).
+    static let keepaliveSlack = TimeAmount.milliseconds(100)
 
     private func keepaliveCheck() {
         guard !closed else { return }
@@ -349,7 +352,7 @@ final class DatagramSubflow: SubflowTransport {
             connection.queuePing()
             transmit()
         }
-        keepaliveTimer.arm(in: .nanoseconds(keepaliveInterval.nanoseconds / 2))
+        keepaliveTimer.arm(in: .nanoseconds(keepaliveInterval.nanoseconds / 2), slack: Self.keepaliveSlack)
     }
 
     // MARK: receiving

@@ -46,6 +46,21 @@ final class LoopTimer {
 
     func arm(in delay: TimeAmount) { arm(at: .now() + delay) }
 
+    /// Runs the action `delay` from now or up to `slack` later: at the next multiple of `slack` on
+    /// the loop's clock, which every timer armed with the same slack in that window shares, so they
+    /// fire in one wake-up of the loop rather than one each. For deadlines that need only come
+    /// roughly on time: 10,000 idle UDP sessions' keepalive checks woke their loop 2,700 times a
+    /// second, and the context switches were a tenth of its CPU (perf).
+    func arm(in delay: TimeAmount, slack: TimeAmount) {
+        arm(at: Self.coalesced(.now() + delay, slack: slack))
+    }
+
+    static func coalesced(_ deadline: NIODeadline, slack: TimeAmount) -> NIODeadline {
+        let step = UInt64(max(1, slack.nanoseconds))
+        let due = deadline.uptimeNanoseconds
+        return .uptimeNanoseconds((due / step + (due % step == 0 ? 0 : 1)) * step)
+    }
+
     /// Keeps an earlier deadline, else arms at `deadline`.
     func armIfEarlier(at deadline: NIODeadline) {
         if let current = self.deadline, current <= deadline { return }

@@ -1044,7 +1044,8 @@ final class SessionEngine: SubflowDelegate {
         transmissionsAtProbe = transmissions
         let longest = options.probeInterval.nanoseconds * Self.idleProbeBackoff
         probeDelay = idle ? .nanoseconds(min(probeDelay.nanoseconds * 2, longest)) : options.probeInterval
-        probeTimer.arm(in: probeDelay)
+        // Backed-off rounds of a loop's idle sessions come together (`LoopTimer.arm(in:slack:)`).
+        if idle { probeTimer.arm(in: probeDelay, slack: DatagramSubflow.keepaliveSlack) } else { probeTimer.arm(in: probeDelay) }
     }
 
     static let idleProbeBackoff: Int64 = 32

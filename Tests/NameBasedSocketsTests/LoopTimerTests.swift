@@ -137,6 +137,35 @@ struct LoopTimerTests {
         try await group.shutdownGracefully()
     }
 
+    @Test("timers armed with a slack come due at its next multiple, together, never early")
+    func slackGathers() async throws {
+        let slack = TimeAmount.milliseconds(100)
+        #expect(LoopTimer.coalesced(.uptimeNanoseconds(1_000 * ms), slack: slack).uptimeNanoseconds == 1_000 * ms)
+        #expect(LoopTimer.coalesced(.uptimeNanoseconds(1_000 * ms + 1), slack: slack).uptimeNanoseconds == 1_100 * ms)
+        #expect(LoopTimer.coalesced(.uptimeNanoseconds(1_099 * ms), slack: slack).uptimeNanoseconds == 1_100 * ms)
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let loop = group.next()
+        let owner = Owner()
+        let armed = try await onLoop(loop) { () -> (UInt64, [UInt64]) in
+            let start = NIODeadline.now().uptimeNanoseconds
+            let deadlines = (0..<20).map { i -> UInt64 in
+                let timer = LoopTimer(on: loop, owner: owner) { $0.fired.withLock { $0.append(NIODeadline.now().uptimeNanoseconds) } }
+                timer.arm(in: .milliseconds(Int64(200 + i)), slack: slack)
+                return timer.deadline!.uptimeNanoseconds
+            }
+            return (start, deadlines)
+        }
+        let (start, deadlines) = armed
+        #expect(deadlines.allSatisfy { $0 % (100 * ms) == 0 && $0 >= start + 200 * ms && $0 < start + 319 * ms })
+        // 20 delays a millisecond apart span at most two multiples of the slack.
+        #expect(Set(deadlines).count <= 2)
+        try await Task.sleep(for: .milliseconds(600))
+        let fired = owner.fired.withLock { $0 }
+        #expect(fired.count == 20)
+        #expect(zip(fired.sorted(), deadlines.sorted()).allSatisfy { $0 >= $1 })
+        try await group.shutdownGracefully()
+    }
+
     @Test("stopping prevents the action; re-arming later fires once, at the later deadline")
     func stopAndRearm() async throws {
         let loop = MultiThreadedEventLoopGroup.singleton.next()
