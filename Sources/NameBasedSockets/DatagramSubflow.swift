@@ -340,11 +340,12 @@ final class DatagramSubflow: SubflowTransport {
     /// Checked twice per interval, so the silence before a keepalive is between 1 and 1.5 intervals.
     private func startKeepalive() {
         guard !keepaliveTimer.isArmed, keepaliveInterval > .zero else { return }
-        keepaliveTimer.arm(in: .nanoseconds(keepaliveInterval.nanoseconds / 2), slack: Self.keepaliveSlack)
+        keepaliveTimer.arm(in: .nanoseconds(keepaliveInterval.nanoseconds / 2), slack: keepaliveSlack)
     }
 
-    /// Keepalive checks of a loop's subflows are gathered to this grain (`LoopTimer.arm(in:slack:)`).
-    static let keepaliveSlack = TimeAmount.milliseconds(100)
+    /// Keepalive checks of a loop's subflows come together (`LoopTimer.idleGrain`), or to a quarter
+    /// of a shorter interval.
+    private var keepaliveSlack: TimeAmount { .nanoseconds(min(LoopTimer.idleGrain.nanoseconds, keepaliveInterval.nanoseconds / 4)) }
 
     private func keepaliveCheck() {
         guard !closed else { return }
@@ -352,7 +353,7 @@ final class DatagramSubflow: SubflowTransport {
             connection.queuePing()
             transmit()
         }
-        keepaliveTimer.arm(in: .nanoseconds(keepaliveInterval.nanoseconds / 2), slack: Self.keepaliveSlack)
+        keepaliveTimer.arm(in: .nanoseconds(keepaliveInterval.nanoseconds / 2), slack: keepaliveSlack)
     }
 
     // MARK: receiving

@@ -55,6 +55,10 @@ final class LoopTimer {
         arm(at: Self.coalesced(.now() + delay, slack: slack))
     }
 
+    /// The slack of the timers that need only come roughly on time: keepalive checks, backed-off
+    /// probe rounds.
+    static let idleGrain = TimeAmount.milliseconds(100)
+
     static func coalesced(_ deadline: NIODeadline, slack: TimeAmount) -> NIODeadline {
         let step = UInt64(max(1, slack.nanoseconds))
         let due = deadline.uptimeNanoseconds

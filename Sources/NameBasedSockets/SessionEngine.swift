@@ -1045,7 +1045,7 @@ final class SessionEngine: SubflowDelegate {
         let longest = options.probeInterval.nanoseconds * Self.idleProbeBackoff
         probeDelay = idle ? .nanoseconds(min(probeDelay.nanoseconds * 2, longest)) : options.probeInterval
         // Backed-off rounds of a loop's idle sessions come together (`LoopTimer.arm(in:slack:)`).
-        if idle { probeTimer.arm(in: probeDelay, slack: DatagramSubflow.keepaliveSlack) } else { probeTimer.arm(in: probeDelay) }
+        if idle { probeTimer.arm(in: probeDelay, slack: LoopTimer.idleGrain) } else { probeTimer.arm(in: probeDelay) }
     }
 
     static let idleProbeBackoff: Int64 = 32
