@@ -1,3 +1,4 @@
+import HeapModule
 import NIOCore
 import NIOPosix
 
@@ -115,21 +116,22 @@ struct PendingFireTimes {
     }
 }
 
-/// Every `LoopTimer` fire time on one event loop, in a binary heap of (deadline, order of arrival,
-/// timer), with one NIO task at the earliest. Each entry holds its timer retained, as a NIO task
+/// Every `LoopTimer` fire time on one event loop, in a heap of (deadline, order of arrival, timer),
+/// with one NIO task at the earliest. Each entry holds its timer retained, as a NIO task
 /// would, and gives it up when it comes.
 final class TimerQueue {
-    private struct Entry {
+    private struct Entry: Comparable {
         let deadline: UInt64
         let order: UInt64
         /// Retained by `add`, released when the entry comes: no reference counting as it moves.
         let timer: Unmanaged<LoopTimer>
 
         static func < (a: Entry, b: Entry) -> Bool { (a.deadline, a.order) < (b.deadline, b.order) }
+        static func == (a: Entry, b: Entry) -> Bool { (a.deadline, a.order) == (b.deadline, b.order) }
     }
 
     private let loop: any EventLoop
-    private var heap: [Entry] = []
+    private var heap = Heap<Entry>()
     private var arrivals: UInt64 = 0
     /// When the NIO tasks scheduled and not yet run will wake the queue.
     private var wakeups = PendingFireTimes()
@@ -152,7 +154,7 @@ final class TimerQueue {
 
     func add(_ timer: LoopTimer, at deadline: NIODeadline) {
         arrivals &+= 1
-        push(Entry(deadline: deadline.uptimeNanoseconds, order: arrivals, timer: Unmanaged.passRetained(timer)))
+        heap.insert(Entry(deadline: deadline.uptimeNanoseconds, order: arrivals, timer: Unmanaged.passRetained(timer)))
         wake(at: deadline)
     }
 
@@ -165,39 +167,10 @@ final class TimerQueue {
         wakeups.remove(at)
         let now = NIODeadline.now().uptimeNanoseconds
         var due: [Entry] = []
-        while let first = heap.first, first.deadline <= now { due.append(popFirst()) }
+        while let first = heap.min, first.deadline <= now { due.append(heap.removeMin()) }
         // Fired after they all left the heap: an action may arm timers, which go in for later.
         for entry in due { entry.timer.takeRetainedValue().fired(.uptimeNanoseconds(entry.deadline)) }
-        if let first = heap.first { wake(at: .uptimeNanoseconds(first.deadline)) }
-    }
-
-    private func push(_ entry: Entry) {
-        heap.append(entry)
-        var child = heap.count - 1
-        while child > 0 {
-            let parent = (child - 1) / 2
-            guard heap[child] < heap[parent] else { break }
-            heap.swapAt(child, parent)
-            child = parent
-        }
-    }
-
-    private func popFirst() -> Entry {
-        let first = heap[0]
-        let last = heap.removeLast()
-        guard !heap.isEmpty else { return first }
-        heap[0] = last
-        var parent = 0
-        while true {
-            let left = 2 * parent + 1
-            guard left < heap.count else { break }
-            let right = left + 1
-            let smaller = right < heap.count && heap[right] < heap[left] ? right : left
-            guard heap[smaller] < heap[parent] else { break }
-            heap.swapAt(parent, smaller)
-            parent = smaller
-        }
-        return first
+        if let first = heap.min { wake(at: .uptimeNanoseconds(first.deadline)) }
     }
 }
 
