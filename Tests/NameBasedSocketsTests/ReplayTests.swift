@@ -83,12 +83,17 @@ final class RawConnection: Sendable {
         var description: String { "not admitted: \(frames)" }
     }
 
-    /// The same, then admitted: ACCEPT, its DATA_ACK, and the listener's verdict (a DATA_ACK).
-    static func admitted(to server: Listener) async throws -> (raw: RawConnection, accept: Frame.Accept, keys: SessionKeys) {
+    /// The same, then its ACCEPT, verified: the keys are the session's.
+    static func accepted(by server: Listener) async throws -> (raw: RawConnection, accept: Frame.Accept, keys: SessionKeys) {
         let (raw, handshake) = try await open(to: server)
         let hello = try await raw.frames { if case .accept = $0 { true } else { false } }
         guard case .accept(let accept) = hello.last else { throw NotAdmitted(frames: hello) }
-        let keys = try handshake.complete(with: accept)
+        return (raw, accept, try handshake.complete(with: accept))
+    }
+
+    /// The same, then admitted: ACCEPT, its DATA_ACK, and the listener's verdict (a DATA_ACK).
+    static func admitted(to server: Listener) async throws -> (raw: RawConnection, accept: Frame.Accept, keys: SessionKeys) {
+        let (raw, accept, keys) = try await accepted(by: server)
         try await raw.send([.dataAck(.init(cumulativeAck: 0, window: 1 << 20))])
         let verdict = try await raw.frames { _ in true }
         guard case .dataAck = verdict.first else { throw NotAdmitted(frames: verdict) }
@@ -148,17 +153,12 @@ struct ReplayTests {
         await server.close()
     }
 
-    /// The soak (seed 550972306) lost two sessions when a listener at its limit replaced a live
-    /// subflow over the JOIN's pair with an ABORT: only a suspended one may be replaced.
     @Test("every ACCEPT carries an ephemeral key of its own, although the listener makes each before its OPEN comes")
     func everyAcceptHasItsOwnKey() async throws {
         let server = try await listener(options: loopbackOptions(peers: [:]))
         var keys: Set<[UInt8]> = []
         for _ in 0..<4 {
-            let (raw, handshake) = try await RawConnection.open(to: server)
-            let frames = try await raw.frames { if case .accept = $0 { true } else { false } }
-            guard case .accept(let accept) = frames.last else { Issue.record("no ACCEPT: \(frames)"); return }
-            _ = try handshake.complete(with: accept)
+            let (raw, accept, _) = try await RawConnection.accepted(by: server)
             keys.insert(accept.publicKey)
             await raw.close()
         }
@@ -166,6 +166,8 @@ struct ReplayTests {
         await server.close()
     }
 
+    /// The soak (seed 550972306) lost two sessions when a listener at its limit replaced a live
+    /// subflow over the JOIN's pair with an ABORT: only a suspended one may be replaced.
     @Test("at the subflow limit, a JOIN over the pair of a live subflow is refused, and the session goes on")
     func joinOverLivePairAtLimitIsRefused() async throws {
         var options = loopbackOptions(peers: ["raw.test": ["127.0.0.1"]])
