@@ -27,6 +27,10 @@ public enum NBS {
         var triedRemotes = Set<String>()
         // A peer known to be legacy gets no NBS bytes at all.
         let plainOnly = options.legacyFallback == .legacyOnly || (options.legacyFallback == .fallback && options.legacyPeers.isLegacy(peerName, port: port))
+        // A close without a byte in answer is what a legacy server does, but also what an NBS
+        // listener does to an OPEN that a blackhole or a full accept queue held past its
+        // `legacyDetectionDelay`: it is final only once no other address is left to try.
+        var closedUnanswered: NBSError?
         for (local, remote) in pairs where !triedRemotes.contains(remote.hostString) {
             triedRemotes.insert(remote.hostString)
             do {
@@ -35,6 +39,8 @@ public enum NBS {
                 }
                 return try await OpenAttempt.run(on: loop, local: local, remote: remote, localName: localName, peerName: peerName,
                                                  port: port, options: options, book: book, peerAddresses: remotes)
+            } catch let closed as OpenAttempt.ClosedUnanswered {
+                closedUnanswered = closed.error
             } catch let error as NBSError {
                 switch error {
                 case .refused, .handshakeFailed, .protocolViolation, .verificationFailed, .legacyPeer: throw error
@@ -44,6 +50,8 @@ public enum NBS {
                 failures.append("\(remote.hostString): \(readableSocketError(error))")
             }
         }
+        // Another address answered nothing at all: the one that closed is the better account.
+        if let closedUnanswered { throw closedUnanswered }
         throw NBSError.connectFailed(peer: peerName, reason: failures.joined(separator: "; "))
     }
 
@@ -214,6 +222,12 @@ final class OpenAttempt: SubflowDelegate {
         }
     }
 
+    /// With `.nbsOnly`, the server closed without a byte: `error` is the `legacyPeer` verdict,
+    /// which `NBS.open` makes final only when no other address is left.
+    struct ClosedUnanswered: Error {
+        var error: NBSError
+    }
+
     /// How the attempt ends when the server turned out not to speak NBS and fallback is allowed.
     enum LegacyServer: Error {
         /// It answered with its own bytes: the session goes on, as plain TCP, on this connection.
@@ -244,7 +258,8 @@ final class OpenAttempt: SubflowDelegate {
                 case (_, .silence): "it did not answer within \(outcome.waited.map { "\($0.nanoseconds / 1_000_000) ms" } ?? "the handshake timeout")"
                 }
             guard fallback else {
-                fail(NBSError.legacyPeer(peer: peerName, evidence: evidence))
+                let error = NBSError.legacyPeer(peer: peerName, evidence: evidence)
+                fail(outcome.evidence == .closed && outcome.verdict == .legacy ? ClosedUnanswered(error: error) : error)
                 return .drop
             }
             options.legacyPeers.remember(peerName, port: port)

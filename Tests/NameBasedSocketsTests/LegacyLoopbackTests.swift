@@ -307,6 +307,49 @@ struct LegacyLoopbackTests {
         }
     }
 
+    @Test("NBS only: a close without an answer at one address is not final while the name has another, where an NBS listener is")
+    func closeWithoutAnswerTriesTheNextAddress() async throws {
+        // An NBS listener resets an OPEN held past its legacyDetectionDelay just as this server
+        // closes on binary bytes: the opener cannot tell them apart, so it goes on.
+        let plain = try await PlainServer.start(.closeOnBinaryElseEcho, host: "127.0.0.2")
+        var listenerOptions = NBSOptions()
+        listenerOptions.bindAddresses = [try SocketAddress(ipAddress: "127.0.0.1", port: plain.port)]
+        let server = try await NBS.listen(localName: "server.test", port: plain.port, options: listenerOptions)
+        let accepted = Task { try await server.accept() }
+        let twoAddresses = {
+            var options = legacyOptions(.nbsOnly, peer: "server.test")
+            options.resolver = StaticResolver(["server.test": ["127.0.0.2", "127.0.0.1"]])
+            return options
+        }
+        let options = twoAddresses()
+        let client = try await withTimeout(10) { try await NBS.open(localName: "client.test", peerName: "server.test", port: plain.port, options: options) }
+        let serverSession = try await withTimeout(10) { try await accepted.value }
+        #expect(!client.isLegacy)
+        // One OPEN reached the closing server; the session's JOINs may try it too, and fail.
+        let seen = await plain.log.connections.map(\.firstBytes)
+        #expect(seen.filter { $0.count > NBSWire.preambleLength && $0[NBSWire.preambleLength] == FrameType.open.rawValue }.count == 1, "\(seen)")
+        let data = pattern(50_000, seed: 15)
+        try await client.write(data)
+        await client.finish()
+        let (count, digest) = try await withTimeout(20) { try await drain(serverSession) }
+        #expect(count == data.readableBytes)
+        #expect(digest == sha256(data))
+        try await serverSession.close()
+        try await client.close()
+        await server.close()
+        await plain.stop()
+
+        // Where every address closes without answering, the verdict stays `legacyPeer`.
+        let lone = try await PlainServer.start(.closeOnBinaryElseEcho, host: "127.0.0.2")
+        let alone = twoAddresses()
+        await #expect {
+            _ = try await withTimeout(10) { try await NBS.open(localName: "client.test", peerName: "server.test", port: lone.port, options: alone) }
+        } throws: { error in
+            if case NBSError.legacyPeer(let peer, _) = error { peer == "server.test" } else { false }
+        }
+        await lone.stop()
+    }
+
     @Test("legacy only: no NBS byte is ever sent")
     func legacyOnlySendsNoNBS() async throws {
         let plain = try await PlainServer.start(.echo)
@@ -488,11 +531,11 @@ final class PlainServer: Sendable {
         self.task = task
     }
 
-    static func start(_ behaviour: Behaviour) async throws -> PlainServer {
+    static func start(_ behaviour: Behaviour, host: String = "127.0.0.1") async throws -> PlainServer {
         let channel = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.allowRemoteHalfClosure, value: true)
-            .bind(host: "127.0.0.1", port: 0) { child in
+            .bind(host: host, port: 0) { child in
                 child.eventLoop.makeCompletedFuture {
                     try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: child, configuration: .init(isOutboundHalfClosureEnabled: true))
                 }
