@@ -149,7 +149,20 @@ public struct SendBuffer: Sendable {
     /// The next segment to put on `subflow`: data awaiting reinjection first, then new data below
     /// `windowEdge` (the peer's acknowledged sequence plus its window).
     public mutating func nextTransmission(on subflow: SubflowID, maxLength: Int, windowEdge: UInt64) -> Transmission? {
-        if reinjectionCount > 0, let i = nextReinjection() {
+        if reinjectionCount > 0, var i = nextReinjection() {
+            // Cut to the new subflow's segment size: the receiver takes a segment only whole, and
+            // 64 KiB made for a fast path is 50 ms on a 10 Mbit/s one.
+            if inFlight[i].length > maxLength {
+                var rest = inFlight[i]
+                rest.sequence += UInt64(maxLength)
+                rest.length -= maxLength
+                inFlight[i].length = maxLength
+                let offset = inFlight.distance(from: inFlight.startIndex, to: i)
+                inFlight.insert(rest, at: inFlight.index(after: i))
+                i = inFlight.index(inFlight.startIndex, offsetBy: offset)  // insert invalidates indices
+                reinjectionQueue.prepend(rest.sequence)
+                reinjectionCount += 1
+            }
             inFlight[i].needsReinjection = false
             inFlight[i].subflow = subflow
             reinjectionCount -= 1

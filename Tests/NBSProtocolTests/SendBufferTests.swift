@@ -176,6 +176,35 @@ struct SendBufferTests {
         #expect(s.reinject(from: c) == onA + 100)
     }
 
+    @Test("a reinjected segment is cut to the new subflow's size, in order, each piece once; the rest can go elsewhere")
+    func reinjectionCutToSize() throws {
+        let stream = patternBytes(300, seed: 7)
+        var s = SendBuffer(capacity: 1000)
+        s.append(buffer(stream))
+        _ = drain(&s, on: a, maxLength: 200)  // [0,200) [200,300)
+        #expect(s.reinject(from: a) == 300)
+        let firstPiece = s.nextTransmission(on: b, maxLength: 64, windowEdge: 0)
+        let secondPiece = s.nextTransmission(on: c, maxLength: 100, windowEdge: 0)
+        let first = try #require(firstPiece)
+        let second = try #require(secondPiece)
+        let rest = drain(&s, on: b, maxLength: 64)
+        let pieces = [first, second] + rest
+        #expect(pieces.map(\.sequence) == [0, 64, 164, 200, 264])
+        #expect(pieces.map(\.payload.readableBytes) == [64, 100, 36, 64, 36])
+        #expect(pieces.allSatisfy { $0.isReinjection })
+        #expect(pieces.flatMap { bytes(of: $0.payload) } == stream)
+        #expect(!s.hasReinjectionPending)
+        #expect(s.pendingReinjectionBytes == 0)
+        #expect(s.inFlightBytes(on: c) == 100)
+        #expect(s.inFlightBytes(on: b) == 200)
+        // The pieces are segments of their own: c's can be sent again alone.
+        #expect(s.reinject(from: c) == 100)
+        let freed = try s.acknowledge(upTo: 300)
+        #expect(freed == 300)
+        #expect(!s.hasReinjectionPending)
+        #expect(s.inFlightSegments == 0)
+    }
+
     @Test("an acknowledgement cancels a pending reinjection")
     func ackCancelsReinjection() throws {
         var s = SendBuffer(capacity: 1000)
