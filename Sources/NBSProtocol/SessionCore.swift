@@ -411,13 +411,30 @@ public struct SessionCore: Sendable {
             // waits for the fast subflows rather than go there.
             let carriers = dataCarriers(in: pool)
             let fastest = carriers.compactMap(\.smoothedRTT).min()
-            let usable = carriers.filter { subflow in
+            let notFarSlower = { (subflow: Subflow) -> Bool in
                 guard let fastest, let rtt = subflow.smoothedRTT else { return true }
                 return rtt <= Self.slowFactor * fastest + Self.slowMarginMs
             }
-            return usable.filter(\.writable).min(by: Self.fasterFirst)?.id
+            // Reinjected data fills the receiver's hole. A standby sibling on a surviving path has
+            // nothing queued: the first of it enters the bottleneck now, not behind a carrier's
+            // queue. Only the first: the rest would share that bottleneck with the carrier's new
+            // data (a 10 Mbit/s path then took 390 ms for 310 kB), where behind the carrier's
+            // queue it goes ahead of all new data, and that queue has drained by then.
+            if send.hasReinjectionPending {
+                let carrierIDs = Set(carriers.map(\.id))
+                let allowance = Self.standbyReinjectionSegments * (carriers.compactMap(\.segmentLimit).max() ?? configuration.maxSegmentSize)
+                let standby = pool.filter {
+                    $0.writable && !carrierIDs.contains($0.id) && notFarSlower($0) && send.inFlightBytes(on: $0.id) < allowance
+                }
+                if let target = standby.min(by: Self.fasterFirst) { return target.id }
+            }
+            return carriers.filter(notFarSlower).filter(\.writable).min(by: Self.fasterFirst)?.id
         }
     }
+
+    /// About a carrier's queue and window, in its segments (`SessionEngine.segmentsPerQueue`
+    /// make its queue).
+    static let standbyReinjectionSegments = 8
 
     static let slowFactor = 4.0
     static let slowMarginMs = 20.0

@@ -33,6 +33,7 @@ final class SessionEngine: SubflowDelegate {
         var established = false
         var closed = false
         var closeReason: String?
+        var deliveryRate = DeliveryRate()
     }
 
     let loop: any EventLoop
@@ -142,7 +143,7 @@ final class SessionEngine: SubflowDelegate {
     private func subflowEstablished(_ id: SubflowID, backup: Bool, rttSample: Double?) {
         core.addSubflow(id, backup: backup)
         updatePathGroup(id)
-        if let limit = records[id]?.handler.maxDataPayload { core.setSegmentLimit(id, limit) }
+        core.setSegmentLimit(id, records[id]?.handler.maxDataPayload ?? SubflowConnector.writeWaterMark.high / Self.segmentsPerQueue)
         if let rttSample { core.recordRTT(id, milliseconds: rttSample) }
         core.setWritable(id, records[id]?.handler.isWritable ?? false)
         maxConcurrentSubflows = max(maxConcurrentSubflows, core.aliveSubflows.count)
@@ -445,7 +446,11 @@ final class SessionEngine: SubflowDelegate {
         default:
             break
         }
-        for id in affected.ids { retire(SubflowID(id), reason: affected.reason) }
+        // All of them before any data moves: one link takes its IPv4 and IPv6 subflows together,
+        // and what the first carried must not be handed to the next about to go.
+        withPumpHeld {
+            for id in affected.ids { retire(SubflowID(id), reason: affected.reason) }
+        }
         if let removed = affected.removedAddress, addressBook.remove(removed) || !affected.ids.isEmpty {
             if let address = try? SocketAddress(ipAddress: removed, port: 0) { eventContinuation.yield(.localAddressRemoved(address)) }
             withdraw(removed)
@@ -569,6 +574,9 @@ final class SessionEngine: SubflowDelegate {
 
     private func observed(_ id: SubflowID, _ progress: SubflowProgress) {
         if progress.rttMs > 0 { core.recordRTT(id, milliseconds: progress.rttMsPrecise) }
+        if let acked = progress.bytesAcked {
+            records[id]?.deliveryRate.observe(bytesAcked: acked, at: NIODeadline.now().uptimeNanoseconds)
+        }
         stallCheck(id, progress)
         resizeQueues(id, progress)
     }
@@ -630,16 +638,24 @@ final class SessionEngine: SubflowDelegate {
 
     /// Each subflow queues about `queueTarget` of its own rate beyond what TCP has in flight:
     /// enough to keep a fast path busy, little enough that data stranded on a path that dies, and
-    /// the queue that reinjected data waits behind on a slow survivor, stay small.
-    private func resizeQueues(_ id: SubflowID, _ tcp: SubflowProgress) {
-        guard let record = records[id], !record.closed, tcp.bytesPerSecond > 0 else { return }
-        let target = Int(tcp.bytesPerSecond * options.queueTarget.seconds)
+    /// the queue that reinjected data waits behind on a slow survivor, stay small. A TCP subflow
+    /// keeps its first queue (`SubflowConnector.writeWaterMark`) until it has a delivery rate.
+    private func resizeQueues(_ id: SubflowID, _ progress: SubflowProgress) {
+        guard let record = records[id], !record.closed else { return }
+        let rate = progress.bytesAcked == nil ? progress.bytesPerSecond : record.deliveryRate.bytesPerSecond
+        guard let rate, rate > 0 else { return }
+        let target = Int(rate * options.queueTarget.seconds)
         let high = max(8 * 1024, min(1 << 20, Int(UInt(max(target, 1)).roundedUpToPowerOfTwo)))
         guard queueHighWaterMark[id] != high else { return }
         queueHighWaterMark[id] = high
-        core.setSegmentLimit(id, min(high, record.handler.maxDataPayload ?? .max))
+        core.setSegmentLimit(id, min(max(4 * 1024, high / Self.segmentsPerQueue), record.handler.maxDataPayload ?? .max))
         record.handler.setQueueLimit(high)
     }
+
+    /// The receiver takes a DATA frame only whole: a quarter of the queue (2.5 ms of the path's
+    /// rate at the default `queueTarget`) is what one late segment holds up. 64 KiB, the most a
+    /// frame carries, is 52 ms of a 10 Mbit/s path.
+    static let segmentsPerQueue = 4
 
     // MARK: SubflowDelegate
 
@@ -839,6 +855,15 @@ final class SessionEngine: SubflowDelegate {
     }
 
     // MARK: the pump: perform what the core decides
+
+    /// Runs `body` with the pump held, then pumps once.
+    private func withPumpHeld(_ body: () -> Void) {
+        let held = pumping
+        pumping = true
+        body()
+        pumping = held
+        if !held { pump() }
+    }
 
     func pump() {
         guard !pumping else { return }
@@ -1118,15 +1143,19 @@ struct SubflowProgress {
     var rttMs: Int64 { Int64(rttMsPrecise) }
     /// Consecutive timeouts (RTO retransmissions, probe timeouts) without an acknowledgement.
     var timeoutRetransmissions: Int
-    /// Window / RTT: roughly what the path carries.
+    /// Window / RTT: what the path carries when the window is full; UDP's queues are sized by it.
     var bytesPerSecond: Double
+    /// TCP's running count of acknowledged bytes, whose growth sizes a TCP subflow's queues (see
+    /// `DeliveryRate`); nil for UDP, and where the kernel does not report it.
+    var bytesAcked: UInt64?
 
-    init(inFlight: Bool, silentMs: Int64, rttMs: Double, timeoutRetransmissions: Int, bytesPerSecond: Double) {
+    init(inFlight: Bool, silentMs: Int64, rttMs: Double, timeoutRetransmissions: Int, bytesPerSecond: Double, bytesAcked: UInt64? = nil) {
         self.inFlight = inFlight
         self.silentMs = silentMs
         self.rttMsPrecise = rttMs
         self.timeoutRetransmissions = timeoutRetransmissions
         self.bytesPerSecond = bytesPerSecond
+        self.bytesAcked = bytesAcked
     }
 
     /// Data in flight, a timeout without an acknowledgement since, and silence beyond `limitMs` that
@@ -1140,13 +1169,19 @@ struct SubflowProgress {
     /// stalled (a helper saw a subflow wedged so in the soak: persist timer, `retrans 0`). Two
     /// probes in a row without an answer (`tcpi_probes`; any ACK resets it) count as timeouts with
     /// data waiting; one may just be on its way, to a live peer that is slow to read.
-    init(_ info: tcp_info) {
+    init(_ info: tcp_info, bytesAcked: UInt64? = nil) {
         let rtt = Double(max(info.tcpi_rtt, 1)) / 1e6
         let unansweredProbes = info.tcpi_probes >= 2 ? Int(info.tcpi_probes) : 0
         self.init(inFlight: info.tcpi_unacked > 0 || unansweredProbes > 0, silentMs: Int64(info.tcpi_last_ack_recv),
                   rttMs: Double(info.tcpi_rtt) / 1000,
                   timeoutRetransmissions: Int(info.tcpi_retransmits) + unansweredProbes,
-                  bytesPerSecond: Double(info.tcpi_snd_cwnd) * Double(info.tcpi_snd_mss) / rtt)
+                  bytesPerSecond: Double(info.tcpi_snd_cwnd) * Double(info.tcpi_snd_mss) / rtt,
+                  bytesAcked: bytesAcked)
+    }
+
+    /// A kernel before 4.1 leaves tcpi_bytes_acked 0; one that counts starts at 1, for the SYN.
+    init(_ info: ExtendedTCPInfo) {
+        self.init(info.base, bytesAcked: info.bytesAcked > 0 ? info.bytesAcked : nil)
     }
 }
 

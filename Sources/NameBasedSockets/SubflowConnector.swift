@@ -10,7 +10,9 @@ enum SubflowConnector {
     static let notSentLowWatermark = 32 * 1024
     static let tcpNotSentLowat = NIOBSDSocket.Option(rawValue: 25)
 
-    static let writeWaterMark = ChannelOptions.Types.WriteBufferWaterMark(low: 64 * 1024, high: 256 * 1024)
+    /// Until the subflow's delivery rate is known (`SessionEngine.resizeQueues`, within about
+    /// 100 ms of its first data): 50 ms of a 10 Mbit/s path.
+    static let writeWaterMark = ChannelOptions.Types.WriteBufferWaterMark(low: 32 * 1024, high: 64 * 1024)
     /// Large reads under load: fewer system calls and fewer read batches (each may trigger a
     /// DATA_ACK); the size doubles after every read that fills the buffer, so 2 KiB reaches 1 MiB
     /// within ten reads. Small when idle: NIO keeps each channel's receive buffer for reuse, and

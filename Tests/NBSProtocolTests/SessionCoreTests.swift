@@ -259,6 +259,37 @@ struct SessionCoreTests {
         #expect(core.stats(b)!.bytesSent > 0)
     }
 
+    @Test("aggregate: reinjected data goes first to a standby sibling on a surviving path, whose queue is empty, then to the carriers")
+    func reinjectionPrefersAnIdleStandby() {
+        var core = makeCore(coreConfiguration(policy: .aggregate, segment: 100), peerWindow: .max, subflows: [(a, false), (b, false), (c, false), (d, false)])
+        // a, b on path 1 (a carries); c, d on path 2 (c carries). Path 1 goes down.
+        core.setPathGroup(a, "nbs1 > peer interface 1")
+        core.setPathGroup(b, "nbs1 > peer interface 1")
+        core.setPathGroup(c, "nbs2 > peer interface 2")
+        core.setPathGroup(d, "nbs2 > peer interface 2")
+        for id in [a, b, c, d] { core.recordRTT(id, milliseconds: 20) }
+        core.write(buffer(patternBytes(1000, seed: 8)))
+        core.setWritable(c, false)
+        #expect(core.drain().filter { $0.dataRange != nil }.map(\.subflow) == Array(repeating: a, count: 10))
+        core.removeSubflow(b)
+        #expect(core.removeSubflow(a) == 1000)
+        // c, the carrier, is full; d stands by with nothing queued and takes the first of the
+        // reinjection: up to 8 of the carrier's segments (here the configured 100 bytes).
+        #expect(core.isStandby(d))
+        let onStandby = core.drain()
+        #expect(onStandby.map(\.subflow) == Array(repeating: d, count: 8))
+        #expect(onStandby.allSatisfy { $0.isReinjection })
+        #expect(onStandby.first?.dataRange == 0..<100)
+        // The rest waits for the carrier, ahead of any new data; new data never goes to the standby.
+        core.write(buffer(patternBytes(100, seed: 9)))
+        #expect(core.nextTransmission() == nil)
+        core.setWritable(c, true)
+        let rest = core.drain()
+        #expect(rest.map(\.subflow) == [c, c, c])
+        #expect(rest.map(\.isReinjection) == [true, true, false])
+        #expect(rest.map(\.dataRange) == [800..<900, 900..<1000, 1000..<1100])
+    }
+
     @Test("subflows without a path group, and every policy but aggregate, ignore grouping", arguments: MultipathPolicy.allCases)
     func groupingOnlyUnderAggregate(policy: MultipathPolicy) {
         var core = makeCore(coreConfiguration(policy: policy, segment: 100), peerWindow: .max, subflows: [(a, false), (b, false), (c, false)])
