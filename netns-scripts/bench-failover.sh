@@ -18,8 +18,10 @@
 # nothing for --give-up seconds "did not survive".
 # Prints one JSON line per trial on stdout, then a table (per case: each implementation's stalls, and how many
 # trials survived). Exit 0 when every NBS trial survived with its bytes intact (MPTCP results are reported only).
+# fault_at_s is in the receiver's clock (from its accept: both receivers report that moment's wall-clock time),
+# and a gap counts as after the fault if it ended after it (10 ms of slack).
 # --timeline DIR: each receiver also writes its bytes per 100 ms to DIR/CASE-IMPL-TRIAL.tl ("t_ms bytes" lines,
-# from its accept, a few ms after the client starts, the origin of fault_at_s), named in the JSON line.
+# from its accept, the origin of fault_at_s), named in the JSON line.
 #
 #   netns-scripts/bench-failover.sh [--cases none,link-down,addr-delete,blackhole,hard-move,flapping,link-return]
 #                                   [--impls mptcp,nbs,nbs-udp] [--repeat N] [--rate MBIT] [--delay S] [--give-up S]
@@ -52,7 +54,7 @@ while (($#)); do
         --mptcp-no-pm) mptcp_pm=0; shift ;;
         --timeline) timeline=$(mkdir -p "$2" && cd "$2" && pwd); shift 2 ;;
         --nbs-arg) nbs_args+=("$2"); shift 2 ;;
-        -h | --help) sed -n '2,28p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,30p' "$0"; exit 0 ;;
         *) nbs_die "unknown argument $1" ;;
     esac
 done
@@ -95,7 +97,7 @@ case_fault() {
 
 # run_trial CASE IMPL N: in a subshell with its own topology and cleanup; appends one JSON line to $NBS_TMP/rows.
 run_trial() (
-    local name=$1 impl=$2 n=$3 bytes fault port sp cp crc=0 src=0 fault_at="" t0 prefix
+    local name=$1 impl=$2 n=$3 bytes fault port sp cp crc=0 src=0 fault_at="" fault_ns="" t0 prefix
     NBS_CLEANUP=()
     nbs_cleanup_on_exit
     bytes=$(case_bytes "$name")
@@ -140,15 +142,16 @@ run_trial() (
     nbs_bg cp "$NBS_NS_C" "$tmo" "$prefix.client" "$prefix.client.err" "${ccmd[@]}"
     sleep "$delay"
     if nbs__pid_alive "$cp"; then
-        fault_at=$(awk -v n="$(date +%s%N)" -v t="$t0" 'BEGIN { printf "%.2f", (n - t) / 1e9 }')
+        fault_ns=$(date +%s%N)
+        fault_at=$(awk -v n="$fault_ns" -v t="$t0" 'BEGIN { printf "%.2f", (n - t) / 1e9 }')
         eval "$fault" 2>>"$prefix.log" || nbs_log "$name/$impl #$n: the fault command failed"
     fi
     nbs_wait_rc crc "$cp"
     nbs_wait_rc src "$sp"
-    python3 - "$name" "$impl" "$n" "$prefix" "$crc" "$src" "$bytes" "$fault_at" "$srcroute" "$rate" "$tl" \
+    python3 - "$name" "$impl" "$n" "$prefix" "$crc" "$src" "$bytes" "$fault_at" "$srcroute" "$rate" "$tl" "$fault_ns" \
         >>"$NBS_TMP/rows" <<'EOF'
 import json, sys
-name, impl, n, prefix, crc, src, size, fault_at, srcroute, rate, timeline = sys.argv[1:]
+name, impl, n, prefix, crc, src, size, fault_at, srcroute, rate, timeline, fault_ns = sys.argv[1:]
 
 def last(path):
     try:
@@ -158,12 +161,19 @@ def last(path):
         return {}
 
 c, s = last(prefix + ".client"), last(prefix + ".server")
-# The longest gap that ended after the fault. The receiver's clock starts at its accept, a little after the
-# client's start (fault_at is measured from that), hence the 0.3 s of slack.
+# The longest gap that ended after the fault. The receiver's times count from its accept, a little after the
+# client's start (fault_at is measured from that). A receiver that reports the wall-clock time of its origin
+# (started_unix) gets the fault in its own clock, to 10 ms; one that does not gets 0.3 s of slack, which also
+# counts a gap from the transfer's own loss recovery that ended up to 0.3 s before the fault.
 after = None
+if fault_at and fault_ns and s.get("started_unix"):
+    fault_at = "%.3f" % (int(fault_ns) / 1e9 - float(s["started_unix"]))
+    slack = 0.01
+else:
+    slack = 0.3
 if fault_at and isinstance(s.get("stalls"), list):
     ends = [st["ms"] for st in s["stalls"] if st.get("at_s") is not None
-            and st["at_s"] + st["ms"] / 1000 >= float(fault_at) - 0.3]
+            and st["at_s"] + st["ms"] / 1000 >= float(fault_at) - slack]
     after = max(ends) if ends else 0.0
 intact = c.get("bytes") == int(size) and s.get("bytes") == int(size) and bool(c.get("sha256")) \
     and c.get("sha256") == s.get("sha256")

@@ -102,6 +102,8 @@ struct TransferReport {
     let peerName: String
     let verification: String
     let started = ContinuousClock.now
+    /// Wall-clock time of `started`: where a benchmark's other clocks meet this report's times.
+    let startedUnix = Date().timeIntervalSince1970
     var bytes = 0
     var sha256 = ""
     var seconds = 0.0
@@ -180,7 +182,7 @@ extension TransferReport: Encodable {
     private enum Key: String, CodingKey {
         case role, bytes, sha256, seconds, completed, stalls, subflows, events, error
         case localName = "local_name", peerName = "peer_name", peerVerification = "peer_verification"
-        case goodputMbps = "goodput_mbps", maxStallMs = "max_stall_ms", maxStallAtS = "max_stall_at_s"
+        case goodputMbps = "goodput_mbps", maxStallMs = "max_stall_ms", maxStallAtS = "max_stall_at_s", startedUnix = "started_unix"
         case subflowsMax = "subflows_max", reinjectedBytes = "reinjected_bytes"
         case echoBytes = "echo_bytes", echoSHA256 = "echo_sha256", sentBytes = "sent_bytes", sentSHA256 = "sent_sha256"
     }
@@ -229,6 +231,7 @@ extension TransferReport: Encodable {
         try c.encode(round3(maxStallMs), forKey: .maxStallMs)
         try c.encode(maxStallAt.map(round3), forKey: .maxStallAtS)  // null when there was no gap
         try c.encode(stalls.map { Stall(at_s: round3($0.at), ms: round3($0.ms)) }, forKey: .stalls)
+        try c.encode((startedUnix * 1000).rounded() / 1000, forKey: .startedUnix)
         try c.encode(subflowsMax, forKey: .subflowsMax)
         try c.encode(reinjected, forKey: .reinjectedBytes)
         try c.encode(completed, forKey: .completed)

@@ -69,6 +69,7 @@ def server(args):
     ls.settimeout(args.timeout)
     conn, peer = ls.accept()
     t0 = time.monotonic()
+    started_unix = time.time()
     deadline = t0 + args.timeout
     recv_timeout = args.recv_timeout or args.timeout
     h = hashlib.sha256()
@@ -151,6 +152,7 @@ def server(args):
         "seconds": round(secs, 3), "goodput_mbps": round(n * 8 / secs / 1e6, 2) if secs > 0 else 0.0,
         "max_stall_ms": round(max_gap * 1000, 1),
         "max_stall_at_s": round(max_gap_at, 3) if max_gap_at is not None else None, "stalls": stalls,
+        "started_unix": round(started_unix, 3),
         "subflows_max": subflows if args.proto == "mptcp" else 1, "events": events, "survived": error is None, "completed": error is None, "error": error,
     }), flush=True)
     return 0 if error is None else 1
