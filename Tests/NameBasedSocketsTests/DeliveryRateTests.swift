@@ -4,7 +4,7 @@ import Testing
 
 @testable import NameBasedSockets
 
-@Suite("A TCP subflow's delivery rate, which sizes its queues")
+@Suite("A TCP subflow's delivery rate, which sizes its queues and segments; what small segments cost a receiver")
 struct DeliveryRateTests {
     let ms: UInt64 = 1_000_000
 
@@ -64,5 +64,20 @@ struct DeliveryRateTests {
         #expect(SubflowProgress(try await provider.getExtendedTCPInfo().get()).bytesAcked == acked)
         try await client.close()
         try await server.close()
+    }
+
+    @Test("a small frame sliced from a large read is copied out of it, so that holding it does not hold the read; a large one stays a slice")
+    func smallFramesDoNotPinTheirRead() {
+        var read = ByteBufferAllocator().buffer(capacity: 1 << 20)
+        read.writeBytes((0..<(300 * 1024)).map { UInt8(truncatingIfNeeded: $0) })
+        let small = read.getSlice(at: 1000, length: 4096)!
+        let unpinned = SessionEngine.unpinned(small)
+        #expect(unpinned == small)
+        #expect(small.storageCapacity >= 1 << 20)
+        #expect(unpinned.storageCapacity < 8 * 1024)
+        let large = read.getSlice(at: 0, length: 64 * 1024)!
+        #expect(SessionEngine.unpinned(large).storageCapacity == large.storageCapacity)
+        let alone = ByteBuffer(bytes: [1, 2, 3, 4])
+        #expect(SessionEngine.unpinned(alone).storageCapacity == alone.storageCapacity)
     }
 }
