@@ -432,8 +432,8 @@ public struct SessionCore: Sendable {
         }
     }
 
-    /// About a carrier's queue and window, in its segments (`SessionEngine.segmentsPerQueue`
-    /// make its queue).
+    /// What a standby takes of a reinjection, in the carrier's segments: about the carrier's queue
+    /// (`SessionEngine.segmentsPerQueue` segments) and as much again for its window.
     static let standbyReinjectionSegments = 8
 
     static let slowFactor = 4.0

@@ -10,8 +10,8 @@ enum SubflowConnector {
     static let notSentLowWatermark = 32 * 1024
     static let tcpNotSentLowat = NIOBSDSocket.Option(rawValue: 25)
 
-    /// Until the subflow's delivery rate is known (`SessionEngine.resizeQueues`, within about
-    /// 100 ms of its first data): 50 ms of a 10 Mbit/s path.
+    /// Until the subflow's delivery rate is known (`SessionEngine.resizeQueues`, about 150 ms
+    /// after its data starts): 50 ms of a 10 Mbit/s path.
     static let writeWaterMark = ChannelOptions.Types.WriteBufferWaterMark(low: 32 * 1024, high: 64 * 1024)
     /// Large reads under load: fewer system calls and fewer read batches (each may trigger a
     /// DATA_ACK); the size doubles after every read that fills the buffer, so 2 KiB reaches 1 MiB
