@@ -231,7 +231,7 @@ extension TransferReport: Encodable {
         try c.encode(round3(maxStallMs), forKey: .maxStallMs)
         try c.encode(maxStallAt.map(round3), forKey: .maxStallAtS)  // null when there was no gap
         try c.encode(stalls.map { Stall(at_s: round3($0.at), ms: round3($0.ms)) }, forKey: .stalls)
-        try c.encode((startedUnix * 1000).rounded() / 1000, forKey: .startedUnix)
+        try c.encode(round3(startedUnix), forKey: .startedUnix)
         try c.encode(subflowsMax, forKey: .subflowsMax)
         try c.encode(reinjected, forKey: .reinjectedBytes)
         try c.encode(completed, forKey: .completed)
