@@ -27,6 +27,8 @@
 #                extra time is round trips; tools/delay-link.py, as the kernel has no netem), case
 #                "netns-rtt20" (the RTT in the name), and again with an opener that proves an identity key
 #                (case "netns-rtt20-identity": not admitted at OPEN, docs/PROTOCOL.md). 0 skips both.
+#                The namespaces allow TCP Fast Open (lib.sh; NBS_FASTOPEN=1: clients only, as Linux's
+#                default), so after the first open (reported alone) OPEN travels in the SYN.
 #   plot         bench-failover.sh --cases link-return --timeline: path 1 down ~2 s into a 14 MiB
 #                transfer and up 3 s later; receive goodput per 100 ms of NBS and MPTCP on one PNG
 #                (gnuplot), --plot FILE (default OUT/bench-failover.png). Its stalls join the failover rows.
@@ -326,7 +328,7 @@ for j in loop + lines(os.path.join(out, "setup-netns.out")):
     t["value"] = round(j["tcp_connect_ms_median"], 3)
     n = row("setup", j["where"], "nbs", "open_to_first_byte", "ms", None, True, samples=j["samples"],
             resolve_ms=round(j["resolve_ms_median"], 3), tcp_rtt_ms=round(j["tcp_rtt_ms_median"], 3),
-            extra_ms=round(j["nbs_extra_ms"], 3), extra_rtts=round(j["nbs_extra_rtts"], 1))
+            extra_ms=round(j["nbs_extra_ms"], 3), extra_rtts=round(j["nbs_extra_rtts"], 2), first_open_ms=round(j.get("nbs_first_open_ms", 0), 3))
     n["value"] = round(j["nbs_open_first_byte_ms_median"], 3)
     link(n, "tcp")
     n["target"] = "<= TCP connect + name resolution + 1 RTT"
@@ -348,7 +350,7 @@ for r in rows:
     if "cpu_s_per_gib" in r:
         notes.append("CPU %.3f s/GiB" % r["cpu_s_per_gib"])
     if "extra_rtts" in r:
-        notes.append("resolve %.3f ms, RTT %.3f ms, extra %.3f ms = %.1f RTT" % (r["resolve_ms"], r["tcp_rtt_ms"], r["extra_ms"], r["extra_rtts"]))
+        notes.append("resolve %.3f ms, RTT %.3f ms, extra %.3f ms = %.2f RTT; first open %.3f ms" % (r["resolve_ms"], r["tcp_rtt_ms"], r["extra_ms"], r["extra_rtts"], r["first_open_ms"]))
     if not r["ok"]:
         notes.append("NOT ALL OK")
     print("%-12s %-12s %-8s %-24s %9s %7s %-40s %s" % (r["bench"], r["case"], r["impl"], "%s (%s)" % (r["metric"], r["unit"]), v,

@@ -190,13 +190,15 @@ nbs_path_rate() {
 nbs_rate_sum() { awk -v a="$(nbs_path_rate "$1" 1)" -v b="$(nbs_path_rate "$1" 2)" 'BEGIN { print a + b }'; }
 
 # A fresh namespace: lo up, no DAD (link-local addresses included, so nothing is ever tentative), no reverse
-# path filter (cross pairs arrive on the "other" interface under --srcroute), its /etc/netns dir.
+# path filter (cross pairs arrive on the "other" interface under --srcroute), TCP Fast Open for clients and
+# servers (tcp_fastopen=3, as a server set up for NBS would have it; NBS_FASTOPEN=1 leaves Linux's default,
+# clients only), its /etc/netns dir.
 nbs__ns_new() {
     local ns=$1
     ip netns add "$ns"
     ip -n "$ns" link set lo up
     ip netns exec "$ns" sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0 \
-        net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0
+        net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0 net.ipv4.tcp_fastopen="${NBS_FASTOPEN:-3}"
     mkdir -p "/etc/netns/$ns"
     printf '127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n' >"/etc/netns/$ns/hosts"
 }

@@ -1,6 +1,12 @@
 import NBSProtocol
 import NIOCore
 
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
 /// Telling an NBS peer from a legacy one by the first bytes it sends, or by its silence. Pure:
 /// the channel handler that feeds it is `FirstBytesClassifier`.
 ///
@@ -137,6 +143,10 @@ final class FirstBytesClassifier: ChannelInboundHandler, RemovableChannelHandler
             guard !classifier.decided, !classifier.removed else { return }
             if case .success(let info) = result, info.bytesReceived > UInt64(classifier.held?.readableBytes ?? 0) {
                 classifier.armSilenceTimer(context: context, in: .milliseconds(10))
+            } else if case .success(let info) = result, info.state == KernelTCPInfo.synSent, let wait = classifier.waited {
+                // A Fast Open connect reports itself up before its SYN is answered: the server
+                // cannot have spoken yet, and the silence counts from its SYN-ACK.
+                classifier.armSilenceTimer(context: context, in: wait)
             } else {
                 classifier.evaluate(context: context, silentTooLong: true)
             }
@@ -160,6 +170,18 @@ final class FirstBytesClassifier: ChannelInboundHandler, RemovableChannelHandler
         }
         context.fireUserInboundEventTriggered(event)
     }
+
+    /// A Fast Open connect returns before its SYN is answered, so a port nobody listens on shows up
+    /// here, not as a failed connect: that is no verdict on the server, and the error goes on to
+    /// the opener as the failed connect it is.
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        if !decided, side == .opener, let io = error as? IOError, Self.neverConnected.contains(io.errnoCode) {
+            decided = true
+        }
+        context.fireErrorCaught(error)
+    }
+
+    private static let neverConnected: Set<CInt> = [ECONNREFUSED, EHOSTUNREACH, ENETUNREACH, ETIMEDOUT]
 
     func channelInactive(context: ChannelHandlerContext) {
         if !decided {
@@ -195,6 +217,10 @@ struct KernelTCPInfo: Sendable {
                         UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64,
                         UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64) =
         (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+
+    static let synSent: UInt8 = 2
+    /// tcpi_state: TCP_ESTABLISHED (1), TCP_SYN_SENT (2), ...
+    var state: UInt8 { withUnsafeBytes(of: words) { $0.load(fromByteOffset: 0, as: UInt8.self) } }
 
     /// tcpi_bytes_received (Linux 4.1+; 0 on older kernels, which then decide by silence alone).
     var bytesReceived: UInt64 { withUnsafeBytes(of: words) { $0.load(fromByteOffset: 128, as: UInt64.self) } }

@@ -70,6 +70,10 @@ public final class Listener: Sendable {
                         }
                     }
                     .bind(to: address).get()
+                // Refused by a kernel without Fast Open: the listener takes plain connections only.
+                if options.tcpFastOpen {
+                    try? await channel.setOption(.tcpOption(SubflowConnector.tcpFastOpen), value: SocketOptionValue(Self.listenBacklog)).get()
+                }
                 channels.append(channel)
             } catch {
                 lastError = error
@@ -88,6 +92,13 @@ public final class Listener: Sendable {
     public func accept() async throws -> Session {
         let state = self.state
         return try await loop.flatSubmit { state.value.accept() }.get()
+    }
+
+    /// Test hook: each TCP socket's Fast Open queue length (0: Fast Open off).
+    func fastOpenQueueLengths() async throws -> [SocketOptionValue] {
+        var lengths: [SocketOptionValue] = []
+        for channel in channels { lengths.append(try await channel.getOption(.tcpOption(SubflowConnector.tcpFastOpen)).get()) }
+        return lengths
     }
 
     /// Test hook: connections awaiting OPEN/JOIN, sessions being verified, sessions running,

@@ -312,6 +312,8 @@ final class OpenAttempt: SubflowDelegate {
         fail(NBSError.connectFailed(peer: "", reason: "the peer closed the connection during the handshake"))
     }
     func subflowClosed(_ handler: any SubflowTransport, error: (any Error)?) {
+        // A socket error (a refused Fast Open connect among them) reads as a failed connect.
+        if let error = error as? IOError { return fail(error) }
         fail(NBSError.connectFailed(peer: "", reason: error.map { "\($0)" } ?? "connection closed during the handshake"))
     }
 }

@@ -23,6 +23,14 @@ public struct NBSOptions: Sendable {
     public var localAddresses: [SocketAddress]?
     public var eventLoopGroup: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton
     public var connectTimeout: TimeAmount = .seconds(5)
+    /// TCP Fast Open (RFC 7413) on TCP subflows: a listener accepts OPEN and JOIN in the SYN, and an
+    /// opener that holds the server's cookie (from any earlier connection to that address) sends
+    /// them there, so an open takes one round trip instead of two. The kernel decides: a listener
+    /// needs `net.ipv4.tcp_fastopen` with bit 2 set (3, say), an opener bit 1 (Linux's default);
+    /// without them, or without a cookie, the connection is a plain one. An OPEN in a SYN can be
+    /// replayed by the network, as any Fast Open data: the listener answers a replayed one with an
+    /// ACCEPT the opener never asked for, and that connection is reset.
+    public var tcpFastOpen = true
     /// How long a new subflow may take to complete OPEN/ACCEPT or JOIN.
     public var handshakeTimeout: TimeAmount = .seconds(5)
     /// How long `close()` waits for the peer's DATA_FIN and acknowledgements before aborting.

@@ -198,6 +198,9 @@ final class SubflowHandler: ChannelInboundHandler, SubflowTransport {
     /// legacy one; an opener busy with hundreds of handshakes (key generation, task hops) can take
     /// longer than that to produce its OPEN, but never to write four bytes on connect.
     var sendsPreambleOnConnect = false
+    /// Opener side: the address connected to. A Fast Open connect returns before the SYN leaves, so
+    /// NIO finds no peer to cache; this stands in for it.
+    var connectedTo: SocketAddress?
 
     init() {}
 
@@ -205,7 +208,7 @@ final class SubflowHandler: ChannelInboundHandler, SubflowTransport {
     var isWritable: Bool { context?.channel.isWritable ?? false }
     var isActive: Bool { context?.channel.isActive ?? false }
     var localAddress: SocketAddress? { context?.channel.localAddress }
-    var remoteAddress: SocketAddress? { context?.channel.remoteAddress }
+    var remoteAddress: SocketAddress? { context?.channel.remoteAddress ?? connectedTo }
     var maxDataPayload: Int? { nil }
     var peerAddressConfirmed: Bool { true }
 
@@ -213,7 +216,10 @@ final class SubflowHandler: ChannelInboundHandler, SubflowTransport {
     func handlerRemoved(context: ChannelHandlerContext) { self.context = nil }
 
     func channelActive(context: ChannelHandlerContext) {
-        if sendsPreambleOnConnect, !preambleSent {
+        // Without a peer address the connect was deferred by Fast Open: the SYN leaves with the
+        // first write, so the preamble waits to go in it with the OPEN (or JOIN), and the listener
+        // sees no connection before that.
+        if sendsPreambleOnConnect, !preambleSent, context.channel.remoteAddress != nil {
             var buffer = context.channel.allocator.buffer(capacity: NBSWire.preambleLength)
             ensurePreamble(into: &buffer)
             context.writeAndFlush(Self.wrapOutboundOut(buffer), promise: nil)

@@ -61,6 +61,9 @@ struct CommonOptions: ParsableArguments {
     @Option(name: .long, help: "Bytes a session may hold written but unacknowledged (suffixes K, M; default 8M). Small values keep many slow sessions from queueing minutes of data.")
     var sendBuffer: String?
 
+    @Flag(name: .long, help: "No TCP Fast Open on TCP subflows (by default OPEN and JOIN go in the SYN where net.ipv4.tcp_fastopen allows it and the kernel holds the server's cookie).")
+    var noFastOpen = false
+
     mutating func validate() throws {
         name = try verification.localName(name)
         if let sendBuffer, (parseByteCount(sendBuffer) ?? 0) < 65536 { throw ValidationError("--send-buffer must be a byte count of at least 64K") }
@@ -73,6 +76,7 @@ struct CommonOptions: ParsableArguments {
         options.policy = policy
         options.transport = transport
         options.maxSubflows = maxSubflows
+        options.tcpFastOpen = !noFastOpen
         options.siblingSubflowsStandBy = !allSiblingsCarry
         if let eventLoops { options.eventLoopGroup = CommonOptions.group(threads: eventLoops) }
         if let bytes = sendBuffer.flatMap(parseByteCount) { options.sendBufferCapacity = bytes }

@@ -311,10 +311,12 @@ struct LegacyLoopbackTests {
     func closeWithoutAnswerTriesTheNextAddress() async throws {
         // An NBS listener resets an OPEN held past its legacyDetectionDelay just as this server
         // closes on binary bytes: the opener cannot tell them apart, so it goes on.
-        let plain = try await PlainServer.start(.closeOnBinaryElseEcho, host: "127.0.0.2")
+        // The listener's port first: on 127.0.0.1 the other tests' connections (TIME_WAIT included)
+        // hold ephemeral ports that a port picked on 127.0.0.2 may collide with.
         var listenerOptions = NBSOptions()
-        listenerOptions.bindAddresses = [try SocketAddress(ipAddress: "127.0.0.1", port: plain.port)]
-        let server = try await NBS.listen(localName: "server.test", port: plain.port, options: listenerOptions)
+        listenerOptions.bindAddresses = [try SocketAddress(ipAddress: "127.0.0.1", port: 0)]
+        let server = try await NBS.listen(localName: "server.test", port: 0, options: listenerOptions)
+        let plain = try await PlainServer.start(.closeOnBinaryElseEcho, host: "127.0.0.2", port: server.port)
         let accepted = Task { try await server.accept() }
         let twoAddresses = {
             var options = legacyOptions(.nbsOnly, peer: "server.test")
@@ -531,11 +533,11 @@ final class PlainServer: Sendable {
         self.task = task
     }
 
-    static func start(_ behaviour: Behaviour, host: String = "127.0.0.1") async throws -> PlainServer {
+    static func start(_ behaviour: Behaviour, host: String = "127.0.0.1", port: Int = 0) async throws -> PlainServer {
         let channel = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.allowRemoteHalfClosure, value: true)
-            .bind(host: host, port: 0) { child in
+            .bind(host: host, port: port) { child in
                 child.eventLoop.makeCompletedFuture {
                     try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: child, configuration: .init(isOutboundHalfClosureEnabled: true))
                 }
