@@ -7,7 +7,8 @@
 #   nbs-udp  the same on UDP subflows (--transport udp)
 #   nbs-2sf  the same with --max-subflows 2: the first two subflows, in practice one per path, as MPTCP has
 #          (not in the default set; bench.sh runs it, to show what the second subflow per path costs)
-# Prints one JSON line per case on stdout, then a table. Goodput is the receiver's.
+# Prints one JSON line per case on stdout, then a table. Goodput is the receiver's, from its accept to its last byte
+# (goodput_from_first_byte_mbps: from its first byte, the figure before 2026-11-26 evening).
 #
 #   netns-scripts/bench-aggregation.sh [--rate MBIT|A+B] [--bytes N] [--cases tcp,mptcp,nbs,nbs-2sf,nbs-udp] [--srcroute]
 # --rate A+B gives path 1 A and path 2 B Mbit/s (unequal paths); percent_of_sum is of A+B.
@@ -72,10 +73,13 @@ try:
 except (OSError, ValueError):
     pass
 ok = crc == "0" and src == "0" and j.get("bytes") == int(size)
-g = float(j.get("goodput_mbps") or 0)
+# Goodput from the receiver's accept to its last byte, so that a start-up stall counts (from the first
+# byte, a stall before it shortened the time: one NBS run read 108 % of the sum).
+g = float(j.get("goodput_since_start_mbps") or 0)
 print(json.dumps({
     "case": name, "ok": ok, "bytes": j.get("bytes"),
-    "seconds": round(float(j["seconds"]), 3) if j.get("seconds") is not None else None, "goodput_mbps": round(g, 2),
+    "seconds": j.get("seconds_since_start"), "goodput_mbps": round(g, 2),
+    "goodput_from_first_byte_mbps": j.get("goodput_mbps"),
     "percent_of_sum": round(100 * g / float(rate_sum), 1) if float(rate_sum) else None,
     "subflows_max": j.get("subflows_max"), "max_stall_ms": j.get("max_stall_ms"),
     "client_tx_bytes_path1": int(tx1), "client_tx_bytes_path2": int(tx2),

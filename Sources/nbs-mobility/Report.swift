@@ -107,6 +107,10 @@ struct TransferReport {
     var bytes = 0
     var sha256 = ""
     var seconds = 0.0
+    /// From the report's start (a server's accept) to the last byte received: unlike `seconds`,
+    /// which starts at the first byte, it counts a session's start-up, when a first segment held on
+    /// a slow subflow can keep every later byte from the application (and `seconds` short).
+    var secondsSinceStart = 0.0
     var maxStallMs = 0.0
     /// Seconds from the start of the report to the beginning of the longest stall.
     var maxStallAt: Double?
@@ -143,6 +147,7 @@ struct TransferReport {
         } else {
             seconds = elapsed
         }
+        secondsSinceStart = receiver.lastAt.map { ($0 - started).seconds } ?? elapsed
     }
 
     mutating func finish(_ tracked: TrackedSession) async {
@@ -155,6 +160,7 @@ struct TransferReport {
     }
 
     var goodputMbps: Double { seconds > 0 ? Double(bytes) * 8 / seconds / 1e6 : 0 }
+    var goodputSinceStartMbps: Double { secondsSinceStart > 0 ? Double(bytes) * 8 / secondsSinceStart / 1e6 : 0 }
 
     func text(json: Bool) -> String {
         if json { return String(decoding: try! Self.encoder.encode(self), as: UTF8.self) }
@@ -182,7 +188,8 @@ extension TransferReport: Encodable {
     private enum Key: String, CodingKey {
         case role, bytes, sha256, seconds, completed, stalls, subflows, events, error
         case localName = "local_name", peerName = "peer_name", peerVerification = "peer_verification"
-        case goodputMbps = "goodput_mbps", maxStallMs = "max_stall_ms", maxStallAtS = "max_stall_at_s", startedUnix = "started_unix"
+        case goodputMbps = "goodput_mbps", secondsSinceStart = "seconds_since_start", goodputSinceStartMbps = "goodput_since_start_mbps"
+        case maxStallMs = "max_stall_ms", maxStallAtS = "max_stall_at_s", startedUnix = "started_unix"
         case subflowsMax = "subflows_max", reinjectedBytes = "reinjected_bytes"
         case echoBytes = "echo_bytes", echoSHA256 = "echo_sha256", sentBytes = "sent_bytes", sentSHA256 = "sent_sha256"
     }
@@ -228,6 +235,8 @@ extension TransferReport: Encodable {
         try c.encode(sha256, forKey: .sha256)
         try c.encode(round3(seconds), forKey: .seconds)
         try c.encode(round3(goodputMbps), forKey: .goodputMbps)
+        try c.encode(round3(secondsSinceStart), forKey: .secondsSinceStart)
+        try c.encode(round3(goodputSinceStartMbps), forKey: .goodputSinceStartMbps)
         try c.encode(round3(maxStallMs), forKey: .maxStallMs)
         try c.encode(maxStallAt.map(round3), forKey: .maxStallAtS)  // null when there was no gap
         try c.encode(stalls.map { Stall(at_s: round3($0.at), ms: round3($0.ms)) }, forKey: .stalls)

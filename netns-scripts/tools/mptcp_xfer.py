@@ -147,9 +147,13 @@ def server(args):
         with open(args.timeline, "w", encoding="utf-8") as f:
             f.writelines("%d %d\n" % (round(i * TIMELINE_BIN_S * 1000), v) for i, v in enumerate(bins))
     secs = ((last if error else end) - first) if first is not None else 0.0
+    # From accept, as nbs-mobility's seconds_since_start: start-up counted.
+    since_start = (last if last is not None else end) - t0
     print(json.dumps({
         "role": "server", "proto": args.proto, "peer": peer[0], "bytes": n, "sha256": digest,
         "seconds": round(secs, 3), "goodput_mbps": round(n * 8 / secs / 1e6, 2) if secs > 0 else 0.0,
+        "seconds_since_start": round(since_start, 3),
+        "goodput_since_start_mbps": round(n * 8 / since_start / 1e6, 3) if since_start > 0 else 0.0,
         "max_stall_ms": round(max_gap * 1000, 1),
         "max_stall_at_s": round(max_gap_at, 3) if max_gap_at is not None else None, "stalls": stalls,
         "started_unix": round(started_unix, 3),
