@@ -130,7 +130,9 @@ final class DatagramSubflow: SubflowTransport {
             if peerShutdown {
                 loop.assumeIsolated().scheduleTask(in: .milliseconds(500)) { [self] in close(error: nil) }
             } else {
-                loop.assumeIsolated().scheduleTask(in: Self.unacknowledgedShutdownLinger) { [self] in resetAndClose() }
+                loop.assumeIsolated().scheduleTask(in: lingersLong ? Self.unacknowledgedShutdownLinger : Self.silentPeerShutdownLinger) { [self] in
+                    resetAndClose()
+                }
             }
         } else {
             resetAndClose()
@@ -143,6 +145,12 @@ final class DatagramSubflow: SubflowTransport {
     /// coming, to fail at their close timeout (bench-scale.sh). The price: a session closed while a
     /// path is silently dead takes the session's 2 s linger plus this before `close` returns.
     static let unacknowledgedShutdownLinger = TimeAmount.seconds(15)
+    /// The same for a subflow whose peer fell silent before the session closed (suspended): an
+    /// orphan the peer already retired, or a dead path, where 15 s would only hold up `close`.
+    static let silentPeerShutdownLinger = TimeAmount.seconds(5)
+    private var lingersLong = true
+
+    func closeWithoutLongLinger() { lingersLong = false }
 
     func resetAndClose() {
         guard !closed else { return }

@@ -99,6 +99,37 @@ struct DatagramLoopbackTests {
         await server.close()
     }
 
+    /// The long resend above is for a peer that is slow to read, not for one that went silent
+    /// before the close: a subflow suspended then (an orphan its peer already retired, as the
+    /// flapping scenario leaves, or a dead path) resends its SHUTDOWN for 5 s, so `close` does
+    /// not wait 2 + 15 s for it.
+    @Test("a subflow whose peer went silent before the close resends its SHUTDOWN only briefly")
+    func silentSubflowLingersBriefly() async throws {
+        let server = try await udpListener { $0.stallRetirement = .seconds(60) }
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port,
+                                        options: udpOptions(locals: ["127.0.0.1", "127.0.0.2"]))
+        let session = try await server.accept()
+        try await waitForSubflows(client, count: 2)
+        try await waitFor("both subflows at the listener") { await session.subflows.filter { $0.state.isUp }.count == 2 }
+        await client.withSubflowsForTesting(DatagramSubflow.self) {
+            if $0.localAddress?.ipAddress == "127.0.0.2" { $0.dropEveryForTesting = 1 }
+        }
+        _ = await session.probeRoundForTesting()
+        try await waitFor("the silent subflow suspended at the listener") { await session.subflows.contains { $0.state == .stalled } }
+        try await client.write(pattern(1000))
+        await client.finish()
+        #expect(try await withTimeout(10, "reading") { try await drain(session) }.bytes == 1000)
+        let clientClosed = Task { try? await client.close() }
+        let start = ContinuousClock.now
+        try await withTimeout(25, "closing") { try await session.close() }
+        let took = ContinuousClock.now - start
+        // 2 s of session linger + 5 s; with the 15 s resend it took 17 s.
+        #expect(took < .seconds(12), "the listener's close took \(took)")
+        await client.abort()
+        _ = await clientClosed.value
+        await server.close()
+    }
+
     /// The refusal storm of `bench-scale.sh --transport udp --sessions 10000` in small: the opener
     /// gives its only subflow up and its close is lost, so the listener, at its limit of one, still
     /// holds the orphan, suspended, when the opener joins the same pair again. The listener retires
