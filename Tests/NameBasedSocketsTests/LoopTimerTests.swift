@@ -117,9 +117,12 @@ struct LoopTimerTests {
         let order = Mutex<[Int]>([])
         let owners = (0..<50).map { _ in Owner() }
         try await onLoop(loop) {
-            // 7 and 50 are coprime: 50 distinct deadlines, 10 to 59 ms, armed out of order.
+            // 7 and 50 are coprime: 50 distinct deadlines, 10 to 59 ms, armed out of order. From one
+            // instant: a thread preempted while arming (a busy 2-core machine) would otherwise
+            // shift the later ones.
+            let base = NIODeadline.now()
             for (i, owner) in owners.enumerated() {
-                LoopTimer(on: loop, owner: owner) { _ in order.withLock { $0.append(i) } }.arm(in: .milliseconds(Int64(10 + (i * 7) % 50)))
+                LoopTimer(on: loop, owner: owner) { _ in order.withLock { $0.append(i) } }.arm(at: base + .milliseconds(Int64(10 + (i * 7) % 50)))
             }
             // Armed from another timer's action, for after all of them.
             let later = LoopTimer(on: loop, owner: owners[0]) { _ in order.withLock { $0.append(100) } }
@@ -184,7 +187,9 @@ struct LoopTimerTests {
             return timer.value.scheduledCountForTesting
         }
         #expect(tasks == 1)
-        try await Task.sleep(for: .milliseconds(150))
+        // Due 60 ms from now; a loop shared with the whole suite may run it late, not twice.
+        try await waitFor("the re-armed timer fired") { !owner.fired.withLock { $0.isEmpty } }
+        try await Task.sleep(for: .milliseconds(100))
         let fired = owner.fired.withLock { $0 }
         #expect(fired.count == 1)
         if let first = fired.first { #expect(first - start >= 80 * ms + 60 * ms) }
