@@ -80,6 +80,7 @@ final class DatagramSubflow: SubflowTransport {
         self.remote = remote.unmapped
         self.connection = DatagramConnection(connectionID: connectionID, isOpener: isOpener)
         self.keepaliveInterval = options.keepaliveInterval
+        self.isOpener = isOpener
     }
 
     static var now: UInt64 { NIODeadline.now().uptimeNanoseconds }
@@ -130,7 +131,7 @@ final class DatagramSubflow: SubflowTransport {
             if peerShutdown {
                 loop.assumeIsolated().scheduleTask(in: .milliseconds(500)) { [self] in close(error: nil) }
             } else {
-                loop.assumeIsolated().scheduleTask(in: lingersLong ? Self.unacknowledgedShutdownLinger : Self.silentPeerShutdownLinger) { [self] in
+                loop.assumeIsolated().scheduleTask(in: isOpener ? Self.unacknowledgedShutdownLinger : Self.listenerShutdownLinger) { [self] in
                     resetAndClose()
                 }
             }
@@ -139,18 +140,18 @@ final class DatagramSubflow: SubflowTransport {
         }
     }
 
-    /// How long a closing subflow whose peer has not shut down keeps resending an unacknowledged
-    /// SHUTDOWN. A listener that 10,000 sessions close on at once needs about 11 s of its loop to
-    /// work through them; 5 s left a few hundred of them waiting for a CLOSE that had stopped
-    /// coming, to fail at their close timeout (bench-scale.sh). The price: a session closed while a
-    /// path is silently dead takes the session's 2 s linger plus this before `close` returns.
+    /// How long a closing opener's subflow whose peer has not shut down keeps resending an
+    /// unacknowledged SHUTDOWN. A listener that 10,000 sessions close on at once needs about 11 s of
+    /// its loop to work through them; 5 s left a few hundred of them waiting for a CLOSE that had
+    /// stopped coming, to fail at their close timeout (bench-scale.sh). The price: a session closed
+    /// while a path dies silently takes the session's 2 s linger plus this before `close` returns.
     static let unacknowledgedShutdownLinger = TimeAmount.seconds(15)
-    /// The same for a subflow whose peer fell silent before the session closed (suspended): an
-    /// orphan the peer already retired, or a dead path, where 15 s would only hold up `close`.
-    static let silentPeerShutdownLinger = TimeAmount.seconds(5)
-    private var lingersLong = true
-
-    func closeWithoutLongLinger() { lingersLong = false }
+    /// The same for a listener's subflow. Its peer is one opener, not thousands, and its orphans
+    /// (subflows the opener dropped during a flap, as CI's flapping scenario leaves) would hold its
+    /// `close` for 2 + 15 s. Variants that shortened an opener's resend too, on subflows that had
+    /// been silent or suspended before the close, lost some of the storm's sessions again.
+    static let listenerShutdownLinger = TimeAmount.seconds(5)
+    private let isOpener: Bool
 
     func resetAndClose() {
         guard !closed else { return }

@@ -1008,10 +1008,7 @@ final class SessionEngine: SubflowDelegate {
     }
 
     private func lingerEnded() {
-        for (id, record) in records where !record.closed {
-            if core.isSuspended(id) { record.handler.closeWithoutLongLinger() }
-            record.handler.writeAndClose(nil)
-        }
+        for record in records.values where !record.closed { record.handler.writeAndClose(nil) }
     }
 
     private func checkClosingDone() {

@@ -140,9 +140,6 @@ protocol SubflowTransport: AnyObject {
     func resetAndClose()
     /// Graceful end: the peer learns after everything queued; its own end completes the close.
     func shutdownOutput()
-    /// The peer went silent before the session closed (the subflow is suspended): a close need not
-    /// keep resending for a listener working through a backlog, it most likely has no peer left.
-    func closeWithoutLongLinger()
     /// The session's keys, once the handshake has them (UDP authenticates every datagram with them).
     func installKeys(_ keys: SessionKeys, localRole: SessionKeys.Role)
     /// What the transport knows of the path: for stall detection and queue sizing.
@@ -155,8 +152,6 @@ protocol SubflowTransport: AnyObject {
 
 extension SubflowTransport {
     var currentProgress: SubflowProgress? { nil }
-    /// TCP: the kernel keeps resending a FIN on its own schedule.
-    func closeWithoutLongLinger() {}
     func write(_ frame: Frame) { write(frame, flush: true) }
     /// Who the subflow is, for logs.
     var peerDescription: String { remoteAddress?.description ?? "?" }

@@ -99,12 +99,11 @@ struct DatagramLoopbackTests {
         await server.close()
     }
 
-    /// The long resend above is for a peer that is slow to read, not for one that went silent
-    /// before the close: a subflow suspended then (an orphan its peer already retired, as the
-    /// flapping scenario leaves, or a dead path) resends its SHUTDOWN for 5 s, so `close` does
-    /// not wait 2 + 15 s for it.
-    @Test("a subflow whose peer went silent before the close resends its SHUTDOWN only briefly")
-    func silentSubflowLingersBriefly() async throws {
+    /// The long resend above is an opener's, for a listener slow to read. A listener's subflow
+    /// resends for 5 s: its orphans (subflows the opener already dropped, as the flapping scenario
+    /// leaves) would otherwise hold its `close` for 2 + 15 s.
+    @Test("a listener's subflow whose opener went silent resends its SHUTDOWN only briefly")
+    func listenerLingersBriefly() async throws {
         let server = try await udpListener { $0.stallRetirement = .seconds(60) }
         let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port,
                                         options: udpOptions(locals: ["127.0.0.1", "127.0.0.2"]))
@@ -123,7 +122,7 @@ struct DatagramLoopbackTests {
         let start = ContinuousClock.now
         try await withTimeout(25, "closing") { try await session.close() }
         let took = ContinuousClock.now - start
-        // 2 s of session linger + 5 s; with the 15 s resend it took 17 s.
+        // 2 s of session linger + 5 s; with the opener's 15 s it would take 17 s.
         #expect(took < .seconds(12), "the listener's close took \(took)")
         await client.abort()
         _ = await clientClosed.value
