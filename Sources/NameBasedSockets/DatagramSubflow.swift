@@ -80,7 +80,6 @@ final class DatagramSubflow: SubflowTransport {
         self.remote = remote.unmapped
         self.connection = DatagramConnection(connectionID: connectionID, isOpener: isOpener)
         self.keepaliveInterval = options.keepaliveInterval
-        self.isOpener = isOpener
     }
 
     static var now: UInt64 { NIODeadline.now().uptimeNanoseconds }
@@ -131,7 +130,7 @@ final class DatagramSubflow: SubflowTransport {
             if peerShutdown {
                 loop.assumeIsolated().scheduleTask(in: .milliseconds(500)) { [self] in close(error: nil) }
             } else {
-                loop.assumeIsolated().scheduleTask(in: isOpener ? Self.unacknowledgedShutdownLinger : Self.listenerShutdownLinger) { [self] in
+                loop.assumeIsolated().scheduleTask(in: connection.isOpener ? Self.unacknowledgedShutdownLinger : Self.listenerShutdownLinger) { [self] in
                     resetAndClose()
                 }
             }
@@ -151,7 +150,6 @@ final class DatagramSubflow: SubflowTransport {
     /// `close` for 2 + 15 s. Variants that shortened an opener's resend too, on subflows that had
     /// been silent or suspended before the close, lost some of the storm's sessions again.
     static let listenerShutdownLinger = TimeAmount.seconds(5)
-    private let isOpener: Bool
 
     func resetAndClose() {
         guard !closed else { return }

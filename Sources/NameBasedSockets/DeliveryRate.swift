@@ -1,6 +1,3 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import NIOCore
 
 /// What a TCP subflow's path has delivered lately, in bytes per second: the best rate of newly
@@ -54,23 +51,5 @@ struct DeliveryRate {
         while let oldest = best.first, now - oldest.at > window { best.removeFirst() }
         while let newest = best.last, newest.bytesPerSecond <= sample { best.removeLast() }
         best.append(Sample(bytesPerSecond: sample, at: now))
-    }
-}
-
-/// Linux's `struct tcp_info` as far as tcpi_bytes_acked (kernel 4.1). Glibc's `tcp_info` stops at
-/// tcpi_total_retrans; the kernel fills as much as it is asked for and NIO zeroes the rest, so a
-/// kernel without the field reads 0.
-struct ExtendedTCPInfo {
-    var base = tcp_info()
-    var pacingRate: UInt64 = 0
-    var maxPacingRate: UInt64 = 0
-    var bytesAcked: UInt64 = 0
-}
-
-extension ExtendedTCPInfo: @unchecked Sendable {}
-
-extension SocketOptionProvider {
-    func getExtendedTCPInfo() -> EventLoopFuture<ExtendedTCPInfo> {
-        unsafeGetSocketOption(level: .tcp, name: .tcp_info)
     }
 }

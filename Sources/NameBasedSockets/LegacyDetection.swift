@@ -137,7 +137,7 @@ final class FirstBytesClassifier: ChannelInboundHandler, RemovableChannelHandler
         }
         silenceRechecks += 1
         let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
-        let future: EventLoopFuture<KernelTCPInfo> = provider.unsafeGetSocketOption(level: .tcp, name: .tcp_info)
+        let future = provider.getKernelTCPInfo()
         future.whenComplete { result in
             let (classifier, context) = bound.value
             guard !classifier.decided, !classifier.removed else { return }
@@ -208,20 +208,4 @@ final class FirstBytesClassifier: ChannelInboundHandler, RemovableChannelHandler
         // On the way down (channelInactive) the handler stays: the event still has to pass it.
         if removeSelf { context.pipeline.syncOperations.removeHandler(context: context, promise: nil) }
     }
-}
-
-/// Linux's `struct tcp_info` as the kernel fills it (linux/tcp.h, 232 bytes): glibc's declaration,
-/// which NIO's getTCPInfo returns, ends before `tcpi_bytes_received`.
-struct KernelTCPInfo: Sendable {
-    private var words: (UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64,
-                        UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64,
-                        UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64) =
-        (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
-
-    static let synSent: UInt8 = 2
-    /// tcpi_state: TCP_ESTABLISHED (1), TCP_SYN_SENT (2), ...
-    var state: UInt8 { withUnsafeBytes(of: words) { $0.load(fromByteOffset: 0, as: UInt8.self) } }
-
-    /// tcpi_bytes_received (Linux 4.1+; 0 on older kernels, which then decide by silence alone).
-    var bytesReceived: UInt64 { withUnsafeBytes(of: words) { $0.load(fromByteOffset: 128, as: UInt64.self) } }
 }

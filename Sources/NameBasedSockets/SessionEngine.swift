@@ -1195,7 +1195,7 @@ struct SubflowProgress {
     }
 
     /// A kernel before 4.1 leaves tcpi_bytes_acked 0; one that counts starts at 1, for the SYN.
-    init(_ info: ExtendedTCPInfo) {
+    init(_ info: KernelTCPInfo) {
         self.init(info.base, bytesAcked: info.bytesAcked > 0 ? info.bytesAcked : nil)
     }
 }

@@ -327,7 +327,7 @@ final class SubflowHandler: ChannelInboundHandler, SubflowTransport {
 
     func progress() -> EventLoopFuture<SubflowProgress>? {
         if let progressForTesting, let channel { return channel.eventLoop.makeSucceededFuture(progressForTesting) }
-        return (channel as? any SocketOptionProvider)?.getExtendedTCPInfo().map(SubflowProgress.init)
+        return (channel as? any SocketOptionProvider)?.getKernelTCPInfo().map(SubflowProgress.init)
     }
 
     /// Test hook: what `progress()` reports instead of TCP_INFO (a path that died, without root
