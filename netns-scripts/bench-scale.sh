@@ -106,6 +106,9 @@ child_of() {
 rss_kib() { awk '/^VmRSS/ { print $2 }' "/proc/$1/status"; }
 anon_kib() { awk '/^RssAnon/ { print $2 }' "/proc/$1/status"; }
 fds() { find "/proc/$1/fd" -mindepth 1 -maxdepth 1 | wc -l; }
+# Datagrams the kernel dropped at a full socket receive buffer, machine-wide (Udp RcvbufErrors): in the idle
+# case's close every one of them was at the serve's shared socket (/proc/net/udp's drops column).
+udp_receive_buffer_drops() { awk '/^Udp:/ { if (seen) print $6; seen = 1 }' /proc/net/snmp; }
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 # Subflows up: the server's established TCP connections, or the clients' connected UDP sockets to the port.
 established() {
@@ -202,6 +205,8 @@ s = j["sessions"]
 print(len(s), sum(1 for x in s if sum(1 for f in x["subflows"] if f["state"] in ("active", "standby")) == 2))' "$NBS_TMP/status.json")
     rss2=$(rss_kib "$server")
     nbs_log "idle: waiting for the clients' hold (${hold}s after their last open) to end"
+    local drops0 drops1
+    drops0=$(udp_receive_buffer_drops)
     for cp in "${cpids[@]}"; do
         nbs_wait_rc rc "$cp"
         ((rc == 0)) || rcs=$((rcs + 1))
@@ -211,16 +216,17 @@ print(len(s), sum(1 for x in s if sum(1 for f in x["subflows"] if f["state"] in 
     wait_for 60 all_closed || true
     sleep 1
     completed=$(grep -c '"completed":true' "$NBS_TMP/idle-server.out" || true)
+    drops1=$(udp_receive_buffer_drops)
     closed=$(cat "$NBS_TMP"/idle-client*.out | grep -c '"completed":true' || true)
     rss3=$(rss_kib "$server") fds3=$(fds "$server")
     nbs__kill_child "$server_timeout_pid"
     python3 - "$sessions" "$((per * clients))" "$held" "$open_s" "$rate" "$rss0" "$anon0" "$fds0" "$rss1" "$anon1" "$fds1" \
         "$cpu_pct" "$client_cpu_pct" "$measure" "$status_s" "$status_sessions" "$status_two" "$rss2" "$completed" "$closed" \
-        "$rss3" "$fds3" "$rcs" "$transport" <<'EOF'
+        "$rss3" "$fds3" "$rcs" "$transport" "$((drops1 - drops0))" <<'EOF'
 import json, sys
 a = sys.argv[1:]
 (asked, opened, held, open_s, rate, rss0, anon0, fds0, rss1, anon1, fds1, cpu, ccpu, measure, status_s, st_n, st_two, rss2,
- completed, closed, rss3, fds3, rcs, transport) = a
+ completed, closed, rss3, fds3, rcs, transport, drops) = a
 n = int(held) or 1
 per = (int(rss1) - int(rss0)) / n
 per_anon = (int(anon1) - int(anon0)) / n
@@ -233,13 +239,15 @@ j = {"case": "idle", "transport": transport, "sessions": int(opened), "held": in
      "status_sessions": int(st_n), "status_sessions_with_2_up": int(st_two), "server_rss_kib_after_status": int(rss2),
      "server_completed": int(completed), "clients_completed": int(closed), "server_rss_kib_after_close": int(rss3),
      "server_fds_after_close": int(fds3), "clients_failed": int(rcs), "aim_kib_per_session": 64,
+     "udp_receive_buffer_drops_at_close": int(drops),
      "met": per < 64 and int(completed) == int(opened) and int(rcs) == 0}
 print(json.dumps(j, sort_keys=True))
 print(f"idle: {j['held']} sessions x 2 subflows held by one serve: RSS {rss0} -> {rss1} KiB = {per:.1f} KiB per idle session "
       f"(anon {per_anon:.1f}; aim < 64), fds {fds0} -> {fds1}, server CPU while idle {cpu} % of a core, clients {ccpu} %",
       file=sys.stderr)
 print(f"      opened in {open_s} s ({rate}/s); status: {st_n} sessions, {st_two} with 2 subflows up (active or standby), {status_s} s, RSS after "
-      f"{rss2} KiB; closed: server {completed}, clients {closed} completed, RSS {rss3} KiB, fds {fds3}", file=sys.stderr)
+      f"{rss2} KiB; closed: server {completed}, clients {closed} completed, RSS {rss3} KiB, fds {fds3}"
+      + (f"; {drops} datagrams dropped at full UDP receive buffers meanwhile" if transport == "udp" else ""), file=sys.stderr)
 EOF
 }
 

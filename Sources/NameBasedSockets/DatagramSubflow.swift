@@ -5,6 +5,13 @@ import NIOPosix
 
 /// Datagrams in, closures out: the whole pipeline of a UDP socket. The closures are cleared when
 /// the subflow ends, which breaks the channel → handler → subflow cycle.
+///
+/// It also reports to its loop's `LoopLag` the time its socket held more than one wake-up's reads:
+/// acknowledgements that arrived meanwhile waited in the kernel's queue behind the others, so that
+/// time is not a path's silence. A listener's shared socket falls behind so when its loop cannot keep
+/// up rather than being blocked: with 10,000 sessions closing at once and the clients on the same two
+/// cores, its queue stayed full for seconds while every timer still ran on time, and the listener
+/// retired the subflows whose acknowledgements were waiting there (1,015 sessions failed in one run).
 final class DatagramInbound: ChannelInboundHandler {
     typealias InboundIn = AddressedEnvelope<ByteBuffer>
 
@@ -12,9 +19,21 @@ final class DatagramInbound: ChannelInboundHandler {
     var onReadComplete: (() -> Void)?
     var onError: ((any Error) -> Void)?
     var onInactive: (() -> Void)?
+    private var readsInWakeup = 0
+    private var backlog = ReadBacklog()
 
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) { onDatagram?(Self.unwrapInboundIn(data)) }
-    func channelReadComplete(context: ChannelHandlerContext) { onReadComplete?() }
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        readsInWakeup += 1
+        onDatagram?(Self.unwrapInboundIn(data))
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        if let behind = backlog.wakeupEnded(reads: readsInWakeup, limit: DatagramSubflow.readsPerWakeup, now: DatagramSubflow.now) {
+            LoopLag.record(due: behind.start, ran: behind.end)
+        }
+        readsInWakeup = 0
+        onReadComplete?()
+    }
     /// UDP errors (an ICMP unreachable reported on a connected socket) do not close the socket:
     /// the subflow decides.
     func errorCaught(context: ChannelHandlerContext, error: any Error) { onError?(error) }
@@ -215,7 +234,7 @@ final class DatagramSubflow: SubflowTransport {
         // (NIO's default) and 3,000 idle sessions' probe rounds overflowed even 4 MiB of buffer
         // (70,000 drops in one run, each a probe timeout): read up to 256. (Not NIO's vector reads:
         // with them the hellos' IP_PKTINFO did not arrive, and no opener got an ACCEPT.)
-        bootstrap = bootstrap.channelOption(.maxMessagesPerRead, value: 256)
+        bootstrap = bootstrap.channelOption(.maxMessagesPerRead, value: UInt(readsPerWakeup))
         let bound = bootstrap.bind(to: local)
         guard let remote else { return bound }
         return bound.flatMap { channel in
@@ -225,6 +244,9 @@ final class DatagramSubflow: SubflowTransport {
             }
         }
     }
+
+    /// Datagrams NIO reads from a socket per wake-up (`maxMessagesPerRead`).
+    static let readsPerWakeup = 256
 
     /// Makes `channel` this subflow's socket (the first one, or the one a path check found).
     func attach(_ channel: any Channel) throws {

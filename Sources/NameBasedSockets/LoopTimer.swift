@@ -174,10 +174,12 @@ final class TimerQueue {
     }
 }
 
-/// How long this event loop was recently too busy to run its timers: the intervals between a
-/// timer's deadline and the moment it ran, merged where they overlap. One per loop thread
-/// (`current`), written by every `LoopTimer` that fires and read by stall detection: while the loop
-/// was blocked, acknowledgements sat unread in socket buffers, so that time is not a path's silence.
+/// How long this event loop was recently too busy to hear its sockets: the intervals between a
+/// timer's deadline and the moment it ran, and those during which a UDP socket's reads kept finding
+/// more waiting (`ReadBacklog`), merged where they overlap. One per loop thread (`current`), written
+/// by every `LoopTimer` that fires and every `DatagramInbound`, and read by stall detection: while
+/// the loop was blocked or behind, acknowledgements sat unread in socket buffers, so that time is
+/// not a path's silence.
 struct LoopLag {
     /// Lateness below this is scheduling noise, not a blocked loop.
     static let threshold: UInt64 = 20_000_000
@@ -230,6 +232,26 @@ struct LoopLag {
 
     /// A timer on this thread due at `due` ran at `ran`.
     static func record(due: UInt64, ran: UInt64) { perThread.withValue { $0.record(due: due, ran: ran) } }
+}
+
+/// When a socket's reads keep finding more waiting. NIO reads at most a fixed number of datagrams
+/// per wake-up, so a wake-up that read that many most likely left some in the queue: from the first
+/// such wake-up until one that emptied the queue, what arrived waited unread.
+struct ReadBacklog {
+    private var since: UInt64?
+
+    /// A wake-up ended at `now` after `reads` datagrams, of at most `limit`: the interval the socket
+    /// has been known to be behind, to report as the loop's lag, or nil if it was not.
+    mutating func wakeupEnded(reads: Int, limit: Int, now: UInt64) -> (start: UInt64, end: UInt64)? {
+        if reads >= limit {
+            let start = since ?? now
+            since = start
+            return (start, now)
+        }
+        guard let start = since else { return nil }
+        since = nil
+        return (start, now)
+    }
 }
 
 /// A value of each event-loop thread, made there on first use and touched only there (so no lock):

@@ -592,8 +592,9 @@ final class SessionEngine: SubflowDelegate {
     /// `stallRetirement` retires it. Requiring the retransmission keeps an idle subflow that just
     /// sent a probe from looking stalled.
     ///
-    /// Time this event loop was blocked (`LoopLag`: its timers ran late) does not count as silence
-    /// or as time suspended: acknowledgements that arrived meanwhile sat unread in the socket. With
+    /// Time this event loop was blocked or behind (`LoopLag`: its timers ran late, or a UDP socket's
+    /// queue outlasted its reads) does not count as silence or as time suspended: acknowledgements
+    /// that arrived meanwhile sat unread in the socket. With
     /// 10,000 UDP sessions on one loop, a loop blocked for a second made every subflow with a probe
     /// in flight look stalled, and the retirements and rejoins that followed blocked it longer.
     func stallCheck(_ id: SubflowID, _ tcp: SubflowProgress, lag: LoopLag = LoopLag.current) {

@@ -72,8 +72,8 @@ struct DatagramLoopbackTests {
     /// sessions failed so); the subflow now keeps resending an unacknowledged SHUTDOWN a while:
     /// longer than a listener's loop took to work through 10,000 closes at once (about 11 s), which
     /// the 5 s it once was did not cover (9 s here). That listener does not retire its silent
-    /// subflows meanwhile, as the time its loop was blocked does not count as silence; here a long
-    /// `stallRetirement` stands in for that.
+    /// subflows meanwhile, as the time its loop was blocked or behind on its socket does not count
+    /// as silence; here a long `stallRetirement` stands in for that.
     @Test("an opener whose CLOSE is lost for a while keeps resending it, and both ends close cleanly", arguments: [2500, 9000])
     func closeSurvivesLostShutdown(lossMilliseconds: Int) async throws {
         let server = try await udpListener {

@@ -62,6 +62,24 @@ struct LoopLagTests {
         #expect(!idle.looksStalled(limitMs: 200, lag: LoopLag(), now: 11_010 * ms))
     }
 
+    @Test("a socket is behind from the first wake-up that read its limit to the first that did not")
+    func readBacklog() {
+        var backlog = ReadBacklog()
+        #expect(backlog.wakeupEnded(reads: 10, limit: 256, now: 1_000 * ms) == nil)
+        #expect(backlog.wakeupEnded(reads: 256, limit: 256, now: 1_100 * ms)! == (1_100 * ms, 1_100 * ms))
+        #expect(backlog.wakeupEnded(reads: 256, limit: 256, now: 1_400 * ms)! == (1_100 * ms, 1_400 * ms))
+        #expect(backlog.wakeupEnded(reads: 3, limit: 256, now: 1_500 * ms)! == (1_100 * ms, 1_500 * ms))
+        #expect(backlog.wakeupEnded(reads: 3, limit: 256, now: 1_600 * ms) == nil)
+        // Reported as they come, the intervals make one blocked stretch in the loop's record.
+        var lag = LoopLag()
+        var again = ReadBacklog()
+        for (reads, at) in [(256, 2_000), (256, 2_300), (256, 2_700), (40, 2_750)] {
+            if let behind = again.wakeupEnded(reads: reads, limit: 256, now: UInt64(at) * ms) { lag.record(due: behind.start, ran: behind.end) }
+        }
+        #expect(lag.intervals.count == 1)
+        #expect(lag.blocked(from: 0, to: 5_000 * ms) == 750 * ms)
+    }
+
     @Test("the record keeps a bounded number of intervals")
     func bounded() {
         var lag = LoopLag()
@@ -233,5 +251,48 @@ struct LoopTimerTests {
             return LoopLag.current.blocked(from: now - 1_000 * ms, to: now)
         }
         #expect(blocked >= 100 * ms)
+    }
+    /// The close storm's listener in small: a loop that reads its socket more slowly than datagrams
+    /// arrive is behind, though no timer of it ran late. Its own loop (a thread of its own), so that
+    /// no other test's timer on the shared loops can put lag in its record.
+    @Test("a socket whose reads keep finding more waiting shows up in its loop's LoopLag")
+    func slowReaderRecordsLag() async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        do {
+            try await readSlowly(on: group)
+        } catch {
+            try? await group.shutdownGracefully()
+            throw error
+        }
+        try await group.shutdownGracefully()
+    }
+
+    private func readSlowly(on group: MultiThreadedEventLoopGroup) async throws {
+        let loop = group.next()
+        let receiver = try await DatagramSubflow.openSocket(on: loop, bind: try SocketAddress(ipAddress: "127.0.0.1", port: 0),
+                                                            connect: nil, reuseAddress: false).get()
+        let read = Atomic(0)
+        try await loop.submit {
+            // 0.3 ms of work per datagram: 1,000 of them take the loop 300 ms, in 4 wake-ups of 256 or fewer.
+            try receiver.pipeline.syncOperations.handler(type: DatagramInbound.self).onDatagram = { _ in
+                usleep(300)
+                read.add(1, ordering: .relaxed)
+            }
+        }.get()
+        let sender = try await DatagramBootstrap(group: group).bind(host: "127.0.0.1", port: 0).get()
+        let destination = try #require(receiver.localAddress)
+        for _ in 0 ..< 1000 {
+            sender.write(AddressedEnvelope(remoteAddress: destination, data: ByteBuffer(bytes: [1, 2, 3])), promise: nil)
+        }
+        sender.flush()
+        try await waitFor("every datagram read") { read.load(ordering: .relaxed) == 1000 }
+        let blocked = try await loop.submit {
+            let now = NIODeadline.now().uptimeNanoseconds
+            return LoopLag.current.blocked(from: now - 5_000 * ms, to: now)
+        }.get()
+        // Behind from the end of the first wake-up (about 77 ms in) to the last (about 300 ms).
+        #expect(blocked >= 100 * ms, "\(blocked / ms) ms")
+        try await sender.close()
+        try await receiver.close()
     }
 }
