@@ -28,7 +28,7 @@ final class DatagramListener {
     /// Binds `address` (a wildcard, one of `bindAddresses`, or a local address openers send to) and
     /// starts hearing on it.
     static func bind(_ address: SocketAddress, listener: NIOLoopBound<DatagramListener>, on loop: any EventLoop) -> EventLoopFuture<any Channel> {
-        DatagramSubflow.openSocket(on: loop, bind: address, connect: nil, reuseAddress: true, packetInfo: true).flatMapThrowing { channel in
+        DatagramSubflow.openSocket(on: loop, bind: address, connect: nil, reuseAddress: true, sharedByListener: true).flatMapThrowing { channel in
             // Past net.core.rmem_max where allowed (CAP_NET_ADMIN), else the 4 MiB asked already.
             _ = try? channel.syncOptions?.setOption(.socketOption(.init(rawValue: SO_RCVBUFFORCE)), value: sharedReceiveBuffer)
             let inbound = try channel.pipeline.syncOperations.handler(type: DatagramInbound.self)

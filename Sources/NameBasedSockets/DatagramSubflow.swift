@@ -6,12 +6,15 @@ import NIOPosix
 /// Datagrams in, closures out: the whole pipeline of a UDP socket. The closures are cleared when
 /// the subflow ends, which breaks the channel → handler → subflow cycle.
 ///
-/// It also reports to its loop's `LoopLag` the time its socket held more than one wake-up's reads:
-/// acknowledgements that arrived meanwhile waited in the kernel's queue behind the others, so that
-/// time is not a path's silence. A listener's shared socket falls behind so when its loop cannot keep
-/// up rather than being blocked: with 10,000 sessions closing at once and the clients on the same two
-/// cores, its queue stayed full for seconds while every timer still ran on time, and the listener
-/// retired the subflows whose acknowledgements were waiting there (1,015 sessions failed in one run).
+/// On a listener's shared socket it also reports to its loop's `LoopLag` the time the socket held
+/// more than one wake-up's reads: acknowledgements that arrived meanwhile waited in the kernel's
+/// queue behind the others, so that time is not a path's silence. Such a socket falls behind when its
+/// loop cannot keep up rather than being blocked: with 10,000 sessions closing at once and the
+/// clients on the same two cores, its queue stayed full for seconds while every timer still ran on
+/// time, and the listener retired the subflows whose acknowledgements were waiting there (1,015
+/// sessions failed in one run). An opener's socket carries one subflow, whose own acknowledgements
+/// are all that wait in it: its backlog is not the loop's, and counting it so would hide, for as long
+/// as a download keeps the loop busy, another subflow's path dying.
 final class DatagramInbound: ChannelInboundHandler {
     typealias InboundIn = AddressedEnvelope<ByteBuffer>
 
@@ -19,8 +22,11 @@ final class DatagramInbound: ChannelInboundHandler {
     var onReadComplete: (() -> Void)?
     var onError: ((any Error) -> Void)?
     var onInactive: (() -> Void)?
+    private let backlogIsLoopLag: Bool
     private var readsInWakeup = 0
     private var backlog = ReadBacklog()
+
+    init(sharedByListener: Bool) { backlogIsLoopLag = sharedByListener }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         readsInWakeup += 1
@@ -28,7 +34,8 @@ final class DatagramInbound: ChannelInboundHandler {
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
-        if let behind = backlog.wakeupEnded(reads: readsInWakeup, limit: DatagramSubflow.readsPerWakeup, now: DatagramSubflow.now) {
+        if backlogIsLoopLag,
+           let behind = backlog.wakeupEnded(reads: readsInWakeup, limit: DatagramSubflow.readsPerWakeup, now: DatagramSubflow.now) {
             LoopLag.record(due: behind.start, ran: behind.end)
         }
         readsInWakeup = 0
@@ -219,15 +226,19 @@ final class DatagramSubflow: SubflowTransport {
         }.map { $0.value }
     }
 
-    /// A UDP socket with a `DatagramInbound` handler, bound and, if asked, connected.
+    /// A UDP socket with a `DatagramInbound` handler, bound and, if asked, connected. A listener's
+    /// (`sharedByListener`) is unconnected, reports each datagram's destination address, and
+    /// counts its backlog as its loop's lag.
     static func openSocket(on loop: any EventLoop, bind local: SocketAddress, connect remote: SocketAddress?, reuseAddress: Bool,
-                           packetInfo: Bool = false) -> EventLoopFuture<any Channel> {
+                           sharedByListener: Bool = false) -> EventLoopFuture<any Channel> {
         var bootstrap = DatagramBootstrap(group: loop)
             .channelOption(.socketOption(.so_reuseaddr), value: reuseAddress ? 1 : 0)
             .channelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(DatagramInbound()) }
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(DatagramInbound(sharedByListener: sharedByListener))
+                }
             }
-        if packetInfo { bootstrap = bootstrap.channelOption(.receivePacketInfo, value: true) }
+        if sharedByListener { bootstrap = bootstrap.channelOption(.receivePacketInfo, value: true) }
         // Room for the bursts a window of datagrams makes: the kernel's default is 208 KiB.
         bootstrap = bootstrap.channelOption(.socketOption(.so_rcvbuf), value: 4 << 20).channelOption(.socketOption(.so_sndbuf), value: 4 << 20)
         // A listener's socket carries every subflow to its address. Read 4 datagrams per wake-up
