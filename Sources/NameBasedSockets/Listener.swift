@@ -74,6 +74,9 @@ public final class Listener: Sendable {
                 if options.tcpFastOpen {
                     try? await channel.setOption(.tcpOption(SubflowConnector.tcpFastOpen), value: SocketOptionValue(Self.listenBacklog)).get()
                 }
+                if let rto = options.tcpMinimumRTO {
+                    try await channel.eventLoop.submit { SubflowConnector.setMinimumRTO(channel, rto) }.get()
+                }
                 channels.append(channel)
             } catch {
                 lastError = error

@@ -31,6 +31,16 @@ public struct NBSOptions: Sendable {
     /// replayed by the network, as any Fast Open data: the listener answers a replayed one with an
     /// ACCEPT the opener never asked for, and that connection is reset.
     public var tcpFastOpen = true
+    /// The least retransmission timeout of this end's TCP subflows (Linux's `TCP_RTO_MIN_US`, 6.15
+    /// and later; an older kernel refuses it and keeps its own, 200 ms). The kernel still waits at
+    /// least its estimate from the path's RTT and variation; the floor matters on paths whose
+    /// round trip is short, where a lost tail or retransmission otherwise holds the session's head
+    /// of line for 200 ms or more. With 50 ms on 10 Mbit/s paths, a link going down left no gap of
+    /// 100 ms or more in 28 of 30 trials (24 of 30 without), and a blackhole's stall was 155–251 ms
+    /// (192–384); but 20+5 Mbit/s aggregation had one run of 7 at 82 % and longer head-of-line
+    /// stalls, the slow path's queue most likely setting off early timeouts (BENCHMARKS.md). So it
+    /// is not on by default. nil: the kernel's.
+    public var tcpMinimumRTO: TimeAmount? = nil
     /// How long a new subflow may take to complete OPEN/ACCEPT or JOIN.
     public var handshakeTimeout: TimeAmount = .seconds(5)
     /// How long `close()` waits for the peer's DATA_FIN and acknowledgements before aborting.

@@ -14,6 +14,16 @@ enum SubflowConnector {
     /// the first write leaves in the SYN).
     static let tcpFastOpen = NIOBSDSocket.Option(rawValue: 23)
     static let tcpFastOpenConnect = NIOBSDSocket.Option(rawValue: 30)
+    /// TCP_RTO_MIN_US (Linux 6.15): an accepted socket inherits its listener's.
+    static let tcpMinimumRTO = NIOBSDSocket.Option(rawValue: 45)
+
+    /// `NBSOptions.tcpMinimumRTO` on a subflow's or a listener's socket; a kernel without the option
+    /// refuses it, and its own floor stays.
+    static func setMinimumRTO(_ channel: any Channel, _ rto: TimeAmount?) {
+        guard let rto, let options = channel.syncOptions else { return }
+        let micros = max(1, min(rto.nanoseconds / 1000, Int64(Int32.max)))
+        try? options.setOption(.tcpOption(tcpMinimumRTO), value: SocketOptionValue(micros))
+    }
 
     /// Until the subflow's delivery rate is known (`SessionEngine.resizeQueues`, about 150 ms
     /// after its data starts): 50 ms of a 10 Mbit/s path.
@@ -62,6 +72,7 @@ enum SubflowConnector {
                 configure(channel).flatMapThrowing {
                     // A kernel without Fast Open refuses the option; the connect is a plain one then.
                     if options.tcpFastOpen { try? channel.syncOptions!.setOption(.tcpOption(tcpFastOpenConnect), value: 1) }
+                    setMinimumRTO(channel, options.tcpMinimumRTO)
                     let handler = try channel.pipeline.syncOperations.handler(type: SubflowHandler.self)
                     handler.sendsPreambleOnConnect = true
                     handler.connectedTo = remote

@@ -45,6 +45,8 @@ import Testing
         ["cat", "--listen", "--name", "s.test", "--port", "7000", "s.test:7000"], // both
         ["cat", "--name", "c.test", "--port", "7000"],                            // --port without --listen
         ["cat", "--name", "c.test"],                                              // nothing to open
+        ["serve", "--name", "s.test", "--port", "7000", "--sink", "--tcp-rto-min", "-5"],
+        ["connect", "--name", "c.test", "s.test:7000", "--bytes", "1M", "--tcp-rto-min", "5000"],
     ])
     func invalidCommandLinesAreRejected(_ arguments: [String]) {
         #expect(throws: (any Error).self) { try NBSMobility.parseAsRoot(arguments) }
