@@ -1,7 +1,11 @@
 // Loopback benchmarks: one NBS subflow against plain TCP, and session set-up against TCP connect,
 // in the same process and the same run. Prints a table and one JSON line per case.
 //
-//   swift run -c release nbs-bench [--bytes N] [--opens N] [--rounds N]
+//   swift run -c release nbs-bench [--bytes N] [--opens N] [--rounds N] [--loop-executor]
+//
+// --loop-executor: NIO's event loops become Swift concurrency's global executor (an application's
+// choice, made before any task starts), so the benchmark's tasks resume on the loops instead of
+// hopping between them and Swift's own thread pool.
 //
 // Plain TCP and NBS alternate for --rounds rounds and the medians are compared, because this
 // machine's loopback rate varies by 2x from one second to the next. --rounds 0: set-up only.
@@ -18,6 +22,7 @@ import NIOCore
 import NIOPosix
 
 let arguments = CommandLine.arguments
+if arguments.contains("--loop-executor") { NIOSingletons.unsafeTryInstallSingletonPosixEventLoopGroupAsConcurrencyGlobalExecutor() }
 func argument(_ name: String, default value: Int) -> Int {
     guard let i = arguments.firstIndex(of: name), i + 1 < arguments.count, let v = Int(arguments[i + 1]) else { return value }
     return v
