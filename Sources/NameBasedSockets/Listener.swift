@@ -75,7 +75,7 @@ public final class Listener: Sendable {
                     try? await channel.setOption(.tcpOption(SubflowConnector.tcpFastOpen), value: SocketOptionValue(Self.listenBacklog)).get()
                 }
                 if let rto = options.tcpMinimumRTO {
-                    try await channel.eventLoop.submit { SubflowConnector.setMinimumRTO(channel, rto) }.get()
+                    try? await channel.setOption(.tcpOption(SubflowConnector.tcpMinimumRTO), value: SubflowConnector.minimumRTOValue(rto)).get()
                 }
                 channels.append(channel)
             } catch {

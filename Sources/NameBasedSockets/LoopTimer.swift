@@ -175,11 +175,11 @@ final class TimerQueue {
 }
 
 /// How long this event loop was recently too busy to hear its sockets: the intervals between a
-/// timer's deadline and the moment it ran, and those during which a UDP socket's reads kept finding
-/// more waiting (`ReadBacklog`), merged where they overlap. One per loop thread (`current`), written
-/// by every `LoopTimer` that fires and every `DatagramInbound`, and read by stall detection: while
-/// the loop was blocked or behind, acknowledgements sat unread in socket buffers, so that time is
-/// not a path's silence.
+/// timer's deadline and the moment it ran, and those during which a listener's shared UDP socket's
+/// reads kept finding more waiting (`ReadBacklog`), merged where they overlap. One per loop thread
+/// (`current`), written by every `LoopTimer` that fires and every listener's `DatagramInbound`, and
+/// read by stall detection: while the loop was blocked or behind, acknowledgements sat unread in
+/// socket buffers, so that time is not a path's silence.
 struct LoopLag {
     /// Lateness below this is scheduling noise, not a blocked loop.
     static let threshold: UInt64 = 20_000_000

@@ -14,15 +14,13 @@ enum SubflowConnector {
     /// the first write leaves in the SYN).
     static let tcpFastOpen = NIOBSDSocket.Option(rawValue: 23)
     static let tcpFastOpenConnect = NIOBSDSocket.Option(rawValue: 30)
-    /// TCP_RTO_MIN_US (Linux 6.15): an accepted socket inherits its listener's.
+    /// TCP_RTO_MIN_US (Linux 6.15): an accepted socket inherits its listener's. A kernel without
+    /// it refuses the option, and its own floor stays.
     static let tcpMinimumRTO = NIOBSDSocket.Option(rawValue: 45)
 
-    /// `NBSOptions.tcpMinimumRTO` on a subflow's or a listener's socket; a kernel without the option
-    /// refuses it, and its own floor stays.
-    static func setMinimumRTO(_ channel: any Channel, _ rto: TimeAmount?) {
-        guard let rto, let options = channel.syncOptions else { return }
-        let micros = max(1, min(rto.nanoseconds / 1000, Int64(Int32.max)))
-        try? options.setOption(.tcpOption(tcpMinimumRTO), value: SocketOptionValue(micros))
+    /// `NBSOptions.tcpMinimumRTO` as TCP_RTO_MIN_US takes it: microseconds.
+    static func minimumRTOValue(_ rto: TimeAmount) -> SocketOptionValue {
+        SocketOptionValue(max(1, min(rto.nanoseconds / 1000, Int64(Int32.max))))
     }
 
     /// Until the subflow's delivery rate is known (`SessionEngine.resizeQueues`, about 150 ms
@@ -72,7 +70,9 @@ enum SubflowConnector {
                 configure(channel).flatMapThrowing {
                     // A kernel without Fast Open refuses the option; the connect is a plain one then.
                     if options.tcpFastOpen { try? channel.syncOptions!.setOption(.tcpOption(tcpFastOpenConnect), value: 1) }
-                    setMinimumRTO(channel, options.tcpMinimumRTO)
+                    if let rto = options.tcpMinimumRTO {
+                        try? channel.syncOptions!.setOption(.tcpOption(tcpMinimumRTO), value: minimumRTOValue(rto))
+                    }
                     let handler = try channel.pipeline.syncOperations.handler(type: SubflowHandler.self)
                     handler.sendsPreambleOnConnect = true
                     handler.connectedTo = remote
