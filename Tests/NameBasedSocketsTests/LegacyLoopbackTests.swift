@@ -406,6 +406,32 @@ struct LegacyLoopbackTests {
         await #expect(throws: NBSError.self) { try await client.write(ByteBuffer(string: "late")) }
         await server.close()
     }
+
+    // MARK: the plain test server itself
+
+    /// Its stop once raced a connection being accepted and trapped in NIO, ending the whole test
+    /// run (clean-clone CI, 2026-11-26); with async child channels this crashed within 200 rounds.
+    @Test("the plain test server stops while connections arrive, without trapping")
+    func plainServerStopsUnderConnects() async throws {
+        for _ in 0..<200 {
+            let server = try await PlainServer.start(.echo)
+            let port = server.port
+            let connects = Task {
+                await withDiscardingTaskGroup { group in
+                    for _ in 0..<8 {
+                        group.addTask {
+                            let channel = try? await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+                                .connect(host: "127.0.0.1", port: port).get()
+                            try? await channel?.close()
+                        }
+                    }
+                }
+            }
+            try await Task.sleep(for: .microseconds(Int.random(in: 0...300)))
+            await server.stop()
+            await connects.value
+        }
+    }
 }
 
 // MARK: helpers
@@ -523,10 +549,10 @@ final class PlainServer: Sendable {
 
     let port: Int
     let log: Log
-    private let channel: NIOAsyncChannel<NIOAsyncChannel<ByteBuffer, ByteBuffer>, Never>
+    private let channel: NIOAsyncChannel<any Channel, Never>
     private let task: Task<Void, Never>
 
-    private init(port: Int, log: Log, channel: NIOAsyncChannel<NIOAsyncChannel<ByteBuffer, ByteBuffer>, Never>, task: Task<Void, Never>) {
+    private init(port: Int, log: Log, channel: NIOAsyncChannel<any Channel, Never>, task: Task<Void, Never>) {
         self.port = port
         self.log = log
         self.channel = channel
@@ -537,11 +563,12 @@ final class PlainServer: Sendable {
         let channel = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.allowRemoteHalfClosure, value: true)
-            .bind(host: host, port: port) { child in
-                child.eventLoop.makeCompletedFuture {
-                    try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: child, configuration: .init(isOutboundHalfClosureEnabled: true))
-                }
-            }
+            // Each connection is wrapped by the task that serves it (see `serve`): NIO traps on an
+            // async child channel accepted as the listening socket closes, which the accept loop
+            // never hands out (swift-nio #3481). A plain child that is never handed out just closes
+            // at exit; until it is wrapped it must not read.
+            .childChannelOption(.autoRead, value: false)
+            .bind(host: host, port: port) { child in child.eventLoop.makeSucceededFuture(child) }
         let log = Log()
         let task = Task<Void, Never> {
             try? await channel.executeThenClose { inbound in
@@ -549,13 +576,20 @@ final class PlainServer: Sendable {
                     for try await connection in inbound {
                         group.addTask { try? await serve(connection, behaviour: behaviour, log: log) }
                     }
+                    // The listening socket is closed: end the connections still open.
+                    group.cancelAll()
                 }
             }
         }
         return PlainServer(port: channel.channel.localAddress!.port!, log: log, channel: channel, task: task)
     }
 
-    private static func serve(_ connection: NIOAsyncChannel<ByteBuffer, ByteBuffer>, behaviour: Behaviour, log: Log) async throws {
+    private static func serve(_ child: any Channel, behaviour: Behaviour, log: Log) async throws {
+        let connection = try await child.eventLoop.submit {
+            let wrapped = try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: child, configuration: .init(isOutboundHalfClosureEnabled: true))
+            try child.syncOptions?.setOption(.autoRead, value: true)
+            return wrapped
+        }.get()
         let id = await log.open()
         try await connection.executeThenClose { inbound, outbound in
             if behaviour == .bannerThenCount { try await outbound.write(ByteBuffer(string: banner)) }
@@ -584,7 +618,6 @@ final class PlainServer: Sendable {
 
     func stop() async {
         try? await channel.channel.close()
-        task.cancel()
         await task.value
     }
 }
