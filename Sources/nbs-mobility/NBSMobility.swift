@@ -155,7 +155,9 @@ struct Serve: AsyncParsableCommand {
             if !report.completed { throw ExitCode(1) }
             return
         }
-        try await withThrowingTaskGroup(of: Void.self) { group in
+        // Discarding: a plain task group keeps every finished child until it is awaited, which this
+        // loop never does, so a long-running serve grew by each session it had ever served.
+        try await withThrowingDiscardingTaskGroup { group in
             while true {
                 let session = try await listener.accept()
                 group.addTask { _ = await serveSession(session, console: console) }
