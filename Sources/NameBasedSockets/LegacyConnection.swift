@@ -240,9 +240,7 @@ final class LegacyConnection: ChannelInboundHandler, RemovableChannelHandler, Se
         let promise = loop.makePromise(of: Void.self)
         closeWaiters.append(promise)
         finish()
-        let bound = NIOLoopBound(self, eventLoop: loop)
-        loop.scheduleTask(in: options.closeTimeout) {
-            let connection = bound.value
+        LoopTimer.once(on: loop, owner: self, in: options.closeTimeout) { connection in
             guard !connection.channelClosed else { return }
             connection.fail(.closeTimedOut)
         }

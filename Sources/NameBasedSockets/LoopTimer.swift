@@ -37,6 +37,13 @@ final class LoopTimer {
         }
     }
 
+    /// A one-shot deadline nobody needs to stop: the queue keeps the timer until it comes, and the
+    /// owner stays free to go before then. A NIO task's closure would keep the owner, and with it
+    /// everything the owner holds, until the deadline (a closed session's engine, 30 s).
+    static func once<Owner: AnyObject>(on loop: any EventLoop, owner: Owner, in delay: TimeAmount, _ action: @escaping (Owner) -> Void) {
+        LoopTimer(on: loop, owner: owner, action).arm(in: delay)
+    }
+
     var isArmed: Bool { deadline != nil }
 
     /// Runs the action at `deadline`, replacing any deadline set before (earlier or later).

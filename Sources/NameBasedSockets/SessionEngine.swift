@@ -91,6 +91,9 @@ final class SessionEngine: SubflowDelegate {
     private var transmissions = 0
     private var transmissionsAtProbe = 0
     private lazy var lingerTimer = LoopTimer(on: loop, owner: self) { $0.lingerEnded() }
+    private lazy var closeTimer = LoopTimer(on: loop, owner: self) { engine in
+        if engine.state == .open || engine.state == .closing { engine.fail(.closeTimedOut, notifyPeer: .timeout) }
+    }
     /// Set by whoever verified the peer's name before handing the session out.
     var peerVerification: PeerVerification = .claimed
     /// Called once when the session ends, so a listener can forget its token.
@@ -229,9 +232,7 @@ final class SessionEngine: SubflowDelegate {
                                     interface: addressBook.interface(for: local), backup: backup, pendingJoin: join)
         handler.write(.join(join))
         handler.handshakeSentAt = .now()
-        let bound = self.bound
-        loop.scheduleTask(in: options.handshakeTimeout) {
-            let engine = bound.value
+        LoopTimer.once(on: loop, owner: self, in: options.handshakeTimeout) { engine in
             if let record = engine.records[id], !record.established, !record.closed {
                 engine.retire(id, reason: "JOIN timed out", abort: .timeout)
             }
@@ -976,13 +977,7 @@ final class SessionEngine: SubflowDelegate {
         let promise = loop.makePromise(of: Void.self)
         closeWaiters.append(promise)
         finish()
-        let bound = self.bound
-        loop.scheduleTask(in: options.closeTimeout) {
-            let engine = bound.value
-            if engine.state == .open || engine.state == .closing {
-                engine.fail(.closeTimedOut, notifyPeer: .timeout)
-            }
-        }
+        closeTimer.armIfEarlier(at: .now() + options.closeTimeout)
         return promise.futureResult
     }
 
@@ -1029,6 +1024,7 @@ final class SessionEngine: SubflowDelegate {
         rejoinTimer.stop()
         probeTimer.stop()
         lingerTimer.stop()
+        closeTimer.stop()
         stopLivenessChecks()
         interfaceFeed?.cancel()
         interfaceFeed = nil
