@@ -9,11 +9,15 @@
 #         for --duration seconds through one `serve --sink`; reports the spread of the server-side goodput per
 #         session (min, median, max) and Jain's fairness index. On loopback the shared resource is the two
 #         processes' CPU (two cores), which NBS's event loops divide between sessions.
+#   churn --rounds R (default 10) of --churn N sessions (default 1000) from one client, each sending 1 KiB and
+#         closing, through one `serve --sink`: the server's RSS after each round, and what it keeps per session
+#         served (its RSS growth from the second round to the last over the sessions served meanwhile; aim:
+#         about nothing, as a server runs for months).
 # Prints a table and one JSON line per case on stdout.
 #
-#   netns-scripts/bench-scale.sh [--case idle|fair|all] [--sessions N] [--clients K] [--hold S]
+#   netns-scripts/bench-scale.sh [--case idle|fair|churn|all] [--sessions N] [--clients K] [--hold S]
 #                                [--active M] [--duration S] [--settle S] [--measure S] [--open-concurrency C]
-#                                [--transport tcp|udp] [--client-loops N]
+#                                [--transport tcp|udp] [--client-loops N] [--rounds R] [--churn N]
 # --settle: seconds between the last subflow up and the idle measurement (default 3); --measure: its length (10);
 # --open-concurrency: opens in progress per client (16). --transport udp: UDP subflows, whose listener shares
 # one socket per local address among all its subflows, so the server needs a handful of descriptors instead of
@@ -39,6 +43,8 @@ concurrency=16
 settle=3
 transport=tcp
 client_loops=()
+rounds=10
+churn=1000
 while (($#)); do
     case $1 in
         --case) which_case=$2; shift 2 ;;
@@ -52,11 +58,15 @@ while (($#)); do
         --settle) settle=$2; shift 2 ;;
         --transport) transport=$2; shift 2 ;;
         --client-loops) client_loops=(--event-loops "$2"); shift 2 ;;
-        -h | --help) sed -n '2,23p' "$0"; exit 0 ;;
+        --rounds) rounds=$2; shift 2 ;;
+        --churn) churn=$2; shift 2 ;;
+        -h | --help) sed -n '2,27p' "$0"; exit 0 ;;
         *) nbs_die "unknown argument $1" ;;
     esac
 done
-[[ $which_case =~ ^(idle|fair|all)$ ]] || nbs_die "--case must be idle, fair or all"
+[[ $which_case =~ ^(idle|fair|churn|all)$ ]] || nbs_die "--case must be idle, fair, churn or all"
+((rounds >= 2 && rounds <= 1000)) || nbs_die "--rounds must be 2...1000"
+((churn >= 1 && churn <= 10000)) || nbs_die "--churn must be 1...10000"
 [[ $transport =~ ^(tcp|udp)$ ]] || nbs_die "--transport must be tcp or udp"
 ((clients >= 1 && clients <= 60)) || nbs_die "--clients must be 1...60 (two loopback addresses each)"
 NBS_BIN=$bin
@@ -73,7 +83,8 @@ export NBS_CONTROL_DIR=$NBS_TMP/control
 # only. Raise the limit for this shell and the processes it starts (root may raise the hard limit too).
 # Raising the hard limit needs CAP_SYS_RESOURCE, which some containers withhold even from root.
 most=$active
-[[ $which_case == fair ]] || most=$((sessions > active ? sessions : active))
+[[ $which_case == churn ]] && most=$churn
+[[ $which_case == fair || $which_case == churn ]] || most=$((sessions > active ? sessions : active))
 need=$((2 * most + 64)) who="the server"
 [[ $transport == udp ]] && need=$((2 * (most + clients - 1) / clients + 64)) who="each client"
 if (($(ulimit -Hn) < need)) && ! ulimit -Hn "$need" 2>/dev/null; then
@@ -300,8 +311,45 @@ print(f"fair: {len(done)}/{active} sessions completed; goodput per session min/m
 EOF
 }
 
+churn_case() {
+    local port server server_timeout_pid="" r cp rc failed=0 rss=() t0 t1
+    port=$(nbs_port)
+    start_server server "$port" churn-server
+    served() { (($(grep -c '"completed"' "$NBS_TMP/churn-server.out" || true) >= r * churn)); }
+    t0=$(date +%s.%N)
+    for ((r = 1; r <= rounds; r++)); do
+        start cp "churn-client-$r" "$NBS_BIN" connect --name client.scale.test "localhost:$port" --sessions "$churn" --bytes 1K \
+            --open-concurrency "$concurrency" --max-subflows 2 --local 127.0.0.2 --local 127.0.0.3 --json --no-control \
+            --transport "$transport"
+        nbs_wait_rc rc "$cp"
+        ((rc == 0)) || failed=$((failed + 1))
+        wait_for 60 served || true
+        rss+=("$(rss_kib "$server")")
+        nbs_log "churn: round $r: server RSS ${rss[-1]} KiB"
+    done
+    t1=$(date +%s.%N)
+    local completed
+    completed=$(grep -c '"completed":true' "$NBS_TMP/churn-server.out" || true)
+    nbs__kill_child "$server_timeout_pid"
+    python3 - "$churn" "$rounds" "$completed" "$failed" "$transport" "$t0" "$t1" "${rss[@]}" <<'EOF'
+import json, sys
+churn, rounds, completed, failed, transport, t0, t1 = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], float(sys.argv[6]), float(sys.argv[7])
+rss = [int(x) for x in sys.argv[8:]]
+# From the second round: the first also pays for what a server makes once (loops, buffers, the first tasks).
+kept = (rss[-1] - rss[1]) / (churn * (rounds - 2)) if rounds > 2 else 0.0
+j = {"case": "churn", "transport": transport, "rounds": rounds, "sessions_per_round": churn, "server_completed": completed,
+     "client_rounds_failed": failed, "seconds": round(t1 - t0, 1), "server_rss_kib_by_round": rss,
+     "kept_kib_per_session_served": round(kept, 3)}
+print(json.dumps(j, sort_keys=True))
+print(f"churn: {completed} of {churn * rounds} sessions served in {rounds} rounds ({j['seconds']} s); server RSS {rss[0]} -> {rss[-1]} KiB; "
+      f"kept {kept:.3f} KiB per session served (rounds 2 to {rounds})", file=sys.stderr)
+EOF
+}
+
 case $which_case in
     idle) idle_case ;;
     fair) fair_case ;;
-    all) idle_case; fair_case ;;
+    churn) churn_case ;;
+    all) idle_case; fair_case; churn_case ;;
 esac
+
