@@ -12,10 +12,27 @@ export NBS_REQUIRE_BIN=${NBS_REQUIRE_BIN:-1}
 echo "== swift build --build-tests"
 swift build --build-tests
 
+# Processes the Swift tests start (CLI servers waiting for a session) die with their test, but not when
+# the test process itself dies (a crash): they would outlive the run, holding ports. They inherit this
+# tag in their environment, which is how they are found afterwards; nothing else carries it.
+test_tag="nbs-test-all-$$-$RANDOM"
+reap_tagged() {
+    local environ pid reaped=()
+    for environ in /proc/[0-9]*/environ; do
+        pid=${environ#/proc/}
+        pid=${pid%/environ}
+        grep -qsxzF "NBS_TEST_RUN_TAG=$test_tag" "$environ" && reaped+=("$pid")
+    done
+    ((${#reaped[@]} == 0)) && return 0
+    echo "test-all: killing ${#reaped[@]} process(es) the Swift tests left running: ${reaped[*]}"
+    kill -KILL "${reaped[@]}" 2>/dev/null || true
+}
+
 rc=0
 echo "== swift test --skip-build"
-swift test --skip-build || rc=$?
+NBS_TEST_RUN_TAG=$test_tag swift test --skip-build || rc=$?
 ((rc == 0)) || echo "test-all: swift test failed (exit $rc)"
+reap_tagged
 
 echo "== netns scenarios (NBS_BIN=$NBS_BIN)"
 bash netns-scripts/run-all.sh || rc=1
