@@ -91,10 +91,17 @@ public final class Listener: Sendable {
                         datagrams: datagrams)
     }
 
-    /// The next session addressed to this listener's name.
+    /// The next session addressed to this listener's name. Cancelling the calling task ends the
+    /// wait with `CancellationError`, and the next session goes to the next call.
     public func accept() async throws -> Session {
         let state = self.state
-        return try await loop.flatSubmit { state.value.accept() }.get()
+        let request = AcceptRequest(promise: loop.makePromise())
+        return try await withTaskCancellationHandler {
+            loop.execute { state.value.accept(request) }
+            return try await request.promise.futureResult.get()
+        } onCancel: { [loop] in
+            loop.execute { state.value.cancelAccept(request) }
+        }
     }
 
     /// Test hook: each TCP socket's Fast Open queue length (0: Fast Open off).
@@ -126,6 +133,21 @@ public final class Listener: Sendable {
     }
 }
 
+/// One `accept` call. Made on the caller's thread, then touched only on the listener's loop.
+final class AcceptRequest: @unchecked Sendable {
+    let promise: EventLoopPromise<Session>
+    /// The call's task was cancelled before a session came for it.
+    var cancelled = false
+    var answered = false
+
+    init(promise: EventLoopPromise<Session>) { self.promise = promise }
+
+    func answer(_ result: Result<Session, any Error>) {
+        answered = true
+        promise.completeWith(result)
+    }
+}
+
 final class ListenerState: SubflowDelegate {
     let loop: any EventLoop
     let localName: String
@@ -146,7 +168,7 @@ final class ListenerState: SubflowDelegate {
     private var nextSerial: UInt64 = 0
     private lazy var handshakeTimer = LoopTimer(on: loop, owner: self) { $0.handshakesExpired() }
     private var ready = CircularBuffer<Session>()
-    private var waiters = CircularBuffer<EventLoopPromise<Session>>()
+    private var waiters = CircularBuffer<AcceptRequest>()
     private var closed = false
     /// The next OPEN's ephemeral key, made after the previous OPEN was answered: generating it
     /// while an opener waits put a quarter of the listener's handshake work on that opener's path.
@@ -206,19 +228,26 @@ final class ListenerState: SubflowDelegate {
     /// Room for one more connection in handshake: UDP listeners ask before they make a socket.
     var canTakeHandshake: Bool { pending.count < options.maxPendingHandshakes && !closed }
 
-    func accept() -> EventLoopFuture<Session> {
-        if let session = ready.popFirst() { return loop.makeSucceededFuture(session) }
-        if closed { return loop.makeFailedFuture(NBSError.listenerClosed) }
-        let promise = loop.makePromise(of: Session.self)
-        waiters.append(promise)
-        return promise.futureResult
+    func accept(_ request: AcceptRequest) {
+        guard !request.cancelled else { return }
+        if let session = ready.popFirst() { return request.answer(.success(session)) }
+        if closed { return request.answer(.failure(NBSError.listenerClosed)) }
+        waiters.append(request)
+    }
+
+    /// Runs before or after `accept(request)`, whichever order the two reach the loop in.
+    func cancelAccept(_ request: AcceptRequest) {
+        guard !request.answered, !request.cancelled else { return }
+        request.cancelled = true
+        waiters.removeAll { $0 === request }
+        request.promise.fail(CancellationError())
     }
 
     func close() {
         closed = true
         interfaceFeed?.cancel()
         interfaceFeed = nil
-        for waiter in waiters { waiter.fail(NBSError.listenerClosed) }
+        for waiter in waiters { waiter.answer(.failure(NBSError.listenerClosed)) }
         waiters.removeAll()
     }
 
@@ -384,7 +413,7 @@ final class ListenerState: SubflowDelegate {
     }
 
     private func deliver(_ session: Session) {
-        if let waiter = waiters.popFirst() { waiter.succeed(session) } else { ready.append(session) }
+        if let waiter = waiters.popFirst() { waiter.answer(.success(session)) } else { ready.append(session) }
     }
 
     /// Ends a session before the application saw it. Keys exist, so the ABORT is authenticated.

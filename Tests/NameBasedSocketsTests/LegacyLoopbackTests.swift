@@ -106,8 +106,11 @@ struct LegacyLoopbackTests {
         let server = try await listener(options: options)
         let accepted = Task { try await server.accept() }
         let channel = try await PlainPeer.connect(port: server.port)
-        let received = try await channel.executeThenClose { inbound, outbound in
-            try await Task.sleep(for: .milliseconds(400))
+        let (received, session) = try await channel.executeThenClose { inbound, outbound in
+            // Late means after the listener took the silence for a legacy client, however late its
+            // timer ran: a fixed sleep lost that race on a loaded machine (the bytes arrived first,
+            // were refused as NBS, and nothing was ever accepted).
+            let session = try await withTimeout(10) { try await accepted.value }
             var late = ByteBuffer()
             NBSWire.writePreamble(into: &late)
             FrameEncoder.encode(.join(.init(token: 7, nonce: randomBytes(16), backup: false, mac: randomBytes(32))), into: &late)
@@ -116,10 +119,9 @@ struct LegacyLoopbackTests {
             do {
                 for try await var chunk in inbound { all.writeBuffer(&chunk) }
             } catch {}  // a reset ends the stream with an error
-            return all.readableBytes
+            return (all.readableBytes, session)
         }
         #expect(received == 0)
-        let session = try await withTimeout(10) { try await accepted.value }
         #expect(session.isLegacy)
         await #expect(throws: NBSError.self) {
             _ = try await withTimeout(10) { try await session.read() }
@@ -549,47 +551,45 @@ final class PlainServer: Sendable {
 
     let port: Int
     let log: Log
-    private let channel: NIOAsyncChannel<any Channel, Never>
-    private let task: Task<Void, Never>
+    private let channel: any Channel
+    private let connections: Connections
 
-    private init(port: Int, log: Log, channel: NIOAsyncChannel<any Channel, Never>, task: Task<Void, Never>) {
+    /// The task serving each connection, started as the connection is accepted.
+    final class Connections: Sendable {
+        private let tasks = Mutex<[Task<Void, Never>]>([])
+        func add(_ task: Task<Void, Never>) { tasks.withLock { $0.append(task) } }
+        var all: [Task<Void, Never>] { tasks.withLock { $0 } }
+    }
+
+    private init(port: Int, log: Log, channel: any Channel, connections: Connections) {
         self.port = port
         self.log = log
         self.channel = channel
-        self.task = task
+        self.connections = connections
     }
 
+    /// Each connection gets its serving task in the child initializer, not through an accept loop:
+    /// an async child channel that such a loop never hands out (accepted as the listening socket
+    /// closes) traps in NIO ("Deinited NIOAsyncWriter without calling finish()", swift-nio #3481),
+    /// which ended a CI run's tests. A task always starts, and `serve` always finishes the writer.
     static func start(_ behaviour: Behaviour, host: String = "127.0.0.1", port: Int = 0) async throws -> PlainServer {
+        let log = Log()
+        let connections = Connections()
         let channel = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.allowRemoteHalfClosure, value: true)
-            // Each connection is wrapped by the task that serves it (see `serve`): NIO traps on an
-            // async child channel accepted as the listening socket closes, which the accept loop
-            // never hands out (swift-nio #3481). A plain child that is never handed out just closes
-            // at exit; until it is wrapped it must not read.
-            .childChannelOption(.autoRead, value: false)
-            .bind(host: host, port: port) { child in child.eventLoop.makeSucceededFuture(child) }
-        let log = Log()
-        let task = Task<Void, Never> {
-            try? await channel.executeThenClose { inbound in
-                try await withThrowingDiscardingTaskGroup { group in
-                    for try await connection in inbound {
-                        group.addTask { try? await serve(connection, behaviour: behaviour, log: log) }
-                    }
-                    // The listening socket is closed: end the connections still open.
-                    group.cancelAll()
+            .childChannelInitializer { child in
+                child.eventLoop.makeCompletedFuture {
+                    let connection = try NIOAsyncChannel<ByteBuffer, ByteBuffer>(
+                        wrappingChannelSynchronously: child, configuration: .init(isOutboundHalfClosureEnabled: true))
+                    connections.add(Task { try? await serve(connection, behaviour: behaviour, log: log) })
                 }
             }
-        }
-        return PlainServer(port: channel.channel.localAddress!.port!, log: log, channel: channel, task: task)
+            .bind(host: host, port: port).get()
+        return PlainServer(port: channel.localAddress!.port!, log: log, channel: channel, connections: connections)
     }
 
-    private static func serve(_ child: any Channel, behaviour: Behaviour, log: Log) async throws {
-        let connection = try await child.eventLoop.submit {
-            let wrapped = try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: child, configuration: .init(isOutboundHalfClosureEnabled: true))
-            try child.syncOptions?.setOption(.autoRead, value: true)
-            return wrapped
-        }.get()
+    private static func serve(_ connection: NIOAsyncChannel<ByteBuffer, ByteBuffer>, behaviour: Behaviour, log: Log) async throws {
         let id = await log.open()
         try await connection.executeThenClose { inbound, outbound in
             if behaviour == .bannerThenCount { try await outbound.write(ByteBuffer(string: banner)) }
@@ -616,8 +616,12 @@ final class PlainServer: Sendable {
         }
     }
 
+    /// Closes the listening socket, then ends the connections still open.
     func stop() async {
-        try? await channel.channel.close()
-        await task.value
+        try? await channel.close()
+        for task in connections.all {
+            task.cancel()
+            await task.value
+        }
     }
 }

@@ -306,6 +306,23 @@ struct LoopbackTests {
         try await client.close()
         await server.close()
     }
+
+    @Test("a cancelled accept ends with CancellationError, before or after it reached the loop; the next session goes to the next accept")
+    func cancelledAccept() async throws {
+        let server = try await listener()
+        for round in 0..<20 {
+            let waiting = Task { try await server.accept() }
+            // Cancelled at once or after it has waited a while: both orders on the loop.
+            if round % 2 == 1 { try await Task.sleep(for: .milliseconds(20)) }
+            waiting.cancel()
+            await #expect(throws: CancellationError.self) { try await withTimeout(5) { try await waiting.value } }
+        }
+        let next = Task { try await server.accept() }
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: loopbackOptions())
+        let accepted = try await withTimeout(10) { try await next.value }
+        #expect(accepted.peerName == "client.test")
+        try await closeBothEnds(client, accepted, listener: server)
+    }
 }
 
 func waitForSubflows(_ session: Session, count: Int, seconds: Double = 10) async throws {

@@ -1,6 +1,7 @@
 import Crypto
 import NIOCore
 import NIOPosix
+import Synchronization
 import Testing
 
 @testable import NameBasedSockets
@@ -49,17 +50,58 @@ func drain(_ session: Session) async throws -> (bytes: Int, digest: [UInt8]) {
     return (total, Array(hash.finalize()))
 }
 
-/// A bound on how long a test step may take, so a hang fails the test instead of the suite.
+/// A bound on how long a test step may take, so a hang fails the test instead of the suite. On
+/// timeout it cancels the step and returns without waiting for it: a step blocked on something that
+/// does not heed cancellation (a NIO future's `get()`) would otherwise hold the test, and with it
+/// the whole run, forever (seen: a test awaiting an `accept` that never came).
 func withTimeout<T: Sendable>(_ seconds: Double, _ what: String = "operation", _ body: @escaping @Sendable () async throws -> T) async throws -> T {
-    try await withThrowingTaskGroup(of: T.self) { group in
-        group.addTask { try await body() }
-        group.addTask {
-            try await Task.sleep(for: .milliseconds(Int(seconds * 1000)))
-            throw TimeoutError(what: what, seconds: seconds)
+    let outcome = AsyncFirst<T>()
+    let work = Task { outcome.resolve(await Result { try await body() }) }
+    let timer = Task {
+        try? await Task.sleep(for: .milliseconds(Int(seconds * 1000)))
+        outcome.resolve(.failure(TimeoutError(what: what, seconds: seconds)))
+    }
+    defer {
+        work.cancel()
+        timer.cancel()
+    }
+    return try await outcome.value
+}
+
+/// The first of several results, for one waiter.
+final class AsyncFirst<T: Sendable>: Sendable {
+    private struct State {
+        var result: Result<T, any Error>?
+        var waiter: CheckedContinuation<T, any Error>?
+    }
+    private let state = Mutex(State())
+
+    func resolve(_ result: Result<T, any Error>) {
+        let waiter = state.withLock { state -> CheckedContinuation<T, any Error>? in
+            guard state.result == nil else { return nil }
+            state.result = result
+            defer { state.waiter = nil }
+            return state.waiter
         }
-        let result = try await group.next()!
-        group.cancelAll()
-        return result
+        waiter?.resume(with: result)
+    }
+
+    var value: T {
+        get async throws {
+            try await withCheckedThrowingContinuation { continuation in
+                let ready = state.withLock { state -> Result<T, any Error>? in
+                    if state.result == nil { state.waiter = continuation }
+                    return state.result
+                }
+                if let ready { continuation.resume(with: ready) }
+            }
+        }
+    }
+}
+
+extension Result where Failure == any Error {
+    init(catching body: () async throws -> Success) async {
+        do { self = .success(try await body()) } catch { self = .failure(error) }
     }
 }
 
@@ -75,4 +117,24 @@ func closeBothEnds(_ client: Session, _ accepted: Session, listener: Listener) a
     try await client.close()
     try await acceptedClosed
     await listener.close()
+}
+
+@Suite("Test support")
+struct TestSupportTests {
+    /// Not awaited: were `withTimeout` to wait for its step, this test would hang instead of failing.
+    @Test("withTimeout returns at its deadline while its step ignores cancellation")
+    func timeoutDoesNotWaitForItsStep() async throws {
+        let never = MultiThreadedEventLoopGroup.singleton.next().makePromise(of: Void.self)
+        let timedOut = ManagedCounter()
+        Task {
+            do {
+                try await withTimeout(0.2) { try await never.futureResult.get() }
+            } catch is TimeoutError {
+                timedOut.add(1)
+            }
+        }
+        for _ in 0..<100 where timedOut.value == 0 { try await Task.sleep(for: .milliseconds(50)) }
+        #expect(timedOut.value == 1)
+        never.succeed(())
+    }
 }
