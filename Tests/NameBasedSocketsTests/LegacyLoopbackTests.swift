@@ -532,13 +532,9 @@ final class PlainServer: Sendable {
 
     actor Log {
         struct Connection: Sendable { var firstBytes: [UInt8] = [] }
+        /// By the order in which the listening socket accepted them (`AcceptOrder`).
         private(set) var entries: [Int: Connection] = [:]
-        private var next = 0
-        func open() -> Int {
-            next += 1
-            entries[next] = Connection()
-            return next
-        }
+        func open(_ id: Int) { entries[id] = Connection() }
         func saw(_ id: Int, _ bytes: ByteBuffer) {
             guard var entry = entries[id], entry.firstBytes.count < 8 else { return }
             entry.firstBytes += Array(bytes.readableBytesView.prefix(8 - entry.firstBytes.count))
@@ -553,6 +549,24 @@ final class PlainServer: Sendable {
     let log: Log
     private let channel: any Channel
     private let connections: Connections
+
+    /// Numbers connections in the order the listening socket accepted them, on its loop: the
+    /// children's initializers, and the tasks they start, run on several loops in any order.
+    final class AcceptOrder: ChannelInboundHandler, Sendable {
+        typealias InboundIn = any Channel
+        private let numbers = Mutex<(next: Int, byChannel: [ObjectIdentifier: Int])>((1, [:]))
+
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            let child = Self.unwrapInboundIn(data)
+            numbers.withLock {
+                $0.byChannel[ObjectIdentifier(child)] = $0.next
+                $0.next += 1
+            }
+            context.fireChannelRead(data)
+        }
+
+        func take(_ child: any Channel) -> Int { numbers.withLock { $0.byChannel.removeValue(forKey: ObjectIdentifier(child)) ?? 0 } }
+    }
 
     /// The task serving each connection, started as the connection is accepted.
     final class Connections: Sendable {
@@ -575,22 +589,25 @@ final class PlainServer: Sendable {
     static func start(_ behaviour: Behaviour, host: String = "127.0.0.1", port: Int = 0) async throws -> PlainServer {
         let log = Log()
         let connections = Connections()
+        let order = AcceptOrder()
         let channel = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .serverChannelInitializer { server in server.eventLoop.makeCompletedFuture { try server.pipeline.syncOperations.addHandler(order) } }
             .childChannelOption(.allowRemoteHalfClosure, value: true)
             .childChannelInitializer { child in
                 child.eventLoop.makeCompletedFuture {
+                    let id = order.take(child)
                     let connection = try NIOAsyncChannel<ByteBuffer, ByteBuffer>(
                         wrappingChannelSynchronously: child, configuration: .init(isOutboundHalfClosureEnabled: true))
-                    connections.add(Task { try? await serve(connection, behaviour: behaviour, log: log) })
+                    connections.add(Task { try? await serve(connection, id: id, behaviour: behaviour, log: log) })
                 }
             }
             .bind(host: host, port: port).get()
         return PlainServer(port: channel.localAddress!.port!, log: log, channel: channel, connections: connections)
     }
 
-    private static func serve(_ connection: NIOAsyncChannel<ByteBuffer, ByteBuffer>, behaviour: Behaviour, log: Log) async throws {
-        let id = await log.open()
+    private static func serve(_ connection: NIOAsyncChannel<ByteBuffer, ByteBuffer>, id: Int, behaviour: Behaviour, log: Log) async throws {
+        await log.open(id)
         try await connection.executeThenClose { inbound, outbound in
             if behaviour == .bannerThenCount { try await outbound.write(ByteBuffer(string: banner)) }
             var hash = SHA256()
