@@ -412,7 +412,8 @@ struct LegacyLoopbackTests {
     // MARK: the plain test server itself
 
     /// Its stop once raced a connection being accepted and trapped in NIO, ending the whole test
-    /// run (clean-clone CI, 2026-11-26); with async child channels this crashed within 200 rounds.
+    /// run (clean-clone CI, 2026-11-26); with an accept loop handing out async child channels, this
+    /// crashed within 200 rounds.
     @Test("the plain test server stops while connections arrive, without trapping")
     func plainServerStopsUnderConnects() async throws {
         for _ in 0..<200 {
