@@ -35,7 +35,7 @@ final class LegacyConnection: ChannelInboundHandler, RemovableChannelHandler, Se
     private var context: ChannelHandlerContext?
     private var received = CircularBuffer<ByteBuffer>()
     private var receivedBytes = 0
-    private var readWaiters = CircularBuffer<(maxBytes: Int, promise: EventLoopPromise<ByteBuffer?>)>()
+    private var readWaiters = CircularBuffer<(maxBytes: Int, wait: LoopWait<ByteBuffer?>)>()
     private var writeWaiters = CircularBuffer<EventLoopPromise<Void>>()
     private var closeWaiters: [EventLoopPromise<Void>] = []
     private var inputEnded = false
@@ -196,11 +196,14 @@ final class LegacyConnection: ChannelInboundHandler, RemovableChannelHandler, Se
 
     // MARK: application calls (on the loop)
 
-    func read(maxBytes: Int) -> EventLoopFuture<ByteBuffer?> {
-        let promise = loop.makePromise(of: ByteBuffer?.self)
-        readWaiters.append((max(1, maxBytes), promise))
+    func read(maxBytes: Int, for wait: LoopWait<ByteBuffer?>) {
+        guard !wait.cancelled else { return }
+        readWaiters.append((max(1, maxBytes), wait))
         serveReaders()
-        return promise.futureResult
+    }
+
+    func cancelRead(_ wait: LoopWait<ByteBuffer?>) {
+        if wait.cancel() { readWaiters.removeAll { $0.wait === wait } }
     }
 
     func write(_ bytes: ByteBuffer) -> EventLoopFuture<Void> {
@@ -278,12 +281,12 @@ final class LegacyConnection: ChannelInboundHandler, RemovableChannelHandler, Se
                 }
                 let wasFull = receivedBytes >= options.receiveCapacity
                 receivedBytes -= slice.readableBytes
-                waiter.promise.succeed(slice)
+                waiter.wait.answer(.success(slice))
                 if wasFull, receivedBytes < options.receiveCapacity, !inputEnded { context?.read() }
             } else if inputEnded {
                 readWaiters.removeFirst()
                 // A connection that failed ends the stream with its error; one that ended cleanly with nil.
-                if let failure { waiter.promise.fail(failure) } else { waiter.promise.succeed(nil) }
+                if let failure { waiter.wait.answer(.failure(failure)) } else { waiter.wait.answer(.success(nil)) }
             } else {
                 return
             }

@@ -95,13 +95,7 @@ public final class Listener: Sendable {
     /// wait with `CancellationError`, and the next session goes to the next call.
     public func accept() async throws -> Session {
         let state = self.state
-        let request = AcceptRequest(promise: loop.makePromise())
-        return try await withTaskCancellationHandler {
-            loop.execute { state.value.accept(request) }
-            return try await request.promise.futureResult.get()
-        } onCancel: { [loop] in
-            loop.execute { state.value.cancelAccept(request) }
-        }
+        return try await LoopWait.run(on: loop) { state.value.accept($0) } cancel: { state.value.cancelAccept($0) }
     }
 
     /// Test hook: each TCP socket's Fast Open queue length (0: Fast Open off).
@@ -133,21 +127,6 @@ public final class Listener: Sendable {
     }
 }
 
-/// One `accept` call. Made on the caller's thread, then touched only on the listener's loop.
-final class AcceptRequest: @unchecked Sendable {
-    let promise: EventLoopPromise<Session>
-    /// The call's task was cancelled before a session came for it.
-    var cancelled = false
-    var answered = false
-
-    init(promise: EventLoopPromise<Session>) { self.promise = promise }
-
-    func answer(_ result: Result<Session, any Error>) {
-        answered = true
-        promise.completeWith(result)
-    }
-}
-
 final class ListenerState: SubflowDelegate {
     let loop: any EventLoop
     let localName: String
@@ -168,7 +147,7 @@ final class ListenerState: SubflowDelegate {
     private var nextSerial: UInt64 = 0
     private lazy var handshakeTimer = LoopTimer(on: loop, owner: self) { $0.handshakesExpired() }
     private var ready = CircularBuffer<Session>()
-    private var waiters = CircularBuffer<AcceptRequest>()
+    private var waiters = CircularBuffer<LoopWait<Session>>()
     private var closed = false
     /// The next OPEN's ephemeral key, made after the previous OPEN was answered: generating it
     /// while an opener waits put a quarter of the listener's handshake work on that opener's path.
@@ -228,19 +207,15 @@ final class ListenerState: SubflowDelegate {
     /// Room for one more connection in handshake: UDP listeners ask before they make a socket.
     var canTakeHandshake: Bool { pending.count < options.maxPendingHandshakes && !closed }
 
-    func accept(_ request: AcceptRequest) {
-        guard !request.cancelled else { return }
-        if let session = ready.popFirst() { return request.answer(.success(session)) }
-        if closed { return request.answer(.failure(NBSError.listenerClosed)) }
-        waiters.append(request)
+    func accept(_ wait: LoopWait<Session>) {
+        guard !wait.cancelled else { return }
+        if let session = ready.popFirst() { return wait.answer(.success(session)) }
+        if closed { return wait.answer(.failure(NBSError.listenerClosed)) }
+        waiters.append(wait)
     }
 
-    /// Runs before or after `accept(request)`, whichever order the two reach the loop in.
-    func cancelAccept(_ request: AcceptRequest) {
-        guard !request.answered, !request.cancelled else { return }
-        request.cancelled = true
-        waiters.removeAll { $0 === request }
-        request.promise.fail(CancellationError())
+    func cancelAccept(_ wait: LoopWait<Session>) {
+        if wait.cancel() { waiters.removeAll { $0 === wait } }
     }
 
     func close() {

@@ -48,9 +48,11 @@ public final class Session: Sendable {
     }
 
     /// Up to `maxBytes` of in-order data; nil once the peer has finished and everything is read.
+    /// Cancelling the calling task ends the wait with `CancellationError` and consumes nothing:
+    /// the bytes go to the next read.
     public func read(maxBytes: Int = 4 << 20) async throws -> ByteBuffer? {
         let engine = self.engine
-        return try await loop.flatSubmit { engine.value.read(maxBytes: maxBytes) }.get()
+        return try await LoopWait.run(on: loop) { engine.value.read(maxBytes: maxBytes, for: $0) } cancel: { engine.value.cancelRead($0) }
     }
 
     /// Returns once the session has buffered the bytes (backpressure: it waits while the send
@@ -113,7 +115,8 @@ public struct SessionStatistics: Sendable, Equatable {
 /// What a `Session` runs on: the multipath engine, or one plain connection with a legacy peer.
 /// Called on the backend's event loop only.
 protocol SessionBackend: AnyObject {
-    func read(maxBytes: Int) -> EventLoopFuture<ByteBuffer?>
+    func read(maxBytes: Int, for wait: LoopWait<ByteBuffer?>)
+    func cancelRead(_ wait: LoopWait<ByteBuffer?>)
     func write(_ bytes: ByteBuffer) -> EventLoopFuture<Void>
     func finish()
     func close() -> EventLoopFuture<Void>
@@ -180,5 +183,42 @@ extension Session {
         try? await loop.submit {
             for case let subflow as Transport in (engine.value as? SessionEngine)?.liveTransportsForTesting ?? [] { body(subflow) }
         }.get()
+    }
+}
+
+/// An application call that waits on an event loop (`accept`, `read`): made on the caller's thread,
+/// then touched only on the loop. Cancelling the caller's task cancels it there, whichever of the
+/// call and the cancellation reaches the loop first; once answered, a cancellation changes nothing.
+final class LoopWait<Value: Sendable>: @unchecked Sendable {
+    let promise: EventLoopPromise<Value>
+    private(set) var cancelled = false
+    private(set) var answered = false
+
+    private init(promise: EventLoopPromise<Value>) { self.promise = promise }
+
+    /// `start` queues the wait on the loop (checking `cancelled` first); `cancel` takes it out of
+    /// that queue if `cancel()` says it was still waiting.
+    static func run(on loop: any EventLoop, _ start: @escaping @Sendable (LoopWait) -> Void,
+                    cancel: @escaping @Sendable (LoopWait) -> Void) async throws -> Value {
+        let wait = LoopWait(promise: loop.makePromise())
+        return try await withTaskCancellationHandler {
+            loop.execute { start(wait) }
+            return try await wait.promise.futureResult.get()
+        } onCancel: {
+            loop.execute { cancel(wait) }
+        }
+    }
+
+    func answer(_ result: Result<Value, any Error>) {
+        answered = true
+        promise.completeWith(result)
+    }
+
+    /// Fails the wait with `CancellationError`; false if it was answered or cancelled already.
+    func cancel() -> Bool {
+        guard !answered, !cancelled else { return false }
+        cancelled = true
+        promise.fail(CancellationError())
+        return true
     }
 }

@@ -76,7 +76,7 @@ final class SessionEngine: SubflowDelegate {
     private(set) var rejectedSignals = 0
     var peerAddresses: [SocketAddress]
 
-    private var readWaiters = CircularBuffer<(maxBytes: Int, promise: EventLoopPromise<ByteBuffer?>)>()
+    private var readWaiters = CircularBuffer<(maxBytes: Int, wait: LoopWait<ByteBuffer?>)>()
     private var writeWaiters = CircularBuffer<(bytes: ByteBuffer, promise: EventLoopPromise<Void>)>()
     private var finishRequested = false
     private var closeWaiters: [EventLoopPromise<Void>] = []
@@ -914,13 +914,13 @@ final class SessionEngine: SubflowDelegate {
         while let waiter = readWaiters.first {
             if let bytes = core.read(maxBytes: waiter.maxBytes) {
                 readWaiters.removeFirst()
-                waiter.promise.succeed(bytes)
+                waiter.wait.answer(.success(bytes))
             } else if core.isReadFinished {
                 readWaiters.removeFirst()
-                waiter.promise.succeed(nil)
+                waiter.wait.answer(.success(nil))
             } else if case .failed(let error) = state {
                 readWaiters.removeFirst()
-                waiter.promise.fail(error)
+                waiter.wait.answer(.failure(error))
             } else {
                 break
             }
@@ -944,13 +944,16 @@ final class SessionEngine: SubflowDelegate {
 
     // MARK: application calls (on the loop)
 
-    func read(maxBytes: Int) -> EventLoopFuture<ByteBuffer?> {
-        let promise = loop.makePromise(of: ByteBuffer?.self)
-        readWaiters.append((maxBytes, promise))
+    func read(maxBytes: Int, for wait: LoopWait<ByteBuffer?>) {
+        guard !wait.cancelled else { return }
+        readWaiters.append((maxBytes, wait))
         let hadData = core.readableBytes > 0
         serveReaders()
         if hadData { pump() }  // reading may have re-opened the window
-        return promise.futureResult
+    }
+
+    func cancelRead(_ wait: LoopWait<ByteBuffer?>) {
+        if wait.cancel() { readWaiters.removeAll { $0.wait === wait } }
     }
 
     func write(_ bytes: ByteBuffer) -> EventLoopFuture<Void> {
@@ -1047,7 +1050,7 @@ final class SessionEngine: SubflowDelegate {
             records[id]!.closeReason = error.description
             core.removeSubflow(id)
         }
-        for waiter in readWaiters { waiter.promise.fail(error) }
+        for waiter in readWaiters { waiter.wait.answer(.failure(error)) }
         readWaiters.removeAll()
         for waiter in writeWaiters { waiter.promise.fail(error) }
         writeWaiters.removeAll()

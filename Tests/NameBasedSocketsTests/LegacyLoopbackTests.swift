@@ -409,6 +409,25 @@ struct LegacyLoopbackTests {
         await server.close()
     }
 
+    @Test("a legacy session's cancelled read consumes nothing: the echo goes to the next read")
+    func legacyCancelledRead() async throws {
+        let plain = try await PlainServer.start(.echo)
+        let session = try await withTimeout(10) {
+            try await NBS.open(localName: "client.test", peerName: "legacy.test", port: plain.port, options: legacyOptions(.legacyOnly))
+        }
+        for round in 0..<10 {
+            let reading = Task { try await session.read() }
+            if round % 2 == 1 { try await Task.sleep(for: .milliseconds(20)) }
+            reading.cancel()
+            await #expect(throws: CancellationError.self) { try await withTimeout(5) { try await reading.value } }
+        }
+        try await session.write(ByteBuffer(string: "echoed"))
+        let next = try await withTimeout(10) { try await session.read() }
+        #expect(next.map { String(buffer: $0) } == "echoed")
+        await session.abort(reason: "test over")
+        await plain.stop()
+    }
+
     // MARK: the plain test server itself
 
     /// Its stop once raced a connection being accepted and trapped in NIO, ending the whole test

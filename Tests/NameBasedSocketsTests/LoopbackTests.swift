@@ -307,6 +307,28 @@ struct LoopbackTests {
         await server.close()
     }
 
+    @Test("a cancelled read ends with CancellationError and consumes nothing: the bytes go to the next read", arguments: NBSOptions.Transport.allCases)
+    func cancelledRead(transport: NBSOptions.Transport) async throws {
+        var listenerOptions = NBSOptions()
+        listenerOptions.transport = transport
+        let server = try await listener(options: listenerOptions)
+        var options = loopbackOptions()
+        options.transport = transport
+        let accepting = Task { try await server.accept() }
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options)
+        let accepted = try await withTimeout(10) { try await accepting.value }
+        for round in 0..<20 {
+            let reading = Task { try await accepted.read() }
+            if round % 2 == 1 { try await Task.sleep(for: .milliseconds(20)) }
+            reading.cancel()
+            await #expect(throws: CancellationError.self) { try await withTimeout(5) { try await reading.value } }
+        }
+        try await client.write(ByteBuffer(string: "after the cancelled reads"))
+        let next = try await withTimeout(10) { try await accepted.read() }
+        #expect(next.map { String(buffer: $0) } == "after the cancelled reads")
+        try await closeBothEnds(client, accepted, listener: server)
+    }
+
     @Test("a cancelled accept ends with CancellationError, before or after it reached the loop; the next session goes to the next accept")
     func cancelledAccept() async throws {
         let server = try await listener()
