@@ -317,12 +317,7 @@ struct LoopbackTests {
         let accepting = Task { try await server.accept() }
         let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options)
         let accepted = try await withTimeout(10) { try await accepting.value }
-        for round in 0..<20 {
-            let reading = Task { try await accepted.read() }
-            if round % 2 == 1 { try await Task.sleep(for: .milliseconds(20)) }
-            reading.cancel()
-            await #expect(throws: CancellationError.self) { try await withTimeout(5) { try await reading.value } }
-        }
+        try await expectCancelledWaits(rounds: 20) { try await accepted.read() }
         try await client.write(ByteBuffer(string: "after the cancelled reads"))
         let next = try await withTimeout(10) { try await accepted.read() }
         #expect(next.map { String(buffer: $0) } == "after the cancelled reads")
@@ -332,13 +327,7 @@ struct LoopbackTests {
     @Test("a cancelled accept ends with CancellationError, before or after it reached the loop; the next session goes to the next accept")
     func cancelledAccept() async throws {
         let server = try await listener()
-        for round in 0..<20 {
-            let waiting = Task { try await server.accept() }
-            // Cancelled at once or after it has waited a while: both orders on the loop.
-            if round % 2 == 1 { try await Task.sleep(for: .milliseconds(20)) }
-            waiting.cancel()
-            await #expect(throws: CancellationError.self) { try await withTimeout(5) { try await waiting.value } }
-        }
+        try await expectCancelledWaits(rounds: 20) { try await server.accept() }
         let next = Task { try await server.accept() }
         let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: loopbackOptions())
         let accepted = try await withTimeout(10) { try await next.value }

@@ -105,6 +105,17 @@ extension Result where Failure == any Error {
     }
 }
 
+/// Starts `call` and cancels it `rounds` times, at once and after it has waited a while in turn (so
+/// the cancellation reaches the loop both before and after the call), expecting CancellationError.
+func expectCancelledWaits<T: Sendable>(rounds: Int, _ call: @escaping @Sendable () async throws -> T) async throws {
+    for round in 0..<rounds {
+        let waiting = Task { try await call() }
+        if round % 2 == 1 { try await Task.sleep(for: .milliseconds(20)) }
+        waiting.cancel()
+        await #expect(throws: CancellationError.self) { try await withTimeout(5) { try await waiting.value } }
+    }
+}
+
 struct TimeoutError: Error, CustomStringConvertible {
     let what: String
     let seconds: Double
