@@ -23,9 +23,20 @@ reap_tagged() {
         pid=${pid%/environ}
         grep -qsxzF "NBS_TEST_RUN_TAG=$test_tag" "$environ" && reaped+=("$pid")
     done
-    ((${#reaped[@]} == 0)) && return 0
-    echo "test-all: killing ${#reaped[@]} process(es) the Swift tests left running: ${reaped[*]}"
-    kill -KILL "${reaped[@]}" 2>/dev/null || true
+    if ((${#reaped[@]} > 0)); then
+        echo "test-all: killing ${#reaped[@]} process(es) the Swift tests left running: ${reaped[*]}"
+        kill -KILL "${reaped[@]}" 2>/dev/null || true
+    fi
+    # The netlink tests' namespaces are named nltest-PID-...: a test process that died leaves its own
+    # behind. Those of a live process (a second run) stay.
+    local ns owner
+    for ns in $(ip netns list 2>/dev/null | awk '$1 ~ /^nltest-[0-9]+-/ { print $1 }'); do
+        owner=${ns#nltest-}
+        owner=${owner%%-*}
+        [[ -d /proc/$owner ]] && continue
+        ip netns delete "$ns" 2>/dev/null && echo "test-all: removed namespace $ns, left by test process $owner, which is gone"
+    done
+    return 0
 }
 
 rc=0
