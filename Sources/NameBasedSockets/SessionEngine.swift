@@ -91,9 +91,6 @@ final class SessionEngine: SubflowDelegate {
     private var transmissions = 0
     private var transmissionsAtProbe = 0
     private lazy var lingerTimer = LoopTimer(on: loop, owner: self) { $0.lingerEnded() }
-    private lazy var closeTimer = LoopTimer(on: loop, owner: self) { engine in
-        if engine.state == .open || engine.state == .closing { engine.fail(.closeTimedOut, notifyPeer: .timeout) }
-    }
     /// Set by whoever verified the peer's name before handing the session out.
     var peerVerification: PeerVerification = .claimed
     /// Called once when the session ends, so a listener can forget its token.
@@ -980,7 +977,9 @@ final class SessionEngine: SubflowDelegate {
         let promise = loop.makePromise(of: Void.self)
         closeWaiters.append(promise)
         finish()
-        closeTimer.armIfEarlier(at: .now() + options.closeTimeout)
+        LoopTimer.once(on: loop, owner: self, in: options.closeTimeout) { engine in
+            if engine.state == .open || engine.state == .closing { engine.fail(.closeTimedOut, notifyPeer: .timeout) }
+        }
         return promise.futureResult
     }
 
@@ -1027,7 +1026,6 @@ final class SessionEngine: SubflowDelegate {
         rejoinTimer.stop()
         probeTimer.stop()
         lingerTimer.stop()
-        closeTimer.stop()
         stopLivenessChecks()
         interfaceFeed?.cancel()
         interfaceFeed = nil
