@@ -48,9 +48,7 @@ struct SessionLifetimeTests {
         listenerOptions.transport = transport
         let server = try await listener(options: listenerOptions)
         let (opener, listenerSide) = try await Self.runOneSession(transport: transport, server: server)
-        for _ in 0..<100 where opener.engine != nil || listenerSide.engine != nil {
-            try await Task.sleep(for: .milliseconds(50))
-        }
+        try? await waitFor("both engines freed", seconds: 5) { opener.engine == nil && listenerSide.engine == nil }
         #expect(opener.engine == nil, "the opener's engine outlived its session")
         #expect(listenerSide.engine == nil, "the listener's engine outlived its session")
         await server.close()
@@ -60,7 +58,7 @@ struct SessionLifetimeTests {
     func legacyConnectionFreedAfterClose() async throws {
         let plain = try await PlainServer.start(.silentThenCount)
         let box = try await Self.runOneLegacySession(port: plain.port)
-        for _ in 0..<100 where box.engine != nil { try await Task.sleep(for: .milliseconds(50)) }
+        try? await waitFor("the legacy connection freed", seconds: 5) { box.engine == nil }
         #expect(box.engine == nil, "the legacy connection outlived its session")
         await plain.stop()
     }

@@ -144,7 +144,7 @@ struct TestSupportTests {
                 timedOut.add(1)
             }
         }
-        for _ in 0..<100 where timedOut.value == 0 { try await Task.sleep(for: .milliseconds(50)) }
+        try? await waitFor("the timeout", seconds: 5) { timedOut.value == 1 }
         #expect(timedOut.value == 1)
         never.succeed(())
     }
