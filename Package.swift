@@ -68,6 +68,8 @@ let package = Package(
             name: "nbs-bench",
             dependencies: [
                 "NameBasedSockets",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
             ]

@@ -307,7 +307,11 @@ final class LegacyConnection: ChannelInboundHandler, RemovableChannelHandler, Se
     private func fail(_ error: NBSError) {
         guard !channelClosed else { return }
         if failure == nil { failure = error }
-        logger.info("legacy session with \(peerName) failed: \(error)")
+        if case .aborted = error {
+            logger.debug("legacy session with \(peerName): \(error)")
+        } else {
+            logger.info("legacy session with \(peerName) failed: \(error)")
+        }
         // A reset, so the peer learns at once that the stream did not end normally.
         guard let channel = context?.channel else { return }
         resetOnNextTick(channel)

@@ -1037,7 +1037,8 @@ final class SessionEngine: SubflowDelegate {
 
     func fail(_ error: NBSError, notifyPeer reason: CloseReason?) {
         guard state == .open || state == .closing else { return }
-        logger.info("session failed: \(error)")
+        // The application's own abort is its choice, not news for its operator.
+        if case .aborted = error { logger.debug("\(error)") } else { logger.info("session failed: \(error)") }
         state = .failed(error)
         probeTimer.stop()
         lingerTimer.stop()

@@ -1,39 +1,87 @@
 // Loopback benchmarks: one NBS subflow against plain TCP, and session set-up against TCP connect,
 // in the same process and the same run. Prints a table and one JSON line per case.
 //
-//   swift run -c release nbs-bench [--bytes N] [--opens N] [--rounds N] [--loop-executor]
-//
-// --loop-executor: NIO's event loops become Swift concurrency's global executor (an application's
-// choice, made before any task starts), so the benchmark's tasks resume on the loops instead of
-// hopping between them and Swift's own thread pool.
-//
 // Plain TCP and NBS alternate for --rounds rounds and the medians are compared, because this
 // machine's loopback rate varies by 2x from one second to the next. --rounds 0: set-up only.
-//
-// Set-up across a real path (netns-scripts/bench.sh runs the two halves in two namespaces):
-//   nbs-bench --serve-opens PORT [--name NAME] [--opens N]      NBS on PORT, TCP echo on PORT+1
-//   nbs-bench --connect-opens ADDR --port PORT --name NAME [--local ADDR] [--opens N] [--where LABEL] [--prove-identity]
-// The second prints one JSON line: medians of TCP connect, the TCP round trip, resolving NAME, and
-// NBS open (NAME resolved by the system resolver) to the first byte from the server.
+// Set-up across a real path: netns-scripts/bench.sh runs --serve-opens and --connect-opens in two
+// namespaces. `nbs-bench --help` lists the options.
 
+import ArgumentParser
 import Foundation
+import Logging
 import NameBasedSockets
 import NIOCore
 import NIOPosix
 
-let arguments = CommandLine.arguments
-if arguments.contains("--loop-executor") { NIOSingletons.unsafeTryInstallSingletonPosixEventLoopGroupAsConcurrencyGlobalExecutor() }
-func argument(_ name: String, default value: Int) -> Int {
-    guard let i = arguments.firstIndex(of: name), i + 1 < arguments.count, let v = Int(arguments[i + 1]) else { return value }
-    return v
+struct BenchArguments: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "nbs-bench",
+        abstract: "NBS against plain TCP (SwiftNIO both): loopback goodput and CPU per GiB, and set-up latency.",
+        discussion: """
+            Without --serve-opens or --connect-opens: --rounds rounds of --bytes over one NBS subflow and over \
+            plain TCP on loopback, alternating, then --opens session set-ups against TCP connects. \
+            --connect-opens prints one JSON line: the medians of TCP connect, the TCP round trip, resolving \
+            --name (by the system resolver, as NBS.open does) and NBS open to the server's first byte.
+            The library logs to stderr at NBS_LOG_LEVEL (default warning: every timed session is aborted, \
+            which its listener would report at info).
+            """)
+
+    @Option(help: "Bytes per goodput round.")
+    var bytes = 4 << 30
+    @Option(help: "Session set-ups (and TCP connects) to time, 1...100000.")
+    var opens = 200
+    @Option(help: "Goodput rounds of each of NBS and plain TCP, 0...100 (0: set-up only).")
+    var rounds = 3
+    @Flag(help: """
+        Make NIO's event loops Swift concurrency's global executor (an application's choice), so that \
+        tasks resume on the loops instead of hopping between them and Swift's own thread pool.
+        """)
+    var loopExecutor = false
+
+    @Option(name: .customLong("serve-opens"), help: ArgumentHelp("Serve --opens sessions on PORT (NBS) and a TCP echo on PORT+1, then exit.", valueName: "PORT"))
+    var servePort: Int?
+    @Option(name: .customLong("connect-opens"), help: ArgumentHelp("Time set-ups to a --serve-opens at ADDR (needs --port and --name).", valueName: "ADDR"))
+    var connectAddress: String?
+    @Option(help: "The --serve-opens port to connect to.")
+    var port: Int?
+    @Option(help: "The server's name (--serve-opens: its local name, default bench.server).")
+    var name: String?
+    @Option(help: ArgumentHelp("With --connect-opens: open subflows from this address only.", valueName: "ADDR"))
+    var local: String?
+    @Option(name: .customLong("where"), help: "With --connect-opens: the label of the JSON line.")
+    var place = "netns"
+    @Flag(help: "With --connect-opens: the opener proves an identity key, so it is not admitted at OPEN (for comparison).")
+    var proveIdentity = false
+
+    func validate() throws {
+        guard bytes > 0 else { throw ValidationError("--bytes must be positive") }
+        guard (1...100_000).contains(opens) else { throw ValidationError("--opens must be within 1...100000") }
+        guard (0...100).contains(rounds) else { throw ValidationError("--rounds must be within 0...100") }
+        for (flag, value) in [("--serve-opens", servePort), ("--port", port)] {
+            if let value, !(1...65_535).contains(value) { throw ValidationError("\(flag) must be a port, 1...65535") }
+        }
+        if let servePort, servePort == 65_535 { throw ValidationError("--serve-opens also needs PORT+1 for its TCP echo") }
+        guard servePort == nil || connectAddress == nil else { throw ValidationError("give --serve-opens or --connect-opens, not both") }
+        if connectAddress != nil, port == nil || name == nil { throw ValidationError("--connect-opens needs --port PORT and --name NAME") }
+        if let connectAddress, (try? SocketAddress(ipAddress: connectAddress, port: 0)) == nil {
+            throw ValidationError("--connect-opens: not an IP address: \(connectAddress)")
+        }
+        if let local, (try? SocketAddress(ipAddress: local, port: 0)) == nil { throw ValidationError("--local: not an IP address: \(local)") }
+    }
 }
-func stringArgument(_ name: String) -> String? {
-    guard let i = arguments.firstIndex(of: name), i + 1 < arguments.count else { return nil }
-    return arguments[i + 1]
+
+let arguments = BenchArguments.parseOrExit()
+let logLevel = ProcessInfo.processInfo.environment["NBS_LOG_LEVEL"].flatMap(Logger.Level.init(rawValue:)) ?? .warning
+LoggingSystem.bootstrap { label in
+    var handler = StreamLogHandler.standardError(label: label)
+    handler.logLevel = logLevel
+    return handler
 }
-let totalBytes = argument("--bytes", default: 4 << 30)
-let opens = min(100_000, max(1, argument("--opens", default: 200)))
-let rounds = min(100, max(0, argument("--rounds", default: 3)))
+// Before any task is enqueued: the executor cannot be changed once Swift's pool has work.
+if arguments.loopExecutor { NIOSingletons.unsafeTryInstallSingletonPosixEventLoopGroupAsConcurrencyGlobalExecutor() }
+let totalBytes = arguments.bytes
+let opens = arguments.opens
+let rounds = arguments.rounds
 let chunkSize = 1 << 20
 let chunk = ByteBuffer(repeating: 0x5A, count: chunkSize)
 let group = MultiThreadedEventLoopGroup.singleton
@@ -247,30 +295,27 @@ func setupReport(where place: String, tcpConnect: [Double], rtt: [Double], resol
                  "nbs_extra_ms": extra, "nbs_extra_rtts": extra / median(rtt)])
 }
 
-if let port = stringArgument("--serve-opens").flatMap(Int.init) {
-    let name = stringArgument("--name") ?? "bench.server"
+if let port = arguments.servePort {
+    let name = arguments.name ?? "bench.server"
     let echo = try await tcpEchoServer(host: "::", port: port + 1)
     let listener = try await NBS.listen(localName: name, port: port, options: NBSOptions())
     try await serveOpens(listener, count: opens).value
     await listener.close()
-    try await echo.close()
+    try await echo.close().get()
     exit(0)
 }
-if let host = stringArgument("--connect-opens") {
-    guard let port = stringArgument("--port").flatMap(Int.init), let name = stringArgument("--name") else {
-        fatalError("--connect-opens needs --port PORT and --name NAME")
-    }
+if let host = arguments.connectAddress, let port = arguments.port, let name = arguments.name {
     var options = NBSOptions()
-    if let local = stringArgument("--local") { options.localAddresses = [try SocketAddress(ipAddress: local, port: 0)] }
+    if let local = arguments.local { options.localAddresses = [try SocketAddress(ipAddress: local, port: 0)] }
     // An opener with an identity key proves it after ACCEPT, so the listener's verdict waits for it:
     // the set-up without admission at OPEN, for comparison.
-    if arguments.contains("--prove-identity") { options.identity = NBSIdentity() }
+    if arguments.proveIdentity { options.identity = NBSIdentity() }
     let echo = try SocketAddress(ipAddress: host, port: port + 1)
     let tcpSetup = try await tcpConnectLatency(to: echo, count: opens)
     let rtt = try await tcpRoundTrips(to: echo, count: opens)
     let resolve = try await resolveLatency(name, resolver: options.resolver, count: opens)
     let nbsSetup = try await nbsOpenLatency(peerName: name, port: port, options: options, count: opens)
-    print(setupReport(where: stringArgument("--where") ?? "netns", tcpConnect: tcpSetup, rtt: rtt, resolve: resolve, nbsOpen: nbsSetup))
+    print(setupReport(where: arguments.place, tcpConnect: tcpSetup, rtt: rtt, resolve: resolve, nbsOpen: nbsSetup))
     exit(0)
 }
 
@@ -283,7 +328,7 @@ for _ in 0..<rounds {
 let echoServer = try await tcpEchoServer(host: "127.0.0.1", port: 0)
 let tcpSetup = try await tcpConnectLatency(to: echoServer.localAddress!, count: opens)
 let loopbackRTT = try await tcpRoundTrips(to: echoServer.localAddress!, count: opens)
-try await echoServer.close()
+try await echoServer.close().get()
 var setupOptions = NBSOptions()
 setupOptions.localAddresses = [try SocketAddress(ipAddress: "127.0.0.1", port: 0)]
 setupOptions.resolver = StaticResolver(["bench.server": ["127.0.0.1"]])
