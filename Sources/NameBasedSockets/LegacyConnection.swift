@@ -36,8 +36,9 @@ final class LegacyConnection: ChannelInboundHandler, RemovableChannelHandler, Se
     private var received = CircularBuffer<ByteBuffer>()
     private var receivedBytes = 0
     private var readWaiters = CircularBuffer<(maxBytes: Int, wait: LoopWait<ByteBuffer?>)>()
-    private var writeWaiters = CircularBuffer<EventLoopPromise<Void>>()
-    private var closeWaiters: [EventLoopPromise<Void>] = []
+    /// Writes whose bytes NIO has, waiting for the connection to become writable again.
+    private var writeWaiters = CircularBuffer<LoopWait<Void>>()
+    private var closeWaiters: [LoopWait<Void>] = []
     private var inputEnded = false
     private var outputFinished = false
     /// The output is shut down (FIN sent), which happens once every write has reached the socket.
@@ -188,9 +189,7 @@ final class LegacyConnection: ChannelInboundHandler, RemovableChannelHandler, Se
         eventContinuation.finish()
         serveReaders()
         releaseWriters()
-        for waiter in closeWaiters {
-            if let error { waiter.fail(error) } else { waiter.succeed(()) }
-        }
+        for waiter in closeWaiters { waiter.answer(error.map { .failure($0) } ?? .success(())) }
         closeWaiters.removeAll()
     }
 
@@ -206,19 +205,29 @@ final class LegacyConnection: ChannelInboundHandler, RemovableChannelHandler, Se
         if wait.cancel() { readWaiters.removeAll { $0.wait === wait } }
     }
 
-    func write(_ bytes: ByteBuffer) -> EventLoopFuture<Void> {
-        if let failure { return loop.makeFailedFuture(failure) }
-        guard !outputFinished else { return loop.makeFailedFuture(NBSError.writeAfterFinish) }
-        guard let context, !channelClosed else { return loop.makeFailedFuture(NBSError.connectionLost("the connection is closed")) }
-        guard bytes.readableBytes > 0 else { return loop.makeSucceededVoidFuture() }
+    func write(_ bytes: ByteBuffer, for wait: LoopWait<Void>) {
+        guard !wait.cancelled else { return }
+        if let failure { return wait.answer(.failure(failure)) }
+        guard !outputFinished else { return wait.answer(.failure(NBSError.writeAfterFinish)) }
+        guard let context, !channelClosed else { return wait.answer(.failure(NBSError.connectionLost("the connection is closed"))) }
+        guard bytes.readableBytes > 0 else { return wait.answer(.success(())) }
         bytesSent += bytes.readableBytes
         let written = loop.makePromise(of: Void.self)
         context.writeAndFlush(Self.wrapOutboundOut(bytes), promise: written)
         lastWrite = written.futureResult
-        if context.channel.isWritable { return loop.makeSucceededVoidFuture() }
-        let promise = loop.makePromise(of: Void.self)
-        writeWaiters.append(promise)
-        return promise.futureResult
+        if context.channel.isWritable { return wait.answer(.success(())) }
+        writeWaiters.append(wait)
+    }
+
+    /// A waiting write's bytes are NIO's already: it returns normally, as the engine's does once it
+    /// has taken some of a write's bytes.
+    func cancelWrite(_ wait: LoopWait<Void>) {
+        if writeWaiters.contains(where: { $0 === wait }) {
+            writeWaiters.removeAll { $0 === wait }
+            wait.answer(.success(()))
+        } else {
+            _ = wait.cancel()
+        }
     }
 
     func finish() {
@@ -238,16 +247,19 @@ final class LegacyConnection: ChannelInboundHandler, RemovableChannelHandler, Se
         closeIfDone()
     }
 
-    func close() -> EventLoopFuture<Void> {
-        if channelClosed { return failure.map { loop.makeFailedFuture($0) } ?? loop.makeSucceededVoidFuture() }
-        let promise = loop.makePromise(of: Void.self)
-        closeWaiters.append(promise)
+    /// Begins the close even for a caller already cancelled: only its wait is cancelled.
+    func close(for wait: LoopWait<Void>) {
+        if channelClosed { return wait.answer(failure.map { .failure($0) } ?? .success(())) }
+        if !wait.cancelled { closeWaiters.append(wait) }
         finish()
         LoopTimer.once(on: loop, owner: self, in: options.closeTimeout) { connection in
             guard !connection.channelClosed else { return }
             connection.fail(.closeTimedOut)
         }
-        return promise.futureResult
+    }
+
+    func cancelClose(_ wait: LoopWait<Void>) {
+        if wait.cancel() { closeWaiters.removeAll { $0 === wait } }
     }
 
     func abort(reason: CloseReason, message: String) {
@@ -295,7 +307,13 @@ final class LegacyConnection: ChannelInboundHandler, RemovableChannelHandler, Se
 
     private func releaseWriters() {
         while let waiter = writeWaiters.popFirst() {
-            if let failure { waiter.fail(failure) } else if channelClosed { waiter.fail(NBSError.connectionLost("the connection is closed")) } else { waiter.succeed(()) }
+            if let failure {
+                waiter.answer(.failure(failure))
+            } else if channelClosed {
+                waiter.answer(.failure(NBSError.connectionLost("the connection is closed")))
+            } else {
+                waiter.answer(.success(()))
+            }
         }
     }
 

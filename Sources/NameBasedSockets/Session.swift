@@ -57,9 +57,12 @@ public final class Session: Sendable {
 
     /// Returns once the session has buffered the bytes (backpressure: it waits while the send
     /// buffer is full). Bytes are delivered exactly once, in order, whichever subflows carry them.
+    /// Cancelling the calling task ends the wait: with `CancellationError` if none of the bytes were
+    /// taken (the stream is as if the call had not been made), or normally if some were, the rest
+    /// following as space opens, so that the stream never has a hole.
     public func write(_ bytes: ByteBuffer) async throws {
         let engine = self.engine
-        try await loop.flatSubmit { engine.value.write(bytes) }.get()
+        try await LoopWait.run(on: loop) { engine.value.write(bytes, for: $0) } cancel: { engine.value.cancelWrite($0) }
     }
 
     public func write(_ bytes: some Sequence<UInt8>) async throws {
@@ -74,9 +77,11 @@ public final class Session: Sendable {
 
     /// Graceful close: DATA_FIN, then wait until the peer's DATA_FIN arrived, everything was read
     /// and both sides' data is acknowledged. Fails if that takes longer than `closeTimeout`.
+    /// Cancelling the calling task ends only the wait, with `CancellationError`: the close goes on,
+    /// bounded by `closeTimeout`; `abort` ends it at once.
     public func close() async throws {
         let engine = self.engine
-        try await loop.flatSubmit { engine.value.close() }.get()
+        try await LoopWait.run(on: loop) { engine.value.close(for: $0) } cancel: { engine.value.cancelClose($0) }
     }
 
     /// Immediate end: ABORT to the peer on every subflow; buffered data is dropped.
@@ -117,9 +122,11 @@ public struct SessionStatistics: Sendable, Equatable {
 protocol SessionBackend: AnyObject {
     func read(maxBytes: Int, for wait: LoopWait<ByteBuffer?>)
     func cancelRead(_ wait: LoopWait<ByteBuffer?>)
-    func write(_ bytes: ByteBuffer) -> EventLoopFuture<Void>
+    func write(_ bytes: ByteBuffer, for wait: LoopWait<Void>)
+    func cancelWrite(_ wait: LoopWait<Void>)
     func finish()
-    func close() -> EventLoopFuture<Void>
+    func close(for wait: LoopWait<Void>)
+    func cancelClose(_ wait: LoopWait<Void>)
     func abort(reason: CloseReason, message: String)
     var subflowInfos: [SubflowInfo] { get }
     var statistics: SessionStatistics { get }
@@ -186,8 +193,8 @@ extension Session {
     }
 }
 
-/// An application call that waits on an event loop (`accept`, `read`): made on the caller's thread,
-/// then touched only on the loop. Cancelling the caller's task cancels it there, whichever of the
+/// An application call that waits on an event loop (`accept`, `read`, `write`, `close`): made on the
+/// caller's thread, then touched only on the loop. Cancelling the caller's task cancels it there, whichever of the
 /// call and the cancellation reaches the loop first; once answered, a cancellation changes nothing.
 final class LoopWait<Value: Sendable>: @unchecked Sendable {
     let promise: EventLoopPromise<Value>
@@ -209,7 +216,9 @@ final class LoopWait<Value: Sendable>: @unchecked Sendable {
         }
     }
 
+    /// Does nothing to a wait already answered or cancelled.
     func answer(_ result: Result<Value, any Error>) {
+        guard !answered, !cancelled else { return }
         answered = true
         promise.completeWith(result)
     }

@@ -77,9 +77,11 @@ final class SessionEngine: SubflowDelegate {
     var peerAddresses: [SocketAddress]
 
     private var readWaiters = CircularBuffer<(maxBytes: Int, wait: LoopWait<ByteBuffer?>)>()
-    private var writeWaiters = CircularBuffer<(bytes: ByteBuffer, promise: EventLoopPromise<Void>)>()
+    /// Writes waiting for send-buffer space, in order; `size` tells whether the first one was taken
+    /// in part (see `cancelWrite`).
+    private var writeWaiters = CircularBuffer<(bytes: ByteBuffer, size: Int, wait: LoopWait<Void>)>()
     private var finishRequested = false
-    private var closeWaiters: [EventLoopPromise<Void>] = []
+    private var closeWaiters: [LoopWait<Void>] = []
     private let eventContinuation: AsyncStream<SessionEvent>.Continuation
     let events: AsyncStream<SessionEvent>
     private var pumpScheduled = false
@@ -930,7 +932,7 @@ final class SessionEngine: SubflowDelegate {
             if waiter.bytes.readableBytes <= space {
                 core.write(waiter.bytes)
                 writeWaiters.removeFirst()
-                waiter.promise.succeed(())
+                waiter.wait.answer(.success(()))
             } else {
                 core.write(waiter.bytes.readSlice(length: space)!)
                 writeWaiters[writeWaiters.startIndex] = waiter
@@ -953,13 +955,24 @@ final class SessionEngine: SubflowDelegate {
         if wait.cancel() { readWaiters.removeAll { $0.wait === wait } }
     }
 
-    func write(_ bytes: ByteBuffer) -> EventLoopFuture<Void> {
-        if case .failed(let error) = state { return loop.makeFailedFuture(error) }
-        guard state == .open, !finishRequested else { return loop.makeFailedFuture(NBSError.writeAfterFinish) }
-        let promise = loop.makePromise(of: Void.self)
-        writeWaiters.append((bytes, promise))
+    func write(_ bytes: ByteBuffer, for wait: LoopWait<Void>) {
+        guard !wait.cancelled else { return }
+        if case .failed(let error) = state { return wait.answer(.failure(error)) }
+        guard state == .open, !finishRequested else { return wait.answer(.failure(NBSError.writeAfterFinish)) }
+        writeWaiters.append((bytes, bytes.readableBytes, wait))
         pump()
-        return promise.futureResult
+    }
+
+    /// A write none of whose bytes were taken is withdrawn. One taken in part keeps its place and
+    /// returns now: its rest goes out as space opens, so the stream never has a hole, and that rest
+    /// is memory the write held already.
+    func cancelWrite(_ wait: LoopWait<Void>) {
+        guard let waiter = writeWaiters.first(where: { $0.wait === wait }) else { return _ = wait.cancel() }
+        if waiter.bytes.readableBytes == waiter.size {
+            if wait.cancel() { writeWaiters.removeAll { $0.wait === wait } }
+        } else {
+            wait.answer(.success(()))
+        }
     }
 
     func finish() {
@@ -968,19 +981,22 @@ final class SessionEngine: SubflowDelegate {
         pump()
     }
 
-    func close() -> EventLoopFuture<Void> {
+    /// Begins the graceful close even for a caller already cancelled: only its wait is cancelled.
+    func close(for wait: LoopWait<Void>) {
         switch state {
-        case .closed: return loop.makeSucceededVoidFuture()
-        case .failed(let error): return loop.makeFailedFuture(error)
+        case .closed: return wait.answer(.success(()))
+        case .failed(let error): return wait.answer(.failure(error))
         default: break
         }
-        let promise = loop.makePromise(of: Void.self)
-        closeWaiters.append(promise)
+        if !wait.cancelled { closeWaiters.append(wait) }
         finish()
         LoopTimer.once(on: loop, owner: self, in: options.closeTimeout) { engine in
             if engine.state == .open || engine.state == .closing { engine.fail(.closeTimedOut, notifyPeer: .timeout) }
         }
-        return promise.futureResult
+    }
+
+    func cancelClose(_ wait: LoopWait<Void>) {
+        if wait.cancel() { closeWaiters.removeAll { $0 === wait } }
     }
 
     func abort(reason: CloseReason, message: String) {
@@ -1013,7 +1029,7 @@ final class SessionEngine: SubflowDelegate {
         guard state == .closing, records.values.allSatisfy(\.closed) else { return }
         lingerTimer.stop()
         state = .closed
-        for waiter in closeWaiters { waiter.succeed(()) }
+        for waiter in closeWaiters { waiter.answer(.success(())) }
         closeWaiters.removeAll()
         serveReaders()
         eventContinuation.yield(.closed)
@@ -1051,9 +1067,9 @@ final class SessionEngine: SubflowDelegate {
         }
         for waiter in readWaiters { waiter.wait.answer(.failure(error)) }
         readWaiters.removeAll()
-        for waiter in writeWaiters { waiter.promise.fail(error) }
+        for waiter in writeWaiters { waiter.wait.answer(.failure(error)) }
         writeWaiters.removeAll()
-        for waiter in closeWaiters { waiter.fail(error) }
+        for waiter in closeWaiters { waiter.answer(.failure(error)) }
         closeWaiters.removeAll()
         eventContinuation.yield(.failed(error))
         eventContinuation.finish()

@@ -324,6 +324,62 @@ struct LoopbackTests {
         try await closeBothEnds(client, accepted, listener: server)
     }
 
+    @Test("a cancelled write returns once some of its bytes were taken and throws CancellationError when none were; the stream stays whole",
+          arguments: NBSOptions.Transport.allCases)
+    func cancelledWrite(transport: NBSOptions.Transport) async throws {
+        var listenerOptions = NBSOptions()
+        listenerOptions.transport = transport
+        listenerOptions.receiveCapacity = 64 * 1024
+        let server = try await listener(options: listenerOptions)
+        var options = loopbackOptions()
+        options.transport = transport
+        options.sendBufferCapacity = 64 * 1024
+        let accepting = Task { try await server.accept() }
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options)
+        let accepted = try await withTimeout(10) { try await accepting.value }
+        // The server does not read: both buffers fill, with most of `first` still waiting.
+        let first = pattern(4 << 20, seed: 7)
+        let (firstReturned, laterCancelled) = try await cancelWhileWriting(client, first) {
+            // Queued behind the rest of `first`, so none of it is taken: withdrawn.
+            let queued = Task { try await client.write(pattern(1000, seed: 8)) }
+            try await Task.sleep(for: .milliseconds(100))
+            queued.cancel()
+            await #expect(throws: CancellationError.self) { try await withTimeout(5) { try await queued.value } }
+        }
+        #expect(firstReturned)
+        #expect(laterCancelled)
+        let draining = Task { try await drain(accepted) }
+        try await withTimeout(60) { try await client.write(ByteBuffer(string: "trailer")) }
+        await client.finish()
+        let (count, digest) = try await withTimeout(60) { try await draining.value }
+        #expect(count == first.readableBytes + 7)
+        #expect(digest == sha256(first + ByteBuffer(string: "trailer")))
+        try await closeBothEnds(client, accepted, listener: server)
+    }
+
+    @Test("a cancelled close ends its wait with CancellationError; the close goes on, and ends once the peer closes")
+    func cancelledClose() async throws {
+        let server = try await listener()
+        let accepting = Task { try await server.accept() }
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: loopbackOptions())
+        let accepted = try await withTimeout(10) { try await accepting.value }
+        let alreadyCancelled = Task {
+            while !Task.isCancelled { await Task.yield() }
+            try await client.close()
+        }
+        alreadyCancelled.cancel()
+        await #expect(throws: CancellationError.self) { try await withTimeout(5) { try await alreadyCancelled.value } }
+        let waiting = Task { try await client.close() }
+        try await Task.sleep(for: .milliseconds(100))
+        waiting.cancel()
+        await #expect(throws: CancellationError.self) { try await withTimeout(5) { try await waiting.value } }
+        // The close began with the first call, cancelled as it was: the peer reads the end of the stream.
+        #expect(try await withTimeout(10) { try await accepted.read() } == nil)
+        try await withTimeout(10) { try await accepted.close() }
+        try await withTimeout(10) { try await client.close() }
+        await server.close()
+    }
+
     @Test("a cancelled accept ends with CancellationError, before or after it reached the loop; the next session goes to the next accept")
     func cancelledAccept() async throws {
         let server = try await listener()

@@ -36,7 +36,7 @@ func pattern(_ count: Int, seed: UInt64 = 1) -> ByteBuffer {
 }
 
 func sha256(_ buffer: ByteBuffer) -> [UInt8] {
-    Array(SHA256.hash(data: Array(buffer.readableBytesView)))
+    buffer.withUnsafeReadableBytes { Array(SHA256.hash(data: $0)) }
 }
 
 /// Reads to the end of the stream, hashing as it goes.
@@ -114,6 +114,28 @@ func expectCancelledWaits<T: Sendable>(rounds: Int, _ call: @escaping @Sendable 
         waiting.cancel()
         await #expect(throws: CancellationError.self) { try await withTimeout(5) { try await waiting.value } }
     }
+}
+
+/// Writes `bytes` from a task, runs `whileWaiting` once that write has waited 300 ms, then cancels
+/// the task, which writes once more when its first write is over. Returns whether the first write
+/// returned normally and whether the second threw `CancellationError`.
+func cancelWhileWriting(_ session: Session, _ bytes: ByteBuffer, whileWaiting: () async throws -> Void = {}) async throws -> (Bool, Bool) {
+    let firstDone = ManagedCounter()
+    let writer = Task { () -> (Bool, Bool) in
+        let firstReturned = (try? await session.write(bytes)) != nil
+        firstDone.add(1)
+        do {
+            try await session.write(ByteBuffer(string: "from a cancelled task"))
+            return (firstReturned, false)
+        } catch {
+            return (firstReturned, error is CancellationError)
+        }
+    }
+    try await Task.sleep(for: .milliseconds(300))
+    #expect(firstDone.value == 0, "the write should wait for buffer space")
+    try await whileWaiting()
+    writer.cancel()
+    return try await withTimeout(5) { await writer.value }
 }
 
 struct TimeoutError: Error, CustomStringConvertible {
