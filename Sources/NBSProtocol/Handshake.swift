@@ -25,15 +25,17 @@ public func canonicalName(_ name: String) -> String {
 }
 
 /// The opener's side of OPEN/ACCEPT.
-public struct ClientHandshake: Sendable {
-    /// Raw bytes: the key type is not Sendable in swift-crypto 3.
-    private let privateKeyBytes: [UInt8]
+/// `@unchecked Sendable`: swift-crypto 3 does not mark the key Sendable, and it is never changed
+/// after `init`, only read. Kept as the key rather than its raw bytes (as before): importing raw
+/// bytes computes the public key again, an X25519 multiplication on the opener's path after ACCEPT.
+public struct ClientHandshake: @unchecked Sendable {
+    private let privateKey: Curve25519.KeyAgreement.PrivateKey
     public let open: Frame.Open
 
     /// `receiveWindow`: only for an opener that will send no IDENTITY (`Frame.Open.receiveWindow`).
     public init(sourceName: String, destinationName: String, port: UInt16, receiveWindow: UInt32? = nil) {
         let privateKey = Curve25519.KeyAgreement.PrivateKey()
-        privateKeyBytes = Array(privateKey.rawRepresentation)
+        self.privateKey = privateKey
         open = Frame.Open(sourceName: sourceName, destinationName: destinationName, port: port,
                           publicKey: Array(privateKey.publicKey.rawRepresentation), nonce: randomBytes(NBSWire.nonceLength),
                           receiveWindow: receiveWindow)
@@ -44,7 +46,6 @@ public struct ClientHandshake: Sendable {
     public func complete(with accept: Frame.Accept) throws(HandshakeError) -> SessionKeys {
         let keys: SessionKeys
         do {
-            let privateKey = try Curve25519.KeyAgreement.PrivateKey(rawRepresentation: privateKeyBytes)
             keys = try SessionKeys(localPrivateKey: privateKey, peerPublicKey: accept.publicKey, open: open,
                                    serverName: accept.serverName, serverNonce: accept.nonce, token: accept.token)
         } catch {
