@@ -158,8 +158,9 @@ final class OpenAttempt: SubflowDelegate {
         handler.write(.open(handshake.open))
         // Left to fire after the handshake ends (failing completed promises does nothing): NIO
         // cancels a scheduled task by a linear search of its heap.
-        loop.scheduleTask(in: options.handshakeTimeout) {
-            let error = NBSError.connectFailed(peer: peerName, reason: "no ACCEPT and admission within \(options.handshakeTimeout)")
+        let budget = SubflowConnector.handshakeBudget(options, connectDeferred: handler.connectDeferred)
+        loop.scheduleTask(in: budget) {
+            let error = NBSError.connectFailed(peer: peerName, reason: "no ACCEPT and admission within \(budget)")
             accepted.fail(error)
             admitted.fail(error)
         }

@@ -41,7 +41,8 @@ public struct NBSOptions: Sendable {
     /// stalls, the slow path's queue most likely setting off early timeouts (BENCHMARKS.md). So it
     /// is not on by default. nil: the kernel's.
     public var tcpMinimumRTO: TimeAmount? = nil
-    /// How long a new subflow may take to complete OPEN/ACCEPT or JOIN.
+    /// How long a new subflow may take to complete OPEN/ACCEPT or JOIN. An opener's TCP Fast Open
+    /// connect returns before its SYN leaves, so `connectTimeout` is added to it then.
     public var handshakeTimeout: TimeAmount = .seconds(5)
     /// How long `close()` waits for the peer's DATA_FIN and acknowledgements before aborting.
     public var closeTimeout: TimeAmount = .seconds(30)

@@ -231,7 +231,7 @@ final class SessionEngine: SubflowDelegate {
                                     interface: addressBook.interface(for: local), backup: backup, pendingJoin: join)
         handler.write(.join(join))
         handler.handshakeSentAt = .now()
-        LoopTimer.once(on: loop, owner: self, in: options.handshakeTimeout) { engine in
+        LoopTimer.once(on: loop, owner: self, in: SubflowConnector.handshakeBudget(options, connectDeferred: handler.connectDeferred)) { engine in
             if let record = engine.records[id], !record.established, !record.closed {
                 engine.retire(id, reason: "JOIN timed out", abort: .timeout)
             }

@@ -83,6 +83,13 @@ enum SubflowConnector {
             .connect(to: remote)
     }
 
+    /// How long an opener waits for its handshake (OPEN to ACCEPT and verdict, or JOIN to JOIN_ACK).
+    /// A Fast Open connect returns before its SYN leaves, so `connectTimeout` never runs for it and a
+    /// SYN sent again (after 1 and 3 s) would eat into the handshake's time: it gets both.
+    static func handshakeBudget(_ options: NBSOptions, connectDeferred: Bool) -> TimeAmount {
+        connectDeferred ? options.handshakeTimeout + options.connectTimeout : options.handshakeTimeout
+    }
+
     /// A further subflow (a JOIN) on the session's transport.
     static func connectTransport(on loop: any EventLoop, from local: SocketAddress, to remote: SocketAddress,
                                  options: NBSOptions) -> EventLoopFuture<NIOLoopBound<any SubflowTransport>> {

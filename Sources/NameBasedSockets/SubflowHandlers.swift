@@ -131,6 +131,9 @@ protocol SubflowTransport: AnyObject {
     /// subflow knows it only from an authenticated datagram. Until then a listener sends no more than
     /// its one-datagram answer to a hello there, whose source may be forged (no amplification).
     var peerAddressConfirmed: Bool { get }
+    /// Opener side: TCP Fast Open let the connect return before the SYN left; the SYN goes with
+    /// the first frame, so the handshake's wait includes TCP's own (`SubflowConnector.handshakeBudget`).
+    var connectDeferred: Bool { get }
     func write(_ frame: Frame, flush: Bool)
     func writeData(sequence: UInt64, payload: ByteBuffer)
     func flush()
@@ -152,6 +155,7 @@ protocol SubflowTransport: AnyObject {
 
 extension SubflowTransport {
     var currentProgress: SubflowProgress? { nil }
+    var connectDeferred: Bool { false }
     func write(_ frame: Frame) { write(frame, flush: true) }
     /// Who the subflow is, for logs.
     var peerDescription: String { remoteAddress?.description ?? "?" }
@@ -201,6 +205,7 @@ final class SubflowHandler: ChannelInboundHandler, SubflowTransport {
     /// Opener side: the address connected to. A Fast Open connect returns before the SYN leaves, so
     /// NIO finds no peer to cache; this stands in for it.
     var connectedTo: SocketAddress?
+    private(set) var connectDeferred = false
 
     init() {}
 
@@ -219,7 +224,8 @@ final class SubflowHandler: ChannelInboundHandler, SubflowTransport {
         // Without a peer address the connect was deferred by Fast Open: the SYN leaves with the
         // first write, so the preamble waits to go in it with the OPEN (or JOIN), and the listener
         // sees no connection before that.
-        if sendsPreambleOnConnect, !preambleSent, context.channel.remoteAddress != nil {
+        if sendsPreambleOnConnect { connectDeferred = context.channel.remoteAddress == nil }
+        if sendsPreambleOnConnect, !preambleSent, !connectDeferred {
             var buffer = context.channel.allocator.buffer(capacity: NBSWire.preambleLength)
             ensurePreamble(into: &buffer)
             context.writeAndFlush(Self.wrapOutboundOut(buffer), promise: nil)
