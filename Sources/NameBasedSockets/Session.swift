@@ -194,8 +194,9 @@ extension Session {
 }
 
 /// An application call that waits on an event loop (`accept`, `read`, `write`, `close`): made on the
-/// caller's thread, then touched only on the loop. Cancelling the caller's task cancels it there, whichever of the
-/// call and the cancellation reaches the loop first; once answered, a cancellation changes nothing.
+/// caller's thread, then touched only on the loop. Cancelling the caller's task cancels it there,
+/// whichever of the call and the cancellation reaches the loop first; once answered, a cancellation
+/// changes nothing.
 final class LoopWait<Value: Sendable>: @unchecked Sendable {
     let promise: EventLoopPromise<Value>
     private(set) var cancelled = false
