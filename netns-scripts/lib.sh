@@ -686,8 +686,20 @@ nbs_wait_rc() {
     wait "$2" || _rc=$?
 }
 
-# A free-looking TCP port per run (namespaces are fresh, so any port is free there).
-nbs_port() { echo $((20000 + RANDOM % 20000)); }
+# A port to listen on. The namespaces are fresh, so nothing else holds it, but two picks of one run must
+# differ (a CI run once gave two listeners of one scenario the same port), and it stays below Linux's
+# default ephemeral range (32768-60999) so that a connection's own source port cannot take it first.
+# Picks are remembered in $NBS_TMP (nbs_tmpdir) because each call runs in its own $(...) subshell.
+nbs_port() {
+    local port tries=0 used=${NBS_TMP:+$NBS_TMP/.ports-used}
+    while :; do
+        port=$((20000 + RANDOM % 12768))
+        [[ -n $used ]] && grep -qsx "$port" "$used" && ((++tries < 1000)) && continue
+        break
+    done
+    [[ -n $used ]] && echo "$port" >>"$used"
+    echo "$port"
+}
 
 # ---------------------------------------------------------------------------------------------- JSON
 # nbs_json FILE EXPR: evaluate a Python expression over `j`, the JSON object on FILE's last non-empty line.
