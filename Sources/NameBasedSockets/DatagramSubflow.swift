@@ -6,15 +6,19 @@ import NIOPosix
 /// Datagrams in, closures out: the whole pipeline of a UDP socket. The closures are cleared when
 /// the subflow ends, which breaks the channel → handler → subflow cycle.
 ///
-/// On a listener's shared socket it also reports to its loop's `LoopLag` the time the socket held
-/// more than one wake-up's reads: acknowledgements that arrived meanwhile waited in the kernel's
-/// queue behind the others, so that time is not a path's silence. Such a socket falls behind when its
-/// loop cannot keep up rather than being blocked: with 10,000 sessions closing at once and the
-/// clients on the same two cores, its queue stayed full for seconds while every timer still ran on
-/// time, and the listener retired the subflows whose acknowledgements were waiting there (1,015
-/// sessions failed in one run). An opener's socket carries one subflow, whose own acknowledgements
-/// are all that wait in it: its backlog is not the loop's, and counting it so would hide, for as long
-/// as a download keeps the loop busy, another subflow's path dying.
+/// On a listener's shared socket it also records (`backlogLag`) the time the socket held more than
+/// one wake-up's reads: acknowledgements that arrived meanwhile waited in the kernel's queue behind
+/// the others, so for the subflows this socket carries that time is not a path's silence. Such a
+/// socket falls behind when its loop cannot keep up rather than being blocked: with 10,000 sessions
+/// closing at once and the clients on the same two cores, its queue stayed full for seconds while
+/// every timer still ran on time, and the listener retired the subflows whose acknowledgements were
+/// waiting there (1,015 sessions failed in one run). The record is the socket's, not the loop's: a
+/// loop serves its other sockets in the same wake-ups, and when the backlog counted for the whole
+/// loop, another listener's bulk transfer kept its socket behind for 3.4 s on end and a subflow of an
+/// unrelated session on that loop, whose peer had gone silent, was not suspended for over 10 s. An
+/// opener's socket carries one subflow, whose own acknowledgements are all that wait in it: it keeps
+/// no record, since counting its backlog would hide its own path dying for as long as a download
+/// keeps it busy.
 final class DatagramInbound: ChannelInboundHandler {
     typealias InboundIn = AddressedEnvelope<ByteBuffer>
 
@@ -22,11 +26,12 @@ final class DatagramInbound: ChannelInboundHandler {
     var onReadComplete: (() -> Void)?
     var onError: ((any Error) -> Void)?
     var onInactive: (() -> Void)?
-    private let backlogIsLoopLag: Bool
+    /// A listener's shared socket only: when it was behind (see above).
+    private(set) var backlogLag: LoopLag?
     private var readsInWakeup = 0
     private var backlog = ReadBacklog()
 
-    init(sharedByListener: Bool) { backlogIsLoopLag = sharedByListener }
+    init(sharedByListener: Bool) { backlogLag = sharedByListener ? LoopLag() : nil }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         readsInWakeup += 1
@@ -34,9 +39,9 @@ final class DatagramInbound: ChannelInboundHandler {
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
-        if backlogIsLoopLag,
+        if backlogLag != nil,
            let behind = backlog.wakeupEnded(reads: readsInWakeup, limit: DatagramSubflow.readsPerWakeup, now: DatagramSubflow.now) {
-            LoopLag.record(due: behind.start, ran: behind.end)
+            backlogLag?.record(due: behind.start, ran: behind.end)
         }
         readsInWakeup = 0
         onReadComplete?()
@@ -76,6 +81,8 @@ final class DatagramSubflow: SubflowTransport {
     /// datagram names its destination.
     private var ownsChannel = true
     private var inbound: DatagramInbound?
+    /// Listener side: the shared socket's handler, for its backlog.
+    private var sharedInbound: DatagramInbound?
     var id = SubflowID(0)
     var delegate: (any SubflowDelegate)?
     var handshakeSentAt: NIODeadline?
@@ -208,6 +215,8 @@ final class DatagramSubflow: SubflowTransport {
             bytesPerSecond: Double(connection.congestion.window) / max(srtt, 1e-4))
     }
 
+    var readBacklog: LoopLag? { sharedInbound?.backlogLag }
+
     /// The congestion window is the queue: nothing to size.
     func setQueueLimit(_ bytes: Int) {}
 
@@ -301,6 +310,7 @@ final class DatagramSubflow: SubflowTransport {
         loop.preconditionInEventLoop()
         self.channel = channel
         ownsChannel = false
+        sharedInbound = try? channel.pipeline.syncOperations.handler(type: DatagramInbound.self)
         transmit()
         if closeOnAttach { close(error: nil) }
     }
@@ -498,6 +508,7 @@ final class DatagramSubflow: SubflowTransport {
         keepaliveTimer.stop()
         pathCheck = nil
         inbound?.detach()
+        sharedInbound = nil
         if let channel, ownsChannel { closeOnNextTick(channel) }
         onClosed?(self)
         onClosed = nil

@@ -182,11 +182,12 @@ final class TimerQueue {
 }
 
 /// How long this event loop was recently too busy to hear its sockets: the intervals between a
-/// timer's deadline and the moment it ran, and those during which a listener's shared UDP socket's
-/// reads kept finding more waiting (`ReadBacklog`), merged where they overlap. One per loop thread
-/// (`current`), written by every `LoopTimer` that fires and every listener's `DatagramInbound`, and
-/// read by stall detection: while the loop was blocked or behind, acknowledgements sat unread in
-/// socket buffers, so that time is not a path's silence.
+/// timer's deadline and the moment it ran, merged where they overlap. One per loop thread
+/// (`current`), written by every `LoopTimer` that fires, and read by stall detection: while the loop
+/// was blocked or behind, acknowledgements sat unread in socket buffers, so that time is not a
+/// path's silence. A listener's shared UDP socket keeps a record of the same kind for the time its
+/// reads kept finding more waiting (`DatagramInbound.backlogLag`), which counts only for the
+/// subflows that socket carries.
 struct LoopLag {
     /// Lateness below this is scheduling noise, not a blocked loop.
     static let threshold: UInt64 = 20_000_000
@@ -230,6 +231,17 @@ struct LoopLag {
         let window = UInt64(silentMs) * 1_000_000
         let blockedNs = blocked(from: now > window ? now - window : 0, to: now)
         return silentMs - Int64(blockedNs / 1_000_000)
+    }
+
+    /// This record and `other`'s as one: a loop's lag and one socket's backlog.
+    func merging(_ other: LoopLag) -> LoopLag {
+        guard !other.intervals.isEmpty else { return self }
+        guard !intervals.isEmpty else { return other }
+        var merged = LoopLag()
+        for interval in (intervals + other.intervals).sorted(by: { $0.start < $1.start }) {
+            merged.record(due: interval.start, ran: interval.end)
+        }
+        return merged
     }
 
     private static let perThread = PerThread { LoopLag() }

@@ -592,13 +592,15 @@ final class SessionEngine: SubflowDelegate {
     /// `stallRetirement` retires it. Requiring the retransmission keeps an idle subflow that just
     /// sent a probe from looking stalled.
     ///
-    /// Time this event loop was blocked or behind (`LoopLag`: its timers ran late, or a listener's
-    /// UDP socket's queue outlasted its reads) does not count as silence or as time suspended:
-    /// acknowledgements that arrived meanwhile sat unread in the socket. With 10,000 UDP sessions on
-    /// one loop, a loop blocked for a second made every subflow with a probe in flight look stalled,
-    /// and the retirements and rejoins that followed blocked it longer.
-    func stallCheck(_ id: SubflowID, _ tcp: SubflowProgress, lag: LoopLag = LoopLag.current) {
+    /// Time this event loop was blocked or behind (`LoopLag`: its timers ran late), or the listener's
+    /// UDP socket this subflow reads through had more waiting than its reads took (`readBacklog`),
+    /// does not count as silence or as time suspended: acknowledgements that arrived meanwhile sat
+    /// unread in the socket. With 10,000 UDP sessions on one loop, a loop blocked for a second made
+    /// every subflow with a probe in flight look stalled, and the retirements and rejoins that
+    /// followed blocked it longer.
+    func stallCheck(_ id: SubflowID, _ tcp: SubflowProgress) {
         guard state == .open, let record = records[id], record.established, !record.closed else { return }
+        let lag = record.handler.readBacklog.map { LoopLag.current.merging($0) } ?? LoopLag.current
         let floor = options.minimumStallTimeout.nanoseconds / 1_000_000
         let limitMs = max(floor, 2 * tcp.rttMs)
         let now = NIODeadline.now()

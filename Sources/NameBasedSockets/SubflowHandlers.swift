@@ -151,10 +151,14 @@ protocol SubflowTransport: AnyObject {
     var currentProgress: SubflowProgress? { get }
     /// Roughly how much may wait in the transport beyond what is in flight.
     func setQueueLimit(_ bytes: Int)
+    /// When the socket this subflow shares with others kept datagrams waiting past a wake-up's
+    /// reads (`DatagramInbound`); nil where the socket is the subflow's own.
+    var readBacklog: LoopLag? { get }
 }
 
 extension SubflowTransport {
     var currentProgress: SubflowProgress? { nil }
+    var readBacklog: LoopLag? { nil }
     var connectDeferred: Bool { false }
     func write(_ frame: Frame) { write(frame, flush: true) }
     /// Who the subflow is, for logs.
