@@ -87,8 +87,12 @@ final class FirstBytesClassifier: ChannelInboundHandler, RemovableChannelHandler
     /// its heap) and does nothing once the classifier decided or left the pipeline.
     private var timerArmed = false
     private var removed = false
+    /// The silence a peer is allowed, and how long it has been waited for in all (more, when the
+    /// kernel showed the peer could not have heard us in time).
+    private var wait: TimeAmount?
     private var waited: TimeAmount?
     private var silenceRechecks = 0
+    private var retransmissionGraced = false
 
     /// Silence counts from the connection being up, and lasts at least `atLeastConnectTimes` times
     /// as long as connecting took (when the handler was added before that), so that a slow path is
@@ -114,6 +118,7 @@ final class FirstBytesClassifier: ChannelInboundHandler, RemovableChannelHandler
     private func startSilenceTimer(context: ChannelHandlerContext, connectTime: TimeAmount) {
         guard let silence, !decided else { return }
         let wait = max(silence, connectTime * connectTimes)
+        self.wait = wait
         waited = wait
         armSilenceTimer(context: context, in: wait)
     }
@@ -127,9 +132,32 @@ final class FirstBytesClassifier: ChannelInboundHandler, RemovableChannelHandler
         }
     }
 
-    /// Silence as the event loop sees it is not always the peer's: a loop busy with hundreds of
-    /// handshakes can run this timer before the read of bytes that arrived in time. TCP knows what
-    /// it received; while that is more than was read, the peer was not silent.
+    /// What the kernel says of a silence the timer saw.
+    enum SilenceRecheck: Equatable {
+        /// Bytes arrived that the loop has not read yet: the peer was not silent; look again soon.
+        case unread
+        /// The peer cannot have heard us for the whole wait: wait as long again.
+        case notHeardYet
+        case silent
+    }
+
+    /// Silence as the event loop sees it is not always the peer's. A loop busy with hundreds of
+    /// handshakes can run the timer before the read of bytes that arrived in time: TCP knows what
+    /// it received. A Fast Open connect reports itself up before its SYN is answered, so an opener's
+    /// wait starts before the server can hear anything: while the SYN is unanswered the server
+    /// cannot have spoken. And once TCP had to send anything again (the SYN, which Linux first
+    /// resends after 1 s, just as the default wait ends, or the OPEN), the server heard us late,
+    /// perhaps only just: it gets one more full wait (`retransmissionGraced`). A listener's client
+    /// sends first, as soon as it is connected, which is before the listener accepts it: none of
+    /// that applies to it.
+    static func recheck(_ info: KernelTCPInfo, side: LegacyDetection.Side, heldBytes: Int, retransmissionGraced: Bool) -> SilenceRecheck {
+        if info.bytesReceived > UInt64(heldBytes) { return .unread }
+        guard side == .opener else { return .silent }
+        if info.state == KernelTCPInfo.synSent { return .notHeardYet }
+        if info.base.tcpi_total_retrans > 0, !retransmissionGraced { return .notHeardYet }
+        return .silent
+    }
+
     private func silenceTimerFired(context: ChannelHandlerContext) {
         guard !decided, !removed else { return }
         guard let provider = context.channel as? any SocketOptionProvider, silenceRechecks < 100 else {
@@ -141,13 +169,16 @@ final class FirstBytesClassifier: ChannelInboundHandler, RemovableChannelHandler
         future.whenComplete { result in
             let (classifier, context) = bound.value
             guard !classifier.decided, !classifier.removed else { return }
-            if case .success(let info) = result, info.bytesReceived > UInt64(classifier.held?.readableBytes ?? 0) {
+            guard case .success(let info) = result else { return classifier.evaluate(context: context, silentTooLong: true) }
+            switch Self.recheck(info, side: classifier.side, heldBytes: classifier.held?.readableBytes ?? 0, retransmissionGraced: classifier.retransmissionGraced) {
+            case .unread:
                 classifier.armSilenceTimer(context: context, in: .milliseconds(10))
-            } else if case .success(let info) = result, info.state == KernelTCPInfo.synSent, let wait = classifier.waited {
-                // A Fast Open connect reports itself up before its SYN is answered: the server
-                // cannot have spoken yet, and the silence counts from its SYN-ACK.
+            case .notHeardYet:
+                guard let wait = classifier.wait else { return classifier.evaluate(context: context, silentTooLong: true) }
+                if info.state != KernelTCPInfo.synSent { classifier.retransmissionGraced = true }
+                classifier.waited = (classifier.waited ?? .zero) + wait
                 classifier.armSilenceTimer(context: context, in: wait)
-            } else {
+            case .silent:
                 classifier.evaluate(context: context, silentTooLong: true)
             }
         }

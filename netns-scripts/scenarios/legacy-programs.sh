@@ -11,6 +11,9 @@
 #  5. The default `--legacy nbs-only` against the same server: the plain client is closed, the JSON line
 #     says why.
 #  6. `--legacy legacy-only`: a recording server (socat + tee) must never see the NBS magic.
+#  7. `proxy --legacy fallback` against `serve --echo`, twice; the second time (a Fast Open SYN carrying the
+#     OPEN) the server's nft drops the first SYN from each address: Linux resends it after 1 s, as the
+#     opener's silence timer runs out; it must stay NBS.
 # Env: NBS_BYTES (default 4 MiB), NBS_TIMEOUT (s per process, default 60), NBS_BIN.
 set -euo pipefail
 # shellcheck source=netns-scripts/lib.sh
@@ -141,8 +144,48 @@ seen=$(sum "$T/seen.bin" 2>/dev/null || echo none)
 [[ $seen == "$want" ]] || nbs_fail "the recorder saw other bytes than the application's (NBS bytes?): sha256 $seen"
 echo "legacy-only: the server saw exactly the application's $(stat -c %s "$T/seen.bin" 2>/dev/null || echo 0) bytes"
 
+# ---- 7. fallback against an NBS server whose SYN is lost
+# A first session fetches the server's Fast Open cookie, so the second one's connect returns at once and
+# its SYN carries the OPEN; the server's nft drops that SYN (the first from each address since). Linux sends
+# it again after 1 s, just when the opener's silence timer (legacyDetectionDelay, 1 s) runs out: the server
+# must still be taken for what it is.
+pf=$(nbs_port) pfl=$(nbs_port)
+nbs_bg sepid "$NBS_NS_S" "$NBS_TIMEOUT" "$T/synloss-serve.out" "$T/synloss-serve.err" \
+    "$NBS_BIN" serve --name "$NBS_SERVER_NAME" --port "$pf" --echo --json
+nbs_bg sfpid "$NBS_NS_C" "$NBS_TIMEOUT" "$T/synloss-proxy.out" "$T/synloss-proxy.err" \
+    "$NBS_BIN" proxy --name "$NBS_CLIENT_NAME" --listen "127.0.0.1:$pfl" --to "$NBS_SERVER_NAME:$pf" --legacy fallback --json
+nbs_wait_listen "$NBS_NS_S" "$pf" 15
+nbs_wait_listen "$NBS_NS_C" "$pfl" 15
+for i in 1 2; do
+    if ((i == 2)); then
+        nbs_s nft -f - <<NFT
+table inet nbs_synloss {
+    set seen4 { type ipv4_addr; flags timeout; timeout 60s; }
+    set seen6 { type ipv6_addr; flags timeout; timeout 60s; }
+    chain input {
+        type filter hook input priority 0; policy accept;
+        tcp dport $pf tcp flags & (syn | ack) == syn ip saddr != @seen4 update @seen4 { ip saddr } counter drop
+        tcp dport $pf tcp flags & (syn | ack) == syn ip6 saddr != @seen6 update @seen6 { ip6 saddr } counter drop
+    }
+}
+NFT
+    fi
+    rc=0
+    nbs_c timeout 30 socat -t 10 - "TCP:127.0.0.1:$pfl" <"$T/in.bin" >"$T/synloss$i.out" || rc=$?
+    got=$(sum "$T/synloss$i.out")
+    [[ $rc == 0 && $got == "$want" ]] || nbs_fail "socat -> proxy --legacy fallback -> serve --echo (#$i): exit $rc, sha256 $got, want $want"
+done
+dropped=$(nbs_s nft list table inet nbs_synloss | awk '/counter packets/ { for (i = 1; i < NF; i++) if ($i == "packets") n += $(i + 1) } END { print n + 0 }')
+nbs_s nft delete table inet nbs_synloss
+sleep 0.3
+nbs_sessions=$(json_lines "$T/synloss-proxy.out" "sum(1 for j in lines if j.get('completed') and not j.get('legacy'))")
+fell_back=$(grep -c 'does not speak NBS' "$T/synloss-proxy.err" || true)
+echo "fallback proxy -> serve --echo, twice, the second's SYNs dropped ($dropped dropped): $nbs_sessions NBS session(s), $fell_back fallback(s)"
+((dropped >= 1)) || nbs_fail "no SYN was dropped: the case did not test anything"
+((nbs_sessions == 2 && fell_back == 0)) || nbs_fail "a lost SYN made the fallback proxy take an NBS server for a legacy one ($nbs_sessions NBS session(s) of 2, $fell_back fallback(s))"
+
 if ((NBS_FAILS == 0)); then
-    echo "PASS legacy-programs: socat, nc, silent nc, curl against NBS listeners; fallback, nbs-only, legacy-only against socat"
+    echo "PASS legacy-programs: socat, nc, silent nc, curl against NBS listeners; fallback, nbs-only, legacy-only against socat; fallback to NBS through a lost SYN"
     exit 0
 fi
 for f in "$T"/*.err; do [[ -s $f ]] && { echo "--- tail $f"; tail -n 8 "$f"; }; done
