@@ -678,9 +678,9 @@ final class SessionEngine: SubflowDelegate {
 
     func subflow(_ handler: any SubflowTransport, received frame: Frame) {
         let id = handler.id
-        guard var record = records[id] else { return }
-        let action = record.machine.receive(frame)
-        records[id] = record
+        // In place: a copy out and back retains and releases the record's handler, addresses and
+        // strings for every frame.
+        guard let action = records[id]?.machine.receive(frame) else { return }
         switch action {
         case .ignore:
             break
@@ -697,8 +697,9 @@ final class SessionEngine: SubflowDelegate {
             // DATA_FIN, should that have been lost.
             if core.receivePeerClose() != .none { pump() }
         case .peerAborted(let close):
-            if record.established ? signals.accept(.abort(close)) : true {
-                if record.established {
+            let established = records[id]?.established ?? false
+            if established ? signals.accept(.abort(close)) : true {
+                if established {
                     fail(.abortedByPeer(reason: close.reason, message: close.message), notifyPeer: nil)
                 } else {
                     retire(id, reason: "JOIN refused: \(close.reason) \(close.message)")
