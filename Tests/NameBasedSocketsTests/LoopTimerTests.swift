@@ -1,3 +1,4 @@
+import Glibc
 import NIOCore
 import NIOPosix
 import Synchronization
@@ -97,6 +98,25 @@ struct LoopLagTests {
         let progress = SubflowProgress(inFlight: true, silentMs: 600, rttMs: 1, timeoutRetransmissions: 1, bytesPerSecond: 0)
         #expect(progress.looksStalled(limitMs: 200, lag: loop, now: 1_600 * ms))
         #expect(!progress.looksStalled(limitMs: 200, lag: both, now: 1_600 * ms))
+    }
+
+    @Test("TCP's silence is the kernel's: no loop lag comes off it; a UDP subflow's loses its loop's lag and its socket's backlog")
+    func kernelClockedSilence() {
+        var blocked = LoopLag()
+        blocked.record(due: 10_000 * ms, ran: 11_000 * ms)
+        var info = tcp_info()
+        info.tcpi_rtt = 1_000  // µs
+        info.tcpi_unacked = 3
+        info.tcpi_retransmits = 1
+        info.tcpi_last_ack_recv = 1_050  // ms
+        let tcp = SubflowProgress(info)
+        #expect(tcp.silenceClockedByKernel)
+        #expect(tcp.looksStalled(limitMs: 200, lag: tcp.lagToDiscount(loop: blocked, socketBacklog: blocked), now: 11_010 * ms))
+        let udp = SubflowProgress(inFlight: true, silentMs: 1_050, rttMs: 1, timeoutRetransmissions: 1, bytesPerSecond: 0)
+        #expect(!udp.silenceClockedByKernel)
+        #expect(!udp.looksStalled(limitMs: 200, lag: udp.lagToDiscount(loop: blocked, socketBacklog: nil), now: 11_010 * ms))
+        #expect(!udp.looksStalled(limitMs: 200, lag: udp.lagToDiscount(loop: LoopLag(), socketBacklog: blocked), now: 11_010 * ms))
+        #expect(udp.looksStalled(limitMs: 200, lag: udp.lagToDiscount(loop: LoopLag(), socketBacklog: LoopLag()), now: 11_010 * ms))
     }
 
     @Test("the record keeps a bounded number of intervals")
