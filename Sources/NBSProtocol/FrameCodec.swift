@@ -137,14 +137,23 @@ public enum FrameEncoder {
     }
 }
 
-/// Incremental decoder. It never consumes a partial frame and rejects a too-long frame from its
-/// header alone, so a peer cannot make it buffer more than one maximal frame.
+/// Incremental decoder. It never consumes a partial frame, except a DATA frame's payload when
+/// `streamsData` is set, and rejects a too-long frame from its header alone, so a peer cannot make
+/// it buffer more than one maximal frame.
 public struct FrameDecoder: Sendable {
     public enum Expectation: Sendable { case preamble, frames }
     public private(set) var expectation: Expectation
+    /// A byte stream's decoder (TCP) may hand on a DATA frame's payload in pieces as it arrives,
+    /// each piece a DATA frame of its own sequence and length: the bytes stay slices of the reads
+    /// they came in, instead of being copied together when a frame spans two reads. A datagram's
+    /// decoder sees whole frames only.
+    public let streamsData: Bool
+    /// The DATA frame whose payload is arriving: where its next byte belongs and how many are due.
+    private var dataInProgress: (sequence: UInt64, remaining: Int)?
 
-    public init(expectPreamble: Bool = true) {
+    public init(expectPreamble: Bool = true, streamsData: Bool = false) {
         self.expectation = expectPreamble ? .preamble : .frames
+        self.streamsData = streamsData
     }
 
     /// Returns nil when more bytes are needed.
@@ -155,9 +164,20 @@ public struct FrameDecoder: Sendable {
             buffer.moveReaderIndex(forwardBy: NBSWire.preambleLength)
             expectation = .frames
         }
+        if let progress = dataInProgress {
+            guard buffer.readableBytes > 0 else { return nil }
+            return takeData(at: progress.sequence, remaining: progress.remaining, from: &buffer)
+        }
         while true {
             guard let header = try Self.header(in: buffer) else { return nil }
-            guard buffer.readableBytes >= NBSWire.frameHeaderLength + header.length else { return nil }
+            guard buffer.readableBytes >= NBSWire.frameHeaderLength + header.length else {
+                guard streamsData, header.rawType == FrameType.data.rawValue, header.length > Self.sequenceLength,
+                      buffer.readableBytes > NBSWire.frameHeaderLength + Self.sequenceLength
+                else { return nil }
+                buffer.moveReaderIndex(forwardBy: NBSWire.frameHeaderLength)
+                let sequence: UInt64 = buffer.readInteger()!
+                return takeData(at: sequence, remaining: header.length - Self.sequenceLength, from: &buffer)
+            }
             guard let type = FrameType(rawValue: header.rawType) else {
                 if header.flags & NBSWire.ignorableFlag != 0 {
                     buffer.moveReaderIndex(forwardBy: NBSWire.frameHeaderLength + header.length)
@@ -169,6 +189,16 @@ public struct FrameDecoder: Sendable {
             var payload = buffer.readSlice(length: header.length)!
             return try Self.parse(type, flags: header.flags, payload: &payload)
         }
+    }
+
+    private static let sequenceLength = 8
+
+    /// A piece of a streamed DATA frame: as much of its `remaining` payload as `buffer` holds.
+    private mutating func takeData(at sequence: UInt64, remaining: Int, from buffer: inout ByteBuffer) -> Frame {
+        let length = min(remaining, buffer.readableBytes)
+        let piece = buffer.readSlice(length: length)!
+        dataInProgress = length == remaining ? nil : (sequence &+ UInt64(length), remaining - length)
+        return .data(.init(sequence: sequence, payload: piece))
     }
 
     /// The next frame's header, without consuming it; nil until all of it has arrived. A length over
@@ -188,8 +218,14 @@ public struct FrameDecoder: Sendable {
     /// (0: it can now). A header that announces too long a frame throws, as `next` would.
     public func bytesMissing(in buffer: ByteBuffer) throws(FrameDecodingError) -> Int {
         if expectation == .preamble { return max(0, NBSWire.preambleLength - buffer.readableBytes) }
+        if dataInProgress != nil { return buffer.readableBytes > 0 ? 0 : 1 }
         guard let header = try Self.header(in: buffer) else { return NBSWire.frameHeaderLength - buffer.readableBytes }
-        return max(0, NBSWire.frameHeaderLength + header.length - buffer.readableBytes)
+        var needed = NBSWire.frameHeaderLength + header.length
+        // A streamed DATA frame's first piece needs its sequence and one byte of payload.
+        if streamsData, header.rawType == FrameType.data.rawValue, header.length > Self.sequenceLength {
+            needed = min(needed, NBSWire.frameHeaderLength + Self.sequenceLength + 1)
+        }
+        return max(0, needed - buffer.readableBytes)
     }
 
     /// nil: not enough bytes yet. Throws when the bytes cannot be an NBS preamble, which is how a

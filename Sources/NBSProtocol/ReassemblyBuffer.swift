@@ -125,28 +125,47 @@ public struct ReassemblyBuffer: Sendable {
         return true
     }
 
-    /// Up to `maxBytes` of in-order data, or nil when none is ready. Several ready segments are
-    /// joined into one buffer (one copy), because each read costs the application a hop to the
-    /// event loop, which is dearer than copying.
+    /// Up to `maxBytes` of in-order data as the slices it arrived in (no copy), or nil when none is
+    /// ready. The last slice may be cut short at `maxBytes`; the rest of it stays ready.
+    public mutating func readSegments(maxBytes: Int = .max) -> [ByteBuffer]? {
+        guard !ready.isEmpty, maxBytes > 0 else { return nil }
+        let (segments, taken) = ready.removeFirstBytes(upTo: maxBytes)
+        readyBytes -= taken
+        consumed += UInt64(taken)
+        return segments
+    }
+
+    /// The same bytes as `readSegments`, in one buffer (a copy when there are several).
     public mutating func read(maxBytes: Int = .max) -> ByteBuffer? {
-        guard var first = ready.first, maxBytes > 0 else { return nil }
-        if first.readableBytes >= maxBytes || ready.count == 1 {
-            let take = min(maxBytes, first.readableBytes)
-            let part = first.readSlice(length: take)!
-            if first.readableBytes == 0 { ready.removeFirst() } else { ready[ready.startIndex] = first }
-            readyBytes -= take
-            consumed += UInt64(take)
-            return part
+        readSegments(maxBytes: maxBytes).map(ByteBuffer.init(joining:))
+    }
+}
+
+extension ByteBuffer {
+    /// `segments` in one buffer: the buffer itself when there is one, else one copy of them all.
+    public init(joining segments: [ByteBuffer]) {
+        if segments.count == 1 {
+            self = segments[0]
+            return
         }
-        var joined = ByteBufferAllocator().buffer(capacity: min(maxBytes, readyBytes))
-        while joined.readableBytes < maxBytes, var next = ready.first {
-            let take = min(maxBytes - joined.readableBytes, next.readableBytes)
-            var part = next.readSlice(length: take)!
-            joined.writeBuffer(&part)
-            if next.readableBytes == 0 { ready.removeFirst() } else { ready[ready.startIndex] = next }
+        var joined = ByteBufferAllocator().buffer(capacity: segments.reduce(0) { $0 + $1.readableBytes })
+        for segment in segments { joined.writeImmutableBuffer(segment) }
+        self = joined
+    }
+}
+
+extension CircularBuffer where Element == ByteBuffer {
+    /// Takes buffers from the front, up to `maxBytes` in all, the last one cut short if need be (its
+    /// rest stays in front). Slices, not copies.
+    public mutating func removeFirstBytes(upTo maxBytes: Int) -> (segments: [ByteBuffer], bytes: Int) {
+        var segments: [ByteBuffer] = []
+        var taken = 0
+        while taken < maxBytes, var next = first {
+            let take = Swift.min(maxBytes - taken, next.readableBytes)
+            segments.append(next.readSlice(length: take)!)
+            if next.readableBytes == 0 { removeFirst() } else { self[startIndex] = next }
+            taken += take
         }
-        readyBytes -= joined.readableBytes
-        consumed += UInt64(joined.readableBytes)
-        return joined
+        return (segments, taken)
     }
 }

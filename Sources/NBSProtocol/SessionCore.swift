@@ -213,12 +213,17 @@ public struct SessionCore: Sendable {
         if localFin == .open { localFin = .pending }
     }
 
-    public mutating func read(maxBytes: Int = .max) -> ByteBuffer? {
-        guard let bytes = receive.read(maxBytes: maxBytes) else { return nil }
+    /// In-order data as the slices it arrived in (`ReassemblyBuffer.readSegments`).
+    public mutating func readSegments(maxBytes: Int = .max) -> [ByteBuffer]? {
+        guard let segments = receive.readSegments(maxBytes: maxBytes) else { return nil }
         // Re-open the window once a quarter of it is free again, so a sender blocked on a full
         // window resumes without waiting for new data to trigger an acknowledgement.
         if receive.rightEdge - lastAdvertisedEdge >= UInt64(configuration.receiveCapacity / 4) { ackOwed = true }
-        return bytes
+        return segments
+    }
+
+    public mutating func read(maxBytes: Int = .max) -> ByteBuffer? {
+        readSegments(maxBytes: maxBytes).map(ByteBuffer.init(joining:))
     }
 
     public var readableBytes: Int { receive.readyBytes }

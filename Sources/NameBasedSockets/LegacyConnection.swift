@@ -35,7 +35,7 @@ final class LegacyConnection: ChannelInboundHandler, RemovableChannelHandler, Se
     private var context: ChannelHandlerContext?
     private var received = CircularBuffer<ByteBuffer>()
     private var receivedBytes = 0
-    private var readWaiters = CircularBuffer<(maxBytes: Int, wait: LoopWait<ByteBuffer?>)>()
+    private var readWaiters = CircularBuffer<(maxBytes: Int, wait: LoopWait<[ByteBuffer]?>)>()
     /// Writes whose bytes NIO has, waiting for the connection to become writable again.
     private var writeWaiters = CircularBuffer<LoopWait<Void>>()
     private var closeWaiters: [LoopWait<Void>] = []
@@ -195,13 +195,13 @@ final class LegacyConnection: ChannelInboundHandler, RemovableChannelHandler, Se
 
     // MARK: application calls (on the loop)
 
-    func read(maxBytes: Int, for wait: LoopWait<ByteBuffer?>) {
+    func read(maxBytes: Int, for wait: LoopWait<[ByteBuffer]?>) {
         guard !wait.cancelled else { return }
         readWaiters.append((max(1, maxBytes), wait))
         serveReaders()
     }
 
-    func cancelRead(_ wait: LoopWait<ByteBuffer?>) {
+    func cancelRead(_ wait: LoopWait<[ByteBuffer]?>) {
         if wait.cancel() { readWaiters.removeAll { $0.wait === wait } }
     }
 
@@ -282,18 +282,12 @@ final class LegacyConnection: ChannelInboundHandler, RemovableChannelHandler, Se
 
     private func serveReaders() {
         while let waiter = readWaiters.first {
-            if var chunk = received.first {
+            if !received.isEmpty {
                 readWaiters.removeFirst()
-                let slice: ByteBuffer
-                if chunk.readableBytes <= waiter.maxBytes {
-                    slice = received.removeFirst()
-                } else {
-                    slice = chunk.readSlice(length: waiter.maxBytes)!
-                    received[received.startIndex] = chunk
-                }
+                let (segments, taken) = received.removeFirstBytes(upTo: waiter.maxBytes)
                 let wasFull = receivedBytes >= options.receiveCapacity
-                receivedBytes -= slice.readableBytes
-                waiter.wait.answer(.success(slice))
+                receivedBytes -= taken
+                waiter.wait.answer(.success(segments))
                 if wasFull, receivedBytes < options.receiveCapacity, !inputEnded { context?.read() }
             } else if inputEnded {
                 readWaiters.removeFirst()

@@ -51,6 +51,14 @@ public final class Session: Sendable {
     /// Cancelling the calling task ends the wait with `CancellationError` and consumes nothing:
     /// the bytes go to the next read.
     public func read(maxBytes: Int = 4 << 20) async throws -> ByteBuffer? {
+        // Joined here, in the caller's task, so that the copy does not hold up the event loop.
+        try await readSegments(maxBytes: maxBytes).map(ByteBuffer.init(joining:))
+    }
+
+    /// The same bytes as `read`, as the slices they arrived in: no copy. For an application that
+    /// hands them on (a hash, a file, another channel), like the buffers a SwiftNIO channel reads.
+    /// A slice may keep the larger buffer it was read into alive until it is released.
+    public func readSegments(maxBytes: Int = 4 << 20) async throws -> [ByteBuffer]? {
         let engine = self.engine
         return try await LoopWait.run(on: loop) { engine.value.read(maxBytes: maxBytes, for: $0) } cancel: { engine.value.cancelRead($0) }
     }
@@ -120,8 +128,8 @@ public struct SessionStatistics: Sendable, Equatable {
 /// What a `Session` runs on: the multipath engine, or one plain connection with a legacy peer.
 /// Called on the backend's event loop only.
 protocol SessionBackend: AnyObject {
-    func read(maxBytes: Int, for wait: LoopWait<ByteBuffer?>)
-    func cancelRead(_ wait: LoopWait<ByteBuffer?>)
+    func read(maxBytes: Int, for wait: LoopWait<[ByteBuffer]?>)
+    func cancelRead(_ wait: LoopWait<[ByteBuffer]?>)
     func write(_ bytes: ByteBuffer, for wait: LoopWait<Void>)
     func cancelWrite(_ wait: LoopWait<Void>)
     func finish()

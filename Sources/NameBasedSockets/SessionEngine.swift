@@ -76,7 +76,7 @@ final class SessionEngine: SubflowDelegate {
     private(set) var rejectedSignals = 0
     var peerAddresses: [SocketAddress]
 
-    private var readWaiters = CircularBuffer<(maxBytes: Int, wait: LoopWait<ByteBuffer?>)>()
+    private var readWaiters = CircularBuffer<(maxBytes: Int, wait: LoopWait<[ByteBuffer]?>)>()
     /// Writes waiting for send-buffer space, in order; `size` tells whether the first one was taken
     /// in part (see `cancelWrite`).
     private var writeWaiters = CircularBuffer<(bytes: ByteBuffer, size: Int, wait: LoopWait<Void>)>()
@@ -915,9 +915,9 @@ final class SessionEngine: SubflowDelegate {
 
     private func serveReaders() {
         while let waiter = readWaiters.first {
-            if let bytes = core.read(maxBytes: waiter.maxBytes) {
+            if let segments = core.readSegments(maxBytes: waiter.maxBytes) {
                 readWaiters.removeFirst()
-                waiter.wait.answer(.success(bytes))
+                waiter.wait.answer(.success(segments))
             } else if core.isReadFinished {
                 readWaiters.removeFirst()
                 waiter.wait.answer(.success(nil))
@@ -947,7 +947,7 @@ final class SessionEngine: SubflowDelegate {
 
     // MARK: application calls (on the loop)
 
-    func read(maxBytes: Int, for wait: LoopWait<ByteBuffer?>) {
+    func read(maxBytes: Int, for wait: LoopWait<[ByteBuffer]?>) {
         guard !wait.cancelled else { return }
         readWaiters.append((maxBytes, wait))
         let hadData = core.readableBytes > 0
@@ -955,7 +955,7 @@ final class SessionEngine: SubflowDelegate {
         if hadData { pump() }  // reading may have re-opened the window
     }
 
-    func cancelRead(_ wait: LoopWait<ByteBuffer?>) {
+    func cancelRead(_ wait: LoopWait<[ByteBuffer]?>) {
         if wait.cancel() { readWaiters.removeAll { $0.wait === wait } }
     }
 

@@ -14,8 +14,10 @@ final class FrameReader: ChannelInboundHandler {
     typealias InboundIn = ByteBuffer
     typealias InboundOut = Frame
 
-    private var decoder = FrameDecoder(expectPreamble: true)
-    /// The start of a frame (or preamble) whose end has not arrived yet.
+    /// DATA is streamed: a frame that spans two reads reaches the engine as two pieces, each a
+    /// slice of its read, rather than copied together here (3-4 % of loopback's CPU when it was).
+    private var decoder = FrameDecoder(expectPreamble: true, streamsData: true)
+    /// The start of a control frame, DATA header or preamble whose end has not arrived yet.
     private var carry: ByteBuffer?
     private var failed = false
     /// NIO reads again from inside a flush when a write fails on a reset connection (it drains what
@@ -100,8 +102,9 @@ final class FrameReader: ChannelInboundHandler {
                 context.fireChannelRead(Self.wrapInboundOut(frame))
             }
             if incoming.readableBytes > 0 {
-                // Copy the tail so the big read buffer is not kept alive for it.
-                var tail = context.channel.allocator.buffer(capacity: incoming.readableBytes + NBSWire.frameHeaderLength + 8 + NBSWire.maxDataPayload)
+                // Copy the tail so the big read buffer is not kept alive for it. It is at most a
+                // control frame: DATA leaves only its header here.
+                var tail = context.channel.allocator.buffer(capacity: NBSWire.frameHeaderLength + NBSWire.maxControlPayload)
                 tail.writeBuffer(&incoming)
                 carry = tail
             }

@@ -237,6 +237,85 @@ struct CodecTests {
         #expect(frames == expected)
     }
 
+    /// A stream's DATA arrives in pieces: merging consecutive pieces of one sequence range must
+    /// give back the frames that were sent, whatever the chunking, with control frames between.
+    @Test("a streaming decoder hands on DATA in pieces that add up to the frames sent", arguments: [UInt64(1), 2, 3, 4])
+    func streamedDataPieces(seed: UInt64) throws {
+        var rng = SplitMix64(seed: seed)
+        var stream = preamble()
+        var expected: [Frame] = []
+        var sequence: UInt64 = 1 << 40
+        for _ in 0..<100 {
+            let frame: Frame
+            if rng.chance(0.6) {
+                let length = Int.random(in: 1...NBSWire.maxDataPayload, using: &rng)
+                frame = .data(.init(sequence: sequence, payload: buffer(patternBytes(length, seed: sequence))))
+                sequence += UInt64(length) + 1000  // a gap, so that pieces of two frames never look like one
+            } else {
+                frame = Samples.all.filter { $0.type != .data }.randomElement(using: &rng)!
+            }
+            expected.append(frame)
+            FrameEncoder.encode(frame, into: &stream)
+        }
+        var decoder = FrameDecoder(expectPreamble: true, streamsData: true)
+        var pending = ByteBuffer()
+        var frames: [Frame] = []
+        var pieces = 0
+        while stream.readableBytes > 0 {
+            let most = rng.chance(0.5) ? 20 : 100_000
+            var chunk = stream.readSlice(length: min(stream.readableBytes, Int.random(in: 1...most, using: &rng)))!
+            pending.writeBuffer(&chunk)
+            while let frame = try decoder.next(from: &pending) {
+                pieces += 1
+                // A piece continues the previous one when it starts where that one ended.
+                if case .data(let piece) = frame, case .data(var previous)? = frames.last,
+                   previous.sequence + UInt64(previous.payload.readableBytes) == piece.sequence {
+                    var bytes = piece.payload
+                    previous.payload.writeBuffer(&bytes)
+                    frames[frames.count - 1] = .data(previous)
+                } else {
+                    frames.append(frame)
+                }
+            }
+            if rng.chance(0.3) { pending.discardReadBytes() }
+        }
+        #expect(frames.count == expected.count)
+        #expect(frames == expected, "the pieces do not add up to the frames sent")
+        #expect(pieces > frames.count, "no DATA frame was split: the test did not test streaming")
+        #expect(pending.readableBytes == 0)
+    }
+
+    @Test("a streaming decoder hands on what has arrived of a DATA frame and waits for the header before that")
+    func streamedDataWaitsForItsHeader() throws {
+        let payload = buffer(patternBytes(1000, seed: 7))
+        let full = encoded(.data(.init(sequence: 500, payload: payload)))
+        let prefix = NBSWire.frameHeaderLength + 8
+        for length in 0...prefix {
+            var decoder = FrameDecoder(expectPreamble: false, streamsData: true)
+            var part = full.getSlice(at: 0, length: length)!
+            #expect(try decoder.next(from: &part) == nil, "\(length) bytes: nothing to hand on yet")
+            #expect(part.readableBytes == length)
+            let missing = length < NBSWire.frameHeaderLength ? NBSWire.frameHeaderLength - length : prefix + 1 - length
+            #expect(try decoder.bytesMissing(in: part) == missing)
+        }
+        var decoder = FrameDecoder(expectPreamble: false, streamsData: true)
+        var part = full.getSlice(at: 0, length: prefix + 10)!
+        #expect(try decoder.next(from: &part) == .data(.init(sequence: 500, payload: payload.getSlice(at: 0, length: 10)!)))
+        #expect(try decoder.next(from: &part) == nil)
+        #expect(try decoder.bytesMissing(in: part) == 1)
+        var rest = full.getSlice(at: prefix + 10, length: full.readableBytes - prefix - 10)!
+        #expect(try decoder.next(from: &rest) == .data(.init(sequence: 510, payload: payload.getSlice(at: 10, length: 990)!)))
+        #expect(rest.readableBytes == 0)
+        // A too-long DATA header is still refused before any payload is handed on.
+        var long = ByteBuffer()
+        long.writeInteger(FrameType.data.rawValue)
+        long.writeInteger(UInt8(0))
+        long.writeInteger(UInt32(8 + NBSWire.maxDataPayload + 1))
+        long.writeInteger(UInt64(0))
+        long.writeInteger(UInt8(1))
+        #expect(throws: FrameDecodingError.self) { try decoder.next(from: &long) }
+    }
+
     @Test("every truncation of every frame needs more data, then the full frame decodes", arguments: FrameType.allCases)
     func truncations(type: FrameType) throws {
         for frame in Samples.frames(of: type) {

@@ -35,6 +35,28 @@ struct ReassemblyBufferTests {
         #expect(r.duplicateBytes == 0)
     }
 
+    @Test("segments are read as the slices they arrived in, the last one cut at maxBytes")
+    func readSegments() {
+        let stream = patternBytes(300, seed: 3)
+        var r = ReassemblyBuffer(capacity: 1000)
+        let arrived = slice(stream, 0, 100)
+        #expect(r.insert(sequence: 0, arrived) == .accepted(inOrder: 100))
+        #expect(r.insert(sequence: 100, slice(stream, 100, 300)) == .accepted(inOrder: 200))
+        let first = r.readSegments(maxBytes: 150)
+        #expect(first?.map(\.readableBytes) == [100, 50])
+        // A slice of the buffer that arrived, not a copy of it.
+        let address = { (b: ByteBuffer) in b.withUnsafeReadableBytes { Int(bitPattern: $0.baseAddress) } }
+        #expect(first.map { address($0[0]) } == address(arrived))
+        #expect(r.readyBytes == 150)
+        #expect(r.consumed == 150)
+        #expect(r.readSegments(maxBytes: 0) == nil)
+        let rest = r.readSegments()
+        #expect(rest?.map(\.readableBytes) == [150])
+        #expect(((first ?? []) + (rest ?? [])).flatMap(bytes(of:)) == stream)
+        #expect(r.readSegments() == nil)
+        #expect(bytes(of: ByteBuffer(joining: [slice(stream, 0, 10), slice(stream, 10, 30)])) == Array(stream[0..<30]))
+    }
+
     @Test("out-of-order segments wait for the gap, then all become readable")
     func outOfOrder() {
         let stream = patternBytes(400, seed: 2)
