@@ -150,7 +150,7 @@ public struct SendBuffer: Sendable {
     /// `windowEdge` (the peer's acknowledged sequence plus its window).
     public mutating func nextTransmission(on subflow: SubflowID, maxLength: Int, windowEdge: UInt64) -> Transmission? {
         if reinjectionCount > 0, var i = nextReinjection() {
-            // Cut to the new subflow's segment size: the receiver takes a segment only whole, and
+            // Cut to the new subflow's segment size: a UDP receiver takes a segment only whole, and
             // 64 KiB made for a fast path is 50 ms on a 10 Mbit/s one.
             if inFlight[i].length > maxLength {
                 var rest = inFlight[i]

@@ -149,13 +149,19 @@ extension SessionEngine: SessionBackend {
 }
 
 extension Session {
-    /// Test hook: handle `frame` as if it had arrived on subflow `id`.
-    func receiveForTesting(_ frame: Frame, onSubflow id: UInt32) async {
+    /// Test hook: handle `frames` as if they had arrived on subflow `id`, in one pass of the loop.
+    func receiveForTesting(_ frames: [Frame], onSubflow id: UInt32) async {
         let engine = self.engine
         try? await loop.submit {
             guard let engine = engine.value as? SessionEngine, let handler = engine.handlerForTesting(id) else { return }
-            engine.subflow(handler, received: frame)
+            for frame in frames { engine.subflow(handler, received: frame) }
         }.get()
+    }
+
+    /// Test hook: reads waiting in the engine for data.
+    func waitingReadsForTesting() async -> Int {
+        let engine = self.engine
+        return (try? await loop.submit { (engine.value as? SessionEngine)?.waitingReadsForTesting ?? 0 }.get()) ?? 0
     }
 
     /// Test hook: see SessionEngine.retireBusiestSubflowForTesting.

@@ -656,9 +656,10 @@ final class SessionEngine: SubflowDelegate {
         record.handler.setQueueLimit(high)
     }
 
-    /// The receiver takes a DATA frame only whole: a quarter of the queue (2.5 ms of the path's
-    /// rate at the default `queueTarget`) is what one late segment holds up. 64 KiB, the most a
-    /// frame carries, is 52 ms of a 10 Mbit/s path.
+    /// A UDP receiver takes a DATA frame only whole (one datagram): a quarter of the queue (2.5 ms
+    /// of the path's rate at the default `queueTarget`) is what one late segment holds up. 64 KiB,
+    /// the most a frame carries, is 52 ms of a 10 Mbit/s path. (Over TCP a frame's bytes are handed
+    /// on as they arrive, `FrameDecoder.streamsData`; the same size keeps reinjection fine-grained.)
     static let segmentsPerQueue = 4
     static let minimumSegment = 4 * 1024
 
@@ -782,7 +783,15 @@ final class SessionEngine: SubflowDelegate {
                 retire(id, reason: "\(frame.type) not allowed here", abort: .protocolViolation)
                 return
             }
-            if outcome != .none { pump() }
+            switch outcome {
+            case .none: break
+            case .dataReadable:
+                // A waiting reader is answered once per pass of the loop, not per frame: the frames
+                // of a read batch (and the pieces of a streamed frame) reach it in one hop.
+                pump(servingReaders: false)
+                schedulePump()
+            default: pump()
+            }
         } catch {
             fail(.protocolViolation(error.description), notifyPeer: .protocolViolation)
         }
@@ -885,7 +894,7 @@ final class SessionEngine: SubflowDelegate {
         if !held { pump() }
     }
 
-    func pump() {
+    func pump(servingReaders: Bool = true) {
         guard !pumping else { return }
         pumping = true
         defer { pumping = false }
@@ -909,7 +918,7 @@ final class SessionEngine: SubflowDelegate {
             for id in touched { records[id]?.handler.flush() }
             if !touched.isEmpty { transmissions &+= 1 }
         }
-        serveReaders()
+        if servingReaders { serveReaders() }
         if state == .open, core.isTransportFinished { beginClosing() }
     }
 
@@ -1149,6 +1158,7 @@ final class SessionEngine: SubflowDelegate {
 extension SessionEngine {
     func handlerForTesting(_ raw: UInt32) -> (any SubflowTransport)? { records[SubflowID(raw)]?.handler }
     var liveTransportsForTesting: [any SubflowTransport] { records.values.filter { !$0.closed }.map(\.handler) }
+    var waitingReadsForTesting: Int { readWaiters.count }
 
     /// Test hook: retire the live subflow with the most data in flight, now; returns the bytes
     /// that were queued for reinjection (0, and nothing retired, when none has data in flight).

@@ -307,6 +307,28 @@ struct LoopbackTests {
         await server.close()
     }
 
+    /// One hop back to the reader per pass of the loop, not per frame: answered at the first
+    /// frame, a reader came back for each of the others.
+    @Test("the DATA that arrives in one pass of the loop reaches a waiting reader in one read, as the slices it came in")
+    func oneReadPerPass() async throws {
+        let server = try await listener()
+        let accepting = Task { try await server.accept() }
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: loopbackOptions())
+        let accepted = try await withTimeout(10) { try await accepting.value }
+        let reading = Task { try await client.readSegments() }
+        try await withTimeout(10) {
+            while await client.waitingReadsForTesting() == 0 { try await Task.sleep(for: .milliseconds(5)) }
+        }
+        let payloads = (0..<3).map { pattern(100, seed: UInt64($0)) }
+        await client.receiveForTesting(payloads.enumerated().map { .data(.init(sequence: UInt64($0.offset * 100), payload: $0.element)) }, onSubflow: 0)
+        let segments = try await withTimeout(10) { try await reading.value }
+        #expect(segments == payloads)
+        // The server never sent those bytes, so it refuses their acknowledgement: no graceful close.
+        await client.abort()
+        await accepted.abort()
+        await server.close()
+    }
+
     @Test("a cancelled read ends with CancellationError and consumes nothing: the bytes go to the next read", arguments: NBSOptions.Transport.allCases)
     func cancelledRead(transport: NBSOptions.Transport) async throws {
         var listenerOptions = NBSOptions()

@@ -308,9 +308,9 @@ struct AddressSignallingTests {
         let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options)
         let forged = Frame.addAddress(.init(addressID: 9, address: WireAddress(bytes: [127, 0, 0, 9], port: UInt16(server.port))!,
                                             sequence: 1, mac: [UInt8](repeating: 0xAB, count: 32)))
-        await client.receiveForTesting(forged, onSubflow: 0)
+        await client.receiveForTesting([forged], onSubflow: 0)
         let forgedRemove = Frame.removeAddress(.init(address: WireAddress(bytes: [127, 0, 0, 1], port: 0)!, sequence: 2, mac: [UInt8](repeating: 1, count: 32)))
-        await client.receiveForTesting(forgedRemove, onSubflow: 0)
+        await client.receiveForTesting([forgedRemove], onSubflow: 0)
         #expect(await client.statistics.rejectedSignals == 2)
         #expect(await client.subflows.filter { $0.state == .active }.count == 1)
         let data = pattern(1 << 20, seed: 4)
