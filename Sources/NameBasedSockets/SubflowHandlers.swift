@@ -15,7 +15,7 @@ final class FrameReader: ChannelInboundHandler {
     typealias InboundOut = Frame
 
     /// DATA is streamed: a frame that spans two reads reaches the engine as two pieces, each a
-    /// slice of its read, rather than copied together here (3-4 % of loopback's CPU when it was).
+    /// slice of its read, rather than copied together here (2-4 % of loopback's CPU when it was).
     private var decoder = FrameDecoder(expectPreamble: true, streamsData: true)
     /// The start of a control frame, DATA header or preamble whose end has not arrived yet.
     private var carry: ByteBuffer?
