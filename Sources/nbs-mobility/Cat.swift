@@ -121,7 +121,7 @@ struct Cat: AsyncParsableCommand {
     static func pumpStdout(from session: Session, tracked: TrackedSession) async throws -> ReceiveMeter {
         var meter = ReceiveMeter()
         while let chunk = try await session.read() {
-            meter.record(chunk)
+            meter.record([chunk])
             tracked.addProgress(chunk.readableBytes)
             try await NIOThreadPool.singleton.runIfActive {
                 if let failure = chunk.withUnsafeReadableBytes({ Terminal.writeAll(STDOUT_FILENO, $0) }) {

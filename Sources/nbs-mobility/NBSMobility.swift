@@ -171,11 +171,12 @@ struct Serve: AsyncParsableCommand {
         var receiver = ReceiveMeter()
         var trace = timeline.map { _ in ReceiveTimeline(origin: report.started) }
         do {
-            while let chunk = try await session.read() {
-                receiver.record(chunk)
-                trace?.record(chunk.readableBytes)
-                tracked.addProgress(chunk.readableBytes)
-                if echo { try await session.write(chunk) }
+            while let segments = try await session.readSegments() {
+                receiver.record(segments)
+                let count = segments.reduce(0) { $0 + $1.readableBytes }
+                trace?.record(count)
+                tracked.addProgress(count)
+                if echo { for segment in segments { try await session.write(segment) } }
             }
             try await session.close()
             report.completed = true
@@ -299,7 +300,7 @@ struct Connect: AsyncParsableCommand {
         let deadline = duration.map { ContinuousClock.now + .milliseconds(Int($0 * 1000)) }
         let reader = Task { () -> (bytes: Int, digest: String) in
             var meter = ReceiveMeter()
-            while let chunk = try await session.read() { meter.record(chunk) }
+            while let segments = try await session.readSegments() { meter.record(segments) }
             return (meter.bytes, meter.digest)
         }
         do {

@@ -17,7 +17,8 @@ struct ReceiveMeter {
     private(set) var first: ContinuousClock.Instant?
     private(set) var lastAt: ContinuousClock.Instant?
 
-    mutating func record(_ chunk: ByteBuffer) {
+    /// One arrival: what a read returned, as the slices it came in (`Session.readSegments`).
+    mutating func record(_ segments: [ByteBuffer]) {
         let now = ContinuousClock.now
         if let last {
             if now - last >= .milliseconds(100), stalls.count < 100 { stalls.append((last, now - last)) }
@@ -30,8 +31,10 @@ struct ReceiveMeter {
         }
         last = now
         lastAt = now
-        bytes += chunk.readableBytes
-        chunk.withUnsafeReadableBytes { hash.update(bufferPointer: $0) }
+        for segment in segments {
+            bytes += segment.readableBytes
+            segment.withUnsafeReadableBytes { hash.update(bufferPointer: $0) }
+        }
     }
 
     var digest: String { hex(hash.finalize()) }
