@@ -171,9 +171,7 @@ public struct FrameDecoder: Sendable {
         while true {
             guard let header = try Self.header(in: buffer) else { return nil }
             guard buffer.readableBytes >= NBSWire.frameHeaderLength + header.length else {
-                guard streamsData, header.rawType == FrameType.data.rawValue, header.length > Self.sequenceLength,
-                      buffer.readableBytes > NBSWire.frameHeaderLength + Self.sequenceLength
-                else { return nil }
+                guard streamsPieces(of: header), buffer.readableBytes >= Self.firstPieceLength else { return nil }
                 buffer.moveReaderIndex(forwardBy: NBSWire.frameHeaderLength)
                 let sequence: UInt64 = buffer.readInteger()!
                 return takeData(at: sequence, remaining: header.length - Self.sequenceLength, from: &buffer)
@@ -192,6 +190,15 @@ public struct FrameDecoder: Sendable {
     }
 
     private static let sequenceLength = 8
+    /// What a streamed DATA frame's first piece needs: its header, its sequence and a payload byte.
+    private static let firstPieceLength = NBSWire.frameHeaderLength + sequenceLength + 1
+
+    /// Whether the frame `header` announces may be handed on before it is whole: a DATA frame,
+    /// on a decoder that streams, long enough to hold a sequence and payload (a shorter one is
+    /// malformed, and waits to be refused whole).
+    private func streamsPieces(of header: (rawType: UInt8, flags: UInt8, length: Int)) -> Bool {
+        streamsData && header.rawType == FrameType.data.rawValue && header.length > Self.sequenceLength
+    }
 
     /// A piece of a streamed DATA frame: as much of its `remaining` payload as `buffer` holds.
     private mutating func takeData(at sequence: UInt64, remaining: Int, from buffer: inout ByteBuffer) -> Frame {
@@ -220,11 +227,8 @@ public struct FrameDecoder: Sendable {
         if expectation == .preamble { return max(0, NBSWire.preambleLength - buffer.readableBytes) }
         if dataInProgress != nil { return buffer.readableBytes > 0 ? 0 : 1 }
         guard let header = try Self.header(in: buffer) else { return NBSWire.frameHeaderLength - buffer.readableBytes }
-        var needed = NBSWire.frameHeaderLength + header.length
-        // A streamed DATA frame's first piece needs its sequence and one byte of payload.
-        if streamsData, header.rawType == FrameType.data.rawValue, header.length > Self.sequenceLength {
-            needed = min(needed, NBSWire.frameHeaderLength + Self.sequenceLength + 1)
-        }
+        let whole = NBSWire.frameHeaderLength + header.length
+        let needed = streamsPieces(of: header) ? min(whole, Self.firstPieceLength) : whole
         return max(0, needed - buffer.readableBytes)
     }
 
