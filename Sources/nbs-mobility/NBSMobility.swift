@@ -172,8 +172,7 @@ struct Serve: AsyncParsableCommand {
         var trace = timeline.map { _ in ReceiveTimeline(origin: report.started) }
         do {
             while let segments = try await session.readSegments() {
-                receiver.record(segments)
-                let count = segments.reduce(0) { $0 + $1.readableBytes }
+                let count = receiver.record(segments)
                 trace?.record(count)
                 tracked.addProgress(count)
                 if echo { for segment in segments { try await session.write(segment) } }

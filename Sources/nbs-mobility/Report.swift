@@ -18,7 +18,9 @@ struct ReceiveMeter {
     private(set) var lastAt: ContinuousClock.Instant?
 
     /// One arrival: what a read returned, as the slices it came in (`Session.readSegments`).
-    mutating func record(_ segments: [ByteBuffer]) {
+    /// Returns the arrival's bytes.
+    @discardableResult
+    mutating func record(_ segments: [ByteBuffer]) -> Int {
         let now = ContinuousClock.now
         if let last {
             if now - last >= .milliseconds(100), stalls.count < 100 { stalls.append((last, now - last)) }
@@ -31,10 +33,13 @@ struct ReceiveMeter {
         }
         last = now
         lastAt = now
+        var arrived = 0
         for segment in segments {
-            bytes += segment.readableBytes
+            arrived += segment.readableBytes
             segment.withUnsafeReadableBytes { hash.update(bufferPointer: $0) }
         }
+        bytes += arrived
+        return arrived
     }
 
     var digest: String { hex(hash.finalize()) }
