@@ -311,10 +311,7 @@ struct LoopbackTests {
     /// frame, a reader came back for each of the others.
     @Test("the DATA that arrives in one pass of the loop reaches a waiting reader in one read, as the slices it came in")
     func oneReadPerPass() async throws {
-        let server = try await listener()
-        let accepting = Task { try await server.accept() }
-        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: loopbackOptions())
-        let accepted = try await withTimeout(10) { try await accepting.value }
+        let (server, client, accepted) = try await connectedPair()
         let reading = Task { try await client.readSegments() }
         try await withTimeout(10) {
             while await client.waitingReadsForTesting() == 0 { try await Task.sleep(for: .milliseconds(5)) }
@@ -333,12 +330,9 @@ struct LoopbackTests {
     func cancelledRead(transport: NBSOptions.Transport) async throws {
         var listenerOptions = NBSOptions()
         listenerOptions.transport = transport
-        let server = try await listener(options: listenerOptions)
         var options = loopbackOptions()
         options.transport = transport
-        let accepting = Task { try await server.accept() }
-        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options)
-        let accepted = try await withTimeout(10) { try await accepting.value }
+        let (server, client, accepted) = try await connectedPair(listenerOptions: listenerOptions, options: options)
         try await expectCancelledWaits(rounds: 20) { try await accepted.read() }
         try await client.write(ByteBuffer(string: "after the cancelled reads"))
         let next = try await withTimeout(10) { try await accepted.read() }
@@ -352,13 +346,10 @@ struct LoopbackTests {
         var listenerOptions = NBSOptions()
         listenerOptions.transport = transport
         listenerOptions.receiveCapacity = 64 * 1024
-        let server = try await listener(options: listenerOptions)
         var options = loopbackOptions()
         options.transport = transport
         options.sendBufferCapacity = 64 * 1024
-        let accepting = Task { try await server.accept() }
-        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options)
-        let accepted = try await withTimeout(10) { try await accepting.value }
+        let (server, client, accepted) = try await connectedPair(listenerOptions: listenerOptions, options: options)
         // The server does not read: both buffers fill, with most of `first` still waiting.
         let first = pattern(4 << 20, seed: 7)
         let (firstReturned, laterCancelled) = try await cancelWhileWriting(client, first) {
@@ -381,10 +372,7 @@ struct LoopbackTests {
 
     @Test("a cancelled close ends its wait with CancellationError; the close goes on, and ends once the peer closes")
     func cancelledClose() async throws {
-        let server = try await listener()
-        let accepting = Task { try await server.accept() }
-        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: loopbackOptions())
-        let accepted = try await withTimeout(10) { try await accepting.value }
+        let (server, client, accepted) = try await connectedPair()
         let alreadyCancelled = Task {
             while !Task.isCancelled { await Task.yield() }
             try await client.close()

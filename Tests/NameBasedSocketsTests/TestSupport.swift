@@ -21,6 +21,17 @@ func listener(_ name: String = "server.test", options: NBSOptions = NBSOptions()
 }
 
 /// Deterministic bytes.
+/// A listener on loopback and one session opened to it by name: the listener and both ends.
+func connectedPair(listenerOptions: NBSOptions = NBSOptions(), options: NBSOptions = loopbackOptions()) async throws
+    -> (server: Listener, client: Session, accepted: Session)
+{
+    let server = try await listener(options: listenerOptions)
+    let accepting = Task { try await server.accept() }
+    let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options)
+    let accepted = try await withTimeout(10) { try await accepting.value }
+    return (server, client, accepted)
+}
+
 func pattern(_ count: Int, seed: UInt64 = 1) -> ByteBuffer {
     var bytes = [UInt8](repeating: 0, count: count)
     var s = seed &* 0x9E37_79B9_7F4A_7C15 | 1
