@@ -18,6 +18,13 @@ public final class Session: Sendable {
     /// mobility, every byte passed through unchanged. A legacy client's `peerName` is its
     /// address's reverse name (`ReverseName`).
     public let isLegacy: Bool
+    /// The event loop that runs the session's work, as a task executor. Code run under
+    /// `withTaskExecutorPreference(session.taskExecutor) { ... }` reads and writes without a thread
+    /// hand-off: each call reaches the session on the loop's own thread and its answer resumes the
+    /// task there, as a SwiftNIO handler works. What that code does between calls holds up the
+    /// session's I/O, and that of every session and listener on the loop: work that takes long
+    /// belongs elsewhere.
+    public var taskExecutor: any TaskExecutor { EventLoopTaskExecutor(loop) }
     /// The multipath engine, or for a legacy peer its one plain connection.
     let engine: NIOLoopBound<any SessionBackend>
     let loop: any EventLoop
@@ -224,7 +231,10 @@ final class LoopWait<Value: Sendable>: @unchecked Sendable {
                     cancel: @escaping @Sendable (LoopWait) -> Void) async throws -> Value {
         let wait = LoopWait(promise: loop.makePromise())
         return try await withTaskCancellationHandler {
-            loop.execute { start(wait) }
+            // A task on `loop` (`Session.taskExecutor`) starts the wait in its own turn. One
+            // cancelled already has queued its cancellation: the start queues behind it, as
+            // from any other thread, so that it finds the wait cancelled and takes nothing.
+            if loop.inEventLoop, !Task.isCancelled { start(wait) } else { loop.execute { start(wait) } }
             return try await wait.promise.futureResult.get()
         } onCancel: {
             loop.execute { cancel(wait) }
@@ -244,5 +254,16 @@ final class LoopWait<Value: Sendable>: @unchecked Sendable {
         cancelled = true
         promise.fail(CancellationError())
         return true
+    }
+}
+
+/// An event loop as a Swift task executor (SE-0417): jobs run as the loop's tasks.
+final class EventLoopTaskExecutor: TaskExecutor {
+    let loop: any EventLoop
+    init(_ loop: any EventLoop) { self.loop = loop }
+
+    func enqueue(_ job: consuming ExecutorJob) {
+        let job = UnownedJob(job)
+        loop.execute { job.runSynchronously(on: self.asUnownedTaskExecutor()) }
     }
 }

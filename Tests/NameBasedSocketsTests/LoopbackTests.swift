@@ -326,6 +326,60 @@ struct LoopbackTests {
         await server.close()
     }
 
+    /// As a SwiftNIO handler runs: each call made and answered on the session's own thread.
+    @Test("under Session.taskExecutor an application's calls run and resume on the session's loop; the stream is whole, and cancellation is as elsewhere")
+    func applicationOnTheSessionsLoop() async throws {
+        let (server, client, accepted) = try await connectedPair()
+        let data = pattern(3 << 20, seed: 11)
+        let receiving = Task {
+            try await withTaskExecutorPreference(accepted.taskExecutor) { () async throws -> (Int, [UInt8], Bool) in
+                var onLoop = accepted.loop.inEventLoop
+                var hash = SHA256()
+                var count = 0
+                while let segments = try await accepted.readSegments() {
+                    onLoop = onLoop && accepted.loop.inEventLoop
+                    for segment in segments {
+                        count += segment.readableBytes
+                        segment.withUnsafeReadableBytes { hash.update(bufferPointer: $0) }
+                    }
+                }
+                return (count, Array(hash.finalize()), onLoop)
+            }
+        }
+        let wroteOnLoop = try await withTimeout(60) {
+            try await withTaskExecutorPreference(client.taskExecutor) {
+                var onLoop = client.loop.inEventLoop
+                var rest = data
+                while rest.readableBytes > 0 {
+                    try await client.write(rest.readSlice(length: min(256 * 1024, rest.readableBytes))!)
+                    onLoop = onLoop && client.loop.inEventLoop
+                }
+                await client.finish()
+                return onLoop && client.loop.inEventLoop
+            }
+        }
+        let (count, digest, readOnLoop) = try await withTimeout(60) { try await receiving.value }
+        #expect(wroteOnLoop)
+        #expect(readOnLoop)
+        #expect(count == data.readableBytes)
+        #expect(digest == sha256(data))
+
+        try await expectCancelledWaits(rounds: 6) {
+            try await withTaskExecutorPreference(client.taskExecutor) { try await client.read() }
+        }
+        // Cancelled before it is called: it takes none of its bytes, though on the loop it could at once.
+        let cancelledWrite = Task {
+            while !Task.isCancelled { await Task.yield() }
+            try await withTaskExecutorPreference(accepted.taskExecutor) { try await accepted.write(ByteBuffer(string: "never sent")) }
+        }
+        cancelledWrite.cancel()
+        await #expect(throws: CancellationError.self) { try await withTimeout(5) { try await cancelledWrite.value } }
+        try await accepted.write(ByteBuffer(string: "after the cancelled calls"))
+        let next = try await withTimeout(10) { try await client.read() }
+        #expect(next.map { String(buffer: $0) } == "after the cancelled calls")
+        try await closeBothEnds(client, accepted, listener: server)
+    }
+
     @Test("a cancelled read ends with CancellationError and consumes nothing: the bytes go to the next read", arguments: NBSOptions.Transport.allCases)
     func cancelledRead(transport: NBSOptions.Transport) async throws {
         var listenerOptions = NBSOptions()
