@@ -18,8 +18,10 @@ struct BenchArguments: ParsableCommand {
         commandName: "nbs-bench",
         abstract: "NBS against plain TCP (SwiftNIO both): loopback goodput and CPU per GiB, and set-up latency.",
         discussion: """
-            Without --serve-opens or --connect-opens: --rounds rounds of --bytes over one NBS subflow and over \
-            plain TCP on loopback, alternating, then --opens session set-ups against TCP connects. \
+            Without --serve-opens or --connect-opens: --rounds rounds of --bytes on loopback, alternating: over \
+            plain TCP, over one NBS subflow with the application's tasks on Swift's thread pool, and the same \
+            with them on the session's event loop (Session.taskExecutor, as TCP's handlers run on theirs); \
+            then --opens session set-ups against TCP connects. \
             --connect-opens prints one JSON line: the medians of TCP connect, the TCP round trip, resolving \
             --name (by the system resolver, as NBS.open does) and NBS open to the server's first byte.
             The library logs to stderr at NBS_LOG_LEVEL (default warning: every timed session is aborted, \
@@ -159,35 +161,51 @@ func plainTCP(bytes: Int) async throws -> Measurement {
 
 // MARK: NBS, one subflow
 
-func nbsSession(bytes: Int) async throws -> Measurement {
-    var options = NBSOptions()
-    options.localAddresses = [try SocketAddress(ipAddress: "127.0.0.1", port: 0)]
-    options.resolver = StaticResolver(["bench.server": ["127.0.0.1"]])
-    let listener = try await NBS.listen(localName: "bench.server", port: 0, options: options)
-    let receiver = Task {
-        let session = try await listener.accept()
-        var received = 0
-        // As CountingSink takes NIO's reads: the buffers as they came, uncopied.
-        while let segments = try await session.readSegments(maxBytes: 4 << 20) { received += segments.reduce(0) { $0 + $1.readableBytes } }
-        try await session.close()
-        return received
-    }
-    let cpu0 = cpuSeconds()
-    let start = ContinuousClock.now
-    let session = try await NBS.open(localName: "bench.client", peerName: "bench.server", port: listener.port, options: options)
+/// As CountingSink takes NIO's reads: the buffers as they came, uncopied.
+func receiveAll(_ session: Session) async throws -> Int {
+    var received = 0
+    while let segments = try await session.readSegments(maxBytes: 4 << 20) { received += segments.reduce(0) { $0 + $1.readableBytes } }
+    try await session.close()
+    return received
+}
+
+func send(_ bytes: Int, on session: Session) async throws -> Int {
     var sent = 0
     while sent < bytes {
         try await session.write(chunk)
         sent += chunkSize
     }
     await session.finish()
+    return sent
+}
+
+/// `body` on `session`'s event loop (`Session.taskExecutor`) when `onLoop`, as the plain-TCP side's
+/// handlers run on theirs; otherwise on Swift's thread pool, as an application's tasks run by default:
+/// one hand-off to the loop and back per call.
+func running<T: Sendable>(onLoopOf session: Session, _ onLoop: Bool, _ body: () async throws -> T) async throws -> T {
+    onLoop ? try await withTaskExecutorPreference(session.taskExecutor, operation: body) : try await body()
+}
+
+func nbsSession(bytes: Int, onLoop: Bool) async throws -> Measurement {
+    var options = NBSOptions()
+    options.localAddresses = [try SocketAddress(ipAddress: "127.0.0.1", port: 0)]
+    options.resolver = StaticResolver(["bench.server": ["127.0.0.1"]])
+    let listener = try await NBS.listen(localName: "bench.server", port: 0, options: options)
+    let receiver = Task {
+        let session = try await listener.accept()
+        return try await running(onLoopOf: session, onLoop) { try await receiveAll(session) }
+    }
+    let cpu0 = cpuSeconds()
+    let start = ContinuousClock.now
+    let session = try await NBS.open(localName: "bench.client", peerName: "bench.server", port: listener.port, options: options)
+    let sent = try await running(onLoopOf: session, onLoop) { try await send(bytes, on: session) }
     let received = try await receiver.value
     let seconds = (ContinuousClock.now - start).asSeconds
     let cpu = cpuSeconds() - cpu0
     try await session.close()
     await listener.close()
     precondition(received == sent, "NBS delivered \(received) of \(sent) bytes")
-    return Measurement(name: "NBS, 1 subflow", bytes: bytes, seconds: seconds, cpu: cpu)
+    return Measurement(name: onLoop ? "NBS, on the session's loop" : "NBS, 1 subflow", bytes: bytes, seconds: seconds, cpu: cpu)
 }
 
 // MARK: set-up latency
@@ -322,9 +340,11 @@ if let host = arguments.connectAddress, let port = arguments.port, let name = ar
 
 var tcpRuns: [Measurement] = []
 var nbsRuns: [Measurement] = []
+var nbsOnLoopRuns: [Measurement] = []
 for _ in 0..<rounds {
     tcpRuns.append(try await plainTCP(bytes: totalBytes))
-    nbsRuns.append(try await nbsSession(bytes: totalBytes))
+    nbsRuns.append(try await nbsSession(bytes: totalBytes, onLoop: false))
+    nbsOnLoopRuns.append(try await nbsSession(bytes: totalBytes, onLoop: true))
 }
 let echoServer = try await tcpEchoServer(host: "127.0.0.1", port: 0)
 let tcpSetup = try await tcpConnectLatency(to: echoServer.localAddress!, count: opens)
@@ -343,17 +363,19 @@ let resolveSetup = try await resolveLatency("bench.server", resolver: setupOptio
 func pad(_ text: String, _ width: Int) -> String { text.padding(toLength: width, withPad: " ", startingAt: 0) }
 func medianRun(_ runs: [Measurement]) -> Measurement { runs.sorted { $0.gbps < $1.gbps }[runs.count / 2] }
 if rounds > 0 {
+    let cases = [tcpRuns, nbsRuns, nbsOnLoopRuns]
     let tcp = medianRun(tcpRuns)
-    let nbs = medianRun(nbsRuns)
-    print(pad("case (median of \(rounds))", 28) + pad("Gbit/s", 10) + pad("CPU s/GiB", 12) + "ratio to TCP")
-    for m in [tcp, nbs] {
-        print(pad(m.name, 28) + pad(String(format: "%.2f", m.gbps), 10) + pad(String(format: "%.3f", m.cpuPerGiB), 12) + String(format: "%.2f", m.gbps / tcp.gbps))
+    print(pad("case (median of \(rounds))", 30) + pad("Gbit/s", 10) + pad("CPU s/GiB", 12) + "ratio to TCP")
+    for m in cases.map(medianRun) {
+        print(pad(m.name, 30) + pad(String(format: "%.2f", m.gbps), 10) + pad(String(format: "%.3f", m.cpuPerGiB), 12) + String(format: "%.2f", m.gbps / tcp.gbps))
     }
-    print("all rounds, Gbit/s: TCP " + tcpRuns.map { String(format: "%.1f", $0.gbps) }.joined(separator: " ")
-          + "; NBS " + nbsRuns.map { String(format: "%.1f", $0.gbps) }.joined(separator: " "))
-    for m in [tcp, nbs] {
+    print("all rounds, Gbit/s: " + cases.map { runs in
+        runs[0].name + " " + runs.map { String(format: "%.1f", $0.gbps) }.joined(separator: " ")
+    }.joined(separator: "; "))
+    for runs in cases {
+        let m = medianRun(runs)
         print(json(["case": m.name, "bytes": m.bytes, "rounds": rounds, "seconds": m.seconds, "goodput_gbps": m.gbps, "cpu_s_per_gib": m.cpuPerGiB,
-                    "ratio_to_tcp": m.gbps / tcp.gbps, "all_rounds_gbps": (m.name == tcp.name ? tcpRuns : nbsRuns).map(\.gbps)]))
+                    "ratio_to_tcp": m.gbps / tcp.gbps, "all_rounds_gbps": runs.map(\.gbps)]))
     }
 }
 print(String(format: "set-up, median of %d: TCP connect %.3f ms, NBS open to first byte %.3f ms", opens, median(tcpSetup), median(nbsSetup)))
