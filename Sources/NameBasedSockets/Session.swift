@@ -24,7 +24,7 @@ public final class Session: Sendable {
     /// task there, as a SwiftNIO handler works. What that code does between calls holds up the
     /// session's I/O, and that of every session and listener on the loop: work that takes long
     /// belongs elsewhere.
-    public var taskExecutor: any TaskExecutor { EventLoopTaskExecutor(loop) }
+    public let taskExecutor: any TaskExecutor
     /// The multipath engine, or for a legacy peer its one plain connection.
     let engine: NIOLoopBound<any SessionBackend>
     let loop: any EventLoop
@@ -39,6 +39,7 @@ public final class Session: Sendable {
         self.isLegacy = false
         self.engine = NIOLoopBound(engine, eventLoop: engine.loop)
         self.loop = engine.loop
+        self.taskExecutor = EventLoopTaskExecutor(engine.loop)
     }
 
     init(legacy: LegacyConnection) {
@@ -52,6 +53,7 @@ public final class Session: Sendable {
         self.isLegacy = true
         self.engine = NIOLoopBound(legacy, eventLoop: legacy.loop)
         self.loop = legacy.loop
+        self.taskExecutor = EventLoopTaskExecutor(legacy.loop)
     }
 
     /// Up to `maxBytes` of in-order data; nil once the peer has finished and everything is read.
@@ -257,7 +259,8 @@ final class LoopWait<Value: Sendable>: @unchecked Sendable {
     }
 }
 
-/// An event loop as a Swift task executor (SE-0417): jobs run as the loop's tasks.
+/// An event loop as a Swift task executor (SE-0417): jobs run as the loop's tasks. One per
+/// session, so that a preference for it set twice is the same executor, not a hop between two.
 final class EventLoopTaskExecutor: TaskExecutor {
     let loop: any EventLoop
     init(_ loop: any EventLoop) { self.loop = loop }
