@@ -124,6 +124,23 @@ public struct SendBuffer: Sendable {
         return bytes
     }
 
+    /// What the peer waits for first, when `subflow` carries it: the oldest unacknowledged segment
+    /// and the later ones on the same subflow, up to `maxBytes`, as slices to send once more
+    /// elsewhere. The segments stay where they are (this is a copy, not a reinjection). Empty when
+    /// the oldest segment is on another subflow or already marked for reinjection.
+    public func headOfLine(on subflow: SubflowID, maxBytes: Int) -> [Transmission] {
+        guard let oldest = inFlight.first, oldest.subflow == subflow, !oldest.needsReinjection else { return [] }
+        var copies: [Transmission] = []
+        var bytes = 0
+        for segment in inFlight where segment.subflow == subflow && !segment.needsReinjection {
+            guard bytes < maxBytes else { break }
+            let length = min(segment.length, maxBytes - bytes)
+            copies.append(Transmission(sequence: segment.sequence, payload: slice(segment.sequence, length), isReinjection: true))
+            bytes += length
+        }
+        return copies
+    }
+
     /// Binary search: segments are in sequence order; the first one that ends after `sequence`.
     private func firstSegment(endingAfter sequence: UInt64) -> CircularBuffer<Segment>.Index {
         var low = 0

@@ -125,6 +125,10 @@ public final class Session: Sendable {
 public struct SessionStatistics: Sendable, Equatable {
     public var maxConcurrentSubflows = 0
     public var reinjectedBytes = 0
+    /// Sent once more on another subflow while the subflow that carried them was silent with them
+    /// in flight (the data the peer waited for first); counted apart from `reinjectedBytes`, as the
+    /// first copy stays where it was.
+    public var headOfLineCopiedBytes = 0
     public var unacknowledgedBytes = 0
     public var duplicateBytesReceived = 0
     /// ADD_ADDR, REMOVE_ADDR, PRIO, CLOSE or ABORT frames dropped because they failed authentication.
@@ -152,7 +156,7 @@ protocol SessionBackend: AnyObject {
 extension SessionEngine: SessionBackend {
     var statistics: SessionStatistics {
         SessionStatistics(maxConcurrentSubflows: maxConcurrentSubflows, reinjectedBytes: core.reinjectedBytes,
-                          unacknowledgedBytes: core.unacknowledgedBytes, duplicateBytesReceived: core.receive.duplicateBytes,
+                          headOfLineCopiedBytes: headOfLineCopiedBytes, unacknowledgedBytes: core.unacknowledgedBytes, duplicateBytesReceived: core.receive.duplicateBytes,
                           rejectedSignals: rejectedSignals, unreadBytes: core.readableBytes)
     }
 }

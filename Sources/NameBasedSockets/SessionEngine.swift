@@ -68,6 +68,9 @@ final class SessionEngine: SubflowDelegate {
     private var interfaceFeed: LoopInterfaceFeed.Membership?
     private var announcedAddressIDs: [String: UInt8] = [:]
     private var suspendedSince: [SubflowID: NIODeadline] = [:]
+    /// The sequence whose data `copyHeadOfLine` copied last: one copy per head.
+    private var copiedHeadOfLine: UInt64?
+    private(set) var headOfLineCopiedBytes = 0
     private var queueHighWaterMark: [SubflowID: Int] = [:]
     private var pendingInterfaceEvents: [InterfaceEvent] = []
     private var refusedJoinRetries = 0
@@ -637,8 +640,36 @@ final class SessionEngine: SubflowDelegate {
                 if moved > 0 { eventContinuation.yield(.reinjected(bytes: moved, from: sibling.rawValue)) }
             }
             pump()
+        } else if tcp.headOfLineOverdue {
+            copyHeadOfLine(from: id, silentMs: tcp.silentMs)
         }
     }
+
+    /// The subflow that carries what the peer waits for first went silent with it in flight
+    /// (`SubflowProgress.headOfLineOverdue`): a copy goes now on another subflow, one of another
+    /// pair of interfaces and not a backup if there is one, and the peer keeps whichever arrives
+    /// first. The subflow keeps its data and goes on; if it was the path that failed, its stall
+    /// check follows. Once per head: a copy that does not get through waits for that check, as
+    /// everything did before. Worth it where a path fails again and again or silently (flapping,
+    /// blackhole: BENCHMARKS.md), where a timeout would otherwise end each stall.
+    private func copyHeadOfLine(from id: SubflowID, silentMs: Int64) {
+        let copies = core.send.headOfLine(on: id, maxBytes: Self.headOfLineCopyLimit)
+        guard let head = copies.first?.sequence, head != copiedHeadOfLine else { return }
+        let siblings = core.siblings(of: id)
+        let others = core.usableSubflows.filter { $0 != id && records[$0]?.established == true && records[$0]?.closed == false }
+        // Another pair of interfaces first; a backup (a path kept for handover) last.
+        func rank(_ other: SubflowID) -> Int { (core.isBackup(other) ? 2 : 0) + (siblings.contains(other) ? 1 : 0) }
+        guard let target = others.min(by: { rank($0) < rank($1) }), let handler = records[target]?.handler else { return }
+        copiedHeadOfLine = head
+        for copy in copies { handler.writeData(sequence: copy.sequence, payload: copy.payload) }
+        handler.flush()
+        let bytes = copies.reduce(0) { $0 + $1.payload.readableBytes }
+        headOfLineCopiedBytes += bytes
+        logger.info("subflow \(id) silent \(silentMs) ms with the data the peer waits for: \(bytes) bytes of it copied to subflow \(target)")
+    }
+
+    /// About one segment's worth of a fast path, a few of a slow one's: what a tail loss takes.
+    static let headOfLineCopyLimit = 64 * 1024
 
     /// Each subflow queues about `queueTarget` of its own rate beyond what TCP has in flight:
     /// enough to keep a fast path busy, little enough that data stranded on a path that dies, and
@@ -1216,6 +1247,17 @@ struct SubflowProgress {
         if silenceClockedByKernel { return LoopLag() }
         return socketBacklog.map { loop.merging($0) } ?? loop
     }
+
+    /// Data in flight and no acknowledgement for a round trip and at least `headOfLineSilenceMs`.
+    /// A TCP subflow that is sending gets acknowledgements every few milliseconds, even behind a
+    /// full queue, and one that lost segments with SACK still gets duplicate ones: this silence is a
+    /// loss at the tail of what it sent, which only its retransmission timeout (200 ms and more)
+    /// would repair. Kernel-clocked silence only: a UDP subflow resends through the session itself.
+    var headOfLineOverdue: Bool {
+        silenceClockedByKernel && inFlight && silentMs >= max(Self.headOfLineSilenceMs, rttMs)
+    }
+
+    static let headOfLineSilenceMs: Int64 = 40
 
     /// Data in flight, a timeout without an acknowledgement since, and silence beyond `limitMs` that
     /// is not the event loop's own lag (see `SessionEngine.stallCheck`).

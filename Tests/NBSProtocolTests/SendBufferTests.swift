@@ -23,6 +23,34 @@ struct SendBufferTests {
         return out
     }
 
+    @Test("the head of line: the oldest unacknowledged segment and the later ones on its subflow, as copies, when that subflow carries it")
+    func headOfLine() throws {
+        var s = SendBuffer(capacity: 1 << 20)
+        let stream = patternBytes(400, seed: 3)
+        s.append(buffer(stream))
+        _ = drain(&s, on: a, maxLength: 100, windowEdge: 200)   // a: 0..<100, 100..<200
+        _ = drain(&s, on: b, maxLength: 100, windowEdge: 300)   // b: 200..<300
+        _ = drain(&s, on: a, maxLength: 100)                    // a: 300..<400
+        #expect(s.headOfLine(on: b, maxBytes: 1000).isEmpty, "b does not carry the oldest segment")
+        let copies = s.headOfLine(on: a, maxBytes: 250)
+        #expect(copies.map(\.sequence) == [0, 100, 300])
+        #expect(copies.map(\.payload.readableBytes) == [100, 100, 50])
+        #expect(copies.map { bytes(of: $0.payload) } == [Array(stream[0..<100]), Array(stream[100..<200]), Array(stream[300..<350])])
+        // Copies, not reinjections: the segments stay on `a`, nothing waits to be sent again.
+        #expect(!s.hasReinjectionPending)
+        #expect(s.inFlightBytes(on: a) == 300)
+        // Acknowledged in part: the head starts at the acknowledgement.
+        try s.acknowledge(upTo: 150)
+        #expect(s.headOfLine(on: a, maxBytes: 1000).map(\.sequence) == [150, 300])
+        // Once b's segment is the oldest, a no longer holds the peer up.
+        try s.acknowledge(upTo: 200)
+        #expect(s.headOfLine(on: a, maxBytes: 1000).isEmpty)
+        #expect(s.headOfLine(on: b, maxBytes: 1000).map(\.sequence) == [200])
+        // Marked for reinjection (its subflow died): the reinjection sends it, not a copy.
+        s.reinject(from: b)
+        #expect(s.headOfLine(on: b, maxBytes: 1000).isEmpty)
+    }
+
     @Test("segments never cross chunk boundaries and are zero-copy slices of the chunks")
     func segmentsAreSlices() throws {
         let sizes = [10, 100, 7, 64, 1]

@@ -63,6 +63,26 @@ struct LoopLagTests {
         #expect(!idle.looksStalled(limitMs: 200, lag: LoopLag(), now: 11_010 * ms))
     }
 
+    @Test("a TCP subflow silent for a round trip and 40 ms with data in flight holds the peer's head of line; a UDP one, an idle one or a shorter silence do not")
+    func headOfLineOverdue() {
+        let busy = SubflowProgress(inFlight: true, silentMs: 45, rttMs: 20, timeoutRetransmissions: 0, bytesPerSecond: 0, silenceClockedByKernel: true)
+        #expect(busy.headOfLineOverdue)
+        var shorter = busy
+        shorter.silentMs = 30
+        #expect(!shorter.headOfLineOverdue)
+        var longPath = busy
+        longPath.rttMsPrecise = 60   // a round trip longer than the silence: an answer may be on its way
+        #expect(!longPath.headOfLineOverdue)
+        longPath.silentMs = 61
+        #expect(longPath.headOfLineOverdue)
+        var idle = busy
+        idle.inFlight = false
+        #expect(!idle.headOfLineOverdue)
+        var udp = busy
+        udp.silenceClockedByKernel = false
+        #expect(!udp.headOfLineOverdue)
+    }
+
     @Test("a socket is behind from the first wake-up that read its limit to the first that did not")
     func readBacklog() {
         var backlog = ReadBacklog()

@@ -154,6 +154,48 @@ struct LoopbackTests {
         await server.close()
     }
 
+    /// A tail loss cannot be made on loopback without root: the carrier's TCP_INFO is replaced by
+    /// what one shows (data in flight, no acknowledgement for 100 ms, no timeout yet), while its
+    /// socket goes on delivering for real.
+    @Test("a carrier silent with the peer's head of line has that data copied to another subflow; it is not suspended, and the stream stays whole")
+    func headOfLineCopied() async throws {
+        let server = try await listener()
+        let received = Task { () -> (Int, [UInt8], SessionStatistics) in
+            let session = try await server.accept()
+            let (bytes, digest) = try await drain(session)
+            let statistics = await session.statistics
+            try await session.close()
+            return (bytes, digest, statistics)
+        }
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port,
+                                        options: loopbackOptions(locals: ["127.0.0.1", "127.0.0.2"]))
+        try await waitForSubflows(client, count: 2)
+        try await waitFor("a carrier and a standby") { await client.subflows.map(\.state).sorted { $0.rawValue < $1.rawValue } == [.active, .standby] }
+        let carrier = try #require(await client.subflows.first { $0.state == .active }).id
+        let tailLoss = SubflowProgress(inFlight: true, silentMs: 100, rttMs: 1, timeoutRetransmissions: 0, bytesPerSecond: 0, silenceClockedByKernel: true)
+        await client.withSubflowsForTesting(SubflowHandler.self) { if $0.id.rawValue == carrier { $0.progressForTesting = tailLoss } }
+        // Written until a copy was made: a stall check runs every 50 ms while data is unacknowledged.
+        let chunks = try await withTimeout(30, "a copy") {
+            var chunks: UInt64 = 0
+            while await client.statistics.headOfLineCopiedBytes == 0 {
+                chunks += 1
+                try await client.write(pattern(1 << 20, seed: 100 + chunks))
+            }
+            return chunks
+        }
+        let subflows = await client.subflows
+        #expect(subflows.first { $0.id == carrier }?.state == .active, "\(subflows)")
+        await client.finish()
+        var sent = ByteBuffer()
+        for i in 1...chunks { sent.writeImmutableBuffer(pattern(1 << 20, seed: 100 + i)) }
+        let (count, digest, statistics) = try await withTimeout(30, "receiving") { try await received.value }
+        #expect(count == sent.readableBytes)
+        #expect(digest == sha256(sent))
+        #expect(statistics.duplicateBytesReceived > 0, "\(statistics)")
+        try await client.close()
+        await server.close()
+    }
+
     @Test("a name with A and AAAA records gets an IPv4 and an IPv6 subflow")
     func dualStack() async throws {
         let server = try await listener()
