@@ -656,7 +656,8 @@ final class SessionEngine: SubflowDelegate {
         let copies = core.send.headOfLine(on: id, maxBytes: Self.headOfLineCopyLimit)
         guard let head = copies.first?.sequence, head != copiedHeadOfLine else { return }
         let siblings = core.siblings(of: id)
-        let others = core.usableSubflows.filter { $0 != id && records[$0]?.established == true && records[$0]?.closed == false }
+        // The core holds a subflow from its establishment until it is gone: usable ones are open.
+        let others = core.usableSubflows.filter { $0 != id }
         // Another pair of interfaces first; a backup (a path kept for handover) last.
         func rank(_ other: SubflowID) -> Int { (core.isBackup(other) ? 2 : 0) + (siblings.contains(other) ? 1 : 0) }
         guard let target = others.min(by: { rank($0) < rank($1) }), let handler = records[target]?.handler else { return }
