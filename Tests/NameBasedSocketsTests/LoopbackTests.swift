@@ -133,10 +133,8 @@ struct LoopbackTests {
         // (no acknowledgement comes its way) long enough to be seen so.
         options.probeInterval = .seconds(1)
         let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options)
-        try await waitForSubflows(client, count: 2)
-        try await waitFor("a carrier and a standby") { await client.subflows.map(\.state).sorted { $0.rawValue < $1.rawValue } == [.active, .standby] }
+        let carrier = try await carrierAndStandby(of: client)
         try await Task.sleep(for: .milliseconds(200))
-        let carrier = try #require(await client.subflows.first { $0.state == .active }).id
         let dead = SubflowProgress(inFlight: true, silentMs: 60_000, rttMs: 1, timeoutRetransmissions: 3, bytesPerSecond: 0)
         await client.withSubflowsForTesting(SubflowHandler.self) { if $0.id.rawValue == carrier { $0.progressForTesting = dead } }
         // Not left to the next PROBE, which an idle session backs off to seconds away.
@@ -154,6 +152,14 @@ struct LoopbackTests {
         await server.close()
     }
 
+    /// `client`'s two subflows, on one pair of interfaces, settled as a carrier and its standby
+    /// sibling: the carrier's id.
+    private func carrierAndStandby(of client: Session) async throws -> UInt32 {
+        try await waitForSubflows(client, count: 2)
+        try await waitFor("a carrier and a standby") { await client.subflows.map(\.state).sorted { $0.rawValue < $1.rawValue } == [.active, .standby] }
+        return try #require(await client.subflows.first { $0.state == .active }).id
+    }
+
     /// A tail loss cannot be made on loopback without root: the carrier's TCP_INFO is replaced by
     /// what one shows (data in flight, no acknowledgement for 100 ms, no timeout yet), while its
     /// socket goes on delivering for real.
@@ -169,9 +175,7 @@ struct LoopbackTests {
         }
         let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port,
                                         options: loopbackOptions(locals: ["127.0.0.1", "127.0.0.2"]))
-        try await waitForSubflows(client, count: 2)
-        try await waitFor("a carrier and a standby") { await client.subflows.map(\.state).sorted { $0.rawValue < $1.rawValue } == [.active, .standby] }
-        let carrier = try #require(await client.subflows.first { $0.state == .active }).id
+        let carrier = try await carrierAndStandby(of: client)
         let tailLoss = SubflowProgress(inFlight: true, silentMs: 100, rttMs: 1, timeoutRetransmissions: 0, bytesPerSecond: 0, silenceClockedByKernel: true)
         await client.withSubflowsForTesting(SubflowHandler.self) { if $0.id.rawValue == carrier { $0.progressForTesting = tailLoss } }
         // Written until a copy was made: a stall check runs every 50 ms while data is unacknowledged.

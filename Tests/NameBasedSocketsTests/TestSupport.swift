@@ -20,7 +20,6 @@ func listener(_ name: String = "server.test", options: NBSOptions = NBSOptions()
     try await NBS.listen(localName: name, port: 0, options: options)
 }
 
-/// Deterministic bytes.
 /// A listener on loopback and one session opened to it by name: the listener and both ends.
 func connectedPair(listenerOptions: NBSOptions = NBSOptions(), options: NBSOptions = loopbackOptions()) async throws
     -> (server: Listener, client: Session, accepted: Session)
@@ -32,6 +31,7 @@ func connectedPair(listenerOptions: NBSOptions = NBSOptions(), options: NBSOptio
     return (server, client, accepted)
 }
 
+/// Deterministic bytes.
 func pattern(_ count: Int, seed: UInt64 = 1) -> ByteBuffer {
     var bytes = [UInt8](repeating: 0, count: count)
     var s = seed &* 0x9E37_79B9_7F4A_7C15 | 1
