@@ -146,7 +146,7 @@ final class SessionEngine: SubflowDelegate {
 
     /// The subflow's handshake is done: it joins the data plane.
     private func subflowEstablished(_ id: SubflowID, backup: Bool, rttSample: Double?) {
-        core.addSubflow(id, backup: backup)
+        core.addSubflow(id, backup: backup, ordered: records[id]?.handler.deliversInOrder ?? true)
         updatePathGroup(id)
         core.setSegmentLimit(id, records[id]?.handler.maxDataPayload ?? SubflowConnector.writeWaterMark.high / Self.segmentsPerQueue)
         if let rttSample { core.recordRTT(id, milliseconds: rttSample) }
@@ -665,6 +665,7 @@ final class SessionEngine: SubflowDelegate {
         for copy in copies { handler.writeData(sequence: copy.sequence, payload: copy.payload) }
         handler.flush()
         let bytes = copies.reduce(0) { $0 + $1.payload.readableBytes }
+        core.noteCopies(bytes, on: target)
         headOfLineCopiedBytes += bytes
         logger.info("subflow \(id) silent \(silentMs) ms with the data the peer waits for: \(bytes) bytes of it copied to subflow \(target)")
     }
@@ -793,7 +794,7 @@ final class SessionEngine: SubflowDelegate {
                 data.payload = Self.unpinned(data.payload)
                 outcome = try core.receiveData(data, on: id)
             case .dataAck(let ack):
-                outcome = try core.receiveAck(ack)
+                outcome = try core.receiveAck(ack, on: id)
             case .dataFin(let fin):
                 outcome = try core.receiveFin(fin)
             case .probe(let probe):

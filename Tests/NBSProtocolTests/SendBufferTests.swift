@@ -51,6 +51,33 @@ struct SendBufferTests {
         #expect(s.headOfLine(on: b, maxBytes: 1000).isEmpty)
     }
 
+    @Test("what the peer reports holding on a subflow is not sent again when that subflow goes, nor copied as the head")
+    func peerReceivedOnSubflow() throws {
+        var s = SendBuffer(capacity: 1 << 20)
+        s.append(buffer(patternBytes(600, seed: 4)))
+        _ = drain(&s, on: a, maxLength: 100, windowEdge: 100)   // a: 0..<100 (a's count 100)
+        _ = drain(&s, on: b, maxLength: 100, windowEdge: 200)   // b: 100..<200
+        _ = drain(&s, on: a, maxLength: 100, windowEdge: 400)   // a: 200..<300 (200), 300..<400 (300)
+        // The peer holds a's first two segments, but b's is missing: the cumulative ack stays at 0.
+        try s.peerReceived(200, on: a)
+        try s.peerReceived(150, on: a)  // an older report, overtaken: changes nothing
+        #expect(s.headOfLine(on: a, maxBytes: 1000).isEmpty, "the first segment the peer lacks is b's")
+        #expect(s.headOfLine(on: b, maxBytes: 1000).map(\.sequence) == [100])
+        #expect(s.reinject(from: a) == 100, "only 300..<400, which the peer does not hold")
+        let again = drain(&s, on: c, maxLength: 1000, windowEdge: 400)
+        #expect(again.map(\.sequence) == [300])
+        // c's count goes on from the reinjection; copies sent on c count too.
+        s.noteCopies(50, on: c)
+        _ = drain(&s, on: c, maxLength: 100, windowEdge: 500)   // c: 400..<500, ending at c's 250
+        try s.peerReceived(150, on: c)
+        #expect(s.reinject(from: c) == 100, "c's count at 150 covers the reinjection and the copies, not 400..<500")
+        #expect(throws: SendBuffer.ReceptionReportError.beyondSent(reported: 251, sent: 250)) { try s.peerReceived(251, on: c) }
+        // Held segments stay in flight until the cumulative ack passes them.
+        #expect(s.inFlightBytes(on: a) == 200)
+        try s.acknowledge(upTo: 500)
+        #expect(s.inFlightSegments == 0)
+    }
+
     @Test("segments never cross chunk boundaries and are zero-copy slices of the chunks")
     func segmentsAreSlices() throws {
         let sizes = [10, 100, 7, 64, 1]
