@@ -55,7 +55,7 @@
 #   ok           every round or trial of it completed with its bytes intact (failover: survived)
 # plus, per bench: percent_of_sum and rate_sum_mbps (aggregation), survived "k/n" (failover),
 # gap_bound_ms and ratio_bound (failover: the longest gap after the fault can be, and that over MPTCP's; a
-# receiver lists gaps of 100 ms or more only, so a value of 0 means under 100 ms and under the transfer's
+# receiver lists gaps of 20 ms or more only, so a value of 0 means under 20 ms and under the transfer's
 # longest gap; targets are judged by the bound), cpu_s_per_gib (loopback), resolve_ms, tcp_rtt_ms, extra_ms
 # and extra_rtts (setup, nbs).
 #
@@ -298,7 +298,7 @@ for r in [r for r in rows if r["bench"] == "aggregation"]:
 # A receiver lists only gaps of STALL_LIST_MS or more, so a trial's 0 after the fault says every gap after it
 # was shorter than that, and no longer than the whole transfer's longest (max_stall_ms): that bound, not 0,
 # is what a ratio to MPTCP may claim.
-STALL_LIST_MS = 100.0
+STALL_LIST_MS = 20.0
 def gap_bound(j):
     if j["stall_after_fault_ms"]:
         return j["stall_after_fault_ms"]

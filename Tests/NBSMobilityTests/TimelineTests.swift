@@ -1,3 +1,4 @@
+import NIOCore
 import Testing
 
 @testable import nbs_mobility
@@ -12,6 +13,17 @@ import Testing
         trace.record(1, at: origin + .milliseconds(450))
         #expect(trace.bins == [10, 25, 0, 0, 1])
         #expect(trace.text == "0 10\n100 25\n200 0\n300 0\n400 1\n")
+    }
+
+    @Test func gapsFromTwentyMillisecondsAreListedAndTheLongestKept() {
+        let origin = ContinuousClock.now
+        var meter = ReceiveMeter()
+        let one = [ByteBuffer(bytes: [1])]
+        for ms in [0, 10, 29, 30, 50, 150, 160] { meter.record(one, at: origin + .milliseconds(ms)) }
+        #expect(meter.stalls.map(\.length) == [.milliseconds(20), .milliseconds(100)], "19 ms is not listed; 20 ms is")
+        #expect(meter.stalls.map(\.start) == [origin + .milliseconds(30), origin + .milliseconds(50)])
+        #expect(meter.maxStall == .milliseconds(100))
+        #expect(meter.bytes == 7)
     }
 
     @Test func earlyBytesCountInTheFirstBinAndThoseBeyondTheBoundAreDropped() {

@@ -11,7 +11,7 @@ at most N bytes when both are given), shuts down its sending side and waits for 
 one JSON line. The receiver's figure (first byte to EOF) is the goodput; the client's also includes the
 handshake and the final answer. The receiver reports max_stall_ms, the longest gap between two received
 chunks (for failover measurements), max_stall_at_s (when it began, seconds after accept), stalls (every gap
-of 100 ms or more: at_s, ms), and, for MPTCP, events when its number of subflows changes. --timeline FILE
+of 20 ms or more, the first 1000: at_s, ms; the same rule as nbs-mobility's receiver), and, for MPTCP, events when its number of subflows changes. --timeline FILE
 writes the bytes received per 100 ms since the accept, one "t_ms bytes" line per bin (the format of
 `nbs-mobility serve --timeline`, so both plot on one chart).
 
@@ -30,6 +30,8 @@ import time
 IPPROTO_MPTCP = 262
 SOL_MPTCP = 284
 MPTCP_INFO = 1
+# A receiver lists every gap between chunks this long or longer (nbs-mobility's receiver: the same 20 ms).
+LISTED_GAP_S = 0.02
 CHUNK = 64 * 1024
 TIMELINE_BIN_S = 0.1
 TIMELINE_MAX_BINS = 1 << 20  # 29 h of 100 ms bins: memory stays bounded
@@ -80,7 +82,7 @@ def server(args):
     subflows = 0
     current = None
     events = []
-    stalls = []  # every gap of 100 ms or more (the first 100): start (s after accept) and length
+    stalls = []  # every gap of LISTED_GAP_S or more (the first 1000): start (s after accept) and length
     max_gap_at = None
     error = None
     bins = []
@@ -112,7 +114,7 @@ def server(args):
             gap = now - last
             if gap > max_gap:
                 max_gap, max_gap_at = gap, last - t0
-            if gap >= 0.1 and len(stalls) < 100:
+            if gap >= LISTED_GAP_S and len(stalls) < 1000:
                 stalls.append({"at_s": round(last - t0, 3), "ms": round(gap * 1000, 1)})
         last = now
         n += len(buf)
