@@ -148,11 +148,13 @@ public struct SendBuffer: Sendable {
     }
 
     /// Marks everything in flight on `subflow` for sending again, but what the peer reported it
-    /// holds; returns how many bytes.
+    /// holds; returns how many bytes. The oldest segment goes again even when held (see
+    /// `resendOldestHeld`).
     @discardableResult
     public mutating func reinject(from subflow: SubflowID) -> Int {
         var bytes = 0
-        for i in inFlight.indices where inFlight[i].subflow == subflow && !inFlight[i].needsReinjection && !peerHolds(inFlight[i]) {
+        let oldest = inFlight.startIndex
+        for i in inFlight.indices where inFlight[i].subflow == subflow && !inFlight[i].needsReinjection && (i == oldest || !peerHolds(inFlight[i])) {
             inFlight[i].needsReinjection = true
             reinjectionCount += 1
             reinjectionQueue.append(inFlight[i].sequence)
@@ -180,6 +182,20 @@ public struct SendBuffer: Sendable {
             index = inFlight.index(after: index)
         }
         return bytes
+    }
+
+    /// The oldest segment in flight, when the peer reported holding it: marked to go again; returns
+    /// its bytes (0 when it is not held, or already marked). A peer acknowledges what it already
+    /// acknowledged only when a duplicate arrives (`SessionCore.receiveData`), and a DATA_ACK lost
+    /// with its subflow would otherwise leave both ends waiting: the sender for the ack of data it
+    /// knows arrived, the peer for data beyond a window that ack would have opened (the soak, seed
+    /// 708235496: two sessions of 200 stuck until their timeout).
+    public mutating func resendOldestHeld() -> Int {
+        guard let first = inFlight.first, !first.needsReinjection, peerHolds(first) else { return 0 }
+        inFlight[inFlight.startIndex].needsReinjection = true
+        reinjectionCount += 1
+        reinjectionQueue.append(first.sequence)
+        return first.length
     }
 
     /// What the peer waits for first, when `subflow` carries it: the oldest unacknowledged segment

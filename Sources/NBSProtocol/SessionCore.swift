@@ -183,6 +183,13 @@ public struct SessionCore: Sendable {
         return bytes
     }
 
+    /// No acknowledgement for a while, though the peer reported holding the oldest data: it goes
+    /// again, for its duplicate to draw a fresh DATA_ACK (`SendBuffer.resendOldestHeld`).
+    @discardableResult
+    public mutating func resendOldestHeld() -> Int {
+        send.resendOldestHeld()
+    }
+
     /// Copies of the head of line went out on `id` (`SendBuffer.headOfLine`).
     public mutating func noteCopies(_ bytes: Int, on id: SubflowID) {
         send.noteCopies(bytes, on: id)

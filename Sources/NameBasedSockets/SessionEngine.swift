@@ -75,6 +75,8 @@ final class SessionEngine: SubflowDelegate {
     /// (`SendBuffer.peerReceived(on:)`) has stood at its current value.
     private var lossRecoverySince: [SubflowID: NIODeadline] = [:]
     private var peerCountSince: [SubflowID: (count: UInt64, since: NIODeadline)] = [:]
+    /// The cumulative acknowledgement last seen, and since when (`checkAcknowledgementProgress`).
+    private var acknowledgedSince: (acknowledged: UInt64, since: NIODeadline)?
     private(set) var headOfLineCopiedBytes = 0
     private var queueHighWaterMark: [SubflowID: Int] = [:]
     private var pendingInterfaceEvents: [InterfaceEvent] = []
@@ -538,10 +540,28 @@ final class SessionEngine: SubflowDelegate {
         livenessTicker = nil
     }
 
+    /// Data unacknowledged for `acknowledgementSilence` though the peer reported holding the oldest of
+    /// it: its DATA_ACKs were most likely lost with a subflow, and it has no reason to send another
+    /// until something new arrives (`SessionCore.resendOldestHeld`).
+    private func checkAcknowledgementProgress() {
+        let now = NIODeadline.now()
+        let acknowledged = core.send.acknowledged
+        guard core.unacknowledgedBytes > 0, let since = acknowledgedSince, since.acknowledged == acknowledged else {
+            acknowledgedSince = (acknowledged, now)
+            return
+        }
+        guard now - since.since >= Self.acknowledgementSilence else { return }
+        acknowledgedSince = (acknowledged, now)
+        if core.resendOldestHeld() > 0 { pump() }
+    }
+
+    static let acknowledgementSilence = TimeAmount.seconds(1)
+
     /// Each subflow's transport state (TCP_INFO for TCP): to find stalls, and to size its queues;
     /// then whether anything is left to watch.
     private func checkStalls() {
         guard state == .open else { return stopLivenessChecks() }
+        checkAcknowledgementProgress()
         let wrote = wroteSinceLivenessCheck
         wroteSinceLivenessCheck = false
         var inFlight = false
