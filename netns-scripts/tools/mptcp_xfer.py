@@ -11,8 +11,8 @@ at most N bytes when both are given), shuts down its sending side and waits for 
 one JSON line. The receiver's figure (first byte to EOF) is the goodput; the client's also includes the
 handshake and the final answer. The receiver reports max_stall_ms, the longest gap between two received
 chunks (for failover measurements), max_stall_at_s (when it began, seconds after accept), stalls (every gap
-of 20 ms or more, the first 1000: at_s, ms; the same rule as nbs-mobility's receiver), and, for MPTCP, events when its number of subflows changes. --timeline FILE
-writes the bytes received per 100 ms since the accept, one "t_ms bytes" line per bin (the format of
+of 20 ms or more, the first 1000: at_s, ms; the same rule as nbs-mobility's receiver), and, for MPTCP,
+events when its number of subflows changes. --timeline FILE writes the bytes received per 100 ms since the accept, one "t_ms bytes" line per bin (the format of
 `nbs-mobility serve --timeline`, so both plot on one chart).
 
 A connection that stops delivering (no data for --recv-timeout seconds at the server, a send or the final
