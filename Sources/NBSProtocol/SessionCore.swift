@@ -341,6 +341,12 @@ public struct SessionCore: Sendable {
         return .peerFinished
     }
 
+    /// A copy the engine put on a subflow outside the scheduler (the head of line, see
+    /// `SessionEngine.copyHeadOfLine`) is sent there like any segment: the subflow's count shows it.
+    public mutating func countCopy(_ bytes: Int, on id: SubflowID) {
+        subflows[id]?.stats.bytesSent += bytes
+    }
+
     // MARK: what to send next
 
     /// The next frame to put on the wire, or nil when nothing may be sent now. Acknowledgements

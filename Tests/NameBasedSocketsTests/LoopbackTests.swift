@@ -189,6 +189,8 @@ struct LoopbackTests {
         }
         let subflows = await client.subflows
         #expect(subflows.first { $0.id == carrier }?.state == .active, "\(subflows)")
+        let copied = await client.statistics.headOfLineCopiedBytes
+        #expect((subflows.first { $0.id != carrier }?.bytesSent ?? 0) >= copied, "the copy counts where it went: \(subflows)")
         await client.finish()
         var sent = ByteBuffer()
         for i in 1...chunks { sent.writeImmutableBuffer(pattern(1 << 20, seed: 100 + i)) }
@@ -196,6 +198,43 @@ struct LoopbackTests {
         #expect(count == sent.readableBytes)
         #expect(digest == sha256(sent))
         #expect(statistics.duplicateBytesReceived > 0, "\(statistics)")
+        try await client.close()
+        await server.close()
+    }
+
+    /// Under `handover` the standby path carries nothing while the primary works: the same tail
+    /// loss as above copies nothing onto the backup.
+    @Test("handover: a primary silent with the peer's head of line copies none of it onto the backup")
+    func headOfLineNotCopiedToBackup() async throws {
+        let server = try await listener()
+        let received = Task { () -> Int in
+            let session = try await server.accept()
+            let (bytes, _) = try await drain(session)
+            try await session.close()
+            return bytes
+        }
+        var options = loopbackOptions(locals: ["127.0.0.1", "127.0.0.2"])
+        options.policy = .handover
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options)
+        try await waitForSubflows(client, count: 2)
+        try await waitFor("a primary and a backup") { await client.subflows.map(\.state).sorted { $0.rawValue < $1.rawValue } == [.active, .backup] }
+        let primary = try #require(await client.subflows.first { $0.state == .active }).id
+        let tailLoss = SubflowProgress(inFlight: true, silentMs: 100, rttMs: 1, timeoutRetransmissions: 0, bytesPerSecond: 0, silenceClockedByKernel: true)
+        await client.withSubflowsForTesting(SubflowHandler.self) { if $0.id.rawValue == primary { $0.progressForTesting = tailLoss } }
+        // Written for half a second: ten stall checks at least (one every 50 ms while data is
+        // unacknowledged), each of which, aggregating, copied the head of line (the test above).
+        let clock = ContinuousClock()
+        let start = clock.now
+        var total = 0
+        while clock.now - start < .milliseconds(500) {
+            try await client.write(pattern(1 << 20, seed: UInt64(total)))
+            total += 1 << 20
+        }
+        await client.finish()
+        #expect(try await withTimeout(30, "receiving") { try await received.value } == total)
+        let subflows = await client.subflows
+        #expect(await client.statistics.headOfLineCopiedBytes == 0)
+        #expect(subflows.first { $0.id != primary }?.bytesSent == 0, "\(subflows)")
         try await client.close()
         await server.close()
     }
