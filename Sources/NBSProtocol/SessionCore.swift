@@ -326,6 +326,21 @@ public struct SessionCore: Sendable {
         return .sendProgress
     }
 
+    /// The close timed out with one thing missing: the acknowledgement of our DATA_FIN. Every byte
+    /// we sent is acknowledged and we hold the peer's whole stream, so nothing was lost either way;
+    /// what is missing is the peer's word that it saw our end, which its last DATA_ACK and CLOSE
+    /// carried. Both can be lost for good: in the soak, a peer whose every subflow failed just after
+    /// it sent them finished its own close on its linger and went, and this side waited for them
+    /// until `closeTimeout`. TCP's LAST_ACK ends so too, without an error. Returns whether the
+    /// session may end as closed; any other missing piece leaves the timeout a failure.
+    public mutating func concludeWithoutFinalAck() -> Bool {
+        guard localFin != .open, localFin != .acknowledged, send.bufferedBytes == 0, send.nextNew == send.end,
+              let final = remoteFinalSequence, receive.nextExpected == final
+        else { return false }
+        localFin = .acknowledged
+        return true
+    }
+
     public mutating func receiveFin(_ fin: Frame.DataFin) throws(SessionProtocolError) -> Outcome {
         if let known = remoteFinalSequence {
             guard known == fin.finalSequence else { throw .conflictingFin(known, fin.finalSequence) }

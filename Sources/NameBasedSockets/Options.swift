@@ -44,7 +44,8 @@ public struct NBSOptions: Sendable {
     /// How long a new subflow may take to complete OPEN/ACCEPT or JOIN. An opener's TCP Fast Open
     /// connect returns before its SYN leaves, so `connectTimeout` is added to it then.
     public var handshakeTimeout: TimeAmount = .seconds(5)
-    /// How long `close()` waits for the peer's DATA_FIN and acknowledgements before aborting.
+    /// How long `close()` waits for the peer's DATA_FIN and acknowledgements before aborting (or
+    /// closing, when only the acknowledgement of our DATA_FIN is missing: `Session.close()`).
     public var closeTimeout: TimeAmount = .seconds(30)
     public var probeInterval: TimeAmount = .seconds(1)
     /// Follows interfaces and addresses: subflows on a lost address or interface are retired at

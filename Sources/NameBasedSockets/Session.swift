@@ -93,7 +93,10 @@ public final class Session: Sendable {
     }
 
     /// Graceful close: DATA_FIN, then wait until the peer's DATA_FIN arrived, everything was read
-    /// and both sides' data is acknowledged. Fails if that takes longer than `closeTimeout`.
+    /// and both sides' data is acknowledged. Fails if that takes longer than `closeTimeout`, unless
+    /// all that is missing then is the peer's acknowledgement of our DATA_FIN (every byte delivered
+    /// both ways; the peer's last DATA_ACK and CLOSE were lost): that ends as closed, as TCP's
+    /// LAST_ACK does.
     /// Cancelling the calling task ends only the wait, with `CancellationError`: the close goes on,
     /// bounded by `closeTimeout`; `abort` ends it at once.
     public func close() async throws {
@@ -187,6 +190,13 @@ extension Session {
     func killSubflow(_ id: UInt32) async {
         let engine = self.engine
         try? await loop.submit { (engine.value as? SessionEngine)?.killSubflow(id) }.get()
+    }
+
+    /// Test hook: frames of these types are dropped on arrival, as if lost with the subflow that
+    /// carried them.
+    func dropArrivingFramesForTesting(_ types: Set<FrameType>) async {
+        let engine = self.engine
+        try? await loop.submit { (engine.value as? SessionEngine)?.droppedFrameTypesForTesting = types }.get()
     }
 
     /// Test hook: starts the stall checks now, as a write or a PROBE would.

@@ -71,6 +71,8 @@ final class SessionEngine: SubflowDelegate {
     /// The sequence whose data `copyHeadOfLine` copied last: one copy per head.
     private var copiedHeadOfLine: UInt64?
     private(set) var headOfLineCopiedBytes = 0
+    /// Test hook (`Session.dropArrivingFramesForTesting`): frames lost as if with their subflow.
+    var droppedFrameTypesForTesting: Set<FrameType> = []
     private var queueHighWaterMark: [SubflowID: Int] = [:]
     private var pendingInterfaceEvents: [InterfaceEvent] = []
     private var refusedJoinRetries = 0
@@ -714,6 +716,7 @@ final class SessionEngine: SubflowDelegate {
     // MARK: SubflowDelegate
 
     func subflow(_ handler: any SubflowTransport, received frame: Frame) {
+        if !droppedFrameTypesForTesting.isEmpty, droppedFrameTypesForTesting.contains(frame.type) { return }
         let id = handler.id
         // In place: a copy out and back retains and releases the record's handler, addresses and
         // strings for every frame.
@@ -1039,7 +1042,13 @@ final class SessionEngine: SubflowDelegate {
         if !wait.cancelled { closeWaiters.append(wait) }
         finish()
         LoopTimer.once(on: loop, owner: self, in: options.closeTimeout) { engine in
-            if engine.state == .open || engine.state == .closing { engine.fail(.closeTimedOut, notifyPeer: .timeout) }
+            guard engine.state == .open || engine.state == .closing else { return }
+            if engine.state == .open, engine.core.concludeWithoutFinalAck() {
+                engine.logger.info("no acknowledgement of our DATA_FIN within the close timeout; every byte was delivered both ways: closing")
+                engine.pump()
+            } else {
+                engine.fail(.closeTimedOut, notifyPeer: .timeout)
+            }
         }
     }
 

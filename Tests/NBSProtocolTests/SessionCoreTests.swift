@@ -699,6 +699,37 @@ struct SessionCoreTests {
         #expect(server.receivePeerClose() == .none)
     }
 
+    @Test("a close timeout ends as closed only when the ack of our DATA_FIN is all that is missing")
+    func closeTimeoutWithOnlyFinAckMissing() throws {
+        var server = SessionCore(peerInitialWindow: 1 << 20)
+        server.addSubflow(a, backup: false)
+        let concluded1 = server.concludeWithoutFinalAck()
+        #expect(!concluded1, "nothing finished yet")
+        server.write(buffer(patternBytes(1000, seed: 5)))
+        server.finish()
+        _ = server.drain()
+        _ = try server.receiveFin(.init(finalSequence: 0))
+        let concluded2 = server.concludeWithoutFinalAck()
+        #expect(!concluded2, "our data is not acknowledged: the peer may lack it")
+        _ = try server.receiveAck(.init(cumulativeAck: 1000, window: 1 << 20))
+        // The subflow that carried our DATA_FIN went (the FIN waits to go again): still only its ack missing.
+        server.removeSubflow(a)
+        let concluded3 = server.concludeWithoutFinalAck()
+        #expect(concluded3)
+        #expect(server.isTransportFinished)
+        let concluded4 = server.concludeWithoutFinalAck()
+        #expect(!concluded4, "once")
+
+        var client = SessionCore(peerInitialWindow: 1 << 20)
+        client.addSubflow(a, backup: false)
+        client.finish()
+        _ = client.drain()
+        _ = try client.receiveData(.init(sequence: 0, payload: buffer(patternBytes(10, seed: 6))), on: a)
+        _ = try client.receiveFin(.init(finalSequence: 20))
+        let concluded5 = client.concludeWithoutFinalAck()
+        #expect(!concluded5, "a hole in the peer's stream: its bytes 10..<20 never came")
+    }
+
     @Test("the window announcement waits for a subflow, and is sent once")
     func announcementNeedsSubflow() {
         var core = SessionCore(configuration: coreConfiguration(receive: 5000), peerInitialWindow: 0)

@@ -529,6 +529,38 @@ struct LoopbackTests {
         await server.close()
     }
 
+    /// The soak's lost final ack (CI at f481cd3): the peer finished and went, and its DATA_ACK of
+    /// our DATA_FIN and its CLOSE were lost with its subflows. Here they are dropped on arrival.
+    @Test("a close missing only the peer's ack of our DATA_FIN ends as closed at the close timeout; with our data unacknowledged it fails",
+          arguments: [false, true])
+    func closeWithLostFinalAck(ourDataOutstanding: Bool) async throws {
+        var listenerOptions = NBSOptions()
+        listenerOptions.closeTimeout = .seconds(1)
+        let (server, client, accepted) = try await connectedPair(listenerOptions: listenerOptions)
+        try await client.write(pattern(10_000))
+        await client.finish()
+        let (count, _) = try await withTimeout(10) { try await drain(accepted) }
+        #expect(count == 10_000)
+        await accepted.dropArrivingFramesForTesting([.dataAck, .close])
+        if ourDataOutstanding { try await accepted.write(pattern(1_000)) }
+        let clientSide = Task { () -> Int in
+            let (count, _) = try await drain(client)
+            try await client.close()
+            return count
+        }
+        let start = ContinuousClock.now
+        if ourDataOutstanding {
+            await #expect(throws: NBSError.closeTimedOut) { try await withTimeout(10) { try await accepted.close() } }
+            await client.abort()
+        } else {
+            try await withTimeout(10) { try await accepted.close() }
+            #expect(ContinuousClock.now - start >= .seconds(1), "not before the close timeout")
+            #expect(try await withTimeout(10) { try await clientSide.value } == 0)
+        }
+        clientSide.cancel()
+        await server.close()
+    }
+
     @Test("a cancelled accept ends with CancellationError, before or after it reached the loop; the next session goes to the next accept")
     func cancelledAccept() async throws {
         let server = try await listener()
