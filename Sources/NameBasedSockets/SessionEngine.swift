@@ -652,8 +652,9 @@ final class SessionEngine: SubflowDelegate {
     /// pair of interfaces if there is one, and the peer keeps whichever arrives first. Never from a
     /// regular subflow onto a backup: under `handover` the standby path carries nothing while the
     /// primary works (it may be metered), and a primary's tail losses are no failure. At 10 Mbit/s
-    /// four such copies put 12 % of the bytes on the standby before any fault (CI at f481cd3). The subflow keeps its data and goes on; if it was the path that failed, its stall
-    /// check follows. Once per head: a copy that does not get through waits for that check, as
+    /// four such copies put 12 % of the bytes on the standby before any fault (CI at f481cd3).
+    /// The subflow keeps its data and goes on; if it was the path that failed, its stall check
+    /// follows. Once per head: a copy that does not get through waits for that check, as
     /// everything did before. Worth it where a path fails again and again or silently (flapping,
     /// blackhole: BENCHMARKS.md), where a timeout would otherwise end each stall.
     private func copyHeadOfLine(from id: SubflowID, silentMs: Int64) {
