@@ -131,9 +131,15 @@ public enum Frame: Sendable, Equatable {
         public var cumulativeAck: UInt64
         /// The sender may send data up to cumulativeAck + window.
         public var window: UInt32
-        public init(cumulativeAck: UInt64, window: UInt32) {
+        /// DATA payload bytes received on the subflow this frame travels on, since it began (a
+        /// TCP subflow only; flag `NBSWire.receivedFlag`). They arrived in the order they were
+        /// sent, so the sender knows which of its segments there the receiver holds, also beyond
+        /// a gap in the stream.
+        public var receivedOnSubflow: UInt64?
+        public init(cumulativeAck: UInt64, window: UInt32, receivedOnSubflow: UInt64? = nil) {
             self.cumulativeAck = cumulativeAck
             self.window = window
+            self.receivedOnSubflow = receivedOnSubflow
         }
     }
 

@@ -53,6 +53,7 @@ public enum FrameEncoder {
         case .join(let j): j.backup ? NBSWire.backupFlag : 0
         case .priority(let p): p.backup ? NBSWire.backupFlag : 0
         case .open(let o): o.receiveWindow == nil ? 0 : NBSWire.openWindowFlag
+        case .dataAck(let a): a.receivedOnSubflow == nil ? 0 : NBSWire.receivedFlag
         // Peers that predate IDENTITY skip it rather than fail, so it can be sent to any peer.
         case .identity: NBSWire.ignorableFlag
         // A scheduling hint: a peer that predates it loses nothing by skipping it.
@@ -96,6 +97,7 @@ public enum FrameEncoder {
         case .dataAck(let a):
             b.writeInteger(a.cumulativeAck)
             b.writeInteger(a.window)
+            if let received = a.receivedOnSubflow { b.writeInteger(received) }
         case .dataFin(let f):
             b.writeInteger(f.finalSequence)
         case .addAddress(let a):
@@ -273,7 +275,8 @@ public struct FrameDecoder: Sendable {
             let payload = r.buffer.readSlice(length: r.buffer.readableBytes)!
             frame = .data(.init(sequence: sequence, payload: payload))
         case .dataAck:
-            frame = .dataAck(.init(cumulativeAck: try r.u64(), window: try r.u32()))
+            frame = .dataAck(.init(cumulativeAck: try r.u64(), window: try r.u32(),
+                                   receivedOnSubflow: flags & NBSWire.receivedFlag != 0 ? try r.u64() : nil))
         case .dataFin:
             frame = .dataFin(.init(finalSequence: try r.u64()))
         case .addAddress:

@@ -16,6 +16,10 @@ public struct SendBuffer: Sendable {
         public var length: Int
         public var subflow: SubflowID
         public var needsReinjection: Bool
+        /// Where this transmission ended in its subflow's own count of DATA payload bytes sent
+        /// (`sentOnSubflow`): once the peer reports having received that many on the subflow, the
+        /// segment is there, whatever the cumulative acknowledgement says.
+        public var subflowEnd: UInt64
         public var end: UInt64 { sequence + UInt64(length) }
     }
 
@@ -31,6 +35,14 @@ public struct SendBuffer: Sendable {
     /// Sequences of segments marked for reinjection, in the order they were marked. Entries whose
     /// segment was acknowledged or sent again since are skipped when they come up.
     private var reinjectionQueue = CircularBuffer<UInt64>()
+    /// DATA payload bytes put on each subflow (new data, reinjections and copies alike), and how
+    /// many of them the peer reports having received there. A TCP subflow delivers in order, so
+    /// the report covers a prefix of what was sent on it: data the peer holds beyond a gap in the
+    /// stream, which the cumulative acknowledgement cannot show, is not sent again when its
+    /// subflow goes (over a link that failed, 150-190 kB of 230-320 kB reinjected had already
+    /// arrived: BENCHMARKS.md).
+    private var sentOnSubflow: [SubflowID: UInt64] = [:]
+    private var receivedOnSubflow: [SubflowID: UInt64] = [:]
     /// Every byte below this has been acknowledged by the peer.
     public private(set) var acknowledged: UInt64 = 0
     /// First byte never sent.
@@ -77,6 +89,7 @@ public struct SendBuffer: Sendable {
                 break
             }
         }
+        if inFlight.isEmpty { forgetGoneSubflows() }
         while let first = chunks.first, first.start < ack {
             let chunkEnd = first.start + UInt64(first.bytes.readableBytes)
             if chunkEnd <= ack {
@@ -90,11 +103,58 @@ public struct SendBuffer: Sendable {
         return freed
     }
 
-    /// Marks everything in flight on `subflow` for sending again; returns how many bytes.
+    public enum ReceptionReportError: Error, Equatable { case beyondSent(reported: UInt64, sent: UInt64) }
+
+    /// The peer's report of the DATA payload bytes it received on `subflow` (an ordered one: TCP).
+    /// Older reports, overtaken on the way, change nothing; more than was sent there is a
+    /// protocol violation.
+    public mutating func peerReceived(_ bytes: UInt64, on subflow: SubflowID) throws(ReceptionReportError) {
+        let sent = sentOnSubflow[subflow] ?? 0
+        guard bytes <= sent else { throw .beyondSent(reported: bytes, sent: sent) }
+        if bytes > receivedOnSubflow[subflow] ?? 0 { receivedOnSubflow[subflow] = bytes }
+    }
+
+    /// What the peer last reported having received on `subflow` (0 before any report).
+    public func peerReceived(on subflow: SubflowID) -> UInt64 { receivedOnSubflow[subflow] ?? 0 }
+
+    /// Copies of segments sent on `subflow` outside `nextTransmission` (`headOfLine`) count in its
+    /// total like anything else, or the peer's reports would not line up with the segments.
+    public mutating func noteCopies(_ bytes: Int, on subflow: SubflowID) {
+        sentOnSubflow[subflow, default: 0] += UInt64(bytes)
+    }
+
+    /// The peer holds this segment, by its report for the subflow that sent it.
+    private func peerHolds(_ segment: Segment) -> Bool {
+        segment.subflowEnd <= receivedOnSubflow[segment.subflow] ?? 0
+    }
+
+    /// Subflows gone, whose counts only matter while their segments are in flight.
+    private var goneSubflows: Set<SubflowID> = []
+
+    /// `subflow` will send nothing more; its counts go once nothing it sent is in flight.
+    public mutating func subflowGone(_ subflow: SubflowID) {
+        goneSubflows.insert(subflow)
+        if !inFlight.contains(where: { $0.subflow == subflow }) { forgetGoneSubflows() }
+    }
+
+    private mutating func forgetGoneSubflows() {
+        guard !goneSubflows.isEmpty else { return }
+        let held = Set(inFlight.map(\.subflow))
+        for id in goneSubflows where !held.contains(id) {
+            sentOnSubflow[id] = nil
+            receivedOnSubflow[id] = nil
+            goneSubflows.remove(id)
+        }
+    }
+
+    /// Marks everything in flight on `subflow` for sending again, but what the peer reported it
+    /// holds; returns how many bytes. The oldest segment goes again even when held (see
+    /// `resendOldestHeld`).
     @discardableResult
     public mutating func reinject(from subflow: SubflowID) -> Int {
         var bytes = 0
-        for i in inFlight.indices where inFlight[i].subflow == subflow && !inFlight[i].needsReinjection {
+        let oldest = inFlight.startIndex
+        for i in inFlight.indices where inFlight[i].subflow == subflow && !inFlight[i].needsReinjection && (i == oldest || !peerHolds(inFlight[i])) {
             inFlight[i].needsReinjection = true
             reinjectionCount += 1
             reinjectionQueue.append(inFlight[i].sequence)
@@ -124,15 +184,30 @@ public struct SendBuffer: Sendable {
         return bytes
     }
 
+    /// The oldest segment in flight, when the peer reported holding it: marked to go again; returns
+    /// its bytes (0 when it is not held, or already marked). A peer acknowledges what it already
+    /// acknowledged only when a duplicate arrives (`SessionCore.receiveData`), and a DATA_ACK lost
+    /// with its subflow would otherwise leave both ends waiting: the sender for the ack of data it
+    /// knows arrived, the peer for data beyond a window that ack would have opened (the soak, seed
+    /// 708235496: two sessions of 200 stuck until their timeout).
+    public mutating func resendOldestHeld() -> Int {
+        guard let first = inFlight.first, !first.needsReinjection, peerHolds(first) else { return 0 }
+        inFlight[inFlight.startIndex].needsReinjection = true
+        reinjectionCount += 1
+        reinjectionQueue.append(first.sequence)
+        return first.length
+    }
+
     /// What the peer waits for first, when `subflow` carries it: the oldest unacknowledged segment
-    /// and the later ones on the same subflow, up to `maxBytes`, as slices to send once more
-    /// elsewhere. The segments stay where they are (this is a copy, not a reinjection). Empty when
-    /// the oldest segment is on another subflow or already marked for reinjection.
+    /// the peer has not reported holding, and the later such ones on the same subflow, up to
+    /// `maxBytes`, as slices to send once more elsewhere. The segments stay where they are (this is
+    /// a copy, not a reinjection). Empty when that oldest segment is on another subflow or already
+    /// marked for reinjection.
     public func headOfLine(on subflow: SubflowID, maxBytes: Int) -> [Transmission] {
-        guard let oldest = inFlight.first, oldest.subflow == subflow, !oldest.needsReinjection else { return [] }
+        guard let oldest = inFlight.first(where: { !peerHolds($0) }), oldest.subflow == subflow, !oldest.needsReinjection else { return [] }
         var copies: [Transmission] = []
         var bytes = 0
-        for segment in inFlight where segment.subflow == subflow && !segment.needsReinjection {
+        for segment in inFlight where segment.subflow == subflow && !segment.needsReinjection && !peerHolds(segment) {
             guard bytes < maxBytes else { break }
             let length = min(segment.length, maxBytes - bytes)
             copies.append(Transmission(sequence: segment.sequence, payload: slice(segment.sequence, length), isReinjection: true))
@@ -182,6 +257,7 @@ public struct SendBuffer: Sendable {
             }
             inFlight[i].needsReinjection = false
             inFlight[i].subflow = subflow
+            inFlight[i].subflowEnd = countSent(inFlight[i].length, on: subflow)
             reinjectionCount -= 1
             let segment = inFlight[i]
             return Transmission(sequence: segment.sequence, payload: slice(segment.sequence, segment.length), isReinjection: true)
@@ -191,10 +267,17 @@ public struct SendBuffer: Sendable {
         let chunk = chunks[chunkIndex]
         let length = min(maxLength, chunk.bytes.readableBytes - offset, Int(clamping: windowEdge - nextNew))
         let payload = chunk.bytes.getSlice(at: chunk.bytes.readerIndex + offset, length: length)!
-        let segment = Segment(sequence: nextNew, length: length, subflow: subflow, needsReinjection: false)
+        let segment = Segment(sequence: nextNew, length: length, subflow: subflow, needsReinjection: false,
+                              subflowEnd: countSent(length, on: subflow))
         inFlight.append(segment)
         nextNew += UInt64(length)
         return Transmission(sequence: segment.sequence, payload: payload, isReinjection: false)
+    }
+
+    private mutating func countSent(_ length: Int, on subflow: SubflowID) -> UInt64 {
+        let total = (sentOnSubflow[subflow] ?? 0) + UInt64(length)
+        sentOnSubflow[subflow] = total
+        return total
     }
 
     /// Segments never cross a chunk boundary, so a segment is always one zero-copy slice.

@@ -13,6 +13,7 @@ public enum SessionProtocolError: Error, Equatable, Sendable, CustomStringConver
     case dataBeyondWindow(sequence: UInt64, rightEdge: UInt64)
     case dataAfterFin(sequence: UInt64, final: UInt64)
     case ackBeyondSent(ack: UInt64, sent: UInt64)
+    case receivedBeyondSent(reported: UInt64, sent: UInt64)
     case conflictingFin(UInt64, UInt64)
 
     public var description: String {
@@ -20,6 +21,7 @@ public enum SessionProtocolError: Error, Equatable, Sendable, CustomStringConver
         case .dataBeyondWindow(let s, let e): "DATA at \(s) beyond the receive window (right edge \(e))"
         case .dataAfterFin(let s, let f): "DATA at \(s) past DATA_FIN at \(f)"
         case .ackBeyondSent(let a, let s): "DATA_ACK \(a) for data never sent (sent up to \(s))"
+        case .receivedBeyondSent(let r, let s): "DATA_ACK reports \(r) bytes received on its subflow, where \(s) were sent"
         case .conflictingFin(let a, let b): "DATA_FIN moved from \(a) to \(b)"
         }
     }
@@ -59,6 +61,12 @@ public struct SessionCore: Sendable {
         /// `aggregate` one of them carries data and the others stand by (see `scheduledSubflow`).
         var pathGroup: String?
         var stats = SubflowStats()
+        /// A byte stream (TCP) delivers what was sent on it in order, so the count of DATA payload
+        /// bytes received on it tells its sender exactly which of its segments arrived; a UDP
+        /// subflow's count would not (datagrams are lost and resent), and it reports none.
+        var ordered: Bool
+        /// What our last DATA_ACK on this subflow reported of `stats.bytesReceived`.
+        var reportedReceived = 0
     }
 
     public enum Transmission: Sendable, Equatable {
@@ -106,9 +114,11 @@ public struct SessionCore: Sendable {
 
     // MARK: subflows
 
-    public mutating func addSubflow(_ id: SubflowID, backup: Bool) {
+    /// `ordered`: the subflow is a byte stream (TCP), whose received count is reported to the
+    /// peer with each DATA_ACK on it (see `Subflow.ordered`); false for a UDP subflow.
+    public mutating func addSubflow(_ id: SubflowID, backup: Bool, ordered: Bool = true) {
         precondition(subflows[id] == nil, "subflow \(id) added twice")
-        subflows[id] = Subflow(id: id, backup: backup)
+        subflows[id] = Subflow(id: id, backup: backup, ordered: ordered)
         order.append(id)
     }
 
@@ -144,6 +154,7 @@ public struct SessionCore: Sendable {
         guard subflows[id]?.alive == true else { return 0 }
         subflows[id]!.alive = false
         let bytes = send.reinject(from: id)
+        send.subflowGone(id)
         if localFin == .sent(id) { localFin = .pending }
         if lastDataSubflow == id { lastDataSubflow = nil }
         if receive.nextExpected > 0 || remoteFinalSequence != nil { ackOwed = true }
@@ -170,6 +181,20 @@ public struct SessionCore: Sendable {
         // Our acks may have been on the stalled subflow too: repeat them on a live one.
         if receive.nextExpected > 0 || remoteFinalSequence != nil { ackOwed = true }
         return bytes
+    }
+
+    /// No acknowledgement for a while, though the peer reported holding the oldest data: it goes
+    /// again, for its duplicate to draw a fresh DATA_ACK (`SendBuffer.resendOldestHeld`).
+    @discardableResult
+    public mutating func resendOldestHeld() -> Int {
+        send.resendOldestHeld()
+    }
+
+    /// Copies of the head of line went out on `id` (`SendBuffer.headOfLine`), outside the
+    /// scheduler: they count where they went, like any segment sent there.
+    public mutating func noteCopies(_ bytes: Int, on id: SubflowID) {
+        send.noteCopies(bytes, on: id)
+        subflows[id]?.stats.bytesSent += bytes
     }
 
     /// A UDP subflow lost a DATA datagram: its bytes go out again, on whichever subflow the
@@ -266,6 +291,10 @@ public struct SessionCore: Sendable {
         switch receive.insert(sequence: data.sequence, data.payload) {
         case .accepted(let inOrder):
             if receive.nextExpected - lastAdvertisedAck >= UInt64(ackThreshold) { ackOwed = true }
+            // Behind a gap the cumulative ack stands still: the count on this subflow tells the
+            // sender what not to send again if the subflow goes, or when it copies the head.
+            if let subflow = subflows[id], subflow.ordered,
+               subflow.stats.bytesReceived - subflow.reportedReceived >= Self.receptionReportInterval { ackOwed = true }
             if let final = remoteFinalSequence, receive.nextExpected == final { ackOwed = true }
             return inOrder > 0 ? .dataReadable : .none
         case .duplicate:
@@ -280,13 +309,25 @@ public struct SessionCore: Sendable {
     }
 
     private var ackThreshold: Int { min(64 * 1024, configuration.receiveCapacity / 8) }
+    /// About 13 ms of a 10 Mbit/s path: what a report may lag behind what arrived, besides its trip.
+    static let receptionReportInterval = 16 * 1024
 
     /// End of a read batch on a subflow: acknowledge whatever arrived since the last DATA_ACK.
     public mutating func readBatchComplete() {
         if receive.nextExpected > lastAdvertisedAck { ackOwed = true }
     }
 
-    public mutating func receiveAck(_ ack: Frame.DataAck) throws(SessionProtocolError) -> Outcome {
+    /// `ack` arrived on subflow `id`; what it reports received there is about that subflow (nil:
+    /// unknown, and the report is not used).
+    public mutating func receiveAck(_ ack: Frame.DataAck, on id: SubflowID? = nil) throws(SessionProtocolError) -> Outcome {
+        // A subflow already gone has had its data sent again; what arrives on it late changes nothing.
+        if let received = ack.receivedOnSubflow, let id, let subflow = subflows[id], subflow.ordered, subflow.alive {
+            do {
+                try send.peerReceived(received, on: id)
+            } catch {
+                switch error { case .beyondSent(let reported, let sent): throw .receivedBeyondSent(reported: reported, sent: sent) }
+            }
+        }
         var dataAck = ack.cumulativeAck
         var finAcked = false
         // The DATA_FIN occupies one sequence number after the data; its ack may arrive more than
@@ -356,12 +397,6 @@ public struct SessionCore: Sendable {
         return .peerFinished
     }
 
-    /// A copy the engine put on a subflow outside the scheduler (the head of line, see
-    /// `SessionEngine.copyHeadOfLine`) is sent there like any segment: the subflow's count shows it.
-    public mutating func countCopy(_ bytes: Int, on id: SubflowID) {
-        subflows[id]?.stats.bytesSent += bytes
-    }
-
     // MARK: what to send next
 
     /// The next frame to put on the wire, or nil when nothing may be sent now. Acknowledgements
@@ -373,7 +408,12 @@ public struct SessionCore: Sendable {
             if let final = remoteFinalSequence, final == receive.nextExpected { cumulative = final + 1 }
             lastAdvertisedAck = receive.nextExpected
             lastAdvertisedEdge = receive.rightEdge
-            return .dataAck(target, .init(cumulativeAck: cumulative, window: receive.window))
+            var received: UInt64?
+            if let subflow = subflows[target], subflow.ordered, subflow.stats.bytesReceived > subflow.reportedReceived {
+                received = UInt64(subflow.stats.bytesReceived)
+                subflows[target]!.reportedReceived = subflow.stats.bytesReceived
+            }
+            return .dataAck(target, .init(cumulativeAck: cumulative, window: receive.window, receivedOnSubflow: received))
         }
         let hasData = send.hasReinjectionPending || (send.unsentBytes > 0 && send.nextNew < peerWindowEdge)
         if hasData, let target = scheduledSubflow() {

@@ -31,6 +31,8 @@ public enum NBSWire {
     public static let backupFlag: UInt8 = 0x01
     /// Flag bit on OPEN: a receive window follows the nonce, and the opener sends no IDENTITY.
     public static let openWindowFlag: UInt8 = 0x02
+    /// Flag bit on DATA_ACK: the bytes received on this subflow follow the window.
+    public static let receivedFlag: UInt8 = 0x01
 
     public static func writePreamble(into buffer: inout ByteBuffer) {
         buffer.writeBytes(magic)

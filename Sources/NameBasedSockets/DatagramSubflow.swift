@@ -123,6 +123,7 @@ final class DatagramSubflow: SubflowTransport {
     var localAddress: SocketAddress? { local }
     var remoteAddress: SocketAddress? { remote }
     var maxDataPayload: Int? { DatagramWire.maxDataPayload }
+    var deliversInOrder: Bool { false }
     private(set) var peerAddressConfirmed = false
 
     func write(_ frame: Frame, flush: Bool) {

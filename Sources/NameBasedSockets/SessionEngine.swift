@@ -70,6 +70,13 @@ final class SessionEngine: SubflowDelegate {
     private var suspendedSince: [SubflowID: NIODeadline] = [:]
     /// The sequence whose data `copyHeadOfLine` copied last: one copy per head.
     private var copiedHeadOfLine: UInt64?
+    /// When each TCP subflow was first seen repairing a loss, while it still is
+    /// (`SubflowProgress.lossRecovery`), and since when the peer's count of what it received there
+    /// (`SendBuffer.peerReceived(on:)`) has stood at its current value.
+    private var lossRecoverySince: [SubflowID: NIODeadline] = [:]
+    private var peerCountSince: [SubflowID: (count: UInt64, since: NIODeadline)] = [:]
+    /// The cumulative acknowledgement last seen, and since when (`checkAcknowledgementProgress`).
+    private var acknowledgedSince: (acknowledged: UInt64, since: NIODeadline)?
     private(set) var headOfLineCopiedBytes = 0
     /// Test hook (`Session.dropArrivingFramesForTesting`): frames lost as if with their subflow.
     var droppedFrameTypesForTesting: Set<FrameType> = []
@@ -148,7 +155,7 @@ final class SessionEngine: SubflowDelegate {
 
     /// The subflow's handshake is done: it joins the data plane.
     private func subflowEstablished(_ id: SubflowID, backup: Bool, rttSample: Double?) {
-        core.addSubflow(id, backup: backup)
+        core.addSubflow(id, backup: backup, ordered: records[id]?.handler.deliversInOrder ?? true)
         updatePathGroup(id)
         core.setSegmentLimit(id, records[id]?.handler.maxDataPayload ?? SubflowConnector.writeWaterMark.high / Self.segmentsPerQueue)
         if let rttSample { core.recordRTT(id, milliseconds: rttSample) }
@@ -294,6 +301,8 @@ final class SessionEngine: SubflowDelegate {
         record.closeReason = reason
         record.machine.closed()
         records[id] = record
+        lossRecoverySince[id] = nil
+        peerCountSince[id] = nil
         guard record.established else {
             checkSubflowsLeft()
             return
@@ -533,10 +542,28 @@ final class SessionEngine: SubflowDelegate {
         livenessTicker = nil
     }
 
+    /// Data unacknowledged for `acknowledgementSilence` though the peer reported holding the oldest of
+    /// it: its DATA_ACKs were most likely lost with a subflow, and it has no reason to send another
+    /// until something new arrives (`SessionCore.resendOldestHeld`).
+    private func checkAcknowledgementProgress() {
+        let now = NIODeadline.now()
+        let acknowledged = core.send.acknowledged
+        guard core.unacknowledgedBytes > 0, let since = acknowledgedSince, since.acknowledged == acknowledged else {
+            acknowledgedSince = (acknowledged, now)
+            return
+        }
+        guard now - since.since >= Self.acknowledgementSilence else { return }
+        acknowledgedSince = (acknowledged, now)
+        if core.resendOldestHeld() > 0 { pump() }
+    }
+
+    static let acknowledgementSilence = TimeAmount.seconds(1)
+
     /// Each subflow's transport state (TCP_INFO for TCP): to find stalls, and to size its queues;
     /// then whether anything is left to watch.
     private func checkStalls() {
         guard state == .open else { return stopLivenessChecks() }
+        checkAcknowledgementProgress()
         let wrote = wroteSinceLivenessCheck
         wroteSinceLivenessCheck = false
         var inFlight = false
@@ -610,6 +637,14 @@ final class SessionEngine: SubflowDelegate {
         let floor = options.minimumStallTimeout.nanoseconds / 1_000_000
         let limitMs = max(floor, 2 * tcp.rttMs)
         let now = NIODeadline.now()
+        if tcp.lossRecovery { lossRecoverySince[id] = lossRecoverySince[id] ?? now } else { lossRecoverySince[id] = nil }
+        let peerCount = core.send.peerReceived(on: id)
+        if peerCountSince[id]?.count != peerCount { peerCountSince[id] = (peerCount, now) }
+        // Repairing a loss, and the peer got nothing more on this subflow meanwhile: the loss is
+        // the first thing the peer lacks there. A long recovery that keeps delivering is not.
+        let recoveringMs = lossRecoverySince[id].map { since in
+            (now - max(since, peerCountSince[id]?.since ?? since)).nanoseconds / 1_000_000
+        }
         if core.isSuspended(id) {
             guard let since = suspendedSince[id] else { return }
             let suspendedMs = (now - since).nanoseconds / 1_000_000
@@ -642,8 +677,8 @@ final class SessionEngine: SubflowDelegate {
                 if moved > 0 { eventContinuation.yield(.reinjected(bytes: moved, from: sibling.rawValue)) }
             }
             pump()
-        } else if tcp.headOfLineOverdue {
-            copyHeadOfLine(from: id, silentMs: tcp.silentMs)
+        } else if tcp.headOfLineOverdue(recoveringMs: recoveringMs) {
+            copyHeadOfLine(from: id, silentMs: tcp.silentMs, recoveringMs: recoveringMs)
         }
     }
 
@@ -657,7 +692,7 @@ final class SessionEngine: SubflowDelegate {
     /// follows. Once per head: a copy that does not get through waits for that check, as
     /// everything did before. Worth it where a path fails again and again or silently (flapping,
     /// blackhole: BENCHMARKS.md), where a timeout would otherwise end each stall.
-    private func copyHeadOfLine(from id: SubflowID, silentMs: Int64) {
+    private func copyHeadOfLine(from id: SubflowID, silentMs: Int64, recoveringMs: Int64?) {
         let copies = core.send.headOfLine(on: id, maxBytes: Self.headOfLineCopyLimit)
         guard let head = copies.first?.sequence, head != copiedHeadOfLine else { return }
         let siblings = core.siblings(of: id)
@@ -670,9 +705,10 @@ final class SessionEngine: SubflowDelegate {
         for copy in copies { handler.writeData(sequence: copy.sequence, payload: copy.payload) }
         handler.flush()
         let bytes = copies.reduce(0) { $0 + $1.payload.readableBytes }
+        core.noteCopies(bytes, on: target)
         headOfLineCopiedBytes += bytes
-        core.countCopy(bytes, on: target)
-        logger.info("subflow \(id) silent \(silentMs) ms with the data the peer waits for: \(bytes) bytes of it copied to subflow \(target)")
+        let why = silentMs >= SubflowProgress.headOfLineSilenceMs ? "silent \(silentMs) ms" : "repairing a loss for \(recoveringMs ?? 0) ms"
+        logger.info("subflow \(id) \(why) with the data the peer waits for: \(bytes) bytes of it copied to subflow \(target)")
     }
 
     /// About one segment's worth of a fast path, a few of a slow one's: what a tail loss takes.
@@ -800,7 +836,7 @@ final class SessionEngine: SubflowDelegate {
                 data.payload = Self.unpinned(data.payload)
                 outcome = try core.receiveData(data, on: id)
             case .dataAck(let ack):
-                outcome = try core.receiveAck(ack)
+                outcome = try core.receiveAck(ack, on: id)
             case .dataFin(let fin):
                 outcome = try core.receiveFin(fin)
             case .probe(let probe):
@@ -1240,9 +1276,11 @@ struct SubflowProgress {
     /// The silence is the kernel's own count (TCP's tcpi_last_ack_recv), which a late event loop
     /// does not lengthen; a UDP subflow's counts from when the loop read the acknowledgement.
     var silenceClockedByKernel: Bool
+    /// TCP is repairing a loss: fast recovery, or after a timeout (tcpi_ca_state Recovery or Loss).
+    var lossRecovery: Bool
 
     init(inFlight: Bool, silentMs: Int64, rttMs: Double, timeoutRetransmissions: Int, bytesPerSecond: Double, bytesAcked: UInt64? = nil,
-         silenceClockedByKernel: Bool = false) {
+         silenceClockedByKernel: Bool = false, lossRecovery: Bool = false) {
         self.inFlight = inFlight
         self.silentMs = silentMs
         self.rttMsPrecise = rttMs
@@ -1250,6 +1288,7 @@ struct SubflowProgress {
         self.bytesPerSecond = bytesPerSecond
         self.bytesAcked = bytesAcked
         self.silenceClockedByKernel = silenceClockedByKernel
+        self.lossRecovery = lossRecovery
     }
 
     /// What a stall check may discount from this silence: the time the loop was behind (its own
@@ -1266,12 +1305,22 @@ struct SubflowProgress {
     /// A TCP subflow that is sending gets acknowledgements every few milliseconds, even behind a
     /// full queue, and one that lost segments with SACK still gets duplicate ones: this silence is a
     /// loss at the tail of what it sent, which only its retransmission timeout (200 ms and more)
-    /// would repair. Kernel-clocked silence only: a UDP subflow resends through the session itself.
-    var headOfLineOverdue: Bool {
-        silenceClockedByKernel && inFlight && silentMs >= max(Self.headOfLineSilenceMs, rttMs)
+    /// would repair. Or TCP has been repairing a loss (`lossRecovery`) for as long while the peer
+    /// reported nothing more received on the subflow, `recoveringMs` as the engine saw it: a fast
+    /// retransmission takes about a round trip, so one that takes longer was most likely lost too,
+    /// and only the timeout ends that either (traced link-down trials: the survivor's head sent
+    /// again after 250-570 ms while SACKs kept coming). Without the peer's count, a recovery that
+    /// lasts through a run of tbf drops but delivers all along had its head copied every 50 ms.
+    /// Kernel-clocked only: a UDP subflow resends through the session itself.
+    func headOfLineOverdue(recoveringMs: Int64?) -> Bool {
+        guard silenceClockedByKernel, inFlight else { return false }
+        let limit = max(Self.headOfLineSilenceMs, rttMs)
+        return silentMs >= limit || (lossRecovery && (recoveringMs ?? 0) >= limit)
     }
 
     static let headOfLineSilenceMs: Int64 = 40
+    /// linux/tcp.h: TCP_CA_Recovery; TCP_CA_Loss (4) follows it.
+    static let tcpCARecovery: UInt8 = 3
 
     /// Data in flight, a timeout without an acknowledgement since, and silence beyond `limitMs` that
     /// is not the event loop's own lag (see `SessionEngine.stallCheck`).
@@ -1291,7 +1340,7 @@ struct SubflowProgress {
                   rttMs: Double(info.tcpi_rtt) / 1000,
                   timeoutRetransmissions: Int(info.tcpi_retransmits) + unansweredProbes,
                   bytesPerSecond: Double(info.tcpi_snd_cwnd) * Double(info.tcpi_snd_mss) / rtt,
-                  bytesAcked: bytesAcked, silenceClockedByKernel: true)
+                  bytesAcked: bytesAcked, silenceClockedByKernel: true, lossRecovery: info.tcpi_ca_state >= Self.tcpCARecovery)
     }
 
     /// A kernel before 4.1 leaves tcpi_bytes_acked 0; one that counts starts at 1, for the SYN.

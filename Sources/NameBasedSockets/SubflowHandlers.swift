@@ -130,6 +130,8 @@ protocol SubflowTransport: AnyObject {
     var remoteAddress: SocketAddress? { get }
     /// The largest DATA payload one transmission may carry; nil when the transport cuts for itself.
     var maxDataPayload: Int? { get }
+    /// A byte stream (TCP): what was sent arrives in that order (`SessionCore.addSubflow`).
+    var deliversInOrder: Bool { get }
     /// Whether the peer has shown that it receives at its address: TCP's handshake shows it; a UDP
     /// subflow knows it only from an authenticated datagram. Until then a listener sends no more than
     /// its one-datagram answer to a hello there, whose source may be forged (no amplification).
@@ -222,6 +224,7 @@ final class SubflowHandler: ChannelInboundHandler, SubflowTransport {
     var localAddress: SocketAddress? { context?.channel.localAddress }
     var remoteAddress: SocketAddress? { context?.channel.remoteAddress ?? connectedTo }
     var maxDataPayload: Int? { nil }
+    var deliversInOrder: Bool { true }
     var peerAddressConfirmed: Bool { true }
 
     func handlerAdded(context: ChannelHandlerContext) { self.context = context }

@@ -47,6 +47,10 @@ struct CodecTests {
     func layout() {
         let ack = encoded(.dataAck(.init(cumulativeAck: 0x0102_0304_0506_0708, window: 0x0A0B_0C0D)))
         #expect(bytes(of: ack) == [0x11, 0, 0, 0, 0, 12, 1, 2, 3, 4, 5, 6, 7, 8, 0x0A, 0x0B, 0x0C, 0x0D])
+        // With what arrived on its subflow: flag 0x01 and a u64 after the window.
+        let reporting = encoded(.dataAck(.init(cumulativeAck: 0x0102_0304_0506_0708, window: 0x0A0B_0C0D, receivedOnSubflow: 0x1112_1314_1516_1718)))
+        #expect(bytes(of: reporting) == [0x11, NBSWire.receivedFlag, 0, 0, 0, 20, 1, 2, 3, 4, 5, 6, 7, 8, 0x0A, 0x0B, 0x0C, 0x0D,
+                                         0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18])
         let add = encoded(.addAddress(.init(addressID: 9, address: Samples.v4, sequence: 5, mac: Samples.mac)))
         #expect(Array(bytes(of: add).prefix(19)) == [0x20, 0, 0, 0, 0, 44, 9, 4, 192, 0, 2, 1, 0x01, 0xBB, 0, 0, 0, 5] + [Samples.mac[0]])
         let add6 = encoded(.addAddress(.init(addressID: 9, address: Samples.v6, sequence: 5, mac: Samples.mac)))

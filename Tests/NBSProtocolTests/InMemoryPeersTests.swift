@@ -128,7 +128,9 @@ final class TwoPeerSimulation {
         if preamble { NBSWire.writePreamble(into: &wire[i][p]) }
         if scenario.duplicates, case .data = frame, rng.chance(0.05),
             let other = (0..<n).filter({ $0 != i && alive[$0] && machines[p][$0]?.state == .established && machines[1 - p][$0]?.state == .established }).randomElement(using: &rng) {
+            // As the engine copies the head of line: the core counts it on the subflow it goes on.
             FrameEncoder.encode(frame, into: &wire[other][p])
+            if case .data(let d) = frame { cores[p]!.noteCopies(d.payload.readableBytes, on: id(other)) }
             duplicatesSent += 1
         }
         if case .data(let d) = frame, rng.chance(0.5) {
@@ -254,7 +256,7 @@ final class TwoPeerSimulation {
         case .data(let data):
             _ = try cores[p]!.receiveData(data, on: id(i))
         case .dataAck(let ack):
-            _ = try cores[p]!.receiveAck(ack)
+            _ = try cores[p]!.receiveAck(ack, on: id(i))
         case .dataFin(let fin):
             _ = try cores[p]!.receiveFin(fin)
         case .probe(let probe):

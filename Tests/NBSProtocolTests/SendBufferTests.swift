@@ -51,6 +51,48 @@ struct SendBufferTests {
         #expect(s.headOfLine(on: b, maxBytes: 1000).isEmpty)
     }
 
+    @Test("what the peer reports holding on a subflow is not sent again when that subflow goes, nor copied as the head")
+    func peerReceivedOnSubflow() throws {
+        var s = SendBuffer(capacity: 1 << 20)
+        s.append(buffer(patternBytes(600, seed: 4)))
+        _ = drain(&s, on: a, maxLength: 100, windowEdge: 100)   // a: 0..<100 (a's count 100)
+        _ = drain(&s, on: b, maxLength: 100, windowEdge: 200)   // b: 100..<200
+        _ = drain(&s, on: a, maxLength: 100, windowEdge: 400)   // a: 200..<300 (200), 300..<400 (300)
+        // The peer holds a's first two segments, but b's is missing: the cumulative ack stays at 0.
+        try s.peerReceived(200, on: a)
+        try s.peerReceived(150, on: a)  // an older report, overtaken: changes nothing
+        #expect(s.headOfLine(on: a, maxBytes: 1000).isEmpty, "the first segment the peer lacks is b's")
+        #expect(s.headOfLine(on: b, maxBytes: 1000).map(\.sequence) == [100])
+        // Held data is not sent again, but for the oldest segment, whose duplicate draws a fresh ack.
+        #expect(s.reinject(from: a) == 200, "0..<100, the oldest, and 300..<400, which the peer does not hold")
+        let again = drain(&s, on: c, maxLength: 1000, windowEdge: 400)
+        #expect(again.map(\.sequence) == [0, 300])
+        // c's count goes on from the reinjections; copies sent on c count too.
+        s.noteCopies(50, on: c)
+        _ = drain(&s, on: c, maxLength: 100, windowEdge: 500)   // c: 400..<500, ending at c's 350
+        try s.peerReceived(250, on: c)
+        #expect(s.reinject(from: c) == 200, "c's count at 250 covers both reinjections and the copies; 0..<100 is the oldest, and 400..<500 not held")
+        #expect(throws: SendBuffer.ReceptionReportError.beyondSent(reported: 351, sent: 350)) { try s.peerReceived(351, on: c) }
+        // Held segments stay in flight until the cumulative ack passes them.
+        #expect(s.inFlightBytes(on: a) == 100)
+        try s.acknowledge(upTo: 500)
+        #expect(s.inFlightSegments == 0)
+    }
+
+    @Test("the oldest segment, held by the peer's report but not acknowledged, can be sent again to draw a fresh ack")
+    func resendOldestHeld() throws {
+        var s = SendBuffer(capacity: 1 << 20)
+        s.append(buffer(patternBytes(300, seed: 5)))
+        _ = drain(&s, on: a, maxLength: 100)   // a: 0..<100, 100..<200, 200..<300
+        #expect(s.resendOldestHeld() == 0, "no report yet: it may simply be on its way")
+        try s.peerReceived(300, on: a)
+        #expect(s.resendOldestHeld() == 100)
+        #expect(s.resendOldestHeld() == 0, "marked already")
+        #expect(drain(&s, on: b, maxLength: 1000, windowEdge: 300).map(\.sequence) == [0])
+        try s.acknowledge(upTo: 300)
+        #expect(s.resendOldestHeld() == 0)
+    }
+
     @Test("segments never cross chunk boundaries and are zero-copy slices of the chunks")
     func segmentsAreSlices() throws {
         let sizes = [10, 100, 7, 64, 1]

@@ -36,7 +36,7 @@ extension SessionCore {
     mutating func apply(_ t: Transmission) throws(SessionProtocolError) -> Outcome {
         switch t {
         case .data(let id, let sequence, let payload, _): try receiveData(.init(sequence: sequence, payload: payload), on: id)
-        case .dataAck(_, let ack): try receiveAck(ack)
+        case .dataAck(let id, let ack): try receiveAck(ack, on: id)
         case .dataFin(_, let fin): try receiveFin(fin)
         }
     }
@@ -438,7 +438,7 @@ struct SessionCoreTests {
         #expect(try core.receiveData(.init(sequence: 0, payload: buffer(Array(stream[0..<20]))), on: a) == .dataReadable)
         #expect(!core.isReadFinished)  // not read yet
         let acks = core.drain()
-        #expect(acks == [.dataAck(a, .init(cumulativeAck: 51, window: 950))])
+        #expect(acks == [.dataAck(a, .init(cumulativeAck: 51, window: 950, receivedOnSubflow: 20))])
         #expect(core.readAll() == stream)
         #expect(core.isReadFinished)
         // Our side: an empty stream.
@@ -505,19 +505,19 @@ struct SessionCoreTests {
         #expect(try core.receiveData(.init(sequence: 0, payload: buffer(Array(stream[0..<100]))), on: a) == .dataReadable)
         #expect(core.drain().isEmpty)
         core.readBatchComplete()
-        #expect(core.drain() == [.dataAck(a, .init(cumulativeAck: 100, window: 900))])
+        #expect(core.drain() == [.dataAck(a, .init(cumulativeAck: 100, window: 900, receivedOnSubflow: 100))])
         core.readBatchComplete()
         #expect(core.drain().isEmpty)
 
         core.setWritable(b, false)  // acks ignore writability
         _ = try core.receiveData(.init(sequence: 100, payload: buffer(Array(stream[100..<300]))), on: b)
-        #expect(core.drain() == [.dataAck(b, .init(cumulativeAck: 300, window: 700))])
+        #expect(core.drain() == [.dataAck(b, .init(cumulativeAck: 300, window: 700, receivedOnSubflow: 200))])
 
         // Reading less than a quarter of the capacity does not send a window update; more does.
         #expect(core.read(maxBytes: 200).map(bytes(of:)) == Array(stream[0..<200]))
         #expect(core.drain().isEmpty)
         #expect(core.read(maxBytes: 100).map(bytes(of:)) == Array(stream[200..<300]))
-        #expect(core.drain() == [.dataAck(b, .init(cumulativeAck: 300, window: 1000))])
+        #expect(core.drain() == [.dataAck(b, .init(cumulativeAck: 300, window: 1000))], "b's count was reported already")
         #expect(core.stats(a)?.bytesReceived == 100)
         #expect(core.stats(b)?.bytesReceived == 200)
     }
@@ -530,7 +530,7 @@ struct SessionCoreTests {
         core.readBatchComplete()
         let sent = core.drain()
         #expect(sent.count == 2)
-        #expect(sent.first == .dataAck(a, .init(cumulativeAck: 1, window: UInt32(SessionCore.Configuration().receiveCapacity - 1))))
+        #expect(sent.first == .dataAck(a, .init(cumulativeAck: 1, window: UInt32(SessionCore.Configuration().receiveCapacity - 1), receivedOnSubflow: 1)))
     }
 
     @Test("losing a subflow re-sends the acknowledgement on another one")
@@ -567,6 +567,58 @@ struct SessionCoreTests {
         #expect(receiver.stats(b)?.duplicateBytesReceived == 300)
         #expect(receiver.receive.duplicateBytes == 300)
         #expect(receiver.readAll() == patternBytes(300, seed: 10))
+    }
+
+    @Test("what arrived beyond a gap is reported per TCP subflow, and not sent again when that subflow goes")
+    func receivedBeyondAGap() throws {
+        var sender = makeCore(coreConfiguration(segment: 1000), peerWindow: 1 << 20, subflows: [(a, false), (b, false)])
+        var receiver = makeCore(peerWindow: 0, subflows: [(a, false), (b, false)])
+        // b carries the first 5,000 bytes, a the next 40,000 (the engine marks a subflow unwritable
+        // when its queue is full).
+        sender.setWritable(a, false)
+        sender.write(buffer(patternBytes(5_000, seed: 11)))
+        var sent = sender.drain()
+        sender.setWritable(b, false)
+        sender.setWritable(a, true)
+        sender.write(buffer(patternBytes(40_000, seed: 12)))
+        sent += sender.drain()
+        let onA = sent.filter { $0.subflow == a }.compactMap(\.dataRange).reduce(0) { $0 + $1.count }
+        let onB = sent.filter { $0.subflow == b }.compactMap(\.dataRange).reduce(0) { $0 + $1.count }
+        try #require(onA == 40_000 && onB == 5_000, "\(onA) on a, \(onB) on b")
+        // b's segments are lost: everything a brings lies beyond a gap, and the cumulative ack stays at 0.
+        var acks: [SessionCore.Transmission] = []
+        for t in sent where t.subflow == a {
+            try receiver.apply(t)
+            acks += receiver.drain()
+        }
+        #expect(!acks.isEmpty, "reports every \(SessionCore.receptionReportInterval) bytes, with no read batch ending")
+        #expect(acks.allSatisfy { if case .dataAck(a, let ack) = $0 { ack.cumulativeAck == 0 } else { false } })
+        guard case .dataAck(_, let last) = acks.last else { return }
+        let reported = try #require(last.receivedOnSubflow)
+        #expect(reported > UInt64(onA - SessionCore.receptionReportInterval) && reported <= UInt64(onA))
+        for t in acks { try sender.apply(t) }
+        // A report of more than was sent there is a protocol violation.
+        #expect(throws: SessionProtocolError.receivedBeyondSent(reported: UInt64(onA) + 1, sent: UInt64(onA))) {
+            try sender.receiveAck(.init(cumulativeAck: 0, window: 1 << 20, receivedOnSubflow: UInt64(onA) + 1), on: a)
+        }
+        // a goes: only what came after its last report is sent again; b's go all.
+        #expect(sender.removeSubflow(a) == onA - Int(reported))
+        #expect(sender.removeSubflow(b) == onB)
+        // Late, on a subflow already gone: changes nothing, whatever it says.
+        #expect(try sender.receiveAck(.init(cumulativeAck: 0, window: 1 << 20, receivedOnSubflow: .max), on: a) == .none)
+    }
+
+    @Test("a UDP subflow reports nothing: datagrams are lost and resent, so its count is no prefix of what was sent")
+    func unorderedSubflowsDoNotReport() throws {
+        var receiver = SessionCore(configuration: .init(), peerInitialWindow: 0)
+        receiver.addSubflow(a, backup: false, ordered: false)
+        _ = receiver.drain()
+        _ = try receiver.receiveData(.init(sequence: 100, payload: buffer(patternBytes(40_000, seed: 12))), on: a)
+        receiver.readBatchComplete()
+        _ = try receiver.receiveData(.init(sequence: 0, payload: buffer(patternBytes(100, seed: 13))), on: a)
+        receiver.readBatchComplete()
+        let acks = receiver.drain()
+        #expect(acks == [.dataAck(a, .init(cumulativeAck: 40_100, window: UInt32(SessionCore.Configuration().receiveCapacity - 40_100)))])
     }
 
     // MARK: protocol errors

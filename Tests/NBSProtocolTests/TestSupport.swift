@@ -109,7 +109,8 @@ enum Samples {
                 .data(.init(sequence: UInt64.max - UInt64(NBSWire.maxDataPayload), payload: buffer(patternBytes(NBSWire.maxDataPayload, seed: 5)))),
             ]
         case .dataAck:
-            return [.dataAck(.init(cumulativeAck: 0, window: 0)), .dataAck(.init(cumulativeAck: .max, window: .max))]
+            return [.dataAck(.init(cumulativeAck: 0, window: 0)), .dataAck(.init(cumulativeAck: .max, window: .max)),
+                    .dataAck(.init(cumulativeAck: 7, window: 9, receivedOnSubflow: .max))]
         case .dataFin:
             return [.dataFin(.init(finalSequence: 0)), .dataFin(.init(finalSequence: .max))]
         case .addAddress:

@@ -63,24 +63,37 @@ struct LoopLagTests {
         #expect(!idle.looksStalled(limitMs: 200, lag: LoopLag(), now: 11_010 * ms))
     }
 
-    @Test("a TCP subflow silent for a round trip and 40 ms with data in flight holds the peer's head of line; a UDP one, an idle one or a shorter silence do not")
+    @Test("a TCP subflow silent, or repairing a loss, for a round trip and 40 ms with data in flight holds the peer's head of line; a UDP one, an idle one or a shorter time do not")
     func headOfLineOverdue() {
         let busy = SubflowProgress(inFlight: true, silentMs: 45, rttMs: 20, timeoutRetransmissions: 0, bytesPerSecond: 0, silenceClockedByKernel: true)
-        #expect(busy.headOfLineOverdue)
+        #expect(busy.headOfLineOverdue(recoveringMs: nil))
         var shorter = busy
         shorter.silentMs = 30
-        #expect(!shorter.headOfLineOverdue)
+        #expect(!shorter.headOfLineOverdue(recoveringMs: nil))
         var longPath = busy
         longPath.rttMsPrecise = 60   // a round trip longer than the silence: an answer may be on its way
-        #expect(!longPath.headOfLineOverdue)
+        #expect(!longPath.headOfLineOverdue(recoveringMs: nil))
         longPath.silentMs = 61
-        #expect(longPath.headOfLineOverdue)
+        #expect(longPath.headOfLineOverdue(recoveringMs: nil))
         var idle = busy
         idle.inFlight = false
-        #expect(!idle.headOfLineOverdue)
+        #expect(!idle.headOfLineOverdue(recoveringMs: nil))
         var udp = busy
         udp.silenceClockedByKernel = false
-        #expect(!udp.headOfLineOverdue)
+        #expect(!udp.headOfLineOverdue(recoveringMs: nil))
+        // SACKs keep coming (no silence), but the repair has taken longer than a fast retransmission.
+        var repairing = busy
+        repairing.silentMs = 2
+        repairing.lossRecovery = true
+        #expect(!repairing.headOfLineOverdue(recoveringMs: nil), "just seen repairing")
+        #expect(!repairing.headOfLineOverdue(recoveringMs: 39))
+        #expect(repairing.headOfLineOverdue(recoveringMs: 40))
+        repairing.rttMsPrecise = 60
+        #expect(!repairing.headOfLineOverdue(recoveringMs: 50), "within a round trip of a long path")
+        #expect(repairing.headOfLineOverdue(recoveringMs: 60))
+        var repaired = repairing
+        repaired.lossRecovery = false
+        #expect(!repaired.headOfLineOverdue(recoveringMs: 60), "the engine's clock is stale once TCP is out of recovery")
     }
 
     @Test("a socket is behind from the first wake-up that read its limit to the first that did not")
