@@ -61,6 +61,16 @@ func drain(_ session: Session) async throws -> (bytes: Int, digest: [UInt8]) {
     return (total, Array(hash.finalize()))
 }
 
+/// The listener's next session, read to its end and closed: its byte count.
+func drainNextSession(_ server: Listener) -> Task<Int, any Error> {
+    Task {
+        let session = try await server.accept()
+        let (bytes, _) = try await drain(session)
+        try await session.close()
+        return bytes
+    }
+}
+
 /// A bound on how long a test step may take, so a hang fails the test instead of the suite. On
 /// timeout it cancels the step and returns without waiting for it: a step blocked on something that
 /// does not heed cancellation (a NIO future's `get()`) would otherwise hold the test, and with it
