@@ -11,11 +11,15 @@ struct ReceiveMeter {
     private(set) var maxStall: Duration = .zero
     /// When the longest stall began.
     private(set) var maxStallStart: ContinuousClock.Instant?
-    /// Every gap of `listedGap` or more (the first 1,000), so a scenario can look at the stall after
-    /// its fault rather than at start-up, and a benchmark can say how long it was when it was short
-    /// (a list from 100 ms could not show a link-down gap a tenth of MPTCP's 300-600 ms).
+    /// Every gap of `listedGap` or more, in order, so a scenario can look at the stall after its
+    /// fault rather than at start-up, and a benchmark can say how long it was when it was short (a
+    /// list from 100 ms could not show a link-down gap a tenth of MPTCP's 300-600 ms). Past
+    /// `listedGapLimit` of them the shortest listed gives way to a longer one, so that the longest
+    /// gap after a fault late in a long transfer is still there; `unlistedGaps` counts those left out.
     static let listedGap: Duration = .milliseconds(20)
+    static let listedGapLimit = 1_000
     private(set) var stalls: [(start: ContinuousClock.Instant, length: Duration)] = []
+    private(set) var unlistedGaps = 0
     private(set) var first: ContinuousClock.Instant?
     private(set) var lastAt: ContinuousClock.Instant?
 
@@ -24,7 +28,7 @@ struct ReceiveMeter {
     @discardableResult
     mutating func record(_ segments: [ByteBuffer], at now: ContinuousClock.Instant = .now) -> Int {
         if let last {
-            if now - last >= Self.listedGap, stalls.count < 1_000 { stalls.append((last, now - last)) }
+            if now - last >= Self.listedGap { list((last, now - last)) }
             if now - last > maxStall {
                 maxStall = now - last
                 maxStallStart = last
@@ -41,6 +45,15 @@ struct ReceiveMeter {
         }
         bytes += arrived
         return arrived
+    }
+
+    private mutating func list(_ gap: (start: ContinuousClock.Instant, length: Duration)) {
+        guard stalls.count >= Self.listedGapLimit else { return stalls.append(gap) }
+        unlistedGaps += 1
+        guard let shortest = stalls.indices.min(by: { stalls[$0].length < stalls[$1].length }),
+              stalls[shortest].length < gap.length else { return }
+        stalls.remove(at: shortest)
+        stalls.append(gap)
     }
 
     var digest: String { hex(hash.finalize()) }
@@ -124,6 +137,7 @@ struct TransferReport {
     /// Seconds from the start of the report to the beginning of the longest stall.
     var maxStallAt: Double?
     var stalls: [(at: Double, ms: Double)] = []
+    var unlistedStalls = 0
     var subflowsMax = 0
     var reinjected = 0
     var subflows: [SubflowInfo] = []
@@ -151,6 +165,7 @@ struct TransferReport {
         maxStallMs = receiver.maxStall.seconds * 1000
         maxStallAt = receiver.maxStallStart.map { ($0 - started).seconds }
         stalls = receiver.stalls.map { (($0.start - started).seconds, $0.length.seconds * 1000) }
+        unlistedStalls = receiver.unlistedGaps
         if let first = receiver.first, let last = receiver.lastAt, last > first {
             seconds = (last - first).seconds
         } else {
@@ -199,7 +214,7 @@ extension TransferReport: Encodable {
         case localName = "local_name", peerName = "peer_name", peerVerification = "peer_verification"
         case goodputMbps = "goodput_mbps", secondsSinceStart = "seconds_since_start", goodputSinceStartMbps = "goodput_since_start_mbps"
         case maxStallMs = "max_stall_ms", maxStallAtS = "max_stall_at_s", startedUnix = "started_unix"
-        case subflowsMax = "subflows_max", reinjectedBytes = "reinjected_bytes"
+        case subflowsMax = "subflows_max", reinjectedBytes = "reinjected_bytes", unlistedStalls = "stalls_unlisted"
         case echoBytes = "echo_bytes", echoSHA256 = "echo_sha256", sentBytes = "sent_bytes", sentSHA256 = "sent_sha256"
     }
 
@@ -249,6 +264,7 @@ extension TransferReport: Encodable {
         try c.encode(round3(maxStallMs), forKey: .maxStallMs)
         try c.encode(maxStallAt.map(round3), forKey: .maxStallAtS)  // null when there was no gap
         try c.encode(stalls.map { Stall(at_s: round3($0.at), ms: round3($0.ms)) }, forKey: .stalls)
+        try c.encode(unlistedStalls, forKey: .unlistedStalls)
         try c.encode(round3(startedUnix), forKey: .startedUnix)
         try c.encode(subflowsMax, forKey: .subflowsMax)
         try c.encode(reinjected, forKey: .reinjectedBytes)

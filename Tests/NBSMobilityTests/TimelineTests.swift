@@ -26,6 +26,27 @@ import Testing
         #expect(meter.bytes == 7)
     }
 
+    @Test func pastTheListLimitTheShortestGapGivesWayToALongerOneAndTheRestAreCounted() {
+        let origin = ContinuousClock.now
+        var meter = ReceiveMeter()
+        let one = [ByteBuffer(bytes: [1])]
+        var ms = 0
+        meter.record(one, at: origin)
+        for _ in 0..<ReceiveMeter.listedGapLimit {
+            ms += 25
+            meter.record(one, at: origin + .milliseconds(ms))
+        }
+        // A fault late in a long transfer: its gap is kept, at the end; an ordinary one is not.
+        ms += 500
+        meter.record(one, at: origin + .milliseconds(ms))
+        ms += 25
+        meter.record(one, at: origin + .milliseconds(ms))
+        #expect(meter.stalls.count == ReceiveMeter.listedGapLimit)
+        #expect(meter.stalls.last?.length == .milliseconds(500))
+        #expect(meter.unlistedGaps == 2)
+        #expect(zip(meter.stalls, meter.stalls.dropFirst()).allSatisfy { $0.start < $1.start }, "still in order")
+    }
+
     @Test func earlyBytesCountInTheFirstBinAndThoseBeyondTheBoundAreDropped() {
         let origin = ContinuousClock.now
         var trace = ReceiveTimeline(origin: origin, bin: .milliseconds(10))

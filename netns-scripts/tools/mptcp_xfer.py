@@ -11,7 +11,8 @@ at most N bytes when both are given), shuts down its sending side and waits for 
 one JSON line. The receiver's figure (first byte to EOF) is the goodput; the client's also includes the
 handshake and the final answer. The receiver reports max_stall_ms, the longest gap between two received
 chunks (for failover measurements), max_stall_at_s (when it began, seconds after accept), stalls (every gap
-of 20 ms or more, the first 1000: at_s, ms; the same rule as nbs-mobility's receiver), and, for MPTCP,
+of 20 ms or more, at_s, ms; past 1000 the shortest listed gives way to a longer one, and stalls_unlisted
+counts those left out: the same rule as nbs-mobility's receiver), and, for MPTCP,
 events when its number of subflows changes. --timeline FILE writes the bytes received per 100 ms since the accept, one "t_ms bytes" line per bin (the format of
 `nbs-mobility serve --timeline`, so both plot on one chart).
 
@@ -35,6 +36,22 @@ LISTED_GAP_S = 0.02
 CHUNK = 64 * 1024
 TIMELINE_BIN_S = 0.1
 TIMELINE_MAX_BINS = 1 << 20  # 29 h of 100 ms bins: memory stays bounded
+
+
+LISTED_GAP_LIMIT = 1000
+
+
+def list_gap(stalls, gap):
+    """Appends gap to stalls, in order; past LISTED_GAP_LIMIT the shortest listed gives way to it if it is
+    longer (the longest gap after a fault late in a long transfer stays). Returns 1 when one was left out."""
+    if len(stalls) < LISTED_GAP_LIMIT:
+        stalls.append(gap)
+        return 0
+    shortest = min(range(len(stalls)), key=lambda i: stalls[i]["ms"])
+    if stalls[shortest]["ms"] < gap["ms"]:
+        del stalls[shortest]
+        stalls.append(gap)
+    return 1
 
 
 def proto_number(name):
@@ -82,7 +99,8 @@ def server(args):
     subflows = 0
     current = None
     events = []
-    stalls = []  # every gap of LISTED_GAP_S or more (the first 1000): start (s after accept) and length
+    stalls = []  # every gap of LISTED_GAP_S or more: start (s after accept) and length (see list_gap)
+    unlisted = 0
     max_gap_at = None
     error = None
     bins = []
@@ -114,8 +132,8 @@ def server(args):
             gap = now - last
             if gap > max_gap:
                 max_gap, max_gap_at = gap, last - t0
-            if gap >= LISTED_GAP_S and len(stalls) < 1000:
-                stalls.append({"at_s": round(last - t0, 3), "ms": round(gap * 1000, 1)})
+            if gap >= LISTED_GAP_S:
+                unlisted += list_gap(stalls, {"at_s": round(last - t0, 3), "ms": round(gap * 1000, 1)})
         last = now
         n += len(buf)
         h.update(buf)
@@ -142,7 +160,7 @@ def server(args):
         since = last if last is not None else t0
         if end - since > max_gap:
             max_gap, max_gap_at = end - since, since - t0
-        stalls.append({"at_s": round(since - t0, 3), "ms": round((end - since) * 1000, 1)})
+        unlisted += list_gap(stalls, {"at_s": round(since - t0, 3), "ms": round((end - since) * 1000, 1)})
         events.append({"t": round(end - t0, 3), "event": error})
     conn.close()
     if args.timeline:
@@ -158,7 +176,7 @@ def server(args):
         "goodput_since_start_mbps": round(n * 8 / since_start / 1e6, 3) if since_start > 0 else 0.0,
         "max_stall_ms": round(max_gap * 1000, 1),
         "max_stall_at_s": round(max_gap_at, 3) if max_gap_at is not None else None, "stalls": stalls,
-        "started_unix": round(started_unix, 3),
+        "stalls_unlisted": unlisted, "started_unix": round(started_unix, 3),
         "subflows_max": subflows if args.proto == "mptcp" else 1, "events": events, "survived": error is None, "completed": error is None, "error": error,
     }), flush=True)
     return 0 if error is None else 1
