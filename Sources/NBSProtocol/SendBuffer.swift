@@ -155,10 +155,7 @@ public struct SendBuffer: Sendable {
         var bytes = 0
         let oldest = inFlight.startIndex
         for i in inFlight.indices where inFlight[i].subflow == subflow && !inFlight[i].needsReinjection && (i == oldest || !peerHolds(inFlight[i])) {
-            inFlight[i].needsReinjection = true
-            reinjectionCount += 1
-            reinjectionQueue.append(inFlight[i].sequence)
-            bytes += inFlight[i].length
+            bytes += markForReinjection(i)
         }
         return bytes
     }
@@ -174,10 +171,7 @@ public struct SendBuffer: Sendable {
         var index = firstSegment(endingAfter: sequence)
         while index < inFlight.endIndex, inFlight[index].sequence < end {
             if inFlight[index].subflow == subflow, !inFlight[index].needsReinjection {
-                inFlight[index].needsReinjection = true
-                reinjectionCount += 1
-                reinjectionQueue.append(inFlight[index].sequence)
-                bytes += inFlight[index].length
+                bytes += markForReinjection(index)
             }
             index = inFlight.index(after: index)
         }
@@ -192,10 +186,15 @@ public struct SendBuffer: Sendable {
     /// 708235496: two sessions of 200 stuck until their timeout).
     public mutating func resendOldestHeld() -> Int {
         guard let first = inFlight.first, !first.needsReinjection, peerHolds(first) else { return 0 }
-        inFlight[inFlight.startIndex].needsReinjection = true
+        return markForReinjection(inFlight.startIndex)
+    }
+
+    /// Queues the segment at `index` to go out again; returns its length.
+    private mutating func markForReinjection(_ index: CircularBuffer<Segment>.Index) -> Int {
+        inFlight[index].needsReinjection = true
         reinjectionCount += 1
-        reinjectionQueue.append(first.sequence)
-        return first.length
+        reinjectionQueue.append(inFlight[index].sequence)
+        return inFlight[index].length
     }
 
     /// What the peer waits for first, when `subflow` carries it: the oldest unacknowledged segment

@@ -375,7 +375,7 @@ public struct SessionCore: Sendable {
     /// until `closeTimeout`. TCP's LAST_ACK ends so too, without an error. Returns whether the
     /// session may end as closed; any other missing piece leaves the timeout a failure.
     public mutating func concludeWithoutFinalAck() -> Bool {
-        guard localFin != .open, localFin != .acknowledged, send.bufferedBytes == 0, send.nextNew == send.end,
+        guard localFin != .open, localFin != .acknowledged, send.bufferedBytes == 0,
               let final = remoteFinalSequence, receive.nextExpected == final
         else { return false }
         localFin = .acknowledged

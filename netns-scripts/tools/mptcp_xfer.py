@@ -12,9 +12,9 @@ one JSON line. The receiver's figure (first byte to EOF) is the goodput; the cli
 handshake and the final answer. The receiver reports max_stall_ms, the longest gap between two received
 chunks (for failover measurements), max_stall_at_s (when it began, seconds after accept), stalls (every gap
 of 20 ms or more, at_s, ms; past 1000 the shortest listed gives way to a longer one, and stalls_unlisted
-counts those left out: the same rule as nbs-mobility's receiver), and, for MPTCP,
-events when its number of subflows changes. --timeline FILE writes the bytes received per 100 ms since the accept, one "t_ms bytes" line per bin (the format of
-`nbs-mobility serve --timeline`, so both plot on one chart).
+counts those left out: the same rule as nbs-mobility's receiver), and, for MPTCP, events when its number
+of subflows changes. --timeline FILE writes the bytes received per 100 ms since the accept, one "t_ms
+bytes" line per bin (the format of `nbs-mobility serve --timeline`, so both plot on one chart).
 
 A connection that stops delivering (no data for --recv-timeout seconds at the server, a send or the final
 answer blocked for --stall-timeout seconds at the client, or a reset) ends the run with "survived": false,
