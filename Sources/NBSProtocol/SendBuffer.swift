@@ -117,6 +117,9 @@ public struct SendBuffer: Sendable {
     /// What the peer last reported having received on `subflow` (0 before any report).
     public func peerReceived(on subflow: SubflowID) -> UInt64 { receivedOnSubflow[subflow] ?? 0 }
 
+    /// DATA payload bytes put on `subflow` so far (the count `peerReceived` is compared with).
+    public func sentBytes(on subflow: SubflowID) -> UInt64 { sentOnSubflow[subflow] ?? 0 }
+
     /// Copies of segments sent on `subflow` outside `nextTransmission` (`headOfLine`) count in its
     /// total like anything else, or the peer's reports would not line up with the segments.
     public mutating func noteCopies(_ bytes: Int, on subflow: SubflowID) {

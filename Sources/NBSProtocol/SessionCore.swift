@@ -54,6 +54,9 @@ public struct SessionCore: Sendable {
         var alive = true
         /// Stalled (no TCP progress): carries nothing until it recovers; its data went elsewhere.
         var suspended = false
+        /// Being replaced: carries nothing new, and goes once the peer has what it carries
+        /// (`drainSubflow`).
+        var draining = false
         var smoothedRTT: Double?  // milliseconds
         /// A slow path gets smaller segments, so reinjected data waits behind less of them.
         var segmentLimit: Int?
@@ -67,6 +70,7 @@ public struct SessionCore: Sendable {
         var ordered: Bool
         /// What our last DATA_ACK on this subflow reported of `stats.bytesReceived`.
         var reportedReceived = 0
+        var isUsable: Bool { alive && !suspended && !draining }
     }
 
     public enum Transmission: Sendable, Equatable {
@@ -162,11 +166,29 @@ public struct SessionCore: Sendable {
     }
 
     public var aliveSubflows: [SubflowID] { order.filter { subflows[$0]!.alive } }
-    /// Alive and not suspended: the subflows that can carry data now.
-    public var usableSubflows: [SubflowID] { order.filter { subflows[$0]!.alive && !subflows[$0]!.suspended } }
+    /// Alive, neither suspended nor draining: the subflows that can carry data now.
+    public var usableSubflows: [SubflowID] { order.filter { subflows[$0]!.isUsable } }
     public func isSuspended(_ id: SubflowID) -> Bool { subflows[id]?.suspended ?? false }
 
+    /// The subflow is to be replaced by a better one: it takes no more data, new or reinjected,
+    /// and what it carries arrives as sent (`isDrained` says when). Removing it at once would send
+    /// all of that again elsewhere, and the receiver waits for those copies: a link's return
+    /// replaced two cross pairs with 319 and 262 kB in flight, and gaps of 200-460 ms followed
+    /// (BENCHMARKS.md, "Goodput over time through a link failure").
+    public mutating func drainSubflow(_ id: SubflowID) {
+        guard subflows[id]?.alive == true else { return }
+        subflows[id]!.draining = true
+    }
 
+    public func isDraining(_ id: SubflowID) -> Bool { subflows[id]?.draining ?? false }
+
+    /// A draining subflow's data has all reached the peer, by the peer's count of what arrived on
+    /// it (a TCP subflow), or is acknowledged or queued to go elsewhere.
+    public func isDrained(_ id: SubflowID) -> Bool {
+        guard let subflow = subflows[id], subflow.draining else { return false }
+        if send.inFlightBytes(on: id) == 0 { return true }
+        return subflow.ordered && send.peerReceived(on: id) >= send.sentBytes(on: id)
+    }
 
     /// The subflow stopped making progress (a silent path failure, or a long timeout): what it
     /// carries is sent again elsewhere now, as MPTCP reinjects on a subflow RTO, but the subflow
@@ -214,7 +236,7 @@ public struct SessionCore: Sendable {
     /// Usable subflows in `id`'s path group, other than `id`.
     public func siblings(of id: SubflowID) -> [SubflowID] {
         guard let group = subflows[id]?.pathGroup else { return [] }
-        return order.filter { $0 != id && subflows[$0]!.alive && !subflows[$0]!.suspended && subflows[$0]!.pathGroup == group }
+        return order.filter { $0 != id && subflows[$0]!.isUsable && subflows[$0]!.pathGroup == group }
     }
 
     /// Usable, but kept from data while a sibling on the same path group carries it.
@@ -437,13 +459,13 @@ public struct SessionCore: Sendable {
     /// Acknowledgements are small and latency-critical: they go on the subflow data last came
     /// from, else on any live one, regardless of writability.
     private func ackSubflow() -> SubflowID? {
-        if let last = lastDataSubflow, subflows[last]?.alive == true, subflows[last]?.suspended == false { return last }
+        if let last = lastDataSubflow, subflows[last]?.isUsable == true { return last }
         return usableSubflows.first ?? aliveSubflows.first
     }
 
     /// Usable subflows in establishment order; backups only when no regular subflow is left.
     private func schedulingPool() -> [Subflow] {
-        let alive = order.compactMap { subflows[$0] }.filter { $0.alive && !$0.suspended }
+        let alive = order.compactMap { subflows[$0] }.filter(\.isUsable)
         let regular = alive.filter { !$0.backup }
         return regular.isEmpty ? alive : regular
     }

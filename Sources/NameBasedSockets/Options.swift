@@ -208,6 +208,9 @@ public enum SubflowState: String, Sendable, Codable {
     /// Established and probed, but carrying no data while a sibling between the same two
     /// interfaces does (`NBSOptions.siblingSubflowsStandBy`); it takes over when that one fails.
     case standby
+    /// Being replaced by a better pair: it carries nothing new, and closes once what it carries
+    /// has arrived.
+    case draining
     case closed
 
     /// Established and not stalled: carrying data, or ready to.

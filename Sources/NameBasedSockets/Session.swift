@@ -186,6 +186,12 @@ extension Session {
         return (try? await loop.submit { (engine.value as? SessionEngine)?.retireBusiestSubflowForTesting() ?? 0 }.get()) ?? 0
     }
 
+    /// Test hook: see SessionEngine.replaceBusiestSubflowForTesting.
+    func replaceBusiestSubflow() async -> Int {
+        let engine = self.engine
+        return (try? await loop.submit { (engine.value as? SessionEngine)?.replaceBusiestSubflowForTesting() ?? 0 }.get()) ?? 0
+    }
+
     /// Test hook: reset one subflow's TCP connection, as a failing path would.
     func killSubflow(_ id: UInt32) async {
         let engine = self.engine

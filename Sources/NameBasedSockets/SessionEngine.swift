@@ -54,6 +54,8 @@ final class SessionEngine: SubflowDelegate {
     var addressBook: LocalAddressBook
     /// Pairs with a connect or JOIN in progress, so the mesh is not opened twice.
     private var connectingPairs: Set<PathPlanner.Pair> = []
+    /// Subflows being replaced (`replace`), with the reason they go for.
+    private var draining: [SubflowID: String] = [:]
     private(set) var waitingSince: NIODeadline?
     /// Every timer of the session is a `LoopTimer`: stopping one cancels no NIO task (a linear
     /// search in NIO's heap, which at 10,000 sessions on one loop cost more than the timers).
@@ -196,11 +198,15 @@ final class SessionEngine: SubflowDelegate {
         let inUse = Set(live.map { PathPlanner.Pair(local: $0.local.hostString, remote: $0.remote.hostString) }).union(connectingPairs)
         let established = records.filter { !$0.value.closed && $0.value.established }
             .map { (id: $0.key.rawValue, local: $0.value.local, remote: $0.value.remote) }
-        if connectingPairs.isEmpty,
-            let swap = PathPlanner.replacement(locals: candidateLocalAddresses, peers: peerAddresses, live: established, maxSubflows: options.maxSubflows) {
+        // A draining subflow is as good as gone to the planner, and its slot as taken: it goes
+        // once drained, and only then is its replacement joined (the peer counts it till then).
+        let staying = established.filter { draining[SubflowID($0.id)] == nil }
+        let slots = options.maxSubflows - draining.count
+        if connectingPairs.isEmpty, draining.isEmpty,
+            let swap = PathPlanner.replacement(locals: candidateLocalAddresses, peers: peerAddresses, live: staying, maxSubflows: slots) {
             return replace(SubflowID(swap.retire), reason: "replaced by a subflow from \(swap.for.hostString)")
         }
-        if connectingPairs.isEmpty, let worse = PathPlanner.upgrade(peers: peerAddresses, live: established, maxSubflows: options.maxSubflows) {
+        if connectingPairs.isEmpty, let worse = PathPlanner.upgrade(peers: peerAddresses, live: staying, maxSubflows: slots) {
             return replace(SubflowID(worse), reason: "replaced by a closer pair")
         }
         let plan = PathPlanner.joins(locals: candidateLocalAddresses, peers: peerAddresses, inUse: inUse,
@@ -793,9 +799,40 @@ final class SessionEngine: SubflowDelegate {
 
     /// The replaced subflow is reset rather than closed: its FIN would reach the listener only after
     /// everything queued on it, and until then the listener refuses the new JOIN at its limit.
+    /// The subflow to be replaced first drains (`SessionCore.drainSubflow`): it takes no new data,
+    /// and goes once the peer has what it carries, or after `drainLimit`. Then its replacement is
+    /// joined, as the peer refuses a JOIN beyond its subflow limit. It is reset rather than closed:
+    /// after a drain that ran out of time, a FIN would reach the peer only after whatever is still
+    /// queued (0.5 s on a cross pair, and a link's return took up to 2.6 s to settle), a reset at once.
     private func replace(_ id: SubflowID, reason: String) {
-        retire(id, reason: reason, reset: true)
+        guard draining[id] == nil, records[id]?.closed == false else { return }
+        draining[id] = reason
+        core.drainSubflow(id)
+        logger.info("subflow \(id) draining: \(reason)")
+        LoopTimer.once(on: loop, owner: self, in: Self.drainLimit) { engine in engine.endDrain(id) }
         joinMissingPairs()
+        schedulePump()
+    }
+
+    /// Long enough for a path's queue at a few Mbit/s; a drain that takes longer ends as a
+    /// replacement did before draining: what the subflow still carries goes again elsewhere.
+    static let drainLimit = TimeAmount.milliseconds(1500)
+
+    /// The replacement is joined one of the replaced subflow's RTTs after its reset: the reset
+    /// crosses that subflow's path, queue included, and a JOIN sent at once over a shorter path
+    /// got to the peer first, was refused at its subflow limit, and waited 400 ms for its retry
+    /// (a link's return: the cross pair's reset took 27 ms over the other path's queue).
+    private func endDrain(_ id: SubflowID) {
+        guard let reason = draining.removeValue(forKey: id) else { return }
+        let resetCrossing = TimeAmount.microseconds(Int64(min(core.smoothedRTT(id) ?? 0, Self.joinDelayLimitMs) * 1000))
+        retire(id, reason: reason, reset: true)
+        LoopTimer.once(on: loop, owner: self, in: resetCrossing) { $0.joinMissingPairs() }
+    }
+
+    static let joinDelayLimitMs = 250.0
+
+    private func endFinishedDrains() {
+        for id in draining.keys.sorted() where core.isDrained(id) || records[id]?.closed != false { endDrain(id) }
     }
 
     /// A JOIN that replaces a subflow can reach the listener before the close of the one it
@@ -971,6 +1008,7 @@ final class SessionEngine: SubflowDelegate {
 
     func pump(servingReaders: Bool = true) {
         guard !pumping else { return }
+        if !draining.isEmpty { endFinishedDrains() }
         pumping = true
         defer { pumping = false }
         acceptQueuedWrites()
@@ -1227,7 +1265,7 @@ final class SessionEngine: SubflowDelegate {
         let record = records[id]!
         let stats = core.stats(id) ?? .init()
         let state: SubflowState = record.closed ? .closed : !record.established ? .connecting
-            : core.isSuspended(id) ? .stalled : record.backup ? .backup : core.isStandby(id) ? .standby : .active
+            : core.isSuspended(id) ? .stalled : core.isDraining(id) ? .draining : record.backup ? .backup : core.isStandby(id) ? .standby : .active
         return SubflowInfo(id: id.rawValue, local: record.local, remote: record.remote, interface: record.interface, state: state,
                            rttMilliseconds: core.smoothedRTT(id), bytesSent: stats.bytesSent, bytesReceived: stats.bytesReceived,
                            reinjectedBytes: stats.reinjectedBytes, closeReason: record.closeReason)
@@ -1249,6 +1287,15 @@ extension SessionEngine {
         let before = core.reinjectedBytes + core.send.pendingReinjectionBytes
         retire(id, reason: "reset by test", abort: nil)
         return core.reinjectedBytes + core.send.pendingReinjectionBytes - before
+    }
+
+    /// Test hook: replace the live subflow with the most data in flight, as a better pair would
+    /// (`replace`); returns its bytes in flight (0, and nothing replaced, when none has any).
+    func replaceBusiestSubflowForTesting() -> Int {
+        let busiest = core.usableSubflows.max { core.send.inFlightBytes(on: $0) < core.send.inFlightBytes(on: $1) }
+        guard let id = busiest, case let bytes = core.send.inFlightBytes(on: id), bytes > 0 else { return 0 }
+        replace(id, reason: "replaced by test")
+        return bytes
     }
 
     /// Test hook: make a subflow die as a network failure would, with a TCP reset.

@@ -26,6 +26,7 @@ func displayState(_ state: SubflowState) -> String {
     case .active: "active"
     case .backup: "backup"
     case .standby: "standby"
+    case .draining: "draining"
     case .stalled: "probing"
     case .closed: "retired"
     }

@@ -496,6 +496,45 @@ struct SessionCoreTests {
         #expect(core.drain().isEmpty)
     }
 
+    @Test("a draining subflow takes nothing more and is drained once the peer has what it carried")
+    func drainingSubflow() throws {
+        var core = makeCore(coreConfiguration(segment: 100), peerWindow: 10_000, subflows: [(a, false), (b, false)])
+        core.setWritable(b, false)
+        core.write(buffer(patternBytes(300, seed: 3)))
+        #expect(core.drain().map(\.subflow) == [a, a, a])
+        core.drainSubflow(a)
+        #expect(core.isDraining(a) && !core.isDrained(a))
+        #expect(core.usableSubflows == [b])
+
+        // New data waits for b, never a, even with a writable and b not.
+        core.write(buffer(patternBytes(200, seed: 4)))
+        #expect(core.drain().isEmpty)
+        core.setWritable(b, true)
+        let next = core.drain()
+        #expect(next.map(\.subflow) == [b, b] && !next.contains { $0.isReinjection })
+
+        // The peer's count on a, not the cumulative ack (held up by a gap elsewhere), says when.
+        _ = try core.receiveAck(.init(cumulativeAck: 0, window: 10_000, receivedOnSubflow: 200), on: a)
+        #expect(!core.isDrained(a))
+        _ = try core.receiveAck(.init(cumulativeAck: 0, window: 10_000, receivedOnSubflow: 300), on: a)
+        #expect(core.isDrained(a))
+        #expect(!core.isDrained(b), "only a draining subflow is ever drained")
+
+        // A subflow that reports no count (UDP) is drained once its data is acknowledged.
+        var datagrams = SessionCore(configuration: coreConfiguration(segment: 100), peerInitialWindow: 10_000)
+        datagrams.addSubflow(a, backup: false, ordered: false)
+        datagrams.addSubflow(b, backup: false, ordered: false)
+        _ = datagrams.drain()
+        datagrams.setWritable(b, false)
+        datagrams.write(buffer(patternBytes(200, seed: 5)))
+        #expect(datagrams.drain().map(\.subflow) == [a, a])
+        datagrams.drainSubflow(a)
+        _ = try datagrams.receiveAck(.init(cumulativeAck: 100, window: 10_000), on: b)
+        #expect(!datagrams.isDrained(a))
+        _ = try datagrams.receiveAck(.init(cumulativeAck: 200, window: 10_000), on: b)
+        #expect(datagrams.isDrained(a))
+    }
+
     // MARK: acknowledgements
 
     @Test("acks: after a threshold, at the end of a read batch, on the data's subflow, and when reading reopens the window")

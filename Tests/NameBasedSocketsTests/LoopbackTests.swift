@@ -81,6 +81,52 @@ struct LoopbackTests {
         await server.close()
     }
 
+    @Test("a subflow replaced mid-transfer drains first: what it carries arrives as sent, nothing is sent again, and its replacement joins after it")
+    func replacedSubflowDrains() async throws {
+        var limit = NBSOptions()
+        limit.maxSubflows = 2
+        let server = try await listener(options: limit)
+        let received = Task { () -> (Int, [UInt8]) in
+            let session = try await server.accept()
+            let result = try await drain(session)
+            try await session.close()
+            return result
+        }
+        var options = loopbackOptions(locals: ["127.0.0.1", "127.0.0.2"])
+        options.maxSubflows = 2
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options)
+        try await waitForSubflows(client, count: 2)
+        let total = 32 * 1024 * 1024
+        let chunk = pattern(1024 * 1024, seed: 11)
+        var hash = SHA256()
+        var inFlightAtReplacement = 0
+        var statesAfterReplacement: [SubflowState] = []
+        for i in 0..<(total / chunk.readableBytes) {
+            try await client.write(chunk)
+            chunk.withUnsafeReadableBytes { hash.update(bufferPointer: $0) }
+            if i >= 8, inFlightAtReplacement == 0 {
+                inFlightAtReplacement = await client.replaceBusiestSubflow()
+                if inFlightAtReplacement > 0 { statesAfterReplacement = await client.subflows.map(\.state) }
+            }
+        }
+        await client.finish()
+        let (count, digest) = try await withTimeout(60, "receiving 32 MiB") { try await received.value }
+        try await client.close()
+        #expect(count == total)
+        #expect(digest == Array(hash.finalize()))
+        #expect(inFlightAtReplacement > 0)
+        #expect(statesAfterReplacement.contains(.draining) || statesAfterReplacement.contains(.closed), "\(statesAfterReplacement)")
+        let subflows = await client.subflows
+        let replaced = subflows.filter { $0.closeReason == "replaced by test" }
+        #expect(replaced.count == 1 && replaced[0].bytesSent > 0, "\(subflows)")
+        // Both addresses are on lo, one path: the replacement stands by for the other subflow.
+        #expect(subflows.count == 3, "the replacement joined: \(subflows)")
+        let stats = await client.statistics
+        #expect(stats.reinjectedBytes == 0, "a drained subflow's data is not sent again")
+        #expect(stats.maxConcurrentSubflows == 2)
+        await server.close()
+    }
+
     @Test("two subflows over lo, between the same two interfaces: one carries the data and the other stands by, on both ends; with siblingSubflowsStandBy off both are active",
           arguments: [true, false])
     func siblingsStandBy(standBy: Bool) async throws {
