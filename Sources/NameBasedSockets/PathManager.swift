@@ -80,15 +80,30 @@ enum PathPlanner {
                         maxSubflows: Int) -> UInt32? {
         guard live.count >= maxSubflows else { return nil }
         let inUse = Set(live.map { Pair(local: $0.local.hostString, remote: $0.remote.hostString) })
-        for subflow in live {
-            let current = commonPrefixLength(subflow.local, subflow.remote)
-            let better = peers.contains { remote in
-                remote.sameFamily(subflow.local) && !inUse.contains(Pair(local: subflow.local.hostString, remote: remote.hostString))
-                    && commonPrefixLength(subflow.local, remote) >= current + 8
-            }
-            if better { return subflow.id }
+        return live.first { hasCloserPeer($0.local, $0.remote, peers: peers, inUse: inUse) }?.id
+    }
+
+    /// Connects in progress over pairs that `upgrade` would replace as soon as they were up: the
+    /// peer announced a closer address meanwhile. A link that comes back gets its local addresses
+    /// a few ms before the peer's ADD_ADDR for its own side of the link, so the first joins went to
+    /// the peer's other addresses (cross pairs over the other path), took the slots, and were
+    /// replaced once up, about 1.5 s after the return. Given up, they leave the slots to the closer pairs.
+    static func outdated(connecting: some Collection<Pair>, peers: [SocketAddress], inUse: Set<Pair>) -> [Pair] {
+        connecting.filter { pair in
+            guard let local = try? SocketAddress(ipAddress: pair.local, port: 0),
+                  let remote = try? SocketAddress(ipAddress: pair.remote, port: 0) else { return false }
+            return hasCloserPeer(local, remote, peers: peers, inUse: inUse)
         }
-        return nil
+    }
+
+    /// A peer address of the same family, not paired with `local` yet, that shares at least a
+    /// byte more of `local`'s prefix than `remote` does.
+    private static func hasCloserPeer(_ local: SocketAddress, _ remote: SocketAddress, peers: [SocketAddress], inUse: Set<Pair>) -> Bool {
+        let current = commonPrefixLength(local, remote)
+        return peers.contains { peer in
+            peer.sameFamily(local) && !inUse.contains(Pair(local: local.hostString, remote: peer.hostString))
+                && commonPrefixLength(local, peer) >= current + 8
+        }
     }
 
     static func commonPrefixLength(_ a: SocketAddress, _ b: SocketAddress) -> Int {

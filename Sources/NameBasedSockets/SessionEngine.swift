@@ -52,8 +52,10 @@ final class SessionEngine: SubflowDelegate {
     private(set) var state = State.open
     private(set) var maxConcurrentSubflows = 0
     var addressBook: LocalAddressBook
-    /// Pairs with a connect or JOIN in progress, so the mesh is not opened twice.
-    private var connectingPairs: Set<PathPlanner.Pair> = []
+    /// Pairs with a connect in progress, so the mesh is not opened twice; each with its attempt,
+    /// so that a connect given up (`PathPlanner.outdated`) is closed when it completes.
+    private var connectingPairs: [PathPlanner.Pair: UInt64] = [:]
+    private var connectAttempts: UInt64 = 0
     /// Subflows being replaced (`replace`), with the reason they go for.
     private var draining: [SubflowID: String] = [:]
     private(set) var waitingSince: NIODeadline?
@@ -195,7 +197,12 @@ final class SessionEngine: SubflowDelegate {
     func joinMissingPairs() {
         guard role == .opener, state == .open else { return }
         let live = records.values.filter { !$0.closed }
-        let inUse = Set(live.map { PathPlanner.Pair(local: $0.local.hostString, remote: $0.remote.hostString) }).union(connectingPairs)
+        var inUse = Set(live.map { PathPlanner.Pair(local: $0.local.hostString, remote: $0.remote.hostString) }).union(connectingPairs.keys)
+        for pair in PathPlanner.outdated(connecting: connectingPairs.keys, peers: peerAddresses, inUse: inUse) {
+            logger.info("join \(pair.local) → \(pair.remote) given up: the peer has a closer address")
+            connectingPairs[pair] = nil
+            inUse.remove(pair)
+        }
         let established = records.filter { !$0.value.closed && $0.value.established }
             .map { (id: $0.key.rawValue, local: $0.value.local, remote: $0.value.remote) }
         // A draining subflow is as good as gone to the planner, and its slot as taken: it goes
@@ -219,10 +226,16 @@ final class SessionEngine: SubflowDelegate {
     private func startJoin(from local: SocketAddress, to remote: SocketAddress, backup: Bool) {
         let bound = self.bound
         let pair = PathPlanner.Pair(local: local.hostString, remote: remote.hostString)
-        connectingPairs.insert(pair)
+        connectAttempts += 1
+        let attempt = connectAttempts
+        connectingPairs[pair] = attempt
         SubflowConnector.connectTransport(on: loop, from: local, to: remote, options: options).whenComplete { result in
             let engine = bound.value
-            engine.connectingPairs.remove(pair)
+            guard engine.connectingPairs[pair] == attempt else {
+                if case .success(let handler) = result { handler.value.writeAndClose(nil) }
+                return
+            }
+            engine.connectingPairs[pair] = nil
             switch result {
             case .success(let handler):
                 engine.joinConnected(handler.value, local: local, remote: remote, backup: backup)
@@ -684,7 +697,14 @@ final class SessionEngine: SubflowDelegate {
             }
             pump()
         } else if tcp.headOfLineOverdue(recoveringMs: recoveringMs) {
-            copyHeadOfLine(from: id, silentMs: tcp.silentMs, recoveringMs: recoveringMs)
+            // A drain is worth waiting for only while it moves: a cross pair over a link that had
+            // just come back went silent for 744 ms while draining, with the receiver's next bytes.
+            if draining[id] != nil {
+                logger.info("subflow \(id) silent \(tcp.silentMs) ms while draining: what it carries goes again elsewhere")
+                endDrain(id)
+            } else {
+                copyHeadOfLine(from: id, silentMs: tcp.silentMs, recoveringMs: recoveringMs)
+            }
         }
     }
 

@@ -382,3 +382,19 @@ extension PathPlannerRebalanceTests {
         #expect(PathPlanner.upgrade(peers: peers, live: live, maxSubflows: 3) == nil)
     }
 }
+
+extension PathPlannerRebalanceTests {
+    @Test("a connect in progress over a cross pair is given up once the same-prefix peer address is known, unless that pair is taken")
+    func outdatedConnects() {
+        let cross = PathPlanner.Pair(local: "192.0.2.1", remote: "198.51.100.2")
+        let cross6 = PathPlanner.Pair(local: "2001:db8:1::1", remote: "2001:db8:2::2")
+        let direct = PathPlanner.Pair(local: "198.51.100.1", remote: "198.51.100.2")
+        let connecting = [cross, cross6, direct]
+        let known = [peer("198.51.100.2"), peer("2001:db8:2::2")]
+        #expect(PathPlanner.outdated(connecting: connecting, peers: known, inUse: Set(connecting)).isEmpty)
+        let announced = known + [peer("192.0.2.2"), peer("2001:db8:1::2")]
+        #expect(PathPlanner.outdated(connecting: connecting, peers: announced, inUse: Set(connecting)) == [cross, cross6])
+        let taken = Set(connecting + [PathPlanner.Pair(local: "192.0.2.1", remote: "192.0.2.2")])
+        #expect(PathPlanner.outdated(connecting: connecting, peers: announced, inUse: taken) == [cross6])
+    }
+}
