@@ -3,7 +3,7 @@ import Glibc
 #endif
 import NIOCore
 
-/// Linux's `struct tcp_info` as far as tcpi_bytes_received (kernel 4.1). Glibc's `tcp_info`, which
+/// Linux's `struct tcp_info` as far as tcpi_min_rtt (kernel 4.6). Glibc's `tcp_info`, which
 /// NIO's getTCPInfo returns, stops at tcpi_total_retrans; the kernel fills as much as it is asked
 /// for and NIO zeroes the rest, so a kernel without a field reads 0.
 struct KernelTCPInfo {
@@ -14,6 +14,11 @@ struct KernelTCPInfo {
     var bytesAcked: UInt64 = 0
     /// tcpi_bytes_received: what the peer sent, read or not (`FirstBytesClassifier`).
     var bytesReceived: UInt64 = 0
+    var segmentsOut: UInt32 = 0
+    var segmentsIn: UInt32 = 0
+    var notSentBytes: UInt32 = 0
+    /// tcpi_min_rtt (kernel 4.6), µs: the path's round trip without our queue in it.
+    var minRTT: UInt32 = 0
 
     static let synSent: UInt8 = 2
     /// tcpi_state: TCP_ESTABLISHED (1), TCP_SYN_SENT (2), ...

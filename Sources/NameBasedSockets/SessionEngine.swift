@@ -624,7 +624,7 @@ final class SessionEngine: SubflowDelegate {
     }
 
     private func observed(_ id: SubflowID, _ progress: SubflowProgress) {
-        if progress.rttMs > 0 { core.recordRTT(id, milliseconds: progress.rttMsPrecise) }
+        if progress.rttMs > 0 { core.recordRTT(id, milliseconds: progress.currentRttMs) }
         if let acked = progress.bytesAcked {
             records[id]?.deliveryRate.observe(bytesAcked: acked, at: NIODeadline.now().uptimeNanoseconds)
         }
@@ -1345,9 +1345,18 @@ struct SubflowProgress {
     var silenceClockedByKernel: Bool
     /// TCP is repairing a loss: fast recovery, or after a timeout (tcpi_ca_state Recovery or Loss).
     var lossRecovery: Bool
+    /// The path's round trip without our own queue in it (tcpi_min_rtt); nil where unknown.
+    var baseRttMs: Double?
+
+    /// What a segment sent now would take: with nothing in flight our queue has drained, and the
+    /// last RTT measured (a full queue's, say) is stale until the next ACK. Fed as such, it kept a
+    /// 5 Mbit/s path whose RTT had reached 69 ms (tbf's 50 ms queue) out of `aggregate` as far
+    /// slower than the 20 Mbit/s one (`SessionCore.scheduledSubflow`) long after the queue had
+    /// drained: it carried 1.7 MB of 16 MiB instead of 3.4, and the transfer ran at 78-82 % of the sum.
+    var currentRttMs: Double { inFlight ? rttMsPrecise : baseRttMs.map { min($0, rttMsPrecise) } ?? rttMsPrecise }
 
     init(inFlight: Bool, silentMs: Int64, rttMs: Double, timeoutRetransmissions: Int, bytesPerSecond: Double, bytesAcked: UInt64? = nil,
-         silenceClockedByKernel: Bool = false, lossRecovery: Bool = false) {
+         silenceClockedByKernel: Bool = false, lossRecovery: Bool = false, baseRttMs: Double? = nil) {
         self.inFlight = inFlight
         self.silentMs = silentMs
         self.rttMsPrecise = rttMs
@@ -1356,6 +1365,7 @@ struct SubflowProgress {
         self.bytesAcked = bytesAcked
         self.silenceClockedByKernel = silenceClockedByKernel
         self.lossRecovery = lossRecovery
+        self.baseRttMs = baseRttMs
     }
 
     /// What a stall check may discount from this silence: the time the loop was behind (its own
@@ -1400,19 +1410,20 @@ struct SubflowProgress {
     /// stalled (a helper saw a subflow wedged so in the soak: persist timer, `retrans 0`). Two
     /// probes in a row without an answer (`tcpi_probes`; any ACK resets it) count as timeouts with
     /// data waiting; one may just be on its way, to a live peer that is slow to read.
-    init(_ info: tcp_info, bytesAcked: UInt64? = nil) {
+    init(_ info: tcp_info, bytesAcked: UInt64? = nil, minRTT: UInt32 = 0) {
         let rtt = Double(max(info.tcpi_rtt, 1)) / 1e6
         let unansweredProbes = info.tcpi_probes >= 2 ? Int(info.tcpi_probes) : 0
         self.init(inFlight: info.tcpi_unacked > 0 || unansweredProbes > 0, silentMs: Int64(info.tcpi_last_ack_recv),
                   rttMs: Double(info.tcpi_rtt) / 1000,
                   timeoutRetransmissions: Int(info.tcpi_retransmits) + unansweredProbes,
                   bytesPerSecond: Double(info.tcpi_snd_cwnd) * Double(info.tcpi_snd_mss) / rtt,
-                  bytesAcked: bytesAcked, silenceClockedByKernel: true, lossRecovery: info.tcpi_ca_state >= Self.tcpCARecovery)
+                  bytesAcked: bytesAcked, silenceClockedByKernel: true, lossRecovery: info.tcpi_ca_state >= Self.tcpCARecovery,
+                  baseRttMs: minRTT > 0 ? Double(minRTT) / 1000 : nil)
     }
 
     /// A kernel before 4.1 leaves tcpi_bytes_acked 0; one that counts starts at 1, for the SYN.
     init(_ info: KernelTCPInfo) {
-        self.init(info.base, bytesAcked: info.bytesAcked > 0 ? info.bytesAcked : nil)
+        self.init(info.base, bytesAcked: info.bytesAcked > 0 ? info.bytesAcked : nil, minRTT: info.minRTT)
     }
 }
 

@@ -1,5 +1,6 @@
 import Glibc
 import NIOCore
+import NIOPosix
 import Testing
 
 @testable import NameBasedSockets
@@ -231,5 +232,33 @@ struct TCPProgressTests {
         info.tcpi_last_ack_recv = 900
         let blackholed = SubflowProgress(info)
         #expect(blackholed.inFlight && blackholed.timeoutRetransmissions == 2)
+    }
+
+    @Test("the RTT a segment sent now would see: the last measured while data is in flight, the path's base RTT once our queue has drained")
+    func currentRTT() {
+        var info = KernelTCPInfo()
+        info.base.tcpi_rtt = 69_000  // µs: a full 50 ms tbf queue on a 5 Mbit/s path
+        info.minRTT = 150
+        info.base.tcpi_unacked = 12
+        #expect(SubflowProgress(info).currentRttMs == 69)
+        info.base.tcpi_unacked = 0
+        #expect(SubflowProgress(info).currentRttMs == 0.15)
+        info.minRTT = 0  // a kernel before 4.6
+        #expect(SubflowProgress(info).currentRttMs == 69)
+    }
+
+    @Test("TCP_INFO as far as tcpi_min_rtt: the kernel fills the fields past glibc's struct")
+    func kernelFillsMinRTT() async throws {
+        let group = MultiThreadedEventLoopGroup.singleton
+        let server = try await ServerBootstrap(group: group).bind(host: "127.0.0.1", port: 0).get()
+        let client = try await ClientBootstrap(group: group).connect(to: server.localAddress!).get()
+        try await client.writeAndFlush(ByteBuffer(bytes: [1, 2, 3])).get()
+        try await waitFor("the bytes to be acknowledged") {
+            (try? await (client as! any SocketOptionProvider).getKernelTCPInfo().get().bytesAcked) ?? 0 >= 4
+        }
+        let info = try await (client as! any SocketOptionProvider).getKernelTCPInfo().get()
+        #expect(info.minRTT > 0 && info.minRTT <= UInt32(max(info.base.tcpi_rtt, 1)) * 10, "min \(info.minRTT) µs, srtt \(info.base.tcpi_rtt) µs")
+        try await client.close()
+        try await server.close()
     }
 }

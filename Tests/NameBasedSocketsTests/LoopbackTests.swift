@@ -127,6 +127,36 @@ struct LoopbackTests {
         await server.close()
     }
 
+    /// The peer's DATA_ACKs are dropped on arrival, so nothing the carrier sent is known to have
+    /// arrived, and its TCP_INFO is replaced by a tail loss's (see `headOfLineCopied`).
+    @Test("a draining subflow that goes silent with data in flight ends its drain at once: what it carries goes again elsewhere")
+    func silentDrainEnds() async throws {
+        let server = try await listener()
+        let received = drainNextSession(server)
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port,
+                                        options: loopbackOptions(locals: ["127.0.0.1", "127.0.0.2"]))
+        let carrier = try await carrierAndStandby(of: client)
+        await client.dropArrivingFramesForTesting([.dataAck])
+        let total = 2 << 20
+        try await client.write(pattern(total, seed: 21))
+        #expect(await client.replaceBusiestSubflow() > 0)
+        #expect(await client.subflows.first { $0.id == carrier }?.state == .draining)
+        let tailLoss = SubflowProgress(inFlight: true, silentMs: 100, rttMs: 1, timeoutRetransmissions: 0, bytesPerSecond: 0, silenceClockedByKernel: true)
+        await client.withSubflowsForTesting(SubflowHandler.self) { if $0.id.rawValue == carrier { $0.progressForTesting = tailLoss } }
+        // Stall checks run every 50 ms; ended by its own limit instead, the drain would take 1.5 s.
+        let clock = ContinuousClock()
+        let start = clock.now
+        try await waitFor("the drain to end") { await client.subflows.first { $0.id == carrier }?.state == .closed }
+        let waited = clock.now - start
+        #expect(waited < .nanoseconds(SessionEngine.drainLimit.nanoseconds), "\(waited)")
+        try await waitFor("the reinjection") { await client.statistics.reinjectedBytes > 0 }
+        await client.dropArrivingFramesForTesting([])
+        await client.finish()
+        #expect(try await withTimeout(30, "receiving") { try await received.value } == total)
+        try await client.close()
+        await server.close()
+    }
+
     @Test("two subflows over lo, between the same two interfaces: one carries the data and the other stands by, on both ends; with siblingSubflowsStandBy off both are active",
           arguments: [true, false])
     func siblingsStandBy(standBy: Bool) async throws {
