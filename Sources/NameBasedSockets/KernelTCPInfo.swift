@@ -14,6 +14,7 @@ struct KernelTCPInfo {
     var bytesAcked: UInt64 = 0
     /// tcpi_bytes_received: what the peer sent, read or not (`FirstBytesClassifier`).
     var bytesReceived: UInt64 = 0
+    // Unread, but the kernel's layout puts them before tcpi_min_rtt.
     var segmentsOut: UInt32 = 0
     var segmentsIn: UInt32 = 0
     var notSentBytes: UInt32 = 0

@@ -1302,8 +1302,7 @@ extension SessionEngine {
     /// Test hook: retire the live subflow with the most data in flight, now; returns the bytes
     /// that were queued for reinjection (0, and nothing retired, when none has data in flight).
     func retireBusiestSubflowForTesting() -> Int {
-        let busiest = core.aliveSubflows.max { core.send.inFlightBytes(on: $0) < core.send.inFlightBytes(on: $1) }
-        guard let id = busiest, core.send.inFlightBytes(on: id) > 0 else { return 0 }
+        guard let (id, _) = busiest(among: core.aliveSubflows) else { return 0 }
         let before = core.reinjectedBytes + core.send.pendingReinjectionBytes
         retire(id, reason: "reset by test", abort: nil)
         return core.reinjectedBytes + core.send.pendingReinjectionBytes - before
@@ -1312,10 +1311,15 @@ extension SessionEngine {
     /// Test hook: replace the live subflow with the most data in flight, as a better pair would
     /// (`replace`); returns its bytes in flight (0, and nothing replaced, when none has any).
     func replaceBusiestSubflowForTesting() -> Int {
-        let busiest = core.usableSubflows.max { core.send.inFlightBytes(on: $0) < core.send.inFlightBytes(on: $1) }
-        guard let id = busiest, case let bytes = core.send.inFlightBytes(on: id), bytes > 0 else { return 0 }
+        guard let (id, bytes) = busiest(among: core.usableSubflows) else { return 0 }
         replace(id, reason: "replaced by test")
         return bytes
+    }
+
+    /// The subflow of `ids` with the most data in flight, and how much; nil when none has any.
+    private func busiest(among ids: [SubflowID]) -> (SubflowID, Int)? {
+        guard let top = ids.map({ ($0, core.send.inFlightBytes(on: $0)) }).max(by: { $0.1 < $1.1 }), top.1 > 0 else { return nil }
+        return top
     }
 
     /// Test hook: make a subflow die as a network failure would, with a TCP reset.
