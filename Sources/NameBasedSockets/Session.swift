@@ -132,6 +132,9 @@ public struct SessionStatistics: Sendable, Equatable {
     /// in flight (the data the peer waited for first); counted apart from `reinjectedBytes`, as the
     /// first copy stays where it was.
     public var headOfLineCopiedBytes = 0
+    /// Replaced subflows whose drain ended before the peer had all they carried (silent, closed,
+    /// or out of time), so that the rest was reinjected: the others went without sending anything again.
+    public var drainsCutShort = 0
     public var unacknowledgedBytes = 0
     public var duplicateBytesReceived = 0
     /// ADD_ADDR, REMOVE_ADDR, PRIO, CLOSE or ABORT frames dropped because they failed authentication.
@@ -159,7 +162,7 @@ protocol SessionBackend: AnyObject {
 extension SessionEngine: SessionBackend {
     var statistics: SessionStatistics {
         SessionStatistics(maxConcurrentSubflows: maxConcurrentSubflows, reinjectedBytes: core.reinjectedBytes,
-                          headOfLineCopiedBytes: headOfLineCopiedBytes, unacknowledgedBytes: core.unacknowledgedBytes, duplicateBytesReceived: core.receive.duplicateBytes,
+                          headOfLineCopiedBytes: headOfLineCopiedBytes, drainsCutShort: drainsCutShort, unacknowledgedBytes: core.unacknowledgedBytes, duplicateBytesReceived: core.receive.duplicateBytes,
                           rejectedSignals: rejectedSignals, unreadBytes: core.readableBytes)
     }
 }

@@ -82,6 +82,7 @@ final class SessionEngine: SubflowDelegate {
     /// The cumulative acknowledgement last seen, and since when (`checkAcknowledgementProgress`).
     private var acknowledgedSince: (acknowledged: UInt64, since: NIODeadline)?
     private(set) var headOfLineCopiedBytes = 0
+    private(set) var drainsCutShort = 0
     /// Test hook (`Session.dropArrivingFramesForTesting`): frames lost as if with their subflow.
     var droppedFrameTypesForTesting: Set<FrameType> = []
     private var queueHighWaterMark: [SubflowID: Int] = [:]
@@ -844,6 +845,7 @@ final class SessionEngine: SubflowDelegate {
     /// (a link's return: the cross pair's reset took 27 ms over the other path's queue).
     private func endDrain(_ id: SubflowID) {
         guard let reason = draining.removeValue(forKey: id) else { return }
+        if !core.isDrained(id) { drainsCutShort += 1 }
         let resetCrossing = TimeAmount.microseconds(Int64(min(core.smoothedRTT(id) ?? 0, Self.joinDelayLimitMs) * 1000))
         retire(id, reason: reason, reset: true)
         LoopTimer.once(on: loop, owner: self, in: resetCrossing) { $0.joinMissingPairs() }

@@ -122,7 +122,11 @@ struct LoopbackTests {
         // Both addresses are on lo, one path: the replacement stands by for the other subflow.
         #expect(subflows.count == 3, "the replacement joined: \(subflows)")
         let stats = await client.statistics
-        #expect(stats.reinjectedBytes == 0, "a drained subflow's data is not sent again")
+        // A loaded machine can hold the drain silent past max(40 ms, RTT), which ends it with the
+        // rest reinjected (`silentDrainEnds`); CI did so once, with 8 kB left. Only a drain that
+        // ran to the end must send nothing again.
+        #expect(stats.drainsCutShort <= 1)
+        #expect(stats.drainsCutShort == 1 || stats.reinjectedBytes == 0, "a drained subflow's data is not sent again: \(stats)")
         #expect(stats.maxConcurrentSubflows == 2)
         await server.close()
     }
@@ -150,6 +154,7 @@ struct LoopbackTests {
         let waited = clock.now - start
         #expect(waited < .nanoseconds(SessionEngine.drainLimit.nanoseconds), "\(waited)")
         try await waitFor("the reinjection") { await client.statistics.reinjectedBytes > 0 }
+        #expect(await client.statistics.drainsCutShort == 1)
         await client.dropArrivingFramesForTesting([])
         await client.finish()
         #expect(try await withTimeout(30, "receiving") { try await received.value } == total)
