@@ -732,10 +732,11 @@ final class SessionEngine: SubflowDelegate {
         for copy in copies { handler.writeData(sequence: copy.sequence, payload: copy.payload) }
         handler.flush()
         let bytes = copies.reduce(0) { $0 + $1.payload.readableBytes }
+        let unreported = core.send.sentBytes(on: target) - core.send.peerReceived(on: target)
         core.noteCopies(bytes, on: target)
         headOfLineCopiedBytes += bytes
         let why = silentMs >= SubflowProgress.headOfLineSilenceMs ? "silent \(silentMs) ms" : "repairing a loss for \(recoveringMs ?? 0) ms"
-        logger.info("subflow \(id) \(why) with the data the peer waits for: \(bytes) bytes of it copied to subflow \(target)")
+        logger.info("subflow \(id) \(why) with the data the peer waits for: \(bytes) bytes of it copied to subflow \(target), which had \(unreported) bytes unreported")
     }
 
     /// About one segment's worth of a fast path, a few of a slow one's: what a tail loss takes.
