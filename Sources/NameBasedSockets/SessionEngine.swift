@@ -276,27 +276,40 @@ final class SessionEngine: SubflowDelegate {
 
     /// Listener: a JOIN arrived on a new connection for this session's token, from `remote` to `local`.
     ///
-    /// At the subflow limit, a JOIN over a pair of addresses whose subflow here is suspended
-    /// replaces it: the opener most likely gave that subflow up, and its close did not get here
-    /// (UDP datagrams lost under load). Refusing left both ends waiting until the listener's own
-    /// stall checks retired it: at 10,000 UDP sessions, 75,000 refused JOINs in 3 min and sessions
-    /// without a path for up to 55 s. Only a suspended one: in the soak (seed 550972306) an opener
-    /// joined a pair whose subflow was still alive on both ends while it rearranged its pairs, and
-    /// replacing that one, with an ABORT as first written, aborted the session. The replaced
-    /// subflow is closed, not aborted. Only an authenticated JOIN replaces anything.
+    /// At the subflow limit, a JOIN replaces a subflow here that is suspended, the one over the
+    /// same pair of addresses if there is one: the opener joins at its limit only once it has given
+    /// one of its subflows up, most likely that one, and its close did not get here (UDP datagrams
+    /// lost under load; an address that moved, whose REMOVE_ADDR rode a path that was failing too).
+    /// Refusing left both ends waiting until the listener's own stall checks retired it: at 10,000
+    /// UDP sessions, 75,000 refused JOINs in 3 min and sessions without a path for up to 55 s; in
+    /// the soak, bursts of hundreds of refused JOINs from moved addresses, each retried up to five
+    /// times. Only a suspended one: in the soak (seed 550972306) an opener joined a pair whose
+    /// subflow was still alive on both ends while it rearranged its pairs, and replacing that one,
+    /// with an ABORT as first written, aborted the session. The replaced subflow is closed, not
+    /// aborted. Only an authenticated JOIN replaces anything.
     func verifyJoin(_ join: Frame.Join, local: SocketAddress, remote: SocketAddress) -> JoinAuthenticator.JoinVerdict {
         guard state == .open else { return .refused(.shuttingDown) }
-        var replaced: SubflowID?
+        var replaced: (id: SubflowID, samePair: Bool)?
         if liveSubflowCount >= options.maxSubflows {
-            replaced = records.filter { id, record in
-                !record.closed && record.established && core.isSuspended(id) && record.local.hostString == local.unmapped.hostString
-                    && record.remote.hostString == remote.unmapped.hostString
-            }.keys.min()
-            guard replaced != nil else { return .refused(.tooManySubflows) }
+            // The same pair first; then one to the same address here, which an opener that moved
+            // joins again from its new address; then one of the same family. Taking the lowest
+            // suspended id instead, a moved IPv4 address's JOIN took the place of a suspended IPv6
+            // subflow, and the next JOIN that of a suspended subflow on the path that had not moved
+            // (soak, seeds 734962215 and 1003399911).
+            func rank(_ record: SubflowRecord) -> Int {
+                let sameLocal = record.local.hostString == local.unmapped.hostString
+                if sameLocal { return record.remote.hostString == remote.unmapped.hostString ? 0 : 1 }
+                return record.remote.unmapped.protocol == remote.unmapped.protocol ? 2 : 3
+            }
+            let suspended = records.filter { id, record in !record.closed && record.established && core.isSuspended(id) }
+            guard let best = suspended.min(by: { (rank($0.value), $0.key) < (rank($1.value), $1.key) }) else {
+                return .refused(.tooManySubflows)
+            }
+            replaced = (best.key, rank(best.value) == 0)
         }
         let verdict = joins.verify(join)
         if case .accepted = verdict, let replaced {
-            retire(replaced, reason: "replaced by a new JOIN over the same addresses")
+            retire(replaced.id, reason: replaced.samePair ? "replaced by a new JOIN over the same addresses" : "suspended, replaced by a new JOIN from \(remote.unmapped.hostString)")
         }
         return verdict
     }

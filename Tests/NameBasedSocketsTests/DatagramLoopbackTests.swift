@@ -160,6 +160,70 @@ struct DatagramLoopbackTests {
         try await closeBothEnds(client, session, listener: server)
     }
 
+    /// The soak's moves in small: the opener's address moves while its only path is failing, so
+    /// neither the close of its old subflow nor a REMOVE_ADDR reaches the listener, which holds the
+    /// old subflow, suspended, when the JOIN from the new address comes. Before, only a JOIN over
+    /// the same pair replaced a suspended subflow, and this one was refused until the listener
+    /// retired the old subflow itself (`stallRetirement`, a minute here).
+    @Test("at the subflow limit, a JOIN from an address the opener moved to replaces the suspended subflow of the one it left")
+    func joinFromMovedAddressReplacesSuspendedSubflow() async throws {
+        let server = try await udpListener { $0.maxSubflows = 1; $0.stallRetirement = .seconds(60) }
+        let monitor = TestInterfaceMonitor(addresses: ["127.0.0.1"])
+        var options = NBSOptions()
+        options.transport = .udp
+        options.interfaceMonitor = monitor
+        options.resolver = StaticResolver(["server.test": ["127.0.0.1"]])
+        options.maxSubflows = 1
+        options.closeTimeout = .seconds(30)
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options)
+        let session = try await server.accept()
+        await client.withSubflowsForTesting(DatagramSubflow.self) { $0.dropEveryForTesting = 1 }
+        _ = await session.probeRoundForTesting()
+        try await waitFor("the listener's subflow suspended") { await session.subflows.contains { $0.state == .stalled } }
+        monitor.send(.addressAdded(TestInterfaceMonitor.loopback("127.0.0.2")))
+        monitor.send(.addressRemoved(TestInterfaceMonitor.loopback("127.0.0.1")))
+        try await client.write(pattern(1000))
+        await client.finish()
+        let received = try await withTimeout(10, "reading over the subflow from the new address") { try await drain(session) }
+        #expect(received.bytes == 1000)
+        let subflows = await session.subflows
+        #expect(subflows.contains { $0.closeReason == "suspended, replaced by a new JOIN from 127.0.0.2" }, "\(subflows)")
+        #expect(subflows.contains { $0.remote.ipAddress == "127.0.0.2" && $0.state.isUp }, "\(subflows)")
+        try await closeBothEnds(client, session, listener: server)
+    }
+
+    /// Two suspended subflows, one per family, when the IPv4 address moves: the JOIN from the new
+    /// one replaces the IPv4 subflow, and the IPv6 one, which the opener still holds, stays.
+    @Test("at the subflow limit, a JOIN from a moved address replaces the suspended subflow of its own family")
+    func joinFromMovedAddressReplacesItsFamily() async throws {
+        let server = try await udpListener { $0.maxSubflows = 2; $0.stallRetirement = .seconds(60) }
+        let monitor = TestInterfaceMonitor(addresses: ["::1", "127.0.0.1"])
+        var options = NBSOptions()
+        options.transport = .udp
+        options.interfaceMonitor = monitor
+        options.resolver = StaticResolver(["server.test": ["::1", "127.0.0.1"]])
+        options.maxSubflows = 2
+        options.closeTimeout = .seconds(30)
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options)
+        let session = try await server.accept()
+        try await waitForSubflows(session, count: 2)
+        await client.withSubflowsForTesting(DatagramSubflow.self) { $0.dropEveryForTesting = 1 }
+        _ = await session.probeRoundForTesting()
+        try await waitFor("both of the listener's subflows suspended") { await session.subflows.filter { $0.state == .stalled }.count == 2 }
+        monitor.send(.addressAdded(TestInterfaceMonitor.loopback("127.0.0.2")))
+        monitor.send(.addressRemoved(TestInterfaceMonitor.loopback("127.0.0.1")))
+        try await waitFor("the JOIN from 127.0.0.2 admitted") { await session.subflows.contains { $0.remote.ipAddress == "127.0.0.2" } }
+        await client.withSubflowsForTesting(DatagramSubflow.self) { $0.dropEveryForTesting = 0 }
+        let subflows = await session.subflows
+        let replaced = subflows.filter { $0.closeReason == "suspended, replaced by a new JOIN from 127.0.0.2" }
+        #expect(replaced.map(\.remote.ipAddress) == ["127.0.0.1"], "\(subflows)")
+        #expect(subflows.contains { $0.remote.ipAddress == "::1" && $0.closeReason == nil }, "\(subflows)")
+        try await client.write(pattern(1000))
+        await client.finish()
+        #expect(try await withTimeout(20, "reading") { try await drain(session) }.bytes == 1000)
+        try await closeBothEnds(client, session, listener: server)
+    }
+
     @Test("every 20th datagram lost both ways: the session resends through its sequence space and delivers everything")
     func lossyPath() async throws {
         let server = try await udpListener()
