@@ -175,6 +175,7 @@ struct DatagramLoopbackTests {
         options.resolver = StaticResolver(["server.test": ["127.0.0.1"]])
         options.maxSubflows = 1
         options.closeTimeout = .seconds(30)
+        options.stallRetirement = .seconds(60)  // as in the test below
         let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options)
         let session = try await server.accept()
         await client.withSubflowsForTesting(DatagramSubflow.self) { $0.dropEveryForTesting = 1 }
@@ -206,12 +207,18 @@ struct DatagramLoopbackTests {
         options.resolver = StaticResolver(["server.test": ["::1", "127.0.0.1"]])
         options.maxSubflows = 2
         options.closeTimeout = .seconds(30)
+        // Its own subflows go silent too (what they send is dropped): retired after the default
+        // 3 s, on a loaded machine before the listener had suspended both, they joined again.
+        options.stallRetirement = .seconds(60)
         let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options)
         let session = try await server.accept()
         try await waitForSubflows(session, count: 2)
         await client.withSubflowsForTesting(DatagramSubflow.self) { $0.dropEveryForTesting = 1 }
-        _ = await session.probeRoundForTesting()
-        try await waitFor("both of the listener's subflows suspended") { await session.subflows.filter { $0.state == .stalled }.count == 2 }
+        // A PROBE round each time: on a loaded machine one round did not find both silent in 10 s.
+        try await waitFor("both of the listener's subflows suspended", seconds: 20) {
+            _ = await session.probeRoundForTesting()
+            return await session.subflows.filter { $0.state == .stalled }.count == 2
+        }
         monitor.send(.addressAdded(TestInterfaceMonitor.loopback("127.0.0.2")))
         monitor.send(.addressRemoved(TestInterfaceMonitor.loopback("127.0.0.1")))
         try await waitFor("the JOIN from 127.0.0.2 admitted") { await session.subflows.contains { $0.remote.ipAddress == "127.0.0.2" } }
