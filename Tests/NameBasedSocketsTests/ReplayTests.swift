@@ -124,13 +124,15 @@ struct ReplayTests {
         // A genuine JOIN, then the same bytes again on a third connection, then a forged MAC.
         let join = JoinAuthenticator(keys: keys, token: accept.token).makeJoin(backup: false)
         let first = try await RawPeer.exchange(port: server.port, send: joinBytes(join), seconds: 3)
-        #expect(first.frames.contains { if case .joinAck = $0 { true } else { false } })
+        #expect(first.frames.contains { if case .joinAck = $0 { true } else { false } }, "\(first.frames)")
         let replayed = try await RawPeer.exchange(port: server.port, send: joinBytes(join))
-        #expect(replayed.frames.contains { if case .abort(let c) = $0 { c.reason == .replay } else { false } })
+        #expect(replayed.frames.contains { if case .abort(let c) = $0 { c.reason == .replay } else { false } }, "\(replayed.frames)")
         var forged = join
         forged.nonce = randomBytes(16)
         let unauthenticated = try await RawPeer.exchange(port: server.port, send: joinBytes(forged))
-        #expect(unauthenticated.frames.contains { if case .abort(let c) = $0 { c.reason == .authenticationFailed } else { false } })
+        // What came instead is printed: CI at 70a3515 saw something else once, under load.
+        #expect(unauthenticated.frames.contains { if case .abort(let c) = $0 { c.reason == .authenticationFailed } else { false } },
+                "\(unauthenticated.frames)")
 
         // ADD_ADDR: accepted once; its replay, and one MAC'd with the wrong role's key, are dropped.
         var signals = SignalAuthenticator(keys: keys, localRole: .client)
