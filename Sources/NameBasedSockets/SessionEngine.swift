@@ -296,10 +296,10 @@ final class SessionEngine: SubflowDelegate {
             // suspended id instead, a moved IPv4 address's JOIN took the place of a suspended IPv6
             // subflow, and the next JOIN that of a suspended subflow on the path that had not moved
             // (soak, seeds 734962215 and 1003399911).
+            let localHost = local.unmapped.hostString, joiner = remote.unmapped
             func rank(_ record: SubflowRecord) -> Int {
-                let sameLocal = record.local.hostString == local.unmapped.hostString
-                if sameLocal { return record.remote.hostString == remote.unmapped.hostString ? 0 : 1 }
-                return record.remote.unmapped.protocol == remote.unmapped.protocol ? 2 : 3
+                if record.local.hostString == localHost { return record.remote.hostString == joiner.hostString ? 0 : 1 }
+                return record.remote.unmapped.protocol == joiner.protocol ? 2 : 3
             }
             let suspended = records.filter { id, record in !record.closed && record.established && core.isSuspended(id) }
             guard let best = suspended.min(by: { (rank($0.value), $0.key) < (rank($1.value), $1.key) }) else {

@@ -160,6 +160,20 @@ struct DatagramLoopbackTests {
         try await closeBothEnds(client, session, listener: server)
     }
 
+    /// An opener on UDP subflows whose addresses `monitor` moves, and whose own subflows are not
+    /// retired while the test drops what they send: retired after the default 3 s, on a loaded
+    /// machine before the listener had suspended both of its subflows, they joined again.
+    private func movingOpenerOptions(_ monitor: TestInterfaceMonitor, server: [String], maxSubflows: Int) -> NBSOptions {
+        var options = NBSOptions()
+        options.transport = .udp
+        options.interfaceMonitor = monitor
+        options.resolver = StaticResolver(["server.test": server])
+        options.maxSubflows = maxSubflows
+        options.closeTimeout = .seconds(30)
+        options.stallRetirement = .seconds(60)
+        return options
+    }
+
     /// The soak's moves in small: the opener's address moves while its only path is failing, so
     /// neither the close of its old subflow nor a REMOVE_ADDR reaches the listener, which holds the
     /// old subflow, suspended, when the JOIN from the new address comes. Before, only a JOIN over
@@ -169,14 +183,8 @@ struct DatagramLoopbackTests {
     func joinFromMovedAddressReplacesSuspendedSubflow() async throws {
         let server = try await udpListener { $0.maxSubflows = 1; $0.stallRetirement = .seconds(60) }
         let monitor = TestInterfaceMonitor(addresses: ["127.0.0.1"])
-        var options = NBSOptions()
-        options.transport = .udp
-        options.interfaceMonitor = monitor
-        options.resolver = StaticResolver(["server.test": ["127.0.0.1"]])
-        options.maxSubflows = 1
-        options.closeTimeout = .seconds(30)
-        options.stallRetirement = .seconds(60)  // as in the test below
-        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options)
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port,
+                                        options: movingOpenerOptions(monitor, server: ["127.0.0.1"], maxSubflows: 1))
         let session = try await server.accept()
         await client.withSubflowsForTesting(DatagramSubflow.self) { $0.dropEveryForTesting = 1 }
         _ = await session.probeRoundForTesting()
@@ -201,16 +209,8 @@ struct DatagramLoopbackTests {
     func joinFromMovedAddressReplacesItsFamily() async throws {
         let server = try await udpListener { $0.maxSubflows = 2; $0.stallRetirement = .seconds(60) }
         let monitor = TestInterfaceMonitor(addresses: ["::1", "127.0.0.1"])
-        var options = NBSOptions()
-        options.transport = .udp
-        options.interfaceMonitor = monitor
-        options.resolver = StaticResolver(["server.test": ["::1", "127.0.0.1"]])
-        options.maxSubflows = 2
-        options.closeTimeout = .seconds(30)
-        // Its own subflows go silent too (what they send is dropped): retired after the default
-        // 3 s, on a loaded machine before the listener had suspended both, they joined again.
-        options.stallRetirement = .seconds(60)
-        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options)
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port,
+                                        options: movingOpenerOptions(monitor, server: ["::1", "127.0.0.1"], maxSubflows: 2))
         let session = try await server.accept()
         try await waitForSubflows(session, count: 2)
         await client.withSubflowsForTesting(DatagramSubflow.self) { $0.dropEveryForTesting = 1 }
