@@ -337,6 +337,7 @@ final class SessionEngine: SubflowDelegate {
         lossRecoverySince[id] = nil
         peerCountSince[id] = nil
         guard record.established else {
+            logger.debug("subflow \(id) \(record.local.hostString) → \(record.remote.hostString) closed before it was established: \(reason)")
             checkSubflowsLeft()
             return
         }
