@@ -68,6 +68,8 @@ let package = Package(
             name: "nbs-bench",
             dependencies: [
                 "NameBasedSockets",
+                "NBSProtocol",
+                .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),

@@ -56,8 +56,9 @@
 # plus, per bench: percent_of_sum and rate_sum_mbps (aggregation), survived "k/n" (failover),
 # gap_bound_ms and ratio_bound (failover: the longest gap after the fault can be, and that over MPTCP's; a
 # receiver lists gaps of 20 ms or more only, so a value of 0 means under 20 ms and under the transfer's
-# longest gap; targets are judged by the bound), cpu_s_per_gib (loopback), resolve_ms, tcp_rtt_ms, extra_ms
-# and extra_rtts (setup, nbs).
+# longest gap; targets are judged by the bound), cpu_s_per_gib (loopback), resolve_ms, tcp_rtt_ms, extra_ms,
+# extra_rtts, computation_ms and computation_rtts (setup, nbs: the last two the handshake's cryptography
+# that must run between OPEN and the opener's trust in the verdict, in ms and in this path's round trips).
 #
 # Env: NBS_BIN (default .build/release/nbs-mobility), NBS_BENCH_BIN (default .build/release/nbs-bench),
 # both relative to the repository root; build them with
@@ -348,6 +349,9 @@ for j in loop + lines(os.path.join(out, "setup-netns.out")):
     n = row("setup", j["where"], "nbs", "open_to_first_byte", "ms", None, True, samples=j["samples"],
             resolve_ms=round(j["resolve_ms_median"], 3), tcp_rtt_ms=round(j["tcp_rtt_ms_median"], 3),
             extra_ms=round(j["nbs_extra_ms"], 3), extra_rtts=round(j["nbs_extra_rtts"], 2), first_open_ms=round(j.get("nbs_first_open_ms", 0), 3))
+    if "handshake_computation_ms_median" in j:
+        n["computation_ms"] = round(j["handshake_computation_ms_median"], 3)
+        n["computation_rtts"] = round(j["handshake_computation_rtts"], 2)
     n["value"] = round(j["nbs_open_first_byte_ms_median"], 3)
     link(n, "tcp")
     n["target"] = "<= TCP connect + name resolution + 1 RTT"
@@ -372,6 +376,8 @@ for r in rows:
         notes.append("CPU %.3f s/GiB" % r["cpu_s_per_gib"])
     if "extra_rtts" in r:
         notes.append("resolve %.3f ms, RTT %.3f ms, extra %.3f ms = %.2f RTT; first open %.3f ms" % (r["resolve_ms"], r["tcp_rtt_ms"], r["extra_ms"], r["extra_rtts"], r["first_open_ms"]))
+    if "computation_ms" in r:
+        notes.append("handshake computation %.3f ms = %.2f RTT" % (r["computation_ms"], r["computation_rtts"]))
     if not r["ok"]:
         notes.append("NOT ALL OK")
     print("%-12s %-12s %-8s %-24s %9s %7s %-40s %s" % (r["bench"], r["case"], r["impl"], "%s (%s)" % (r["metric"], r["unit"]), v,
