@@ -35,7 +35,10 @@ RANDOM=$seed
 
 port=$(nbs_port)
 spid=""
-nbs_bg spid "$NBS_NS_S" "$NBS_TIMEOUT" "$NBS_TMP/server" "$NBS_TMP/server.err" \
+# The serve lives through all three rounds, each bounded by NBS_TIMEOUT: under its own bound it was
+# killed during round 2 after a slow round 1 (sessions waiting out their grace period), and every
+# later session failed for that instead of for whatever slowed round 1.
+nbs_bg spid "$NBS_NS_S" $((NBS_TIMEOUT * 3 + 60)) "$NBS_TMP/server" "$NBS_TMP/server.err" \
     "$NBS_BIN" serve --name "$NBS_SERVER_NAME" --port "$port" --sink --json --transport "$transport"
 nbs_wait_listen "$NBS_NS_S" "$port" 15 "$transport"
 # nbs_bg's pid is `timeout`; the server is its child.
