@@ -160,16 +160,16 @@ struct DatagramLoopbackTests {
         try await closeBothEnds(client, session, listener: server)
     }
 
-    /// An opener on UDP subflows whose addresses `monitor` moves, and whose own subflows are not
-    /// retired while the test drops what they send: retired after the default 3 s, on a loaded
-    /// machine before the listener had suspended both of its subflows, they joined again.
+    /// An opener on UDP subflows whose addresses `monitor` moves (no fixed list of local addresses),
+    /// and whose own subflows are not retired while the test drops what they send: retired after the
+    /// default 3 s, on a loaded machine before the listener had suspended both of its subflows, they
+    /// joined again.
     private func movingOpenerOptions(_ monitor: TestInterfaceMonitor, server: [String], maxSubflows: Int) -> NBSOptions {
-        var options = NBSOptions()
+        var options = loopbackOptions(peers: ["server.test": server])
+        options.localAddresses = nil
         options.transport = .udp
         options.interfaceMonitor = monitor
-        options.resolver = StaticResolver(["server.test": server])
         options.maxSubflows = maxSubflows
-        options.closeTimeout = .seconds(30)
         options.stallRetirement = .seconds(60)
         return options
     }
