@@ -210,8 +210,8 @@ struct LoopbackTests {
         var options = loopbackOptions(locals: ["127.0.0.1", "127.0.0.2"])
         // Probes far apart, and a quiet moment before the fault, so that the sibling stays suspended
         // (no acknowledgement comes its way) long enough to be seen so: with 1 s, a test process
-        // starved beside three busy loops missed that window (1 of 10 suite runs). Under the
-        // default stallRetirement (3 s), which would retire the sibling before its PROBE.
+        // starved beside three busy loops missed that window (1 of 10 suite runs). Kept under the
+        // default stallRetirement (3 s): a longer interval would retire the sibling before its PROBE.
         options.probeInterval = .seconds(2)
         let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options)
         let carrier = try await carrierAndStandby(of: client)
