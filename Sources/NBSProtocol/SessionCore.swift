@@ -281,6 +281,13 @@ public struct SessionCore: Sendable {
     }
     /// Our DATA_FIN and every byte before it are acknowledged.
     public var isWriteFinished: Bool { localFin == .acknowledged }
+    /// Our DATA_FIN, out on `carrier` and unacknowledged, when it is all that is: every byte before
+    /// it is acknowledged. The session copies it to other subflows once it is overdue: the carrier
+    /// may be dead at the peer while it still looks alive here.
+    public var unacknowledgedFin: (carrier: SubflowID, fin: Frame.DataFin)? {
+        guard case .sent(let carrier) = localFin, send.bufferedBytes == 0 else { return nil }
+        return (carrier, .init(finalSequence: send.end))
+    }
     public var isFinished: Bool { isReadFinished && isWriteFinished }
     /// Nothing is left to cross the network: every byte up to the peer's DATA_FIN has arrived and
     /// our DATA_FIN is acknowledged. The subflows can close even if the application has not read

@@ -821,6 +821,31 @@ struct SessionCoreTests {
         #expect(!concluded5, "a hole in the peer's stream: its bytes 10..<20 never came")
     }
 
+    @Test("our DATA_FIN counts as unacknowledged only once it is out and all that is")
+    func unacknowledgedFin() throws {
+        var core = SessionCore(peerInitialWindow: 1 << 20)
+        core.addSubflow(a, backup: false)
+        core.addSubflow(b, backup: false)
+        core.write(buffer(patternBytes(1000, seed: 7)))
+        core.finish()
+        let sent = core.drain()
+        let carrier = try #require(sent.compactMap { if case .dataFin(let id, _) = $0 { id } else { nil } }.first)
+        #expect(core.unacknowledgedFin == nil, "its data is not acknowledged: the peer may lack more than the FIN")
+        _ = try core.receiveAck(.init(cumulativeAck: 1000, window: 1 << 20))
+        #expect(core.unacknowledgedFin?.carrier == carrier)
+        #expect(core.unacknowledgedFin?.fin == .init(finalSequence: 1000))
+        // Its carrier gone, the FIN waits to go again, and is not out anywhere until it does.
+        core.removeSubflow(carrier)
+        #expect(core.unacknowledgedFin == nil)
+        let again = core.drain()
+        let other = carrier == a ? b : a
+        #expect(again.contains(.dataFin(other, .init(finalSequence: 1000))))
+        #expect(core.unacknowledgedFin?.carrier == other)
+        _ = try core.receiveAck(.init(cumulativeAck: 1001, window: 1 << 20))
+        #expect(core.unacknowledgedFin == nil)
+        #expect(core.isWriteFinished)
+    }
+
     @Test("the window announcement waits for a subflow, and is sent once")
     func announcementNeedsSubflow() {
         var core = SessionCore(configuration: coreConfiguration(receive: 5000), peerInitialWindow: 0)

@@ -129,6 +129,44 @@ struct DatagramLoopbackTests {
         await server.close()
     }
 
+    /// The debug UDP soak's lost sessions in small: the listener's DATA_FIN goes on a subflow that
+    /// is dead towards the opener but looks alive at the listener (it still hears the opener there,
+    /// and its stall check is held off, as a loop that is behind holds it off). The opener, connected
+    /// over its other subflow, waited for that FIN until the listener's close timeout. Now the FIN is
+    /// copied to the other subflow once it has waited a second.
+    @Test("a DATA_FIN on a subflow dead one way only is copied to another, and the opener sees the end")
+    func finCopiedFromOneWayDeadSubflow() async throws {
+        let server = try await udpListener {
+            $0.policy = .handover  // the FIN goes on the first subflow, which the test makes one-way
+            $0.minimumStallTimeout = .seconds(60)
+            $0.stallRetirement = .seconds(60)
+            $0.closeTimeout = .seconds(60)
+        }
+        var options = udpOptions(locals: ["127.0.0.1", "127.0.0.2"])
+        options.stallRetirement = .seconds(60)  // the opener keeps the dead subflow, so the listener is not told
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options)
+        let session = try await server.accept()
+        try await waitForSubflows(client, count: 2)
+        try await waitFor("both subflows at the listener") { await session.subflows.filter { $0.state.isUp }.count == 2 }
+        let first = try #require(await session.subflows.first?.remote.ipAddress)
+        await session.withSubflowsForTesting(DatagramSubflow.self) {
+            if $0.remoteAddress?.ipAddress == first { $0.dropEveryForTesting = 1 }
+        }
+        try await client.write(pattern(1000))
+        await client.finish()
+        #expect(try await withTimeout(10, "the listener reading") { try await drain(session) }.bytes == 1000)
+        let serverClosed = Task { try await session.close() }
+        let start = ContinuousClock.now
+        #expect(try await withTimeout(15, "the opener reading to the end") { try await drain(client) }.bytes == 0)
+        let took = ContinuousClock.now - start
+        // One acknowledgement silence (1 s) and a liveness tick; the close timeout would be 60 s.
+        #expect(took < .seconds(10), "the opener saw the end after \(took)")
+        try await withTimeout(15, "the listener closing") { try await serverClosed.value }
+        // The opener's close would resend its SHUTDOWN on the dead subflow for 15 s.
+        await client.abort()
+        await server.close()
+    }
+
     /// The refusal storm of `bench-scale.sh --transport udp --sessions 10000` in small: the opener
     /// gives its only subflow up and its close is lost, so the listener, at its limit of one, still
     /// holds the orphan, suspended, when the opener joins the same pair again. The listener retires
