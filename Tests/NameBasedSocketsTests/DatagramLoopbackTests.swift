@@ -198,6 +198,34 @@ struct DatagramLoopbackTests {
         try await closeBothEnds(client, session, listener: server)
     }
 
+    /// As above, but the listener has not found its subflow dead yet: its PROBEs are far apart, as
+    /// an idle session's back off to 32 s. The refused JOIN makes it probe at once; the opener's
+    /// retry then replaces the subflow its PROBE found silent. Before, the listener refused the
+    /// opener's JOINs until its own next round (the debug UDP soak, seed 31337: 50,000 refusals in
+    /// a minute, 16 sessions failed).
+    @Test("at the subflow limit, an authenticated JOIN refused for want of a suspended subflow makes the listener probe at once")
+    func refusedJoinProbesAtOnce() async throws {
+        let server = try await udpListener { $0.maxSubflows = 1; $0.stallRetirement = .seconds(60); $0.probeInterval = .seconds(60) }
+        var options = udpOptions()
+        options.maxSubflows = 1
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options)
+        let session = try await server.accept()
+        try await waitFor("the subflow up at the listener") { await session.subflows.filter { $0.state.isUp }.count == 1 }
+        await client.withSubflowsForTesting(DatagramSubflow.self) { $0.dropEveryForTesting = 1 }
+        // The opener gives its subflow up; its reset is lost. The listener still holds the subflow as live.
+        let first = try #require(await client.subflows.first)
+        await client.killSubflow(first.id)
+        #expect(await session.subflows.allSatisfy { $0.state != .stalled })
+        try await client.write(pattern(1000))
+        await client.finish()
+        let received = try await withTimeout(15, "reading over the replacement") { try await drain(session) }
+        #expect(received.bytes == 1000)
+        try await waitFor("the replacement up") { await session.subflows.filter { $0.state.isUp }.count == 1 }
+        let reasons = await session.subflows.map { "\($0.id) \($0.state) \($0.closeReason ?? "")" }
+        #expect(reasons.contains { $0.hasSuffix("replaced by a new JOIN over the same addresses") }, "\(reasons)")
+        try await closeBothEnds(client, session, listener: server)
+    }
+
     /// An opener on UDP subflows whose addresses `monitor` moves (no fixed list of local addresses),
     /// and whose own subflows are not retired while the test drops what they send: retired after the
     /// default 3 s, on a loaded machine before the listener had suspended both of its subflows, they
