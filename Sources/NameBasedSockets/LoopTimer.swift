@@ -212,7 +212,8 @@ struct LoopLag {
         if intervals.count > Self.capacity { intervals.removeFirst(intervals.count - Self.capacity) }
     }
 
-    /// Nanoseconds of the window [from, to] during which the loop was blocked.
+    /// Nanoseconds of the window [from, to] during which the loop was blocked, at most
+    /// `maximumDiscount`.
     func blocked(from: UInt64, to: UInt64) -> UInt64 {
         guard to > from else { return 0 }
         var total: UInt64 = 0
@@ -222,8 +223,17 @@ struct LoopLag {
             let end = min(interval.end, to)
             if end > start { total += end - start }
         }
-        return total
+        return min(total, Self.maximumDiscount)
     }
+
+    /// The most of a silence that lag explains away. Timers each a little late, one after another,
+    /// make one interval as long as the overload lasts, yet a loop that is behind still reads its
+    /// sockets, a little late: uncapped, a listener CPU-bound for a minute (the debug UDP soak, seed
+    /// 31337, JOINs refused 300 times a second) found no dead subflow for 60-94 s, and refused its
+    /// openers' JOINs at the limit until their grace ran out. Above the longest overload measured
+    /// (a listener worked 11 s through 10,000 closes: BENCHMARKS.md, Scale), far below the 60 s an
+    /// opener waits for a path.
+    static let maximumDiscount: UInt64 = 15_000_000_000
 
     /// Milliseconds of silence, not counting the time the loop was blocked in it.
     func discounted(silentMs: Int64, now: UInt64) -> Int64 {

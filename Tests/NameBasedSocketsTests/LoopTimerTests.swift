@@ -45,6 +45,21 @@ struct LoopLagTests {
         #expect(LoopLag().discounted(silentMs: 800, now: 12_000 * ms) == 800)
     }
 
+    @Test("lag explains away at most LoopLag.maximumDiscount: a loop behind for a minute still finds a dead path")
+    func discountIsBounded() {
+        var lag = LoopLag()
+        // Timers 30 ms late one after another for a minute: one interval, 0 to 60 s.
+        for due in stride(from: UInt64(0), to: 60_000 * ms, by: Int(20 * ms)) { lag.record(due: due, ran: due + 30 * ms) }
+        #expect(lag.intervals.count == 1)
+        let cap = Int64(LoopLag.maximumDiscount / ms)
+        #expect(lag.discounted(silentMs: 60_000, now: 60_010 * ms) == 60_000 - cap)
+        #expect(lag.discounted(silentMs: 5_000, now: 60_010 * ms) == 0, "within the cap, as before")
+        let probe = SubflowProgress(inFlight: true, silentMs: 60_000, rttMs: 1, timeoutRetransmissions: 1, bytesPerSecond: 0)
+        #expect(probe.looksStalled(limitMs: 200, lag: lag, now: 60_010 * ms))
+        #expect(!SubflowProgress(inFlight: true, silentMs: cap, rttMs: 1, timeoutRetransmissions: 1, bytesPerSecond: 0)
+            .looksStalled(limitMs: 200, lag: lag, now: 60_010 * ms))
+    }
+
     @Test("a probe in flight through a blocked loop is not a stall; the same silence without the block is")
     func stallRuleDiscountsLag() {
         let progress = SubflowProgress(inFlight: true, silentMs: 1_050, rttMs: 1, timeoutRetransmissions: 1, bytesPerSecond: 0)
