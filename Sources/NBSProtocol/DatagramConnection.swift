@@ -200,6 +200,15 @@ public struct DatagramConnection {
         }
     }
     public var bytesInFlight: Int { congestion.bytesInFlight }
+    /// The peer has owed an acknowledgement (`silentSince`) for longer than a probe timeout: what
+    /// `probeTimeouts` would count had later packets not pushed its timer on, as each ack-eliciting
+    /// packet sent does (RFC 9002 §6.2.1). A session's PROBE rounds, once a second, did so on dead
+    /// subflows whose RTT under load had reached seconds, and the listener held them as live for a
+    /// minute (the debug UDP soak, seed 31337).
+    public func acknowledgementOverdue(now: UInt64) -> Bool {
+        guard hasAckElicitingInFlight, let since = silentSince, now > since else { return false }
+        return now - since > rtt.probeTimeout(maxAckDelay: maxAckDelay)
+    }
 
     // MARK: building datagrams
 

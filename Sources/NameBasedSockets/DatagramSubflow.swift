@@ -212,7 +212,8 @@ final class DatagramSubflow: SubflowTransport {
         let srtt = Double(connection.rtt.smoothed) / 1e9
         return SubflowProgress(
             inFlight: connection.hasAckElicitingInFlight, silentMs: Int64((now - min(silentSince, now)) / 1_000_000),
-            rttMs: connection.rtt.hasSample ? srtt * 1000 : 0, timeoutRetransmissions: connection.probeTimeouts,
+            rttMs: connection.rtt.hasSample ? srtt * 1000 : 0,
+            timeoutRetransmissions: max(connection.probeTimeouts, connection.acknowledgementOverdue(now: now) ? 1 : 0),
             bytesPerSecond: Double(connection.congestion.window) / max(srtt, 1e-4))
     }
 

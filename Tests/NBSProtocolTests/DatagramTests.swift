@@ -161,6 +161,33 @@ import Testing
         #expect(opener.silentSince == probeAt, "owed since the probe went out, not since the ACK eight seconds ago")
     }
 
+    /// Each ack-eliciting packet re-arms the probe timer: a PROBE every second on a path whose probe
+    /// timeout is longer kept it from ever firing, and the session's stall check, which asks for a
+    /// timeout, never suspended the dead subflow (the debug UDP soak, seed 31337).
+    @Test func anAcknowledgementIsOverdueThoughLaterPacketsKeepThePTOFromFiring() throws {
+        var (opener, listener) = Self.keyedPair()
+        // An RTT sample of 2 s: a probe timeout of about 3 s.
+        opener.queue(.probe(.init(identifier: 0)))
+        for d in Self.drain(&opener, now: 0) { _ = listener.receive(d, now: 1_000_000_000) }
+        _ = listener.timeout(now: 1_010_000_000)
+        for d in Self.drain(&listener, now: 1_010_000_000) { _ = opener.receive(d, now: 2_000_000_000) }
+        #expect(!opener.hasAckElicitingInFlight)
+        #expect(!opener.acknowledgementOverdue(now: 2_000_000_000))
+        let timeout = opener.rtt.probeTimeout(maxAckDelay: opener.maxAckDelay)
+        // Then the path dies: a PROBE a second, none answered.
+        let start: UInt64 = 3_000_000_000
+        var now = start
+        while now < start + 3 * timeout {
+            opener.queue(.probe(.init(identifier: now)))
+            _ = Self.drain(&opener, now: now)
+            if let due = opener.nextTimeout, due <= now { _ = opener.timeout(now: now) }
+            now += 1_000_000_000
+        }
+        #expect(opener.probeTimeouts == 0, "each PROBE pushed the timer on")
+        #expect(opener.acknowledgementOverdue(now: now))
+        #expect(!opener.acknowledgementOverdue(now: start + timeout / 2), "not before a probe timeout has passed")
+    }
+
     // MARK: a simulated path
 
     /// A one-way path: a drop-tail queue drained at `rate`, then `delay`; optional random loss.
