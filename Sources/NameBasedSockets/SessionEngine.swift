@@ -723,7 +723,8 @@ final class SessionEngine: SubflowDelegate {
         } else if tcp.looksStalled(limitMs: limitMs, lag: lag, now: now.uptimeNanoseconds) {
             suspendedSince[id] = now
             let bytes = core.suspendSubflow(id)
-            logger.info("subflow \(id) stalled: no acknowledgement for \(tcp.silentMs) ms after a timeout; reinjecting \(bytes) bytes")
+            let lagMs = tcp.silentMs - lag.discounted(silentMs: tcp.silentMs, now: now.uptimeNanoseconds)
+            logger.info("subflow \(id) stalled: no acknowledgement for \(tcp.silentMs) ms after a timeout (\(lagMs) ms of it the loop's lag); reinjecting \(bytes) bytes")
             eventContinuation.yield(.subflowStalled(info(id), silentMilliseconds: Int(tcp.silentMs)))
             if bytes > 0 { eventContinuation.yield(.reinjected(bytes: bytes, from: id.rawValue)) }
             // An idle session's probes may be backed off to 32 s, past the retirement: probe soon.

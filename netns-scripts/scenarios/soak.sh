@@ -13,7 +13,8 @@
 # Each session's send buffer is 128 KiB: with 8 MiB (the default) and ~0.5 Mbit/s per session, what a session
 # has written when its time is up would take minutes to drain.
 # Env: NBS_SOAK_SESSIONS, NBS_SOAK_SECONDS, NBS_SOAK_SEED, NBS_SOAK_TRANSPORT (tcp, the default, or udp: the
-# subflows of both ends), NBS_RATE (default 50), NBS_BIN.
+# subflows of both ends; else NBS_TRANSPORT, which run-all.sh sets), NBS_RATE (default 50), NBS_BIN.
+# transports: tcp udp
 set -euo pipefail
 # shellcheck source=netns-scripts/lib.sh
 source "$(dirname "$0")/../lib.sh"
@@ -21,7 +22,7 @@ source "$(dirname "$0")/../lib.sh"
 sessions=${NBS_SOAK_SESSIONS:-200}
 seconds=${NBS_SOAK_SECONDS:-20}
 seed=${NBS_SOAK_SEED:-$((RANDOM * 32768 + RANDOM))}
-transport=${NBS_SOAK_TRANSPORT:-tcp}
+transport=${NBS_SOAK_TRANSPORT:-${NBS_TRANSPORT:-tcp}}
 [[ $transport =~ ^(tcp|udp)$ ]] || { echo "NBS_SOAK_TRANSPORT must be tcp or udp, not '$transport'" >&2; exit 2; }
 export NBS_TIMEOUT=$((seconds * 3 + 120))
 
