@@ -190,8 +190,16 @@ struct ProbeLine: Decodable, Sendable {
 final class LineCollector: Sendable {
     private let state = Mutex<(lines: [String], done: Bool)>(([], false))
 
-    init(fd: Int32) {
+    /// Reads a duplicate of `pipe`, closed when its thread ends. The pipe's own descriptor is closed
+    /// when its `Pipe` goes, and the number is handed out again at once, to a socket of a test running
+    /// beside this one: a read already on its way then takes that socket's bytes. SwiftNIO, woken for
+    /// them, finds nothing to read, which its debug build asserts against (`readable0`, `readResult ==
+    /// .some`): that stopped one CI run's tests.
+    init(fd pipe: Int32) {
+        let fd = dup(pipe)
         Thread { [self] in
+            guard fd >= 0 else { return }
+            defer { Glibc.close(fd) }
             var pending: [UInt8] = []
             var buffer = [UInt8](repeating: 0, count: 4096)
             while !state.withLock({ $0.done }) {
