@@ -310,7 +310,7 @@ final class SessionEngine: SubflowDelegate {
                 // its kernel closed on a failed send, a reset lost with its path), and an idle
                 // session's PROBEs may be backed off to 32 s: the dead one is found by a PROBE now,
                 // suspended, and replaced at the opener's retry. In the debug UDP soak (seed 31337)
-                // 16 openers were refused 50,000 times in a minute and failed.
+                // 16 waiting openers were refused 50,000 times in three minutes and failed.
                 if case .accepted = joins.verify(join) { probeNow() }
                 return .refused(.tooManySubflows)
             }
@@ -604,11 +604,11 @@ final class SessionEngine: SubflowDelegate {
 
     /// Our DATA_FIN, every byte before it acknowledged, unacknowledged for `acknowledgementSilence`
     /// (doubled after each round, so a close storm adds little): a copy goes on every other usable
-    /// subflow, as the peer may hold the carrier dead while it looks alive here. Over UDP the peer's
-    /// kernel closes a socket whose send fails (EPERM under a blackhole's drop rule), and only
-    /// silence tells the listener, silence that is not counted while its loop is behind. In the debug
-    /// UDP soak (seed 4242) 101 of round 1's 200 openers waited for a DATA_FIN sent on such a
-    /// subflow, connected over two others, until the listener's close timeout ended its side.
+    /// subflow, as the peer may hold the carrier dead while it looks alive here. Over UDP, SwiftNIO
+    /// closes a socket whose send fails (EPERM under a blackhole's drop rule), and only silence
+    /// tells the other end, which a loaded listener's stall check took seconds to minutes to count.
+    /// In the debug UDP soak (seed 4242) 101 of round 1's 200 openers waited for a DATA_FIN sent on
+    /// such a subflow, connected over two others, until the listener's close timeout ended its side.
     private func checkFinAcknowledgement(now: NIODeadline) {
         guard let (carrier, fin) = core.unacknowledgedFin else { return finWait = nil }
         guard let wait = finWait, wait.carrier == carrier else { return finWait = (carrier, now, 0) }
