@@ -144,7 +144,11 @@ struct LoopbackTests {
         let total = 2 << 20
         try await client.write(pattern(total, seed: 21))
         #expect(await client.replaceBusiestSubflow() > 0)
-        #expect(await client.subflows.first { $0.id == carrier }?.state == .draining)
+        // Draining, or its drain already ended by a real silence (a loaded machine's receiver can
+        // leave TCP without an ACK for max(40 ms, RTT): one CI run); `drainsCutShort` below tells
+        // either from a subflow closed without a drain.
+        let state = await client.subflows.first { $0.id == carrier }?.state
+        #expect(state == .draining || state == .closed, "\(String(describing: state))")
         let tailLoss = SubflowProgress(inFlight: true, silentMs: 100, rttMs: 1, timeoutRetransmissions: 0, bytesPerSecond: 0, silenceClockedByKernel: true)
         await client.withSubflowsForTesting(SubflowHandler.self) { if $0.id.rawValue == carrier { $0.progressForTesting = tailLoss } }
         // Stall checks run every 50 ms; ended by its own limit instead, the drain would take 1.5 s.
