@@ -175,10 +175,7 @@ struct DatagramLoopbackTests {
     @Test("at the subflow limit, a JOIN over the pair of a suspended subflow the opener gave up replaces it")
     func joinReplacesOrphanedSubflow() async throws {
         let server = try await udpListener { $0.maxSubflows = 1; $0.stallRetirement = .seconds(60) }
-        var options = udpOptions()
-        options.maxSubflows = 1
-        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options)
-        let session = try await server.accept()
+        let (client, session) = try await openAtLimitOfOne(server)
         await client.withSubflowsForTesting(DatagramSubflow.self) { $0.dropEveryForTesting = 1 }
         // The listener's PROBE goes unanswered: it suspends its subflow.
         _ = await session.probeRoundForTesting()
@@ -186,40 +183,44 @@ struct DatagramLoopbackTests {
         // The opener gives its subflow up; its reset is lost too.
         let first = try #require(await client.subflows.first)
         await client.killSubflow(first.id)
-        try await client.write(pattern(1000))
-        await client.finish()
-        let received = try await withTimeout(10, "reading over the replacement") { try await drain(session) }
-        #expect(received.bytes == 1000)
-        // Up, not necessarily at this instant: a loop stalled by a busy machine (CI once froze this
-        // process for 15 s) suspends the replacement until its next acknowledgement.
-        try await waitFor("the replacement up") { await session.subflows.filter { $0.state.isUp }.count == 1 }
-        let reasons = await session.subflows.map { "\($0.id) \($0.state) \($0.closeReason ?? "")" }
-        #expect(reasons.contains { $0.hasSuffix("replaced by a new JOIN over the same addresses") }, "\(reasons)")
-        try await closeBothEnds(client, session, listener: server)
+        try await expectDataOverReplacement(client, session, server, within: 10)
     }
 
     /// As above, but the listener has not found its subflow dead yet: its PROBEs are far apart, as
     /// an idle session's back off to 32 s. The refused JOIN makes it probe at once; the opener's
     /// retry then replaces the subflow its PROBE found silent. Before, the listener refused the
     /// opener's JOINs until its own next round (the debug UDP soak, seed 31337: 50,000 refusals in
-    /// a minute, 16 sessions failed).
+    /// three minutes, 16 sessions failed).
     @Test("at the subflow limit, an authenticated JOIN refused for want of a suspended subflow makes the listener probe at once")
     func refusedJoinProbesAtOnce() async throws {
         let server = try await udpListener { $0.maxSubflows = 1; $0.stallRetirement = .seconds(60); $0.probeInterval = .seconds(60) }
-        var options = udpOptions()
-        options.maxSubflows = 1
-        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options)
-        let session = try await server.accept()
+        let (client, session) = try await openAtLimitOfOne(server)
         try await waitFor("the subflow up at the listener") { await session.subflows.filter { $0.state.isUp }.count == 1 }
         await client.withSubflowsForTesting(DatagramSubflow.self) { $0.dropEveryForTesting = 1 }
         // The opener gives its subflow up; its reset is lost. The listener still holds the subflow as live.
         let first = try #require(await client.subflows.first)
         await client.killSubflow(first.id)
         #expect(await session.subflows.allSatisfy { $0.state != .stalled })
+        try await expectDataOverReplacement(client, session, server, within: 15)
+    }
+
+    /// An opener whose subflow limit is one, and its session at `server`.
+    private func openAtLimitOfOne(_ server: Listener) async throws -> (client: Session, session: Session) {
+        var options = udpOptions()
+        options.maxSubflows = 1
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options)
+        return (client, try await server.accept())
+    }
+
+    /// The opener gave its only subflow up unheard: what it writes now arrives over a JOIN that
+    /// replaced the listener's orphan over the same pair. Then both ends close.
+    private func expectDataOverReplacement(_ client: Session, _ session: Session, _ server: Listener, within seconds: Double) async throws {
         try await client.write(pattern(1000))
         await client.finish()
-        let received = try await withTimeout(15, "reading over the replacement") { try await drain(session) }
+        let received = try await withTimeout(seconds, "reading over the replacement") { try await drain(session) }
         #expect(received.bytes == 1000)
+        // Up, not necessarily at this instant: a loop stalled by a busy machine (CI once froze this
+        // process for 15 s) suspends the replacement until its next acknowledgement.
         try await waitFor("the replacement up") { await session.subflows.filter { $0.state.isUp }.count == 1 }
         let reasons = await session.subflows.map { "\($0.id) \($0.state) \($0.closeReason ?? "")" }
         #expect(reasons.contains { $0.hasSuffix("replaced by a new JOIN over the same addresses") }, "\(reasons)")

@@ -23,7 +23,7 @@ sessions=${NBS_SOAK_SESSIONS:-200}
 seconds=${NBS_SOAK_SECONDS:-20}
 seed=${NBS_SOAK_SEED:-$((RANDOM * 32768 + RANDOM))}
 transport=${NBS_SOAK_TRANSPORT:-${NBS_TRANSPORT:-tcp}}
-[[ $transport =~ ^(tcp|udp)$ ]] || { echo "NBS_SOAK_TRANSPORT must be tcp or udp, not '$transport'" >&2; exit 2; }
+[[ $transport =~ ^(tcp|udp)$ ]] || { echo "the soak's transport (NBS_SOAK_TRANSPORT, else NBS_TRANSPORT) must be tcp or udp, not '$transport'" >&2; exit 2; }
 export NBS_TIMEOUT=$((seconds * 3 + 120))
 
 nbs_require_netns
