@@ -639,16 +639,18 @@ nbs_move() {
     nbs_names_publish
 }
 
-# nbs_blackhole PATHNO [c|s]: silently drop everything leaving that side on the path (no link event).
+# nbs_blackhole PATHNO[,PATHNO...] [c|s]: silently drop everything leaving and reaching that side on those paths
+# (no link event).
 nbs_blackhole() {
-    local ns
+    local ns ifs
     ns=$(nbs_ns_side "${2:-c}")
+    ifs=$(sed -E 's/([0-9]+)/"nbs\1"/g' <<<"$1")
     ip netns exec "$ns" nft -f - <<EOF
 table inet nbs_blackhole
 delete table inet nbs_blackhole
 table inet nbs_blackhole {
-    chain out { type filter hook output priority 0; oifname "nbs$1" drop; }
-    chain in { type filter hook input priority 0; iifname "nbs$1" drop; }
+    chain out { type filter hook output priority 0; oifname { $ifs } drop; }
+    chain in { type filter hook input priority 0; iifname { $ifs } drop; }
 }
 EOF
 }

@@ -105,6 +105,10 @@ final class DatagramSubflow: SubflowTransport {
     private var closeOnAttach = false
     /// Listener side: a path check of a new peer address in progress.
     private var pathCheck: (address: SocketAddress, challenge: UInt64, attempts: Int)?
+    /// Opener, before the handshake ends: why NIO is closing the socket (a send failed), and how
+    /// often a socket was opened again after such a failure (`reopenSocket`).
+    private var sendFailure: (any Error)?
+    private(set) var socketReopens = 0
     private let logger = Logger(label: "nbs.udp")
 
     init(loop: any EventLoop, local: SocketAddress, remote: SocketAddress, connectionID: UInt64, isOpener: Bool, options: NBSOptions) {
@@ -231,6 +235,7 @@ final class DatagramSubflow: SubflowTransport {
         openSocket(on: loop, bind: local.withPort(0), connect: remote, reuseAddress: false).flatMapThrowing { channel in
             let subflow = DatagramSubflow(loop: loop, local: channel.localAddress ?? local, remote: remote,
                                           connectionID: UInt64.random(in: 1 ... .max), isOpener: true, options: options)
+            subflow.failSendsForTesting = options.udpSendFailuresForTesting
             try subflow.attach(channel)
             prepare(subflow)
             return NIOLoopBound(subflow, eventLoop: loop)
@@ -302,7 +307,45 @@ final class DatagramSubflow: SubflowTransport {
 
     private func socketClosed(_ channel: any Channel) {
         guard channel === self.channel else { return }
-        close(error: closeError)
+        if let failure = sendFailure, canReopenSocket(after: failure) { return reopenSocket() }
+        close(error: closeError ?? sendFailure)
+    }
+
+    /// SwiftNIO closes a UDP socket whose send fails with anything but EMSGSIZE or EHOSTUNREACH.
+    /// During the handshake that made an open fail at once where TCP sends its SYN again and rides
+    /// the fault out: a local firewall's drop rule (EPERM) or a moment without a route
+    /// (ENETUNREACH). In the soak over UDP subflows (seed 738263621) 22 of 200 opens failed so during
+    /// a blackhole and a flap. So an opener's socket is opened again on the same address and port
+    /// (to the listener it is the same sender), and the handshake's loss recovery sends the hello
+    /// again, as after a loss, within the attempt's budget. Once the handshake is done such a failure
+    /// still ends the subflow: the session has its others, and the failure is the quickest sign
+    /// that this path is gone.
+    private func canReopenSocket(after failure: any Error) -> Bool {
+        guard connection.isOpener, ownsChannel, !connection.hasKeys, !closed, socketReopens < Self.maxSocketReopens,
+              let error = failure as? IOError else { return false }
+        return [EPERM, EACCES, ENETUNREACH, ENETDOWN, ENOBUFS].contains(error.errnoCode)
+    }
+
+    /// More than the hellos a handshake budget of several seconds sends with loss recovery's backoff.
+    static let maxSocketReopens = 8
+
+    private func reopenSocket() {
+        socketReopens += 1
+        logger.debug("subflow \(id) \(local) → \(remote): a send failed (\(sendFailure.map { "\($0)" } ?? "?")); opening the socket again")
+        sendFailure = nil
+        inbound?.detach()
+        inbound = nil
+        channel = nil
+        Self.openSocket(on: loop, bind: local, connect: remote, reuseAddress: false).assumeIsolated().whenComplete { [self] result in
+            switch result {
+            case .success(let channel):
+                guard !closed else { return channel.close(promise: nil) }
+                do { try attach(channel) } catch { close(error: error) }
+            case .failure(let error):
+                // The address went (EADDRNOTAVAIL) or has no route: that is the open's answer.
+                close(error: error)
+            }
+        }
     }
 
     // MARK: sending
@@ -328,7 +371,21 @@ final class DatagramSubflow: SubflowTransport {
             // Sent, as far as this end can tell, and lost on the way.
             if sentForTesting % dropEveryForTesting == 0 { return }
         }
-        if ownsChannel {
+        if failSendsForTesting > 0, channel === self.channel {
+            failSendsForTesting -= 1
+            // As SwiftNIO does when sendmsg fails: the write's promise fails, then the socket closes.
+            sendFailure = IOError(errnoCode: EPERM, reason: "sendmsg (test hook)")
+            return channel.close(promise: nil)
+        }
+        if ownsChannel, connection.isOpener, !connection.hasKeys {
+            // A handshake's datagrams are few: the reason NIO closes the socket on is worth a promise.
+            let written = channel.eventLoop.makePromise(of: Void.self)
+            written.futureResult.assumeIsolated().whenFailure { [self] error in
+                // Writes after the socket closed fail too, with nothing to say about why it did.
+                if channel === self.channel { sendFailure = error }
+            }
+            channel.write(datagram, promise: written)
+        } else if ownsChannel {
             channel.write(datagram, promise: nil)
         } else {
             channel.write(AddressedEnvelope(remoteAddress: destination ?? remote, data: datagram), promise: nil)
@@ -537,5 +594,7 @@ final class DatagramSubflow: SubflowTransport {
 
     /// Test hook: every Nth datagram this subflow sends is lost on the way (0: none).
     var dropEveryForTesting = 0
+    /// Test hook: the next N sends fail locally (EPERM, as under a firewall's drop rule).
+    var failSendsForTesting = 0
     private var sentForTesting = 0
 }

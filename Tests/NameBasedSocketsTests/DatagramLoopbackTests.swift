@@ -478,6 +478,47 @@ struct DatagramLoopbackTests {
         await server.close()
     }
 
+    /// Found by the soak over UDP subflows (seed 738263621): SwiftNIO closes a UDP socket whose send
+    /// fails (EPERM under a drop rule), and 22 opens failed at once during a blackhole, where a TCP
+    /// connect sends its SYN again. The hook fails the opener's first sends and closes its socket,
+    /// as NIO does; the scenario `open-through-blackhole` does it with a real drop rule.
+    @Test("a UDP open rides out sends that fail locally, on a socket opened again, until its handshake budget runs out")
+    func openRidesOutLocalSendFailures() async throws {
+        let server = try await udpListener()
+        let accepted = Task { try await server.accept() }
+        var options = udpOptions()
+        options.udpSendFailuresForTesting = 2
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options)
+        let reopens = Tally(), subflows = Tally()
+        await client.withSubflowsForTesting(DatagramSubflow.self) {
+            subflows.add()
+            reopens.add($0.socketReopens)
+        }
+        #expect(subflows.count == 1)
+        #expect(reopens.count == 2, "the hello's socket was opened again after each failed send")
+        try await client.write(pattern(100_000))
+        await client.finish()
+        let live = try await withTimeout(10) { try await accepted.value }
+        let (bytes, digest) = try await withTimeout(10) { try await drain(live) }
+        #expect(bytes == 100_000 && digest == sha256(pattern(100_000)))
+        try await closeBothEnds(client, live, listener: server)
+
+        // A drop rule that stays: the open ends at its budget, as a TCP connect whose SYNs all go
+        // nowhere ends at its timeout.
+        let unreachable = try await udpListener()
+        options.udpSendFailuresForTesting = 100
+        options.handshakeTimeout = .seconds(2)
+        let started = ContinuousClock.now
+        do {
+            _ = try await NBS.open(localName: "client.test", peerName: "server.test", port: unreachable.port, options: options)
+            Issue.record("an open whose every send fails should fail")
+        } catch {
+            #expect("\(error)".contains("no ACCEPT and admission within"), "\(error)")
+        }
+        #expect(ContinuousClock.now - started < .seconds(20), "the handshake's budget (2 s) ends it")
+        await unreachable.close()
+    }
+
     @Test("a UDP opener with nothing listening fails fast with a clear reason")
     func nothingListening() async throws {
         let probe = try await DatagramBootstrap(group: MultiThreadedEventLoopGroup.singleton).bind(host: "127.0.0.1", port: 0).get()
