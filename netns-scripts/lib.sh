@@ -812,17 +812,23 @@ nbs_transfer_with_fault() {
     nbs_log "client exit $NBS_CRC, server exit $NBS_SRC"
 }
 
+# nbs_scenario_start [TOPOLOGY OPTIONS...]: how a scenario starts: root, namespaces and the binary checked (exit 77,
+# a skip, without them), cleanup on any exit, a temp dir (NBS_TMP), then nbs_topology_create OPTIONS.
+nbs_scenario_start() {
+    nbs_require_netns
+    nbs_require_bin
+    nbs_cleanup_on_exit
+    nbs_tmpdir
+    nbs_topology_create "$@"
+}
+
 # nbs_fault_scenario NAME BOUND_MS FAULT: the common shape of a fault scenario on the base topology: an aggregate
 # transfer of NBS_BYTES (default 10 MiB) with FAULT eval'd NBS_FAULT_DELAY (default 2) s in, judged by
 # nbs_verdict with NBS_STALL_BOUND_MS (default BOUND_MS) for the stall after the fault.
 nbs_fault_scenario() {
     local name=$1 bound=${NBS_STALL_BOUND_MS:-$2} fault=$3 bytes=${NBS_BYTES:-$((10 * 1024 * 1024))}
     export NBS_TIMEOUT=${NBS_TIMEOUT:-60}
-    nbs_require_netns
-    nbs_require_bin
-    nbs_cleanup_on_exit
-    nbs_tmpdir
-    nbs_topology_create --rate "${NBS_RATE:-10}"
+    nbs_scenario_start --rate "${NBS_RATE:-10}"
     nbs_transfer_with_fault "$NBS_TMP/xfer" "$bytes" "${NBS_FAULT_DELAY:-2}" "$fault" --policy aggregate
     nbs_verdict "$name" "$NBS_TMP/xfer" "$bytes" "$bound"
 }

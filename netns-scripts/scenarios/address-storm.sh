@@ -14,11 +14,7 @@ bound=${NBS_STALL_BOUND_MS:-2000}
 limit=4
 export NBS_TIMEOUT=${NBS_TIMEOUT:-60}
 
-nbs_require_netns
-nbs_require_bin
-nbs_cleanup_on_exit
-nbs_tmpdir
-nbs_topology_create --rate "${NBS_RATE:-10}"
+nbs_scenario_start --rate "${NBS_RATE:-10}"
 
 out=$NBS_TMP/xfer
 sockets="?" # TCP sockets in the client namespace 2 s after the storm (set by the fault command)

@@ -19,12 +19,8 @@ bytes=${NBS_BYTES:-$((8 * 1024 * 1024))}
 bound=${NBS_STALL_BOUND_MS:-20000}
 export NBS_TIMEOUT=${NBS_TIMEOUT:-90}
 
-nbs_require_netns
-nbs_require_bin
 nbs_require_cmd dnsmasq "dnsmasq-base"
-nbs_cleanup_on_exit
-nbs_tmpdir
-nbs_topology_create --rate "${NBS_RATE:-10}" --dns --move cs
+nbs_scenario_start --rate "${NBS_RATE:-10}" --dns --move cs
 echo "before: $NBS_SERVER_NAME -> $(nbs_resolve c "$NBS_SERVER_NAME"), $NBS_CLIENT_NAME -> $(nbs_resolve s "$NBS_CLIENT_NAME")"
 
 out=$NBS_TMP/xfer

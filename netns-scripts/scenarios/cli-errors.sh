@@ -9,11 +9,7 @@ set -euo pipefail
 source "$(dirname "$0")/../lib.sh"
 
 export NBS_TIMEOUT=${NBS_TIMEOUT:-30}
-nbs_require_netns
-nbs_require_bin
-nbs_cleanup_on_exit
-nbs_tmpdir
-nbs_topology_create
+nbs_scenario_start
 
 port=$(nbs_port)
 spid=""

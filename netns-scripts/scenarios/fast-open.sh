@@ -10,11 +10,7 @@ source "$(dirname "$0")/../lib.sh"
 
 bytes=$((256 * 1024))
 
-nbs_require_netns
-nbs_require_bin
-nbs_cleanup_on_exit
-nbs_tmpdir
-nbs_topology_create --rate 0
+nbs_scenario_start --rate 0
 
 # tcp_ext NS COUNTER: a TcpExt counter of the namespace's kernel (/proc/net/netstat: a line of names, a line
 # of values).

@@ -19,11 +19,7 @@ bound=${NBS_STALL_BOUND_MS:-1000}
 path2="${NBS_SUB4[2]},${NBS_SUB6[2]}"
 export NBS_TIMEOUT=${NBS_TIMEOUT:-60}
 
-nbs_require_netns
-nbs_require_bin
-nbs_cleanup_on_exit
-nbs_tmpdir
-nbs_topology_create --rate "${NBS_RATE:-10}"
+nbs_scenario_start --rate "${NBS_RATE:-10}"
 
 echo "== 1. both paths up: path 2 must stay (nearly) idle"
 spid="" cpid="" crc=0 src=0 # set by nbs_serve_bg, nbs_connect_bg, nbs_wait_rc

@@ -16,11 +16,7 @@ bytes=${NBS_BYTES:-$((8 * 1024 * 1024))}
 bound=${NBS_STALL_BOUND_MS:-10000}
 export NBS_TIMEOUT=${NBS_TIMEOUT:-60}
 
-nbs_require_netns
-nbs_require_bin
-nbs_cleanup_on_exit
-nbs_tmpdir
-nbs_topology_create --rate "${NBS_RATE:-10}" --move c
+nbs_scenario_start --rate "${NBS_RATE:-10}" --move c
 
 out=$NBS_TMP/xfer
 nbs_transfer_with_fault "$out" "$bytes" "${NBS_FAULT_DELAY:-2}" "nbs_move c ${NBS_MOVE_GAP:-0.5}" --policy aggregate

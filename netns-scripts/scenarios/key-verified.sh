@@ -16,11 +16,7 @@ source "$(dirname "$0")/../lib.sh"
 bytes=${NBS_BYTES:-$((2 * 1024 * 1024))}
 export NBS_TIMEOUT=${NBS_TIMEOUT:-60}
 
-nbs_require_netns
-nbs_require_bin
-nbs_cleanup_on_exit
-nbs_tmpdir
-nbs_topology_create --rate "${NBS_RATE:-10}"
+nbs_scenario_start --rate "${NBS_RATE:-10}"
 
 keys=$NBS_TMP/keys
 mkdir -m 700 "$keys"

@@ -22,12 +22,8 @@ source "$(dirname "$0")/../lib.sh"
 bytes=${NBS_BYTES:-$((4 * 1024 * 1024))}
 export NBS_TIMEOUT=${NBS_TIMEOUT:-60}
 
-nbs_require_netns
-nbs_require_bin
 for cmd in socat nc curl python3 sha256sum; do nbs_require_cmd "$cmd" "netns-scripts/install.sh installs it"; done
-nbs_cleanup_on_exit
-nbs_tmpdir
-nbs_topology_create
+nbs_scenario_start
 T=$NBS_TMP
 S4=${NBS_S4[1]}
 # Set by nbs_bg and nbs_wait_rc through namerefs.

@@ -17,12 +17,8 @@ bytes=${NBS_BYTES:-$((32 * 1024 * 1024))}
 bound=${NBS_STALL_BOUND_MS:-10000}
 export NBS_TIMEOUT=${NBS_TIMEOUT:-120}
 
-nbs_require_netns
-nbs_require_bin
 for cmd in socat sha256sum python3; do nbs_require_cmd "$cmd" "netns-scripts/install.sh installs it"; done
-nbs_cleanup_on_exit
-nbs_tmpdir
-nbs_topology_create --rate "${NBS_RATE:-20}" --move c
+nbs_scenario_start --rate "${NBS_RATE:-20}" --move c
 T=$NBS_TMP
 # Set by nbs_bg and nbs_wait_rc through namerefs.
 sinkpid="" smpid="" sendpid="" src=0 krc=0

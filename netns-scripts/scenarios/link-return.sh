@@ -16,11 +16,7 @@ bound=${NBS_STALL_BOUND_MS:-2000}
 min_after=${NBS_RETURN_MIN_BYTES:-$((1024 * 1024))}
 export NBS_TIMEOUT=${NBS_TIMEOUT:-60}
 
-nbs_require_netns
-nbs_require_bin
-nbs_cleanup_on_exit
-nbs_tmpdir
-nbs_topology_create --rate "${NBS_RATE:-10}"
+nbs_scenario_start --rate "${NBS_RATE:-10}"
 
 out=$NBS_TMP/xfer
 back=0 # nbs1's tx counter when the link is back (set by the fault command)

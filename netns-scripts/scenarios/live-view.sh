@@ -16,12 +16,8 @@ source "$(dirname "$0")/../lib.sh"
 bytes=${NBS_BYTES:-$((20 * 1024 * 1024))}
 export NBS_TIMEOUT=${NBS_TIMEOUT:-60}
 
-nbs_require_netns
-nbs_require_bin
 nbs_require_cmd tmux "the live view is checked on a tmux pseudo-terminal"
-nbs_cleanup_on_exit
-nbs_tmpdir
-nbs_topology_create --rate "${NBS_RATE:-10}"
+nbs_scenario_start --rate "${NBS_RATE:-10}"
 
 port=$(nbs_port)
 spid="" src=0

@@ -8,11 +8,7 @@ set -euo pipefail
 # shellcheck source=netns-scripts/lib.sh
 source "$(dirname "$0")/../lib.sh"
 
-nbs_require_netns
-nbs_require_bin
-nbs_cleanup_on_exit
-nbs_tmpdir
-nbs_topology_create --rate 0
+nbs_scenario_start --rate 0
 
 if ! "$NBS_BIN" help monitor >/dev/null 2>&1; then
     nbs_log "skip: this nbs-mobility has no 'monitor' command"

@@ -18,13 +18,9 @@ export NBS_TRANSPORT=udp
 bytes=${NBS_BYTES:-$((10 * 1024 * 1024))}
 export NBS_TIMEOUT=${NBS_TIMEOUT:-60}
 
-nbs_require_netns
-nbs_require_bin
 nbs_require_cmd nft "nftables"
 nbs_require_cmd conntrack "conntrack"
-nbs_cleanup_on_exit
-nbs_tmpdir
-nbs_topology_create --rate "${NBS_RATE:-10}" --nat
+nbs_scenario_start --rate "${NBS_RATE:-10}" --nat
 
 # New UDP mappings from another port range; the flush makes every open flow take one.
 rebind() {

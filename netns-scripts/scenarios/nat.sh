@@ -15,12 +15,8 @@ source "$(dirname "$0")/../lib.sh"
 bytes=${NBS_BYTES:-$((10 * 1024 * 1024))}
 export NBS_TIMEOUT=${NBS_TIMEOUT:-60}
 
-nbs_require_netns
-nbs_require_bin
 nbs_require_cmd nft "nftables"
-nbs_cleanup_on_exit
-nbs_tmpdir
-nbs_topology_create --rate "${NBS_RATE:-10}" --nat
+nbs_scenario_start --rate "${NBS_RATE:-10}" --nat
 
 spid="" cpid="" crc=0 src=0 # set by nbs_serve_bg, nbs_connect_bg, nbs_wait_rc
 port=$(nbs_port)

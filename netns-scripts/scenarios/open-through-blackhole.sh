@@ -12,11 +12,7 @@ source "$(dirname "$0")/../lib.sh"
 
 nbs_require_cmd nft "nftables"
 export NBS_TIMEOUT=${NBS_TIMEOUT:-60}
-nbs_require_netns
-nbs_require_bin
-nbs_cleanup_on_exit
-nbs_tmpdir
-nbs_topology_create --rate "${NBS_RATE:-10}"
+nbs_scenario_start --rate "${NBS_RATE:-10}"
 bytes=${NBS_BYTES:-$((2 * 1024 * 1024))} hold=${NBS_HOLD_S:-1.5} prefix=$NBS_TMP/xfer
 port=$(nbs_port)
 nbs_serve_bg spid "$port" "$prefix" --sink

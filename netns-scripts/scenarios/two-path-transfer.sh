@@ -10,11 +10,7 @@ source "$(dirname "$0")/../lib.sh"
 
 bytes=${NBS_BYTES:-$((8 * 1024 * 1024))}
 
-nbs_require_netns
-nbs_require_bin
-nbs_cleanup_on_exit
-nbs_tmpdir
-nbs_topology_create --rate "${NBS_RATE:-10}"
+nbs_scenario_start --rate "${NBS_RATE:-10}"
 
 spid="" cpid="" crc=0 src=0 # set by nbs_serve_bg, nbs_connect_bg, nbs_wait_rc
 port=$(nbs_port)

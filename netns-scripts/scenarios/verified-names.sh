@@ -20,12 +20,8 @@ bytes=${NBS_BYTES:-$((8 * 1024 * 1024))}
 bound=${NBS_STALL_BOUND_MS:-10000}
 export NBS_TIMEOUT=${NBS_TIMEOUT:-60}
 
-nbs_require_netns
-nbs_require_bin
 nbs_require_cmd dnsmasq "dnsmasq-base"
-nbs_cleanup_on_exit
-nbs_tmpdir
-nbs_topology_create --rate "${NBS_RATE:-10}" --dns --move c
+nbs_scenario_start --rate "${NBS_RATE:-10}" --dns --move c
 echo "in the server's namespace: $NBS_CLIENT_NAME -> $(nbs_resolve s "$NBS_CLIENT_NAME"), $NBS_SERVER_NAME -> $(nbs_resolve s "$NBS_SERVER_NAME")"
 
 out=$NBS_TMP/xfer
