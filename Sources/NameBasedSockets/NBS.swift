@@ -14,25 +14,19 @@ public enum NBS {
         guard (1...65535).contains(port) else { throw NBSError.connectFailed(peer: peerName, reason: "port \(port) is out of range") }
         let remotes = try await options.resolver.resolve(peerName, port: port)
         let book = LocalAddressBook.current(monitor: options.interfaceMonitor)
-        var pairs: [(SocketAddress, SocketAddress)] = []
-        for remote in remotes {
-            let locals = options.localAddresses?.filter { $0.sameFamily(remote) } ?? book.usable(towards: remote)
-            for local in locals { pairs.append((local, remote)) }
-        }
+        // A peer that answers but refuses is final; one that cannot be reached is tried at the next pair.
+        let pairs = PathPlanner.openAttempts(locals: options.localAddresses ?? book.addresses, remotes: remotes)
         guard !pairs.isEmpty else { throw NBSError.noUsableAddressPairs(peer: peerName) }
         let loop = options.eventLoopGroup.next()
         var failures: [String] = []
-        // One attempt per remote address, from its first local address: a peer that answers but
-        // refuses is final; one that cannot be reached is tried at its next address.
-        var triedRemotes = Set<String>()
         // A peer known to be legacy gets no NBS bytes at all.
         let plainOnly = options.legacyFallback == .legacyOnly || (options.legacyFallback == .fallback && options.legacyPeers.isLegacy(peerName, port: port))
         // A close without a byte in answer is what a legacy server does, but also what an NBS
         // listener does to an OPEN that a blackhole or a full accept queue held past its
         // `legacyDetectionDelay`: it is final only once no other address is left to try.
         var closedUnanswered: NBSError?
-        for (local, remote) in pairs where !triedRemotes.contains(remote.hostString) {
-            triedRemotes.insert(remote.hostString)
+        for pair in pairs {
+            let (local, remote) = (pair.local, pair.remote)
             do {
                 if plainOnly {
                     return try await LegacyConnection.connect(on: loop, from: local, to: remote, localName: localName, peerName: peerName, port: port, options: options)
@@ -44,10 +38,10 @@ public enum NBS {
             } catch let error as NBSError {
                 switch error {
                 case .refused, .handshakeFailed, .protocolViolation, .verificationFailed, .legacyPeer: throw error
-                default: failures.append("\(remote.hostString): \(error)")
+                default: failures.append("\(local.hostString) → \(remote.hostString): \(error)")
                 }
             } catch {
-                failures.append("\(remote.hostString): \(readableSocketError(error))")
+                failures.append("\(local.hostString) → \(remote.hostString): \(readableSocketError(error))")
             }
         }
         // Another address answered nothing at all: the one that closed is the better account.

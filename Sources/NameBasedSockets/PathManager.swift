@@ -58,6 +58,24 @@ enum PathPlanner {
         return result
     }
 
+    /// The pairs an open tries, one after another, until one answers: the mesh's order (every local
+    /// and every remote address before any twice, the pairs that share the longest prefix first,
+    /// then the resolver's order), each pair only while its local or its remote address is untried.
+    /// An open used to try each remote address from the first local address only, so a client whose
+    /// first interface was silently dead failed on every address of the peer although its second
+    /// interface worked (a blackhole on path 1 in the namespaces: four addresses, four timeouts).
+    static func openAttempts(locals: [SocketAddress], remotes: [SocketAddress]) -> [Join] {
+        let mesh = joins(locals: locals, peers: remotes, inUse: [], liveCount: 0, maxSubflows: Int.max, policy: .aggregate,
+                         hasRegularSubflow: false)
+        var triedLocals: Set<String> = [], triedRemotes: Set<String> = []
+        return mesh.filter { pair in
+            let fresh = !triedLocals.contains(pair.local.hostString) || !triedRemotes.contains(pair.remote.hostString)
+            triedLocals.insert(pair.local.hostString)
+            triedRemotes.insert(pair.remote.hostString)
+            return fresh
+        }
+    }
+
     /// With the subflow limit reached, a local address that has no subflow at all (say, an
     /// interface that came back) should not be left out while another local address has two: the
     /// doubled-up subflow that least matches its peer's prefix is the one to replace.

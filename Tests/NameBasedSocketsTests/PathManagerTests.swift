@@ -30,6 +30,22 @@ struct PathPlannerTests {
         #expect(pairs == ["192.0.2.1>192.0.2.2", "198.51.100.1>198.51.100.2", "2001:db8:1::1>2001:db8:1::2"])
     }
 
+    @Test("an open tries every local and every remote address, closest pairs first, and nothing twice")
+    func openAttempts() {
+        func attempts(_ locals: [String], _ remotes: [String]) -> [String] {
+            PathPlanner.openAttempts(locals: locals.map(address), remotes: remotes.map(peer)).map { "\($0.local.ipAddress!)>\($0.remote.ipAddress!)" }
+        }
+        // The namespaces' hosts: each remote from its own path first; a dead path 1 no longer fails
+        // every attempt (each remote used to be tried from the first local address only).
+        #expect(attempts(["2001:db8:1::1", "2001:db8:2::1", "192.0.2.1", "198.51.100.1"], ["2001:db8:1::2", "2001:db8:2::2", "192.0.2.2", "198.51.100.2"])
+            == ["2001:db8:1::1>2001:db8:1::2", "2001:db8:2::1>2001:db8:2::2", "192.0.2.1>192.0.2.2", "198.51.100.1>198.51.100.2"])
+        // One address for the peer, two interfaces here (Wi-Fi and LTE): both are tried.
+        #expect(attempts(["192.0.2.1", "198.51.100.1"], ["203.0.113.7"]) == ["192.0.2.1>203.0.113.7", "198.51.100.1>203.0.113.7"])
+        // One interface, two peer addresses: both, in the resolver's order when no prefix decides.
+        #expect(attempts(["192.0.2.1"], ["203.0.113.7", "203.0.113.9"]) == ["192.0.2.1>203.0.113.7", "192.0.2.1>203.0.113.9"])
+        #expect(attempts(["192.0.2.1"], ["2001:db8::7"]).isEmpty)
+    }
+
     @Test("pairs in use or connecting are not opened again, and the limit counts them")
     func respectsInUse() {
         let inUse: Set<PathPlanner.Pair> = [.init(local: "192.0.2.1", remote: "192.0.2.2")]
