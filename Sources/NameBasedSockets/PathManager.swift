@@ -58,22 +58,39 @@ enum PathPlanner {
         return result
     }
 
-    /// The pairs an open tries, one after another, until one answers: the mesh's order (every local
-    /// and every remote address before any twice, the pairs that share the longest prefix first,
-    /// then the resolver's order), each pair only while its local or its remote address is untried.
-    /// An open used to try each remote address from the first local address only, so a client whose
-    /// first interface was silently dead failed on every address of the peer although its second
+    /// The pairs an open tries, one after another, until one answers: every local and every remote
+    /// address before any twice, the peer's addresses in the resolver's order (which already holds
+    /// the system's preferences, RFC 6724), each from the local address that shares its longest
+    /// prefix, and no pair whose local and remote addresses were both tried already. An open used
+    /// to try each remote address from the first local address only, so a client whose first
+    /// interface was silently dead failed on every address of the peer although its second
     /// interface worked (a blackhole on path 1 in the namespaces: four addresses, four timeouts).
     static func openAttempts(locals: [SocketAddress], remotes: [SocketAddress]) -> [Join] {
-        let mesh = joins(locals: locals, peers: remotes, inUse: [], liveCount: 0, maxSubflows: Int.max, policy: .aggregate,
-                         hasRegularSubflow: false)
-        var triedLocals: Set<String> = [], triedRemotes: Set<String> = []
-        return mesh.filter { pair in
-            let fresh = !triedLocals.contains(pair.local.hostString) || !triedRemotes.contains(pair.remote.hostString)
-            triedLocals.insert(pair.local.hostString)
-            triedRemotes.insert(pair.remote.hostString)
-            return fresh
+        var candidates: [(local: SocketAddress, remote: SocketAddress, rank: Int, prefix: Int, order: Int)] = []
+        for (rank, remote) in remotes.enumerated() {
+            for local in locals where local.canPair(with: remote) {
+                candidates.append((local, remote, rank, commonPrefixLength(local, remote), candidates.count))
+            }
         }
+        var triedLocals: Set<String> = [], triedRemotes: Set<String> = []
+        func tried(_ c: (local: SocketAddress, remote: SocketAddress, rank: Int, prefix: Int, order: Int)) -> Int {
+            (triedLocals.contains(c.local.hostString) ? 1 : 0) + (triedRemotes.contains(c.remote.hostString) ? 1 : 0)
+        }
+        var attempts: [Join] = []
+        while let best = candidates.indices.min(by: { a, b in
+            let x = candidates[a], y = candidates[b]
+            if tried(x) != tried(y) { return tried(x) < tried(y) }
+            if x.rank != y.rank { return x.rank < y.rank }
+            if x.prefix != y.prefix { return x.prefix > y.prefix }
+            return x.order < y.order
+        }) {
+            let chosen = candidates.remove(at: best)
+            guard tried(chosen) < 2 else { break }
+            triedLocals.insert(chosen.local.hostString)
+            triedRemotes.insert(chosen.remote.hostString)
+            attempts.append(Join(local: chosen.local, remote: chosen.remote, backup: false))
+        }
+        return attempts
     }
 
     /// With the subflow limit reached, a local address that has no subflow at all (say, an

@@ -30,7 +30,7 @@ struct PathPlannerTests {
         #expect(pairs == ["192.0.2.1>192.0.2.2", "198.51.100.1>198.51.100.2", "2001:db8:1::1>2001:db8:1::2"])
     }
 
-    @Test("an open tries every local and every remote address, closest pairs first, and nothing twice")
+    @Test("an open tries every local and every remote address, the peer's in the resolver's order, each from its closest local address")
     func openAttempts() {
         func attempts(_ locals: [String], _ remotes: [String]) -> [String] {
             PathPlanner.openAttempts(locals: locals.map(address), remotes: remotes.map(peer)).map { "\($0.local.ipAddress!)>\($0.remote.ipAddress!)" }
@@ -44,6 +44,9 @@ struct PathPlannerTests {
         // One interface, two peer addresses: both, in the resolver's order when no prefix decides.
         #expect(attempts(["192.0.2.1"], ["203.0.113.7", "203.0.113.9"]) == ["192.0.2.1>203.0.113.7", "192.0.2.1>203.0.113.9"])
         #expect(attempts(["192.0.2.1"], ["2001:db8::7"]).isEmpty)
+        // The resolver's order stands even where a later address shares a longer prefix.
+        #expect(attempts(["127.0.0.1"], ["127.0.0.2", "127.0.0.1"]) == ["127.0.0.1>127.0.0.2", "127.0.0.1>127.0.0.1"])
+        #expect(attempts(["192.0.2.1", "198.51.100.1"], ["198.51.100.2", "192.0.2.2"]) == ["198.51.100.1>198.51.100.2", "192.0.2.1>192.0.2.2"])
     }
 
     @Test("pairs in use or connecting are not opened again, and the limit counts them")
