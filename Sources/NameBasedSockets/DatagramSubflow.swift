@@ -105,8 +105,10 @@ final class DatagramSubflow: SubflowTransport {
     private var closeOnAttach = false
     /// Listener side: a path check of a new peer address in progress.
     private var pathCheck: (address: SocketAddress, challenge: UInt64, attempts: Int)?
-    /// Opener, before the handshake ends: why NIO is closing the socket (a send failed), and how
-    /// often a socket was opened again after such a failure (`reopenSocket`).
+    /// Opener, until its session's engine takes the subflow on (`joinedSession`): why NIO is
+    /// closing the socket (a send failed), and how often a socket was opened again after such a
+    /// failure (`reopenSocket`).
+    private var inHandshake = true
     private var sendFailure: (any Error)?
     private(set) var socketReopens = 0
     private let logger = Logger(label: "nbs.udp")
@@ -207,6 +209,8 @@ final class DatagramSubflow: SubflowTransport {
         handle(connection.installKeys(send: keys.packetKey(sentBy: localRole), receive: keys.packetKey(sentBy: peerRole), now: Self.now))
         startKeepalive()
     }
+
+    func joinedSession() { inHandshake = false }
 
     func progress() -> EventLoopFuture<SubflowProgress>? { loop.makeSucceededFuture(currentProgress!) }
 
@@ -316,12 +320,13 @@ final class DatagramSubflow: SubflowTransport {
     /// the fault out: a local firewall's drop rule (EPERM) or a moment without a route
     /// (ENETUNREACH). In the soak over UDP subflows (seed 738263621) 22 of 200 opens failed so during
     /// a blackhole and a flap. So an opener's socket is opened again on the same address and port
-    /// (to the listener it is the same sender), and the handshake's loss recovery sends the hello
-    /// again, as after a loss, within the attempt's budget. Once the handshake is done such a failure
-    /// still ends the subflow: the session has its others, and the failure is the quickest sign
-    /// that this path is gone.
+    /// (to the listener it is the same sender), and loss recovery sends what was lost again, within
+    /// the attempt's budget. That lasts until the session's engine has the subflow: an opener's keys
+    /// come with ACCEPT, but over UDP its DATA_ACK must still reach the listener for the verdict.
+    /// Once the session has it, such a failure still ends the subflow: the session has its others,
+    /// and the failure is the quickest sign that this path is gone.
     private func canReopenSocket(after failure: any Error) -> Bool {
-        guard connection.isOpener, ownsChannel, !connection.hasKeys, !closed, socketReopens < Self.maxSocketReopens,
+        guard connection.isOpener, ownsChannel, inHandshake, !closed, socketReopens < Self.maxSocketReopens,
               let error = failure as? IOError else { return false }
         return [EPERM, EACCES, ENETUNREACH, ENETDOWN, ENOBUFS].contains(error.errnoCode)
     }
@@ -371,13 +376,17 @@ final class DatagramSubflow: SubflowTransport {
             // Sent, as far as this end can tell, and lost on the way.
             if sentForTesting % dropEveryForTesting == 0 { return }
         }
-        if failSendsForTesting > 0, channel === self.channel {
-            failSendsForTesting -= 1
-            // As SwiftNIO does when sendmsg fails: the write's promise fails, then the socket closes.
-            sendFailure = IOError(errnoCode: EPERM, reason: "sendmsg (test hook)")
-            return channel.close(promise: nil)
+        if failSendsForTesting.count > 0, channel === self.channel {
+            if failSendsForTesting.after > 0 {
+                failSendsForTesting.after -= 1
+            } else {
+                failSendsForTesting.count -= 1
+                // As SwiftNIO does when sendmsg fails: the write's promise fails, then the socket closes.
+                sendFailure = IOError(errnoCode: EPERM, reason: "sendmsg (test hook)")
+                return channel.close(promise: nil)
+            }
         }
-        if ownsChannel, connection.isOpener, !connection.hasKeys {
+        if ownsChannel, connection.isOpener, inHandshake {
             // A handshake's datagrams are few: the reason NIO closes the socket on is worth a promise.
             let written = channel.eventLoop.makePromise(of: Void.self)
             written.futureResult.assumeIsolated().whenFailure { [self] error in
@@ -594,7 +603,8 @@ final class DatagramSubflow: SubflowTransport {
 
     /// Test hook: every Nth datagram this subflow sends is lost on the way (0: none).
     var dropEveryForTesting = 0
-    /// Test hook: the next N sends fail locally (EPERM, as under a firewall's drop rule).
-    var failSendsForTesting = 0
+    /// Test hook: after `after` sends, the next `count` fail locally (EPERM, as under a firewall's
+    /// drop rule).
+    var failSendsForTesting = (after: 0, count: 0)
     private var sentForTesting = 0
 }

@@ -143,9 +143,10 @@ public struct NBSOptions: Sendable {
         case legacyOnly = "legacy-only"
     }
 
-    /// Test hook: the first N sends of each UDP subflow an opener makes fail locally (EPERM, as
-    /// under a firewall's drop rule), and SwiftNIO's closing of the socket is played out.
-    var udpSendFailuresForTesting = 0
+    /// Test hook: after `after` sends, the next `count` sends of each UDP subflow an opener makes
+    /// fail locally (EPERM, as under a firewall's drop rule), and SwiftNIO's closing of the socket
+    /// is played out.
+    var udpSendFailuresForTesting = (after: 0, count: 0)
 
     var coreConfiguration: SessionCore.Configuration {
         var c = SessionCore.Configuration()

@@ -163,6 +163,7 @@ final class SessionEngine: SubflowDelegate {
 
     /// The subflow's handshake is done: it joins the data plane.
     private func subflowEstablished(_ id: SubflowID, backup: Bool, rttSample: Double?) {
+        records[id]?.handler.joinedSession()
         core.addSubflow(id, backup: backup, ordered: records[id]?.handler.deliversInOrder ?? true)
         updatePathGroup(id)
         core.setSegmentLimit(id, records[id]?.handler.maxDataPayload ?? SubflowConnector.writeWaterMark.high / Self.segmentsPerQueue)

@@ -159,9 +159,13 @@ protocol SubflowTransport: AnyObject {
     /// When the socket this subflow shares with others kept datagrams waiting past a wake-up's
     /// reads (`DatagramInbound`); nil where the socket is the subflow's own.
     var readBacklog: LoopLag? { get }
+    /// The session's engine took the subflow on: its handshake, the opener's wait for the
+    /// listener's verdict included, is over.
+    func joinedSession()
 }
 
 extension SubflowTransport {
+    func joinedSession() {}
     var currentProgress: SubflowProgress? { nil }
     var readBacklog: LoopLag? { nil }
     var connectDeferred: Bool { false }
