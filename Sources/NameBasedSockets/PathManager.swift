@@ -66,14 +66,15 @@ enum PathPlanner {
     /// interface was silently dead failed on every address of the peer although its second
     /// interface worked (a blackhole on path 1 in the namespaces: four addresses, four timeouts).
     static func openAttempts(locals: [SocketAddress], remotes: [SocketAddress]) -> [Join] {
-        var candidates: [(local: SocketAddress, remote: SocketAddress, rank: Int, prefix: Int, order: Int)] = []
+        typealias Candidate = (local: SocketAddress, remote: SocketAddress, rank: Int, prefix: Int, order: Int)
+        var candidates: [Candidate] = []
         for (rank, remote) in remotes.enumerated() {
             for local in locals where local.canPair(with: remote) {
                 candidates.append((local, remote, rank, commonPrefixLength(local, remote), candidates.count))
             }
         }
         var triedLocals: Set<String> = [], triedRemotes: Set<String> = []
-        func tried(_ c: (local: SocketAddress, remote: SocketAddress, rank: Int, prefix: Int, order: Int)) -> Int {
+        func tried(_ c: Candidate) -> Int {
             (triedLocals.contains(c.local.hostString) ? 1 : 0) + (triedRemotes.contains(c.remote.hostString) ? 1 : 0)
         }
         var attempts: [Join] = []
