@@ -111,6 +111,8 @@ final class DatagramSubflow: SubflowTransport {
     private var inHandshake = true
     private var sendFailure: (any Error)?
     private(set) var socketReopens = 0
+    /// This subflow's socket is its own and may be opened again (`canReopenSocket`).
+    private var openerInHandshake: Bool { connection.isOpener && ownsChannel && inHandshake }
     private let logger = Logger(label: "nbs.udp")
 
     init(loop: any EventLoop, local: SocketAddress, remote: SocketAddress, connectionID: UInt64, isOpener: Bool, options: NBSOptions) {
@@ -326,7 +328,7 @@ final class DatagramSubflow: SubflowTransport {
     /// Once the session has it, such a failure still ends the subflow: the session has its others,
     /// and the failure is the quickest sign that this path is gone.
     private func canReopenSocket(after failure: any Error) -> Bool {
-        guard connection.isOpener, ownsChannel, inHandshake, !closed, socketReopens < Self.maxSocketReopens,
+        guard openerInHandshake, !closed, socketReopens < Self.maxSocketReopens,
               let error = failure as? IOError else { return false }
         return [EPERM, EACCES, ENETUNREACH, ENETDOWN, ENOBUFS].contains(error.errnoCode)
     }
@@ -386,7 +388,7 @@ final class DatagramSubflow: SubflowTransport {
                 return channel.close(promise: nil)
             }
         }
-        if ownsChannel, connection.isOpener, inHandshake {
+        if openerInHandshake {
             // A handshake's datagrams are few: the reason NIO closes the socket on is worth a promise.
             let written = channel.eventLoop.makePromise(of: Void.self)
             written.futureResult.assumeIsolated().whenFailure { [self] error in

@@ -122,9 +122,4 @@ struct LocalAddressBook: Sendable {
         if let hit = entries.first(where: { $0.address == plain })?.interface { return hit }
         return address.isLoopbackAddress ? "lo" : nil
     }
-
-    /// Loopback addresses are usable only towards a loopback peer, and vice versa.
-    func usable(towards remote: SocketAddress) -> [SocketAddress] {
-        entries.map(\.address).filter { $0.canPair(with: remote) }
-    }
 }
