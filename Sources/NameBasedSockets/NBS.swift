@@ -14,39 +14,21 @@ public enum NBS {
         guard (1...65535).contains(port) else { throw NBSError.connectFailed(peer: peerName, reason: "port \(port) is out of range") }
         let remotes = try await options.resolver.resolve(peerName, port: port)
         let book = LocalAddressBook.current(monitor: options.interfaceMonitor)
-        // A peer that answers but refuses is final; one that cannot be reached is tried at the next pair.
         let pairs = PathPlanner.openAttempts(locals: options.localAddresses ?? book.addresses, remotes: remotes)
         guard !pairs.isEmpty else { throw NBSError.noUsableAddressPairs(peer: peerName) }
         let loop = options.eventLoopGroup.next()
-        var failures: [String] = []
         // A peer known to be legacy gets no NBS bytes at all.
         let plainOnly = options.legacyFallback == .legacyOnly || (options.legacyFallback == .fallback && options.legacyPeers.isLegacy(peerName, port: port))
-        // A close without a byte in answer is what a legacy server does, but also what an NBS
-        // listener does to an OPEN that a blackhole or a full accept queue held past its
-        // `legacyDetectionDelay`: it is final only once no other address is left to try.
-        var closedUnanswered: NBSError?
-        for pair in pairs {
-            let (local, remote) = (pair.local, pair.remote)
-            do {
-                if plainOnly {
-                    return try await LegacyConnection.connect(on: loop, from: local, to: remote, localName: localName, peerName: peerName, port: port, options: options)
-                }
-                return try await OpenAttempt.run(on: loop, local: local, remote: remote, localName: localName, peerName: peerName,
-                                                 port: port, options: options, book: book, peerAddresses: remotes)
-            } catch let closed as OpenAttempt.ClosedUnanswered {
-                closedUnanswered = closed.error
-            } catch let error as NBSError {
-                switch error {
-                case .refused, .handshakeFailed, .protocolViolation, .verificationFailed, .legacyPeer: throw error
-                default: failures.append("\(local.hostString) → \(remote.hostString): \(error)")
-                }
-            } catch {
-                failures.append("\(local.hostString) → \(remote.hostString): \(readableSocketError(error))")
+        // UDP has no connect to race: its first datagram is the OPEN (see `OpenRace`).
+        let stagger = options.transport == .tcp && !plainOnly && pairs.count > 1 ? options.openAttemptDelay : nil
+        return try await OpenRace.first(of: pairs, on: loop, stagger: stagger, options: options, peerName: peerName) { race, index, pair, attemptOptions in
+            if plainOnly {
+                return try await LegacyConnection.connect(on: loop, from: pair.local, to: pair.remote, localName: localName, peerName: peerName,
+                                                          port: port, options: attemptOptions)
             }
+            return try await OpenAttempt.run(on: loop, local: pair.local, remote: pair.remote, localName: localName, peerName: peerName,
+                                             port: port, options: attemptOptions, book: book, peerAddresses: remotes, race: race, index: index)
         }
-        // Another address answered nothing at all: the one that closed is the better account.
-        if let closedUnanswered { throw closedUnanswered }
-        throw NBSError.connectFailed(peer: peerName, reason: failures.joined(separator: "; "))
     }
 
     /// Listens for sessions addressed to `localName` on `port`.
@@ -76,6 +58,9 @@ final class OpenAttempt: SubflowDelegate {
     private var machine = SubflowStateMachine.openerSide(joining: false)
     private var listenerIdentity: Frame.Identity?
     private var handler: (any SubflowTransport)?
+    /// A TCP attempt's channel, from before its connect completes: so that a race it lost can close it.
+    private(set) var channel: (any Channel)?
+    private var abandoned = false
 
     init(accepted: EventLoopPromise<Accepted>, admitted: EventLoopPromise<Frame>) {
         self.accepted = accepted
@@ -88,14 +73,25 @@ final class OpenAttempt: SubflowDelegate {
         admitted.fail(error)
     }
 
+    /// A Fast Open connect returned before its SYN left: the OPEN goes in it.
+    var connectDeferred: Bool { handler?.connectDeferred ?? false }
+
+    /// Another attempt won the race, or the open ended: this one closes, whatever stage it is at.
+    func abandon(_ error: any Error) {
+        abandoned = true
+        fail(error)
+        channel?.close(promise: nil)
+    }
+
     static func run(on loop: any EventLoop, local: SocketAddress, remote: SocketAddress, localName: String, peerName: String, port: Int,
-                    options: NBSOptions, book: LocalAddressBook, peerAddresses: [SocketAddress]) async throws -> Session {
+                    options: NBSOptions, book: LocalAddressBook, peerAddresses: [SocketAddress], race: OpenRace, index: Int) async throws -> Session {
         // One hop onto the loop and one back for the whole attempt: each hop between the caller's
         // task and the loop wakes a thread (20-60 µs here), a round trip's worth on a short path.
         let future: EventLoopFuture<Session> = loop.flatSubmit {
             let accepted = loop.makePromise(of: Accepted.self)
             let admitted = loop.makePromise(of: Frame.self)
             let boundAttempt = NIOLoopBound(OpenAttempt(accepted: accepted, admitted: admitted), eventLoop: loop)
+            race.register(index, boundAttempt.value)
             let connected: EventLoopFuture<Void>
             switch options.transport {
             case .tcp:
@@ -103,11 +99,19 @@ final class OpenAttempt: SubflowDelegate {
                 // classifier are in place before that.
                 connected = SubflowConnector.connect(on: loop, from: local, to: remote, options: options) { channel in
                     let attempt = boundAttempt.value
+                    attempt.channel = channel
+                    if attempt.abandoned { throw OpenRace.Superseded(connected: false) }
                     let handler = try channel.pipeline.syncOperations.handler(type: SubflowHandler.self)
                     attempt.handler = handler
                     handler.delegate = attempt
                     try attempt.watchForLegacyServer(channel: channel, handler: handler, localName: localName, peerName: peerName, port: port, options: options)
-                }.map { _ in () }
+                }.flatMap { channel in
+                    // OPEN only if no other attempt has it on the wire; a loser closes having sent nothing.
+                    race.claim(index).flatMapError { error in
+                        channel.close(promise: nil)
+                        return loop.makeFailedFuture(error)
+                    }
+                }
             case .udp:
                 // UDP has no legacy servers to tell apart: a plain UDP service ignores the OPEN.
                 connected = DatagramSubflow.connect(on: loop, from: local, to: remote, options: options) { subflow in
@@ -125,6 +129,11 @@ final class OpenAttempt: SubflowDelegate {
             }.flatMap {
                 handshake(clientHandshake, boundAttempt, on: loop, local: local, remote: remote, localName: localName, peerName: peerName, port: port,
                           options: options, book: book, peerAddresses: peerAddresses)
+            }.flatMapError { error in
+                // A failure of its own lets the next connected attempt open; a session (plain TCP
+                // included) keeps the claim, so that no other OPEN follows it.
+                if !(error is LegacyServer) { race.release(index) }
+                return loop.makeFailedFuture(error)
             }
         }
         do {

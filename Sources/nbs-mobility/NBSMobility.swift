@@ -64,6 +64,9 @@ struct CommonOptions: ParsableArguments {
     @Flag(name: .long, help: "No TCP Fast Open on TCP subflows (by default OPEN and JOIN go in the SYN where net.ipv4.tcp_fastopen allows it and the kernel holds the server's cookie).")
     var noFastOpen = false
 
+    @Option(name: .long, help: "Over TCP, how long an open waits for a connect before the next pair of addresses' starts beside it, in ms (RFC 8305; default 250; 0: one pair at a time).")
+    var openAttemptDelay: Int?
+
     @Option(name: .customLong("tcp-rto-min"), help: "The least retransmission timeout of this end's TCP subflows, in ms (Linux 6.15 and later; 0: the kernel's own, 200 ms; default: the library's).")
     var tcpRTOMin: Int?
 
@@ -71,6 +74,9 @@ struct CommonOptions: ParsableArguments {
         name = try verification.localName(name)
         if let tcpRTOMin, !(0...1000).contains(tcpRTOMin) {
             throw ValidationError("--tcp-rto-min takes 0 to 1000 milliseconds, not \(tcpRTOMin)")
+        }
+        if let openAttemptDelay, !(0...10_000).contains(openAttemptDelay) {
+            throw ValidationError("--open-attempt-delay takes 0 to 10000 milliseconds, not \(openAttemptDelay)")
         }
         if let sendBuffer, (parseByteCount(sendBuffer) ?? 0) < 65536 { throw ValidationError("--send-buffer must be a byte count of at least 64K") }
         if let eventLoops, !(1...256).contains(eventLoops) { throw ValidationError("--event-loops must be 1...256") }
@@ -83,6 +89,7 @@ struct CommonOptions: ParsableArguments {
         options.transport = transport
         options.maxSubflows = maxSubflows
         options.tcpFastOpen = !noFastOpen
+        if let openAttemptDelay { options.openAttemptDelay = openAttemptDelay > 0 ? .milliseconds(Int64(openAttemptDelay)) : nil }
         if let tcpRTOMin { options.tcpMinimumRTO = tcpRTOMin > 0 ? .milliseconds(Int64(tcpRTOMin)) : nil }
         options.siblingSubflowsStandBy = !allSiblingsCarry
         if let eventLoops { options.eventLoopGroup = CommonOptions.group(threads: eventLoops) }

@@ -1,0 +1,138 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import NIOCore
+import NIOPosix
+import Testing
+
+@testable import NameBasedSockets
+
+/// A TCP address that silently drops every SYN, as a blackholed path does, without root or nft:
+/// a listener with a backlog of 0 whose accept queue one connection already fills; Linux drops
+/// the SYNs that arrive then, and the connecting side sends them again after 1 s, 3 s, ...
+final class SilentTCPAddress {
+    private let listenFD: Int32
+    private let fillerFD: Int32
+    let port: Int
+
+    /// Port 0: one the kernel picks.
+    init(host: String, port: Int) throws {
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = in_port_t(UInt16(port).bigEndian)
+        inet_pton(AF_INET, host, &address.sin_addr)
+        let listenFD = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        let fillerFD = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        (self.listenFD, self.fillerFD) = (listenFD, fillerFD)
+        let bound = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(listenFD, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        guard bound == 0, listen(listenFD, 0) == 0 else {
+            self.port = 0
+            throw IOError(errnoCode: errno, reason: "bind/listen \(host):\(port)")
+        }
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(listenFD, $0, &length) }
+        }
+        self.port = Int(UInt16(bigEndian: address.sin_port))
+        let connected = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fillerFD, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        guard connected == 0 else { throw IOError(errnoCode: errno, reason: "filling the accept queue of \(host):\(port)") }
+        _ = fcntl(listenFD, F_SETFL, fcntl(listenFD, F_GETFL) | O_NONBLOCK)
+    }
+
+    /// Accepts (and closes) what the queue holds: after the first call the address answers SYNs again.
+    func acceptWaiting() -> Int {
+        var count = 0
+        while true {
+            let fd = accept(listenFD, nil, nil)
+            guard fd >= 0 else { return count }
+            close(fd)
+            count += 1
+        }
+    }
+
+    deinit {
+        close(fillerFD)
+        close(listenFD)
+    }
+}
+
+@Suite("Staggered open attempts (Happy Eyeballs)", .timeLimit(.minutes(2)))
+struct OpenRaceTests {
+    @Test("a connected attempt opens unless another's OPEN may be on the wire; an unanswered Fast Open SYN gives way")
+    func claimRules() {
+        #expect(OpenRace.claim(claimant: nil) == .open)
+        #expect(OpenRace.claim(claimant: (index: 0, synUnanswered: true)) == .openReplacing(0))
+        #expect(OpenRace.claim(claimant: (index: 1, synUnanswered: false)) == .superseded)
+    }
+
+    /// The first server address is silently dead: the open used to wait out its connect timeout
+    /// (5 s) before trying the second; now the second's connect starts after `openAttemptDelay`.
+    @Test("an open does not wait out a silent first address, and the losing connect is closed")
+    func silentFirstAddress() async throws {
+        var listenerOptions = NBSOptions()
+        listenerOptions.bindAddresses = [try SocketAddress(ipAddress: "127.0.0.1", port: 0)]
+        let server = try await NBS.listen(localName: "server.test", port: 0, options: listenerOptions)
+        let silent = try SilentTCPAddress(host: "127.0.0.2", port: server.port)
+        let accepting = Task { try await server.accept() }
+        var twoAddresses = loopbackOptions(peers: ["server.test": ["127.0.0.2", "127.0.0.1"]])
+        twoAddresses.maxSubflows = 1  // no JOINs towards the silent address after the open
+        let options = twoAddresses
+        #expect(options.openAttemptDelay == .milliseconds(250))
+        let clock = ContinuousClock()
+        let started = clock.now
+        let client = try await withTimeout(10) { try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options) }
+        let took = clock.now - started
+        // Ten times the 250 ms target; without the race it is the 5 s connect timeout.
+        #expect(took < .milliseconds(2500), "open took \(took)")
+        let accepted = try await withTimeout(10) { try await accepting.value }
+        #expect(await client.subflows.count == 1)
+
+        // The loser's SYN is sent again 1 s after the first; had its socket stayed open, that SYN
+        // would now find room in the queue and connect.
+        #expect(silent.acceptWaiting() == 1)
+        try await Task.sleep(for: .milliseconds(1500) - (clock.now - started))
+        #expect(silent.acceptWaiting() == 0, "the losing attempt's connect went on")
+
+        let data = pattern(20_000, seed: 21)
+        try await client.write(data)
+        await client.finish()
+        let (count, digest) = try await withTimeout(10) { try await drain(accepted) }
+        #expect(count == data.readableBytes && digest == sha256(data))
+        try await accepted.close()
+        try await client.close()
+        await server.close()
+    }
+
+    /// Every address silent: a cancelled open closes its connects at once, instead of leaving them
+    /// to their timeout, and sends nothing more.
+    @Test("a cancelled open ends at once and closes every attempt")
+    func cancelledOpen() async throws {
+        let first = try SilentTCPAddress(host: "127.0.0.2", port: 0)
+        let second = try SilentTCPAddress(host: "127.0.0.3", port: first.port)
+        var twoAddresses = loopbackOptions(peers: ["server.test": ["127.0.0.2", "127.0.0.3"]])
+        twoAddresses.maxSubflows = 1
+        let options = twoAddresses
+        let clock = ContinuousClock()
+        let started = clock.now
+        let port = first.port
+        let opening = Task { try await NBS.open(localName: "client.test", peerName: "server.test", port: port, options: options) }
+        try await Task.sleep(for: .milliseconds(400))  // both attempts in flight
+        opening.cancel()
+        do {
+            _ = try await withTimeout(10) { try await opening.value }
+            Issue.record("a cancelled open returned a session")
+        } catch is CancellationError {
+        } catch {
+            Issue.record("a cancelled open failed with \(error), not CancellationError")
+        }
+        let took = clock.now - started
+        #expect(took < .milliseconds(2500), "a cancelled open took \(took), its attempts' connect timeout is 5 s")
+        #expect(first.acceptWaiting() == 1 && second.acceptWaiting() == 1)
+        try await Task.sleep(for: .milliseconds(1500) - (clock.now - started))
+        #expect(first.acceptWaiting() == 0 && second.acceptWaiting() == 0, "a cancelled attempt's connect went on")
+    }
+}
