@@ -87,24 +87,23 @@ final class LegacyConnection: ChannelInboundHandler, RemovableChannelHandler, Se
     /// A plain TCP connection to `remote`: no NBS byte is ever sent on it. The session is in the
     /// pipeline before the connection is up, so a server that speaks first loses nothing.
     static func connect(on loop: any EventLoop, from local: SocketAddress, to remote: SocketAddress, localName: String, peerName: String,
-                        port: Int, options: NBSOptions) async throws -> Session {
+                        port: Int, options: NBSOptions) -> EventLoopFuture<Session> {
         let session = loop.makePromise(of: Session.self)
-        do {
-            _ = try await ClientBootstrap(group: loop)
-                .connectTimeout(options.connectTimeout)
-                .channelInitializer { channel in
-                    channel.eventLoop.makeCompletedFuture {
-                        try SubflowConnector.setSocketOptionsSync(channel)
-                        session.succeed(try adopt(channel, role: .opener, localName: localName, peerName: peerName, port: port, options: options))
-                    }
+        return ClientBootstrap(group: loop)
+            .connectTimeout(options.connectTimeout)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try SubflowConnector.setSocketOptionsSync(channel)
+                    session.succeed(try adopt(channel, role: .opener, localName: localName, peerName: peerName, port: port, options: options))
                 }
-                .bind(to: local)
-                .connect(to: remote).get()
-        } catch {
-            session.fail(error)
-            throw error
-        }
-        return try await session.futureResult.get()
+            }
+            .bind(to: local)
+            .connect(to: remote)
+            .flatMap { _ in session.futureResult }
+            .flatMapError { error in
+                session.fail(error)
+                return loop.makeFailedFuture(error)
+            }
     }
 
     // MARK: channel events

@@ -23,11 +23,11 @@ public enum NBS {
         let stagger = options.transport == .tcp && !plainOnly && pairs.count > 1 ? options.openAttemptDelay : nil
         return try await OpenRace.first(of: pairs, on: loop, stagger: stagger, options: options, peerName: peerName) { race, index, pair, attemptOptions in
             if plainOnly {
-                return try await LegacyConnection.connect(on: loop, from: pair.local, to: pair.remote, localName: localName, peerName: peerName,
-                                                          port: port, options: attemptOptions)
+                return LegacyConnection.connect(on: loop, from: pair.local, to: pair.remote, localName: localName, peerName: peerName,
+                                                port: port, options: attemptOptions)
             }
-            return try await OpenAttempt.run(on: loop, local: pair.local, remote: pair.remote, localName: localName, peerName: peerName,
-                                             port: port, options: attemptOptions, book: book, peerAddresses: remotes, race: race, index: index)
+            return OpenAttempt.start(on: loop, local: pair.local, remote: pair.remote, localName: localName, peerName: peerName,
+                                     port: port, options: attemptOptions, book: book, peerAddresses: remotes, race: race, index: index)
         }
     }
 
@@ -83,67 +83,62 @@ final class OpenAttempt: SubflowDelegate {
         channel?.close(promise: nil)
     }
 
-    static func run(on loop: any EventLoop, local: SocketAddress, remote: SocketAddress, localName: String, peerName: String, port: Int,
-                    options: NBSOptions, book: LocalAddressBook, peerAddresses: [SocketAddress], race: OpenRace, index: Int) async throws -> Session {
-        // One hop onto the loop and one back for the whole attempt: each hop between the caller's
-        // task and the loop wakes a thread (20-60 µs here), a round trip's worth on a short path.
-        let future: EventLoopFuture<Session> = loop.flatSubmit {
-            let accepted = loop.makePromise(of: Accepted.self)
-            let admitted = loop.makePromise(of: Frame.self)
-            let boundAttempt = NIOLoopBound(OpenAttempt(accepted: accepted, admitted: admitted), eventLoop: loop)
-            race.register(index, boundAttempt.value)
-            let connected: EventLoopFuture<Void>
-            switch options.transport {
-            case .tcp:
-                // A server that speaks first may do so as soon as TCP connects: the attempt and the
-                // classifier are in place before that.
-                connected = SubflowConnector.connect(on: loop, from: local, to: remote, options: options) { channel in
-                    let attempt = boundAttempt.value
-                    attempt.channel = channel
-                    if attempt.abandoned { throw OpenRace.Superseded(connected: false) }
-                    let handler = try channel.pipeline.syncOperations.handler(type: SubflowHandler.self)
-                    attempt.handler = handler
-                    handler.delegate = attempt
-                    try attempt.watchForLegacyServer(channel: channel, handler: handler, localName: localName, peerName: peerName, port: port, options: options)
-                }.flatMap { channel in
-                    // OPEN only if no other attempt has it on the wire; a loser closes having sent nothing.
-                    race.claim(index).flatMapError { error in
-                        channel.close(promise: nil)
-                        return loop.makeFailedFuture(error)
-                    }
+    /// On `loop`: the whole attempt is one future chain there. Each hop between the caller's task and
+    /// the loop wakes a thread (20-60 µs here), a round trip's worth on a short path.
+    static func start(on loop: any EventLoop, local: SocketAddress, remote: SocketAddress, localName: String, peerName: String, port: Int,
+                      options: NBSOptions, book: LocalAddressBook, peerAddresses: [SocketAddress], race: OpenRace, index: Int) -> EventLoopFuture<Session> {
+        let accepted = loop.makePromise(of: Accepted.self)
+        let admitted = loop.makePromise(of: Frame.self)
+        let boundAttempt = NIOLoopBound(OpenAttempt(accepted: accepted, admitted: admitted), eventLoop: loop)
+        race.register(index, boundAttempt.value)
+        let connected: EventLoopFuture<Void>
+        switch options.transport {
+        case .tcp:
+            // A server that speaks first may do so as soon as TCP connects: the attempt and the
+            // classifier are in place before that.
+            connected = SubflowConnector.connect(on: loop, from: local, to: remote, options: options) { channel in
+                let attempt = boundAttempt.value
+                attempt.channel = channel
+                if attempt.abandoned { throw OpenRace.Superseded(connected: false) }
+                let handler = try channel.pipeline.syncOperations.handler(type: SubflowHandler.self)
+                attempt.handler = handler
+                handler.delegate = attempt
+                try attempt.watchForLegacyServer(channel: channel, handler: handler, localName: localName, peerName: peerName, port: port, options: options)
+            }.flatMap { channel in
+                // OPEN only if no other attempt has it on the wire; a loser closes having sent nothing.
+                race.claim(index).flatMapError { error in
+                    channel.close(promise: nil)
+                    return loop.makeFailedFuture(error)
                 }
-            case .udp:
-                // UDP has no legacy servers to tell apart: a plain UDP service ignores the OPEN.
-                connected = DatagramSubflow.connect(on: loop, from: local, to: remote, options: options) { subflow in
-                    boundAttempt.value.handler = subflow
-                    subflow.delegate = boundAttempt.value
-                }.map { _ in () }
             }
-            // Our ephemeral key is made while TCP's handshake is on the wire, not after it.
-            let clientHandshake = ClientHandshake(sourceName: localName, destinationName: peerName, port: UInt16(port),
-                                                  receiveWindow: options.admitsAtOpen(peerName) ? UInt32(clamping: options.receiveCapacity) : nil)
-            return connected.flatMapError { error in
-                accepted.fail(error)
-                admitted.fail(error)
-                return loop.makeFailedFuture(error)
-            }.flatMap {
-                handshake(clientHandshake, boundAttempt, on: loop, local: local, remote: remote, localName: localName, peerName: peerName, port: port,
-                          options: options, book: book, peerAddresses: peerAddresses)
-            }.flatMapError { error in
-                // A failure of its own lets the next connected attempt open; a session (plain TCP
-                // included) keeps the claim, so that no other OPEN follows it.
-                if !(error is LegacyServer) { race.release(index) }
-                return loop.makeFailedFuture(error)
-            }
+        case .udp:
+            // UDP has no legacy servers to tell apart: a plain UDP service ignores the OPEN.
+            connected = DatagramSubflow.connect(on: loop, from: local, to: remote, options: options) { subflow in
+                boundAttempt.value.handler = subflow
+                subflow.delegate = boundAttempt.value
+            }.map { _ in () }
         }
-        do {
-            return try await future.get()
-        } catch let legacy as LegacyServer {
-            switch legacy {
-            case .adopted(let session):
-                return session
-            case .reconnect:
-                return try await LegacyConnection.connect(on: loop, from: local, to: remote, localName: localName, peerName: peerName, port: port, options: options)
+        // Our ephemeral key is made while TCP's handshake is on the wire, not after it.
+        let clientHandshake = ClientHandshake(sourceName: localName, destinationName: peerName, port: UInt16(port),
+                                              receiveWindow: options.admitsAtOpen(peerName) ? UInt32(clamping: options.receiveCapacity) : nil)
+        return connected.flatMapError { error in
+            accepted.fail(error)
+            admitted.fail(error)
+            return loop.makeFailedFuture(error)
+        }.flatMap {
+            handshake(clientHandshake, boundAttempt, on: loop, local: local, remote: remote, localName: localName, peerName: peerName, port: port,
+                      options: options, book: book, peerAddresses: peerAddresses)
+        }.flatMapError { error in
+            switch error {
+            case LegacyServer.adopted(let session):
+                return loop.makeSucceededFuture(session)
+            case LegacyServer.reconnect:
+                return LegacyConnection.connect(on: loop, from: local, to: remote, localName: localName, peerName: peerName, port: port, options: options)
+            default:
+                // A failure of its own lets the next connected attempt open; a session (plain
+                // TCP included) keeps the claim, so that no other OPEN follows it.
+                race.release(index)
+                return loop.makeFailedFuture(error)
             }
         }
     }

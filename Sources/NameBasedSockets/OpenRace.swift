@@ -10,7 +10,7 @@ import NIOCore
 /// claims at once, and a racer (which never uses Fast Open) that connects while that SYN is still
 /// unanswered takes over from it.
 final class OpenRace: @unchecked Sendable {
-    // Touched on `loop` only; `@unchecked` for the task group that holds it.
+    // Touched on `loop` only; `@unchecked` for the cancellation handler that hops there.
     private let loop: any EventLoop
     private var attempts: [Int: OpenAttempt] = [:]
     private var claimant: Int?
@@ -40,115 +40,129 @@ final class OpenRace: @unchecked Sendable {
         return claimant.synUnanswered ? .openReplacing(claimant.index) : .superseded
     }
 
-    private enum Outcome: Sendable {
-        case opened(Int, Session)
-        case failed(Int, any Error)
-        /// Carries the count of attempts started when it was armed: a later start re-arms it.
-        case staggerElapsed(Int)
-    }
+    typealias Attempt = (OpenRace, Int, PathPlanner.Join, NBSOptions) -> EventLoopFuture<Session>
 
     /// Runs `attempt` over `pairs` in order until one gives a session: one at a time, or, with
     /// `stagger`, the next beside those in flight when none has reached the peer within it. A peer
     /// that answers but refuses is final; one that cannot be reached is tried at the next pair.
+    /// All of it runs on `loop`: the caller's task hops there and back once, as for one attempt.
     static func first(of pairs: [PathPlanner.Join], on loop: any EventLoop, stagger: TimeAmount?, options: NBSOptions, peerName: String,
-                      attempt: @escaping @Sendable (OpenRace, Int, PathPlanner.Join, NBSOptions) async throws -> Session) async throws -> Session {
+                      attempt: @escaping @Sendable Attempt) async throws -> Session {
         let race = OpenRace(loop: loop)
+        let result = loop.flatSubmit {
+            race.begin(pairs: pairs, stagger: stagger, options: options, peerName: peerName, attempt: attempt)
+        }
         // A cancelled open closes its attempts at once rather than at their next timeout.
         return try await withTaskCancellationHandler {
-            try await withThrowingTaskGroup(of: Outcome.self) { group in
-                var queue = Array(pairs.enumerated()), running = 0, started = 0
-                var failures: [String] = []
-                // A close without a byte in answer is what a legacy server does, but also what an NBS
-                // listener does to an OPEN that a blackhole or a full accept queue held past its
-                // `legacyDetectionDelay`: it is final only once no other address is left to try.
-                var closedUnanswered: NBSError?
-                func startNext() {
-                    let (index, pair) = queue.removeFirst()
-                    // A racer never sends its OPEN in a Fast Open SYN: only a connection known to be up may carry one.
-                    var racerOptions = options
-                    if running > 0 {
-                        racerOptions.tcpFastOpen = false
-                        Logger(label: "nbs.open").info("no answer yet over \(running) pair(s) to \(peerName): pair \(index + 1), \(pair.local.hostString) → \(pair.remote.hostString), starts beside")
-                    }
-                    let attemptOptions = racerOptions
-                    running += 1
-                    started += 1
-                    group.addTask {
-                        do {
-                            return .opened(index, try await attempt(race, index, pair, attemptOptions))
-                        } catch {
-                            return .failed(index, error)
-                        }
-                    }
-                    armStagger()
-                }
-                // RFC 8305: the delay runs from the latest attempt's start.
-                func armStagger() {
-                    guard let stagger, !queue.isEmpty else { return }
-                    let armedAt = started
-                    group.addTask {
-                        try? await Task.sleep(nanoseconds: UInt64(max(0, stagger.nanoseconds)))
-                        return .staggerElapsed(armedAt)
-                    }
-                }
-                func giveUp(_ error: any Error) async throws -> Never {
-                    try await race.end(keeping: nil).get()
-                    group.cancelAll()
-                    throw error
-                }
-                startNext()
-                while let outcome = try await group.next() {
-                    if Task.isCancelled {
-                        if case .opened(_, let session) = outcome { await session.abort(reason: "the open was cancelled") }
-                        try await giveUp(CancellationError())
-                    }
-                    switch outcome {
-                    case .opened(let index, let session):
-                        // The losers close without sending anything more; the group waits for them.
-                        try await race.end(keeping: index).get()
-                        group.cancelAll()
-                        return session
-                    case .staggerElapsed(let armedAt):
-                        guard armedAt == started, !queue.isEmpty else { continue }
-                        if try await race.peerReached().get() { continue }  // its failure starts the next
-                        startNext()
-                    case .failed(let index, let error):
-                        running -= 1
-                        let pair = pairs[index]
-                        if let superseded = error as? Superseded {
-                            // Tried again after the others: first if its connection was up.
-                            if superseded.connected { queue.insert((index, pair), at: 0) } else { queue.append((index, pair)) }
-                            if running == 0 { startNext() } else { armStagger() }
-                            continue
-                        }
-                        switch error {
-                        case let closed as OpenAttempt.ClosedUnanswered:
-                            closedUnanswered = closed.error
-                        case let error as NBSError:
-                            switch error {
-                            case .refused, .handshakeFailed, .protocolViolation, .verificationFailed, .legacyPeer:
-                                try await giveUp(error)
-                            default:
-                                failures.append("\(pair.local.hostString) → \(pair.remote.hostString): \(error)")
-                            }
-                        default:
-                            failures.append("\(pair.local.hostString) → \(pair.remote.hostString): \(readableSocketError(error))")
-                        }
-                        if !queue.isEmpty {
-                            startNext()
-                        } else if running == 0 {
-                            group.cancelAll()
-                            // Another address answered nothing at all: the one that closed is the better account.
-                            if let closedUnanswered { throw closedUnanswered }
-                            throw NBSError.connectFailed(peer: peerName, reason: failures.joined(separator: "; "))
-                        }
-                    }
-                }
-                throw NBSError.connectFailed(peer: peerName, reason: failures.joined(separator: "; "))
-            }
+            try await result.get()
         } onCancel: {
-            _ = race.end(keeping: nil)
+            loop.execute { race.finish(CancellationError()) }
         }
+    }
+
+    // The open's state, from `begin` on.
+    private var pairs: [PathPlanner.Join] = []
+    private var queue: [Int] = []
+    private var stagger: TimeAmount?
+    private var options = NBSOptions()
+    private var peerName = ""
+    private var attempt: Attempt?
+    private var running = 0
+    private var started = 0
+    private var failures: [String] = []
+    /// A close without a byte in answer is what a legacy server does, but also what an NBS listener
+    /// does to an OPEN that a blackhole or a full accept queue held past its `legacyDetectionDelay`:
+    /// it is final only once no other address is left to try.
+    private var closedUnanswered: NBSError?
+    private var result: EventLoopPromise<Session>?
+
+    private func begin(pairs: [PathPlanner.Join], stagger: TimeAmount?, options: NBSOptions, peerName: String,
+                       attempt: @escaping Attempt) -> EventLoopFuture<Session> {
+        loop.preconditionInEventLoop()
+        (self.pairs, self.queue, self.stagger, self.options, self.peerName, self.attempt) = (pairs, Array(pairs.indices), stagger, options, peerName, attempt)
+        let result = loop.makePromise(of: Session.self)
+        self.result = result
+        startNext()
+        return result.futureResult
+    }
+
+    private func startNext() {
+        guard !ended, let attempt, !queue.isEmpty else { return }
+        let index = queue.removeFirst(), pair = pairs[index]
+        // A racer never sends its OPEN in a Fast Open SYN: only a connection known to be up may carry one.
+        var attemptOptions = options
+        if running > 0 {
+            attemptOptions.tcpFastOpen = false
+            Logger(label: "nbs.open").info("no answer yet over \(running) pair(s) to \(peerName): pair \(index + 1), \(pair.local.hostString) → \(pair.remote.hostString), starts beside")
+        }
+        running += 1
+        started += 1
+        attempt(self, index, pair, attemptOptions).assumeIsolated().whenComplete { [self] outcome in
+            finished(index, outcome)
+        }
+        armStagger()
+    }
+
+    /// RFC 8305: the delay runs from the latest attempt's start; an earlier timer finds it moved on.
+    private func armStagger() {
+        guard let stagger, !queue.isEmpty else { return }
+        let armedAt = started
+        loop.assumeIsolated().scheduleTask(in: stagger) { [self] in
+            guard !ended, armedAt == started, !queue.isEmpty else { return }
+            claimantSynUnanswered().assumeIsolated().whenSuccess { [self] unanswered in
+                // A claimant that reached the peer is left to finish: its failure starts the next.
+                if claimant == nil || unanswered { startNext() }
+            }
+        }
+    }
+
+    private func finished(_ index: Int, _ outcome: Result<Session, any Error>) {
+        running -= 1
+        let pair = pairs[index]
+        switch outcome {
+        case .success(let session):
+            guard !ended else {
+                // Only an open cancelled as its attempt completed gets here: nobody takes the session.
+                (session.engine.value as? SessionEngine)?.abort(reason: .applicationAbort, message: "the open was cancelled")
+                return
+            }
+            end(keeping: index)
+            result?.succeed(session)
+        case .failure(let error as Superseded):
+            guard !ended else { return }
+            // Tried again after the others: first if its connection was up.
+            if error.connected { queue.insert(index, at: 0) } else { queue.append(index) }
+            if running == 0 { startNext() } else { armStagger() }
+        case .failure(let error):
+            guard !ended else { return }
+            switch error {
+            case let closed as OpenAttempt.ClosedUnanswered:
+                closedUnanswered = closed.error
+            case let error as NBSError:
+                switch error {
+                case .refused, .handshakeFailed, .protocolViolation, .verificationFailed, .legacyPeer:
+                    return finish(error)
+                default:
+                    failures.append("\(pair.local.hostString) → \(pair.remote.hostString): \(error)")
+                }
+            default:
+                failures.append("\(pair.local.hostString) → \(pair.remote.hostString): \(readableSocketError(error))")
+            }
+            if !queue.isEmpty {
+                startNext()
+            } else if running == 0 {
+                // Another address answered nothing at all: the one that closed is the better account.
+                finish(closedUnanswered ?? NBSError.connectFailed(peer: peerName, reason: failures.joined(separator: "; ")))
+            }
+        }
+    }
+
+    /// The open fails (or was cancelled): every attempt closes.
+    fileprivate func finish(_ error: any Error) {
+        loop.preconditionInEventLoop()
+        guard !ended else { return }
+        end(keeping: nil)
+        result?.fail(error)
     }
 
     func register(_ index: Int, _ attempt: OpenAttempt) {
@@ -183,22 +197,14 @@ final class OpenRace: @unchecked Sendable {
         if claimant == index { claimant = nil }
     }
 
-    /// Whether an attempt in flight has reached the peer, so that starting another would only race it.
-    func peerReached() -> EventLoopFuture<Bool> {
-        loop.flatSubmit { [self] in
-            guard claimant != nil else { return loop.makeSucceededFuture(false) }
-            return claimantSynUnanswered().map { !$0 }
+    /// One attempt won, or the open failed: every other attempt closes, sending nothing more.
+    private func end(keeping winner: Int?) {
+        ended = true
+        for (index, attempt) in attempts where index != winner {
+            attempt.abandon(Superseded(connected: false))
         }
-    }
-
-    /// One attempt won (or the open gave up): every other one closes, sending nothing more.
-    func end(keeping winner: Int?) -> EventLoopFuture<Void> {
-        loop.submit { [self] in
-            ended = true
-            for (index, attempt) in attempts where index != winner {
-                attempt.abandon(Superseded(connected: false))
-            }
-        }
+        // The winner's attempt holds its subflow; nothing here needs it any more.
+        (attempts, attempt) = ([:], nil)
     }
 
     /// A Fast Open claimant's SYN carried its OPEN; until the kernel has the SYN-ACK, the listener
