@@ -19,8 +19,7 @@ public enum NBS {
         let loop = options.eventLoopGroup.next()
         // A peer known to be legacy gets no NBS bytes at all.
         let plainOnly = options.legacyFallback == .legacyOnly || (options.legacyFallback == .fallback && options.legacyPeers.isLegacy(peerName, port: port))
-        // UDP has no connect to race: its first datagram is the OPEN (see `OpenRace`).
-        let stagger = options.transport == .tcp && !plainOnly && pairs.count > 1 ? options.openAttemptDelay : nil
+        let stagger = !plainOnly && pairs.count > 1 ? options.openAttemptDelay : nil
         return try await OpenRace.first(of: pairs, on: loop, stagger: stagger, options: options, peerName: peerName) { race, index, pair, attemptOptions in
             if plainOnly {
                 return LegacyConnection.connect(on: loop, from: pair.local, to: pair.remote, localName: localName, peerName: peerName,
@@ -80,7 +79,8 @@ final class OpenAttempt: SubflowDelegate {
     func abandon(_ error: any Error) {
         abandoned = true
         fail(error)
-        channel?.close(promise: nil)
+        // A connection that is up closes as an NBS one (`writeAndClose`); one still connecting, at once.
+        if let channel, channel.isActive, let handler { handler.writeAndClose(nil) } else { channel?.close(promise: nil) }
     }
 
     /// On `loop`: the whole attempt is one future chain there. Each hop between the caller's task and
@@ -107,7 +107,7 @@ final class OpenAttempt: SubflowDelegate {
             }.flatMap { channel in
                 // OPEN only if no other attempt has it on the wire; a loser closes having sent nothing.
                 race.claim(index).flatMapError { error in
-                    channel.close(promise: nil)
+                    boundAttempt.value.handler?.writeAndClose(nil)
                     return loop.makeFailedFuture(error)
                 }
             }
@@ -127,7 +127,7 @@ final class OpenAttempt: SubflowDelegate {
             return loop.makeFailedFuture(error)
         }.flatMap {
             handshake(clientHandshake, boundAttempt, on: loop, local: local, remote: remote, localName: localName, peerName: peerName, port: port,
-                      options: options, book: book, peerAddresses: peerAddresses)
+                      options: options, book: book, peerAddresses: peerAddresses, race: race, index: index)
         }.flatMapError { error in
             switch error {
             case LegacyServer.adopted(let session):
@@ -146,7 +146,7 @@ final class OpenAttempt: SubflowDelegate {
     /// OPEN on the connected subflow, then ACCEPT, verification and the verdict, on the loop.
     private static func handshake(_ handshake: ClientHandshake, _ boundAttempt: NIOLoopBound<OpenAttempt>, on loop: any EventLoop, local: SocketAddress, remote: SocketAddress,
                                   localName: String, peerName: String, port: Int, options: NBSOptions, book: LocalAddressBook,
-                                  peerAddresses: [SocketAddress]) -> EventLoopFuture<Session> {
+                                  peerAddresses: [SocketAddress], race: OpenRace, index: Int) -> EventLoopFuture<Session> {
         let attempt = boundAttempt.value
         let accepted = attempt.accepted, admitted = attempt.admitted
         guard let handler = attempt.handler else {
@@ -163,7 +163,10 @@ final class OpenAttempt: SubflowDelegate {
             admitted.fail(error)
         }
         let boundHandler = NIOLoopBound(handler, eventLoop: loop)
-        return accepted.futureResult.flatMap { accepted -> EventLoopFuture<(SessionKeys, VerificationResult, Frame, Frame.Accept, Double?)> in
+        // Over UDP the OPEN is the first datagram, so attempts race whole hellos, and the claim comes
+        // with ACCEPT: a UDP listener admits only on the opener's DATA_ACK, which a loser never sends.
+        let claimed = options.transport == .udp ? accepted.futureResult.flatMap { accepted in race.claim(index).map { accepted } } : accepted.futureResult
+        return claimed.flatMap { accepted -> EventLoopFuture<(SessionKeys, VerificationResult, Frame, Frame.Accept, Double?)> in
             let handler = boundHandler.value
             // OPEN to ACCEPT: one round trip. The verdict comes later, after the listener's lookup.
             let rtt = handler.handshakeSentAt.map { Double((NIODeadline.now() - $0).nanoseconds) / 1e6 }

@@ -2,13 +2,16 @@ import Logging
 import NIOCore
 
 /// Staggered open attempts (Happy Eyeballs, RFC 8305, for pairs of addresses): `NBS.open` starts
-/// the next pair's connect when the attempts in flight have not reached the peer within
-/// `NBSOptions.openAttemptDelay`, and only one attempt at a time ever sends OPEN. Racing whole
-/// handshakes would let two OPENs reach the listener, which admits each as a session of its own
-/// and hands both to its application; racing the connects alone cannot, since OPEN leaves only on
-/// a connection already up. The exception is a Fast Open connect, whose OPEN rides in its SYN: it
-/// claims at once, and a racer (which never uses Fast Open) that connects while that SYN is still
-/// unanswered takes over from it.
+/// the next pair's attempt when those in flight have not reached the peer within
+/// `NBSOptions.openAttemptDelay`, and only one attempt at a time ever goes on to admission.
+/// Racing whole handshakes would let two OPENs be admitted, each a session of its own in the
+/// listener's application. Over TCP, OPEN leaves only on a connection already up and only on one
+/// (`claim`), so the connects race and nothing else; a loser's connection carries the preamble
+/// alone, which a listener drops. The exception is a Fast Open connect, whose OPEN rides in its SYN:
+/// it claims at once, and a racer (which never uses Fast Open) that connects while that SYN is
+/// still unanswered takes over from it. Over UDP the OPEN is the first datagram, so hellos race;
+/// a UDP listener admits only on the opener's DATA_ACK, so the claim comes with ACCEPT and a loser
+/// never sends one.
 final class OpenRace: @unchecked Sendable {
     // Touched on `loop` only; `@unchecked` for the cancellation handler that hops there.
     private let loop: any EventLoop

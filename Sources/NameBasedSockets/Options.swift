@@ -24,10 +24,11 @@ public struct NBSOptions: Sendable {
     public var eventLoopGroup: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton
     public var connectTimeout: TimeAmount = .seconds(5)
     /// An open tries its pairs of addresses one after another (`PathPlanner.openAttempts`), but
-    /// does not wait out a connect that has not reached the peer within this long: the next pair's
-    /// connect starts beside it and the first to connect carries the OPEN (Happy Eyeballs' Connection
-    /// Attempt Delay, RFC 8305, whose 250 ms this takes). A path that is silently dead then costs
-    /// this instead of `connectTimeout`. TCP subflows only; nil: strictly one pair at a time.
+    /// does not wait out an attempt that has not reached the peer within this long: the next pair's
+    /// starts beside it (Happy Eyeballs' Connection Attempt Delay, RFC 8305, whose 250 ms this
+    /// takes). Over TCP the first connection up carries the OPEN; over UDP the first ACCEPT goes on
+    /// to the verdict. A path that is silently dead then costs this instead of `connectTimeout` or
+    /// `handshakeTimeout`. nil: strictly one pair at a time; zero: every pair at once.
     public var openAttemptDelay: TimeAmount? = .milliseconds(250)
     /// TCP Fast Open (RFC 7413) on TCP subflows: a listener accepts OPEN and JOIN in the SYN, and an
     /// opener that holds the server's cookie (from any earlier connection to that address) sends

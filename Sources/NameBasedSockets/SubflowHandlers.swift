@@ -323,6 +323,14 @@ final class SubflowHandler: ChannelInboundHandler, SubflowTransport {
             FrameEncoder.encode(frame, into: &buffer)
             let channel = context.channel
             context.writeAndFlush(Self.wrapOutboundOut(buffer)).whenComplete { _ in closeOnNextTick(channel) }
+        } else if sendsPreambleOnConnect, !preambleSent, !connectDeferred, context.channel.isActive {
+            // An opener's connection with nothing on it yet: the preamble first, so that the
+            // listener sees an NBS connection that ended, not a silent legacy client to hand to
+            // its application (a Happy Eyeballs loser closes this way).
+            var buffer = context.channel.allocator.buffer(capacity: NBSWire.preambleLength)
+            ensurePreamble(into: &buffer)
+            let channel = context.channel
+            context.writeAndFlush(Self.wrapOutboundOut(buffer)).whenComplete { _ in closeOnNextTick(channel) }
         } else {
             closeOnNextTick(context.channel)
         }

@@ -135,4 +135,68 @@ struct OpenRaceTests {
         try await Task.sleep(for: .milliseconds(1500) - (clock.now - started))
         #expect(first.acceptWaiting() == 0 && second.acceptWaiting() == 0, "a cancelled attempt's connect went on")
     }
+
+    /// Over UDP the hello is the OPEN, so attempts race whole hellos; the claim comes with ACCEPT,
+    /// and the listener admits only on the opener's DATA_ACK, which a loser never sends.
+    @Test("over UDP an open does not wait out a silent first address, and the loser's hellos stop")
+    func silentFirstAddressOverUDP() async throws {
+        let server = try await udpListener { $0.bindAddresses = [try! SocketAddress(ipAddress: "127.0.0.1", port: 0)] }
+        let hellos = Tally()
+        let silent = try await DatagramBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .channelInitializer { $0.pipeline.addHandler(DatagramTally(bytes: Tally(), datagrams: hellos)) }
+            .bind(host: "127.0.0.2", port: server.port).get()
+        let accepting = Task { try await server.accept() }
+        var twoAddresses = udpOptions()
+        twoAddresses.resolver = StaticResolver(["server.test": ["127.0.0.2", "127.0.0.1"]])
+        twoAddresses.maxSubflows = 1
+        let options = twoAddresses
+        let clock = ContinuousClock()
+        let started = clock.now
+        let client = try await withTimeout(10) { try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options) }
+        let took = clock.now - started
+        #expect(took < .milliseconds(2500), "open took \(took); one pair at a time it is the 5 s handshake budget")
+        let accepted = try await withTimeout(10) { try await accepting.value }
+        #expect(hellos.count >= 1, "the first attempt's hello went to the silent address")
+        try await Task.sleep(for: .milliseconds(300))
+        let afterOpen = hellos.count
+        try await Task.sleep(for: .milliseconds(1500))
+        #expect(hellos.count == afterOpen, "the losing attempt kept sending its hello")
+        try await closeBothEnds(client, accepted, listener: server)
+        try await silent.close()
+    }
+
+    /// With no delay every pair starts at once and both reach the listener: one session, not two.
+    @Test("attempts started together reach one listener twice and it admits one session", arguments: [NBSOptions.Transport.tcp, .udp])
+    func simultaneousAttemptsAdmitOneSession(transport: NBSOptions.Transport) async throws {
+        var listenerOptions = NBSOptions()
+        listenerOptions.transport = transport
+        listenerOptions.bindAddresses = [try SocketAddress(ipAddress: "127.0.0.1", port: 0)]
+        let probe = try await NBS.listen(localName: "server.test", port: 0, options: listenerOptions)
+        listenerOptions.bindAddresses = [try SocketAddress(ipAddress: "127.0.0.1", port: probe.port), try SocketAddress(ipAddress: "127.0.0.2", port: probe.port)]
+        await probe.close()
+        let server = try await NBS.listen(localName: "server.test", port: probe.port, options: listenerOptions)
+        var bothAtOnce = loopbackOptions(peers: ["server.test": ["127.0.0.2", "127.0.0.1"]])
+        bothAtOnce.transport = transport
+        bothAtOnce.maxSubflows = 1
+        bothAtOnce.openAttemptDelay = .zero
+        let options = bothAtOnce
+        for round in 0..<3 {
+            let client = try await withTimeout(10) { try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options) }
+            let accepted = try await withTimeout(10) { try await server.accept() }
+            let data = pattern(10_000, seed: UInt64(round))
+            try await client.write(data)
+            await client.finish()
+            let (count, digest) = try await withTimeout(10) { try await drain(accepted) }
+            #expect(count == data.readableBytes && digest == sha256(data))
+            async let acceptedClosed: Void = accepted.close()
+            try await client.close()
+            try await acceptedClosed
+        }
+        do {
+            let extra = try await withTimeout(1.5) { try await server.accept() }
+            Issue.record("the listener admitted a second session for one open")
+            await extra.abort()
+        } catch is TimeoutError {}
+        await server.close()
+    }
 }
