@@ -104,10 +104,10 @@ final class OpenAttempt: SubflowDelegate {
                 attempt.handler = handler
                 handler.delegate = attempt
                 try attempt.watchForLegacyServer(channel: channel, handler: handler, localName: localName, peerName: peerName, port: port, options: options)
-            }.flatMap { channel in
-                // OPEN only if no other attempt has it on the wire; a loser closes having sent nothing.
+            }.flatMap { _ in
+                // OPEN only if no other attempt has it on the wire; a loser closes having sent only the preamble.
                 race.claim(index).flatMapError { error in
-                    boundAttempt.value.handler?.writeAndClose(nil)
+                    boundAttempt.value.abandon(error)
                     return loop.makeFailedFuture(error)
                 }
             }
@@ -250,8 +250,10 @@ final class OpenAttempt: SubflowDelegate {
         let accepted = self.accepted, admitted = self.admitted
         let fail: (any Error) -> Void = { accepted.fail($0); admitted.fail($0) }
         let boundHandler = NIOLoopBound(handler, eventLoop: channel.eventLoop)
-        let classifier = FirstBytesClassifier(side: .opener, silence: silence, atLeastConnectTimes: 4) { outcome, context in
+        let classifier = FirstBytesClassifier(side: .opener, silence: silence, atLeastConnectTimes: 4) { [weak self] outcome, context in
             if outcome.verdict == .nbs { return .forward }
+            // We closed it (a lost race, a cancelled open): the server said nothing about itself.
+            if self?.abandoned ?? true { return .drop }
             let evidence: String =
                 switch (outcome.verdict, outcome.evidence) {
                 case (.echo, _): "it sent our own OPEN back (an echo server)"

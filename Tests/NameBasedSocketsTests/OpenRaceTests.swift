@@ -179,6 +179,10 @@ struct OpenRaceTests {
         bothAtOnce.transport = transport
         bothAtOnce.maxSubflows = 1
         bothAtOnce.openAttemptDelay = .zero
+        // The loser's connection, closed by us, is no answer from the server: it must not be taken
+        // for a legacy one (which would make every later open plain TCP).
+        bothAtOnce.legacyFallback = .fallback
+        bothAtOnce.legacyPeers = LegacyPeerCache()
         let options = bothAtOnce
         for round in 0..<3 {
             let client = try await withTimeout(10) { try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options) }
@@ -191,6 +195,7 @@ struct OpenRaceTests {
             async let acceptedClosed: Void = accepted.close()
             try await client.close()
             try await acceptedClosed
+            #expect(!client.isLegacy && !options.legacyPeers.isLegacy("server.test", port: server.port), "round \(round)")
         }
         do {
             let extra = try await withTimeout(1.5) { try await server.accept() }
