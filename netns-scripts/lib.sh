@@ -730,6 +730,13 @@ EOF
 # nbs_tx_bytes NS DEV: transmitted bytes counter of DEV inside NS.
 nbs_tx_bytes() { ip netns exec "$1" cat "/sys/class/net/$2/statistics/tx_bytes"; }
 
+# nbs_tcp_ext NS COUNTER: a TcpExt counter of the namespace's kernel (/proc/net/netstat: a line of names, a
+# line of values), e.g. TCPFastOpenActive.
+nbs_tcp_ext() {
+    ip netns exec "$1" awk -v want="$2" '$1 == "TcpExt:" { if (!names) { for (i = 2; i <= NF; i++) n[i] = $i; names = 1 }
+        else for (i = 2; i <= NF; i++) if (n[i] == want) print $i }' /proc/net/netstat
+}
+
 # ---------------------------------------------------------------------------------------------- NBS runs
 # NBS_TRANSPORT (tcp or udp, default tcp) is passed to serve and connect as --transport.
 # nbs_serve_bg PIDVAR PORT PREFIX [MODE] [EXTRA ARGS...]: start `nbs-mobility serve --once --json` in the server

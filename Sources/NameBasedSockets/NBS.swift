@@ -20,13 +20,13 @@ public enum NBS {
         // A peer known to be legacy gets no NBS bytes at all.
         let plainOnly = options.legacyFallback == .legacyOnly || (options.legacyFallback == .fallback && options.legacyPeers.isLegacy(peerName, port: port))
         let stagger = !plainOnly && pairs.count > 1 ? options.openAttemptDelay : nil
-        return try await OpenRace.first(of: pairs, on: loop, stagger: stagger, options: options, peerName: peerName) { race, index, pair, attemptOptions in
+        return try await OpenRace.first(of: pairs, on: loop, stagger: stagger, peerName: peerName) { race, index, pair, racing in
             if plainOnly {
                 return LegacyConnection.connect(on: loop, from: pair.local, to: pair.remote, localName: localName, peerName: peerName,
-                                                port: port, options: attemptOptions)
+                                                port: port, options: options)
             }
-            return OpenAttempt.start(on: loop, local: pair.local, remote: pair.remote, localName: localName, peerName: peerName,
-                                     port: port, options: attemptOptions, book: book, peerAddresses: remotes, race: race, index: index)
+            return OpenAttempt.start(on: loop, local: pair.local, remote: pair.remote, localName: localName, peerName: peerName, port: port,
+                                     options: options, racing: racing, book: book, peerAddresses: remotes, race: race, index: index)
         }
     }
 
@@ -85,8 +85,11 @@ final class OpenAttempt: SubflowDelegate {
 
     /// On `loop`: the whole attempt is one future chain there. Each hop between the caller's task and
     /// the loop wakes a thread (20-60 µs here), a round trip's worth on a short path.
+    /// A racer (`racing`) never sends its OPEN in a Fast Open SYN: only a connection known to be up
+    /// may carry one. The session it makes uses Fast Open for its JOINs all the same.
     static func start(on loop: any EventLoop, local: SocketAddress, remote: SocketAddress, localName: String, peerName: String, port: Int,
-                      options: NBSOptions, book: LocalAddressBook, peerAddresses: [SocketAddress], race: OpenRace, index: Int) -> EventLoopFuture<Session> {
+                      options: NBSOptions, racing: Bool, book: LocalAddressBook, peerAddresses: [SocketAddress], race: OpenRace,
+                      index: Int) -> EventLoopFuture<Session> {
         let accepted = loop.makePromise(of: Accepted.self)
         let admitted = loop.makePromise(of: Frame.self)
         let boundAttempt = NIOLoopBound(OpenAttempt(accepted: accepted, admitted: admitted), eventLoop: loop)
@@ -96,7 +99,9 @@ final class OpenAttempt: SubflowDelegate {
         case .tcp:
             // A server that speaks first may do so as soon as TCP connects: the attempt and the
             // classifier are in place before that.
-            connected = SubflowConnector.connect(on: loop, from: local, to: remote, options: options) { channel in
+            var connectOptions = options
+            if racing { connectOptions.tcpFastOpen = false }
+            connected = SubflowConnector.connect(on: loop, from: local, to: remote, options: connectOptions) { channel in
                 let attempt = boundAttempt.value
                 attempt.channel = channel
                 if attempt.abandoned { throw OpenRace.Superseded(connected: false) }

@@ -43,17 +43,18 @@ final class OpenRace: @unchecked Sendable {
         return claimant.synUnanswered ? .openReplacing(claimant.index) : .superseded
     }
 
-    typealias Attempt = (OpenRace, Int, PathPlanner.Join, NBSOptions) -> EventLoopFuture<Session>
+    /// The race, the pair's index and the pair, and whether it races others (no Fast Open then).
+    typealias Attempt = (OpenRace, Int, PathPlanner.Join, Bool) -> EventLoopFuture<Session>
 
     /// Runs `attempt` over `pairs` in order until one gives a session: one at a time, or, with
     /// `stagger`, the next beside those in flight when none has reached the peer within it. A peer
     /// that answers but refuses is final; one that cannot be reached is tried at the next pair.
     /// All of it runs on `loop`: the caller's task hops there and back once, as for one attempt.
-    static func first(of pairs: [PathPlanner.Join], on loop: any EventLoop, stagger: TimeAmount?, options: NBSOptions, peerName: String,
+    static func first(of pairs: [PathPlanner.Join], on loop: any EventLoop, stagger: TimeAmount?, peerName: String,
                       attempt: @escaping @Sendable Attempt) async throws -> Session {
         let race = OpenRace(loop: loop)
         let result = loop.flatSubmit {
-            race.begin(pairs: pairs, stagger: stagger, options: options, peerName: peerName, attempt: attempt)
+            race.begin(pairs: pairs, stagger: stagger, peerName: peerName, attempt: attempt)
         }
         // A cancelled open closes its attempts at once rather than at their next timeout.
         return try await withTaskCancellationHandler {
@@ -67,7 +68,6 @@ final class OpenRace: @unchecked Sendable {
     private var pairs: [PathPlanner.Join] = []
     private var queue: [Int] = []
     private var stagger: TimeAmount?
-    private var options = NBSOptions()
     private var peerName = ""
     private var attempt: Attempt?
     private var running = 0
@@ -79,10 +79,9 @@ final class OpenRace: @unchecked Sendable {
     private var closedUnanswered: NBSError?
     private var result: EventLoopPromise<Session>?
 
-    private func begin(pairs: [PathPlanner.Join], stagger: TimeAmount?, options: NBSOptions, peerName: String,
-                       attempt: @escaping Attempt) -> EventLoopFuture<Session> {
+    private func begin(pairs: [PathPlanner.Join], stagger: TimeAmount?, peerName: String, attempt: @escaping Attempt) -> EventLoopFuture<Session> {
         loop.preconditionInEventLoop()
-        (self.pairs, self.queue, self.stagger, self.options, self.peerName, self.attempt) = (pairs, Array(pairs.indices), stagger, options, peerName, attempt)
+        (self.pairs, self.queue, self.stagger, self.peerName, self.attempt) = (pairs, Array(pairs.indices), stagger, peerName, attempt)
         let result = loop.makePromise(of: Session.self)
         self.result = result
         startNext()
@@ -92,15 +91,13 @@ final class OpenRace: @unchecked Sendable {
     private func startNext() {
         guard !ended, let attempt, !queue.isEmpty else { return }
         let index = queue.removeFirst(), pair = pairs[index]
-        // A racer never sends its OPEN in a Fast Open SYN: only a connection known to be up may carry one.
-        var attemptOptions = options
-        if running > 0 {
-            attemptOptions.tcpFastOpen = false
+        let racing = running > 0
+        if racing {
             Logger(label: "nbs.open").info("no answer yet over \(running) pair(s) to \(peerName): pair \(index + 1), \(pair.local.hostString) → \(pair.remote.hostString), starts beside")
         }
         running += 1
         started += 1
-        attempt(self, index, pair, attemptOptions).assumeIsolated().whenComplete { [self] outcome in
+        attempt(self, index, pair, racing).assumeIsolated().whenComplete { [self] outcome in
             finished(index, outcome)
         }
         armStagger()
@@ -126,7 +123,7 @@ final class OpenRace: @unchecked Sendable {
         case .success(let session):
             guard !ended else {
                 // Only an open cancelled as its attempt completed gets here: nobody takes the session.
-                (session.engine.value as? SessionEngine)?.abort(reason: .applicationAbort, message: "the open was cancelled")
+                session.engine.value.abort(reason: .applicationAbort, message: "the open was cancelled")
                 return
             }
             end(keeping: index)

@@ -12,13 +12,6 @@ bytes=$((256 * 1024))
 
 nbs_scenario_start --rate 0
 
-# tcp_ext NS COUNTER: a TcpExt counter of the namespace's kernel (/proc/net/netstat: a line of names, a line
-# of values).
-tcp_ext() {
-    ip netns exec "$1" awk -v want="$2" '$1 == "TcpExt:" { if (!names) { for (i = 2; i <= NF; i++) n[i] = $i; names = 1 }
-        else for (i = 2; i <= NF; i++) if (n[i] == want) print $i }' /proc/net/netstat
-}
-
 ok=1
 # session N [CONNECT ARGS...]: one transfer, checked.
 session() {
@@ -34,19 +27,19 @@ session() {
 }
 
 session 1
-active0=$(tcp_ext "$NBS_NS_C" TCPFastOpenActive) passive0=$(tcp_ext "$NBS_NS_S" TCPFastOpenPassive)
+active0=$(nbs_tcp_ext "$NBS_NS_C" TCPFastOpenActive) passive0=$(nbs_tcp_ext "$NBS_NS_S" TCPFastOpenPassive)
 session 2
 session 3
-active=$(($(tcp_ext "$NBS_NS_C" TCPFastOpenActive) - active0)) passive=$(($(tcp_ext "$NBS_NS_S" TCPFastOpenPassive) - passive0))
+active=$(($(nbs_tcp_ext "$NBS_NS_C" TCPFastOpenActive) - active0)) passive=$(($(nbs_tcp_ext "$NBS_NS_S" TCPFastOpenPassive) - passive0))
 echo "sessions 2 and 3: $active connections with data in the SYN accepted (client), $passive accepted from a SYN (server)"
 if ((active < 2 || passive < 2)); then
     nbs_fail "Fast Open was not used: client TCPFastOpenActive +$active, server TCPFastOpenPassive +$passive (want 2 or more each)"
     ok=0
 fi
 
-active0=$(tcp_ext "$NBS_NS_C" TCPFastOpenActive) passive0=$(tcp_ext "$NBS_NS_S" TCPFastOpenPassive)
+active0=$(nbs_tcp_ext "$NBS_NS_C" TCPFastOpenActive) passive0=$(nbs_tcp_ext "$NBS_NS_S" TCPFastOpenPassive)
 session 4 --no-fast-open
-active=$(($(tcp_ext "$NBS_NS_C" TCPFastOpenActive) - active0)) passive=$(($(tcp_ext "$NBS_NS_S" TCPFastOpenPassive) - passive0))
+active=$(($(nbs_tcp_ext "$NBS_NS_C" TCPFastOpenActive) - active0)) passive=$(($(nbs_tcp_ext "$NBS_NS_S" TCPFastOpenPassive) - passive0))
 echo "with --no-fast-open: client TCPFastOpenActive +$active, server TCPFastOpenPassive +$passive"
 if ((active != 0 || passive != 0)); then
     nbs_fail "--no-fast-open still sent data in a SYN"

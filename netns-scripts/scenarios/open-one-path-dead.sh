@@ -6,7 +6,8 @@
 # connect timeout or handshake budget), and the transfer must complete with every byte intact. Over TCP a first
 # session, before the fault, leaves the client holding the server's Fast Open cookies: the silent attempt is
 # then a Fast Open SYN carrying the OPEN, and the path-2 attempt, a plain connect, must take over from it once
-# connected (the client logs it).
+# connected (the client logs it); the session it makes must still use Fast Open for its JOINs (the client
+# kernel's TCPFastOpenActive moves).
 # Env: NBS_RATE (tbf Mbit/s per path, default 10), NBS_BYTES (default 2 MiB), NBS_TIMEOUT (s per process,
 #      default 60), NBS_BIN.
 # transports: tcp udp
@@ -33,6 +34,7 @@ nbs_serve_bg spid "$port" "$prefix" --sink
 nbs_blackhole 1 c
 nbs_log "client path 1 blackholed; opening"
 NBS_FAULT_AT=0
+fast_open0=$(nbs_tcp_ext "$NBS_NS_C" TCPFastOpenActive)
 launched=$(date +%s.%N)
 nbs_connect_bg cpid "$port" "$prefix" "$bytes" --policy aggregate
 nbs_wait_rc NBS_CRC "$cpid"
@@ -46,5 +48,8 @@ awk -v s="$open_s" 'BEGIN { exit !(s > 0 && s < 2.5) }' || nbs_fail "the open to
 if [[ $transport == tcp ]]; then
     grep -q "Fast Open SYN of open pair 1 is still unanswered" "$prefix.client.err" ||
         nbs_fail "the client did not log the path-2 attempt taking over from the silent Fast Open attempt"
+    fast_open=$(($(nbs_tcp_ext "$NBS_NS_C" TCPFastOpenActive) - fast_open0))
+    nbs_log "client TCPFastOpenActive +$fast_open during the session"
+    ((fast_open >= 1)) || nbs_fail "the session's JOINs did not use Fast Open (TCPFastOpenActive +$fast_open)"
 fi
 nbs_verdict open-one-path-dead "$prefix" "$bytes" 5000 || exit 1
