@@ -90,6 +90,9 @@ struct OpenRaceTests {
         #expect(took < .milliseconds(2500), "open took \(took)")
         let accepted = try await withTimeout(10) { try await accepting.value }
         #expect(await client.subflows.count == 1)
+        // The racer that won connected without Fast Open; the session's JOINs still use it.
+        let engine = client.engine
+        #expect(try await client.loop.submit { (engine.value as? SessionEngine)?.options.tcpFastOpen } .get() == true)
 
         // The loser's SYN is sent again 1 s after the first; had its socket stayed open, that SYN
         // would now find room in the queue and connect.
