@@ -139,6 +139,30 @@ struct OpenRaceTests {
         #expect(first.acceptWaiting() == 0 && second.acceptWaiting() == 0, "a cancelled attempt's connect went on")
     }
 
+    /// Every address silent: the attempts overlap, so the open fails after about one connect
+    /// timeout and three delays, not one timeout per pair.
+    @Test("with every address silent an open fails after one connect timeout, not one per pair")
+    func everyAddressSilent() async throws {
+        let first = try SilentTCPAddress(host: "127.0.0.2", port: 0)
+        let others = try (3...5).map { try SilentTCPAddress(host: "127.0.0.\($0)", port: first.port) }
+        var fourAddresses = loopbackOptions(peers: ["server.test": (2...5).map { "127.0.0.\($0)" }])
+        fourAddresses.connectTimeout = .seconds(1)
+        let options = fourAddresses, port = first.port
+        let clock = ContinuousClock()
+        let started = clock.now
+        do {
+            _ = try await withTimeout(20) { try await NBS.open(localName: "client.test", peerName: "server.test", port: port, options: options) }
+            Issue.record("an open to four silent addresses succeeded")
+        } catch let error as NBSError {
+            // Every pair is named in the failure.
+            for host in 2...5 { #expect("\(error)".contains("127.0.0.\(host)"), "\(error)") }
+        }
+        let took = clock.now - started
+        // 1.75 s staggered; one pair at a time it is 4 s.
+        #expect(took < .milliseconds(3000), "the open took \(took) to fail")
+        _ = others
+    }
+
     /// Over UDP the hello is the OPEN, so attempts race whole hellos; the claim comes with ACCEPT,
     /// and the listener admits only on the opener's DATA_ACK, which a loser never sends.
     @Test("over UDP an open does not wait out a silent first address, and the loser's hellos stop")
