@@ -60,6 +60,8 @@ final class SilentTCPAddress {
     }
 }
 
+/// Its silent and second addresses are 127.0.0.21-24, which no other suite uses: a port held there
+/// (a listen queue kept full, TIME_WAIT) cannot collide with another test's bind.
 @Suite("Staggered open attempts (Happy Eyeballs)", .timeLimit(.minutes(2)))
 struct OpenRaceTests {
     @Test("a connected attempt opens unless another's OPEN may be on the wire; an unanswered Fast Open SYN gives way")
@@ -76,9 +78,9 @@ struct OpenRaceTests {
         var listenerOptions = NBSOptions()
         listenerOptions.bindAddresses = [try SocketAddress(ipAddress: "127.0.0.1", port: 0)]
         let server = try await NBS.listen(localName: "server.test", port: 0, options: listenerOptions)
-        let silent = try SilentTCPAddress(host: "127.0.0.2", port: server.port)
+        let silent = try SilentTCPAddress(host: "127.0.0.21", port: server.port)
         let accepting = Task { try await server.accept() }
-        var twoAddresses = loopbackOptions(peers: ["server.test": ["127.0.0.2", "127.0.0.1"]])
+        var twoAddresses = loopbackOptions(peers: ["server.test": ["127.0.0.21", "127.0.0.1"]])
         twoAddresses.maxSubflows = 1  // no JOINs towards the silent address after the open
         let options = twoAddresses
         #expect(options.openAttemptDelay == .milliseconds(250))
@@ -114,9 +116,9 @@ struct OpenRaceTests {
     /// to their timeout, and sends nothing more.
     @Test("a cancelled open ends at once and closes every attempt")
     func cancelledOpen() async throws {
-        let first = try SilentTCPAddress(host: "127.0.0.2", port: 0)
-        let second = try SilentTCPAddress(host: "127.0.0.3", port: first.port)
-        var twoAddresses = loopbackOptions(peers: ["server.test": ["127.0.0.2", "127.0.0.3"]])
+        let first = try SilentTCPAddress(host: "127.0.0.21", port: 0)
+        let second = try SilentTCPAddress(host: "127.0.0.22", port: first.port)
+        var twoAddresses = loopbackOptions(peers: ["server.test": ["127.0.0.21", "127.0.0.22"]])
         twoAddresses.maxSubflows = 1
         let options = twoAddresses
         let clock = ContinuousClock()
@@ -143,9 +145,9 @@ struct OpenRaceTests {
     /// timeout and three delays, not one timeout per pair.
     @Test("with every address silent an open fails after one connect timeout, not one per pair")
     func everyAddressSilent() async throws {
-        let first = try SilentTCPAddress(host: "127.0.0.2", port: 0)
-        let others = try (3...5).map { try SilentTCPAddress(host: "127.0.0.\($0)", port: first.port) }
-        var fourAddresses = loopbackOptions(peers: ["server.test": (2...5).map { "127.0.0.\($0)" }])
+        let first = try SilentTCPAddress(host: "127.0.0.21", port: 0)
+        let others = try (22...24).map { try SilentTCPAddress(host: "127.0.0.\($0)", port: first.port) }
+        var fourAddresses = loopbackOptions(peers: ["server.test": (21...24).map { "127.0.0.\($0)" }])
         fourAddresses.connectTimeout = .seconds(1)
         let options = fourAddresses, port = first.port
         let clock = ContinuousClock()
@@ -155,7 +157,7 @@ struct OpenRaceTests {
             Issue.record("an open to four silent addresses succeeded")
         } catch let error as NBSError {
             // Every pair is named in the failure.
-            for host in 2...5 { #expect("\(error)".contains("127.0.0.\(host)"), "\(error)") }
+            for host in 21...24 { #expect("\(error)".contains("127.0.0.\(host)"), "\(error)") }
         }
         let took = clock.now - started
         // 1.75 s staggered; one pair at a time it is 4 s.
@@ -171,10 +173,10 @@ struct OpenRaceTests {
         let hellos = Tally()
         let silent = try await DatagramBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .channelInitializer { $0.pipeline.addHandler(DatagramTally(bytes: Tally(), datagrams: hellos)) }
-            .bind(host: "127.0.0.2", port: server.port).get()
+            .bind(host: "127.0.0.21", port: server.port).get()
         let accepting = Task { try await server.accept() }
         var twoAddresses = udpOptions()
-        twoAddresses.resolver = StaticResolver(["server.test": ["127.0.0.2", "127.0.0.1"]])
+        twoAddresses.resolver = StaticResolver(["server.test": ["127.0.0.21", "127.0.0.1"]])
         twoAddresses.maxSubflows = 1
         let options = twoAddresses
         let clock = ContinuousClock()
@@ -197,12 +199,14 @@ struct OpenRaceTests {
     func simultaneousAttemptsAdmitOneSession(transport: NBSOptions.Transport) async throws {
         var listenerOptions = NBSOptions()
         listenerOptions.transport = transport
-        listenerOptions.bindAddresses = [try SocketAddress(ipAddress: "127.0.0.1", port: 0)]
+        // On addresses of this suite's own: a port picked on 127.0.0.1 and let go may be taken at
+        // once by another test's connection from there.
+        listenerOptions.bindAddresses = [try SocketAddress(ipAddress: "127.0.0.21", port: 0)]
         let probe = try await NBS.listen(localName: "server.test", port: 0, options: listenerOptions)
-        listenerOptions.bindAddresses = [try SocketAddress(ipAddress: "127.0.0.1", port: probe.port), try SocketAddress(ipAddress: "127.0.0.2", port: probe.port)]
+        listenerOptions.bindAddresses = [try SocketAddress(ipAddress: "127.0.0.21", port: probe.port), try SocketAddress(ipAddress: "127.0.0.22", port: probe.port)]
         await probe.close()
         let server = try await NBS.listen(localName: "server.test", port: probe.port, options: listenerOptions)
-        var bothAtOnce = loopbackOptions(peers: ["server.test": ["127.0.0.2", "127.0.0.1"]])
+        var bothAtOnce = loopbackOptions(peers: ["server.test": ["127.0.0.22", "127.0.0.21"]])
         bothAtOnce.transport = transport
         bothAtOnce.maxSubflows = 1
         bothAtOnce.openAttemptDelay = .zero
