@@ -8,11 +8,13 @@ import Testing
 @testable import NameBasedSockets
 
 /// A TCP address that silently drops every SYN, as a blackholed path does, without root or nft:
-/// a listener with a backlog of 0 whose accept queue one connection already fills; Linux drops
-/// the SYNs that arrive then, and the connecting side sends them again after 1 s, 3 s, ...
+/// a listener with a backlog of 1 whose accept queue two connections already fill (Linux holds
+/// backlog + 1); Linux drops the SYNs that arrive then, and the connecting side sends them again
+/// after 1 s, 3 s, ... (A backlog of 0 would need a SYN cookie to let even the first one in.)
 final class SilentTCPAddress {
+    static let fillers = 2
     private let listenFD: Int32
-    private let fillerFD: Int32
+    private var fillerFDs: [Int32] = []
     let port: Int
 
     /// Port 0: one the kernel picks.
@@ -22,12 +24,11 @@ final class SilentTCPAddress {
         address.sin_port = in_port_t(UInt16(port).bigEndian)
         inet_pton(AF_INET, host, &address.sin_addr)
         let listenFD = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        let fillerFD = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        (self.listenFD, self.fillerFD) = (listenFD, fillerFD)
+        self.listenFD = listenFD
         let bound = withUnsafePointer(to: &address) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(listenFD, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
         }
-        guard bound == 0, listen(listenFD, 0) == 0 else {
+        guard bound == 0, listen(listenFD, 1) == 0 else {
             self.port = 0
             throw IOError(errnoCode: errno, reason: "bind/listen \(host):\(port)")
         }
@@ -36,11 +37,21 @@ final class SilentTCPAddress {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(listenFD, $0, &length) }
         }
         self.port = Int(UInt16(bigEndian: address.sin_port))
-        let connected = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fillerFD, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
-        }
-        guard connected == 0 else { throw IOError(errnoCode: errno, reason: "filling the accept queue of \(host):\(port)") }
         _ = fcntl(listenFD, F_SETFL, fcntl(listenFD, F_GETFL) | O_NONBLOCK)
+        for _ in 0..<Self.fillers {
+            // Non-blocking, with a bound: a test thread must never sit in a SYN's retransmissions.
+            let filler = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
+            fillerFDs.append(filler)
+            let started = withUnsafePointer(to: &address) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(filler, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+            }
+            var ready = pollfd(fd: filler, events: Int16(POLLOUT), revents: 0)
+            var failure: Int32 = 0
+            var failureLength = socklen_t(MemoryLayout<Int32>.size)
+            guard started == 0 || (errno == EINPROGRESS && poll(&ready, 1, 2000) == 1
+                                   && getsockopt(filler, SOL_SOCKET, SO_ERROR, &failure, &failureLength) == 0 && failure == 0)
+            else { throw IOError(errnoCode: failure != 0 ? failure : ETIMEDOUT, reason: "filling the accept queue of \(host):\(self.port)") }
+        }
     }
 
     /// Accepts (and closes) what the queue holds: after the first call the address answers SYNs again.
@@ -55,7 +66,7 @@ final class SilentTCPAddress {
     }
 
     deinit {
-        close(fillerFD)
+        fillerFDs.forEach { close($0) }
         close(listenFD)
     }
 }
@@ -98,7 +109,7 @@ struct OpenRaceTests {
 
         // The loser's SYN is sent again 1 s after the first; had its socket stayed open, that SYN
         // would now find room in the queue and connect.
-        #expect(silent.acceptWaiting() == 1)
+        #expect(silent.acceptWaiting() == SilentTCPAddress.fillers)
         try await Task.sleep(for: .milliseconds(1500) - (clock.now - started))
         #expect(silent.acceptWaiting() == 0, "the losing attempt's connect went on")
 
@@ -136,7 +147,7 @@ struct OpenRaceTests {
         }
         let took = clock.now - started
         #expect(took < .milliseconds(2500), "a cancelled open took \(took), its attempts' connect timeout is 5 s")
-        #expect(first.acceptWaiting() == 1 && second.acceptWaiting() == 1)
+        #expect(first.acceptWaiting() == SilentTCPAddress.fillers && second.acceptWaiting() == SilentTCPAddress.fillers)
         try await Task.sleep(for: .milliseconds(1500) - (clock.now - started))
         #expect(first.acceptWaiting() == 0 && second.acceptWaiting() == 0, "a cancelled attempt's connect went on")
     }
