@@ -317,23 +317,16 @@ final class SubflowHandler: ChannelInboundHandler, SubflowTransport {
     /// Closes once `frame` is on the wire.
     func writeAndClose(_ frame: Frame?) {
         guard let context else { return }
-        if let frame {
-            var buffer = context.channel.allocator.buffer(capacity: 64)
-            ensurePreamble(into: &buffer)
-            FrameEncoder.encode(frame, into: &buffer)
-            let channel = context.channel
-            context.writeAndFlush(Self.wrapOutboundOut(buffer)).whenComplete { _ in closeOnNextTick(channel) }
-        } else if sendsPreambleOnConnect, !preambleSent, !connectDeferred, context.channel.isActive {
-            // An opener's connection with nothing on it yet: the preamble first, so that the
-            // listener sees an NBS connection that ended, not a silent legacy client to hand to
-            // its application (a Happy Eyeballs loser closes this way).
-            var buffer = context.channel.allocator.buffer(capacity: NBSWire.preambleLength)
-            ensurePreamble(into: &buffer)
-            let channel = context.channel
-            context.writeAndFlush(Self.wrapOutboundOut(buffer)).whenComplete { _ in closeOnNextTick(channel) }
-        } else {
-            closeOnNextTick(context.channel)
-        }
+        // An opener's connection with nothing on it yet gets the preamble first, so that the
+        // listener sees an NBS connection that ended, not a silent legacy client to hand to its
+        // application (a Happy Eyeballs loser closes this way).
+        let announce = sendsPreambleOnConnect && !preambleSent && !connectDeferred && context.channel.isActive
+        let channel = context.channel
+        guard frame != nil || announce else { return closeOnNextTick(channel) }
+        var buffer = channel.allocator.buffer(capacity: 64)
+        ensurePreamble(into: &buffer)
+        if let frame { FrameEncoder.encode(frame, into: &buffer) }
+        context.writeAndFlush(Self.wrapOutboundOut(buffer)).whenComplete { _ in closeOnNextTick(channel) }
     }
 
     /// A TCP reset goes out at once, ahead of whatever is still queued, so the peer learns of the

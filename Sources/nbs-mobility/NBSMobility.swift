@@ -64,7 +64,7 @@ struct CommonOptions: ParsableArguments {
     @Flag(name: .long, help: "No TCP Fast Open on TCP subflows (by default OPEN and JOIN go in the SYN where net.ipv4.tcp_fastopen allows it and the kernel holds the server's cookie).")
     var noFastOpen = false
 
-    @Option(name: .long, help: "Over TCP, how long an open waits for a connect before the next pair of addresses' starts beside it, in ms (RFC 8305; default 250; 0: one pair at a time).")
+    @Option(name: .long, help: "How long an open waits for an attempt to reach the peer before the next pair of addresses' starts beside it, in ms (Happy Eyeballs, RFC 8305; default 250; 0: one pair at a time).")
     var openAttemptDelay: Int?
 
     @Option(name: .customLong("tcp-rto-min"), help: "The least retransmission timeout of this end's TCP subflows, in ms (Linux 6.15 and later; 0: the kernel's own, 200 ms; default: the library's).")
