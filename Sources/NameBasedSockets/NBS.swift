@@ -19,7 +19,7 @@ public enum NBS {
         let loop = options.eventLoopGroup.next()
         // A peer known to be legacy gets no NBS bytes at all.
         let plainOnly = options.legacyFallback == .legacyOnly || (options.legacyFallback == .fallback && options.legacyPeers.isLegacy(peerName, port: port))
-        let stagger = !plainOnly && pairs.count > 1 ? options.openAttemptDelay : nil
+        let stagger = !plainOnly && pairs.count > 1 ? options.effectiveOpenAttemptDelay : nil
         return try await OpenRace.first(of: pairs, on: loop, stagger: stagger, peerName: peerName) { race, index, pair, racing in
             if plainOnly {
                 return LegacyConnection.connect(on: loop, from: pair.local, to: pair.remote, localName: localName, peerName: peerName,

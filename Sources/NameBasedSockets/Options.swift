@@ -28,8 +28,19 @@ public struct NBSOptions: Sendable {
     /// starts beside it (Happy Eyeballs' Connection Attempt Delay, RFC 8305, whose 250 ms this
     /// takes). Over TCP the first connection up carries the OPEN; over UDP the first ACCEPT goes on
     /// to the verdict. A path that is silently dead then costs this instead of `connectTimeout` or
-    /// `handshakeTimeout`. nil: strictly one pair at a time; zero: every pair at once.
+    /// `handshakeTimeout`. nil: strictly one pair at a time; zero: every pair at once. Over UDP
+    /// it is at least `udpOpenAttemptDelayFloor`.
     public var openAttemptDelay: TimeAmount? = .milliseconds(250)
+    /// Over UDP what answers a hello is the listener's application, not its kernel, so a loaded
+    /// listener looks like a dead path: in the soak's burst of 200 opens over UDP, 13-24 % of them
+    /// started a second hello at 250 ms, more work for a listener already behind. At 1 s (the
+    /// hello sent a third time) a path is far likelier dead than slow.
+    public static let udpOpenAttemptDelayFloor: TimeAmount = .seconds(1)
+
+    var effectiveOpenAttemptDelay: TimeAmount? {
+        guard transport == .udp, let delay = openAttemptDelay, delay > .zero else { return openAttemptDelay }
+        return max(delay, Self.udpOpenAttemptDelayFloor)
+    }
     /// TCP Fast Open (RFC 7413) on TCP subflows: a listener accepts OPEN and JOIN in the SYN, and an
     /// opener that holds the server's cookie (from any earlier connection to that address) sends
     /// them there, so an open takes one round trip instead of two. The kernel decides: a listener

@@ -2,8 +2,9 @@
 # Open with one path dead: nft on the client silently drops everything on path 1 (nbs1) from before the open to
 # the end of the transfer. Every address of the server is tried from its own path first, and the attempt over
 # path 2 starts beside the silent one after NBSOptions.openAttemptDelay (250 ms, RFC 8305's Connection Attempt
-# Delay), so the open must reach the server within 2.5 s (ten times that; one pair at a time it took the 5 s
-# connect timeout or handshake budget), and the transfer must complete with every byte intact. Over TCP a first
+# Delay; over UDP at least 1 s), so the open must reach the server within 2.5 s (ten times 250 ms; one pair at a
+# time it took the 5 s connect timeout or handshake budget), and the transfer must complete with every byte
+# intact. Over TCP a first
 # session, before the fault, leaves the client holding the server's Fast Open cookies: the silent attempt is
 # then a Fast Open SYN carrying the OPEN, and the path-2 attempt, a plain connect, must take over from it once
 # connected (the client logs it); the session it makes must still use Fast Open for its JOINs (the client
