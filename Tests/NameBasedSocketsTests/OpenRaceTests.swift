@@ -71,6 +71,14 @@ final class SilentTCPAddress {
     }
 }
 
+/// Opens a session to server.test, and says how long the open took.
+func timedOpen(port: Int, options: NBSOptions) async throws -> (Session, Duration) {
+    let clock = ContinuousClock()
+    let started = clock.now
+    let session = try await withTimeout(10) { try await NBS.open(localName: "client.test", peerName: "server.test", port: port, options: options) }
+    return (session, clock.now - started)
+}
+
 /// Its silent and second addresses are 127.0.0.21-24, which no other suite uses: a port held there
 /// (a listen queue kept full, TIME_WAIT) cannot collide with another test's bind.
 @Suite("Staggered open attempts (Happy Eyeballs)", .timeLimit(.minutes(2)))
@@ -111,8 +119,7 @@ struct OpenRaceTests {
         #expect(options.openAttemptDelay == .milliseconds(250))
         let clock = ContinuousClock()
         let started = clock.now
-        let client = try await withTimeout(10) { try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options) }
-        let took = clock.now - started
+        let (client, took) = try await timedOpen(port: server.port, options: options)
         // Ten times the 250 ms target; without the race it is the 5 s connect timeout.
         #expect(took < .milliseconds(2500), "open took \(took)")
         let accepted = try await withTimeout(10) { try await accepting.value }
@@ -204,10 +211,7 @@ struct OpenRaceTests {
         twoAddresses.resolver = StaticResolver(["server.test": ["127.0.0.21", "127.0.0.1"]])
         twoAddresses.maxSubflows = 1
         let options = twoAddresses
-        let clock = ContinuousClock()
-        let started = clock.now
-        let client = try await withTimeout(10) { try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options) }
-        let took = clock.now - started
+        let (client, took) = try await timedOpen(port: server.port, options: options)
         // The UDP floor is 1 s; one pair at a time it is the 5 s handshake budget.
         #expect(took < .milliseconds(2500), "open took \(took)")
         let accepted = try await withTimeout(10) { try await accepting.value }
