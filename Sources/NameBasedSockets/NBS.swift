@@ -140,9 +140,6 @@ final class OpenAttempt: SubflowDelegate {
             case LegacyServer.reconnect:
                 return LegacyConnection.connect(on: loop, from: local, to: remote, localName: localName, peerName: peerName, port: port, options: options)
             default:
-                // A failure of its own lets the next connected attempt open; a session (plain
-                // TCP included) keeps the claim, so that no other OPEN follows it.
-                race.release(index)
                 return loop.makeFailedFuture(error)
             }
         }

@@ -119,6 +119,12 @@ final class OpenRace: @unchecked Sendable {
     private func finished(_ index: Int, _ outcome: Result<Session, any Error>) {
         running -= 1
         let pair = pairs[index]
+        // A failure lets the next connected attempt open; a session (plain TCP included) keeps the
+        // claim, so that no other OPEN follows it.
+        if case .failure = outcome {
+            attempts[index] = nil
+            if claimant == index { claimant = nil }
+        }
         switch outcome {
         case .success(let session):
             guard !ended else {
@@ -188,13 +194,6 @@ final class OpenRace: @unchecked Sendable {
                 throw Superseded(connected: true)
             }
         }
-    }
-
-    /// The claimant's attempt ended (a failure of its own): the next connected attempt may open.
-    func release(_ index: Int) {
-        loop.preconditionInEventLoop()
-        attempts[index] = nil
-        if claimant == index { claimant = nil }
     }
 
     /// One attempt won, or the open failed: every other attempt closes, sending nothing more.

@@ -58,7 +58,7 @@ enum PathPlanner {
         return result
     }
 
-    /// The pairs an open tries, one after another, until one answers: every local and every remote
+    /// The pairs an open tries, in this order (`OpenRace` staggers them): every local and every remote
     /// address before any twice, the peer's addresses in the resolver's order (which already holds
     /// the system's preferences, RFC 6724), each from the local address that shares its longest
     /// prefix, and no pair whose local and remote addresses were both tried already. An open used
