@@ -85,14 +85,19 @@ final class LegacyConnection: ChannelInboundHandler, RemovableChannelHandler, Se
     }
 
     /// A plain TCP connection to `remote`: no NBS byte is ever sent on it. The session is in the
-    /// pipeline before the connection is up, so a server that speaks first loses nothing.
+    /// pipeline before the connection is up, so a server that speaks first loses nothing. In a
+    /// `race`, a connect that another attempt beat is closed before anything is read from it.
     static func connect(on loop: any EventLoop, from local: SocketAddress, to remote: SocketAddress, localName: String, peerName: String,
-                        port: Int, options: NBSOptions) -> EventLoopFuture<Session> {
+                        port: Int, options: NBSOptions, race: (OpenRace, Int)? = nil) -> EventLoopFuture<Session> {
         let session = loop.makePromise(of: Session.self)
+        let entrant = NIOLoopBound(PlainConnectAttempt(), eventLoop: loop)
+        if let (race, index) = race { race.register(index, entrant.value) }
         return ClientBootstrap(group: loop)
             .connectTimeout(options.connectTimeout)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
+                    entrant.value.channel = channel
+                    if entrant.value.abandoned { throw OpenRace.Superseded(connected: false) }
                     try SubflowConnector.setSocketOptionsSync(channel)
                     session.succeed(try adopt(channel, role: .opener, localName: localName, peerName: peerName, port: port, options: options))
                 }

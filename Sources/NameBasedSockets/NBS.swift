@@ -19,11 +19,12 @@ public enum NBS {
         let loop = options.eventLoopGroup.next()
         // A peer known to be legacy gets no NBS bytes at all.
         let plainOnly = options.legacyFallback == .legacyOnly || (options.legacyFallback == .fallback && options.legacyPeers.isLegacy(peerName, port: port))
-        let stagger = !plainOnly && pairs.count > 1 ? options.effectiveOpenAttemptDelay : nil
+        // Plain connects are TCP's whatever the transport: the UDP floor is not theirs.
+        let stagger = pairs.count > 1 ? (plainOnly ? options.openAttemptDelay : options.effectiveOpenAttemptDelay) : nil
         return try await OpenRace.first(of: pairs, on: loop, stagger: stagger, peerName: peerName) { race, index, pair, racing in
             if plainOnly {
                 return LegacyConnection.connect(on: loop, from: pair.local, to: pair.remote, localName: localName, peerName: peerName,
-                                                port: port, options: options)
+                                                port: port, options: options, race: (race, index))
             }
             return OpenAttempt.start(on: loop, local: pair.local, remote: pair.remote, localName: localName, peerName: peerName, port: port,
                                      options: options, racing: racing, book: book, peerAddresses: remotes, race: race, index: index)
@@ -46,7 +47,7 @@ public enum NBS {
 /// The opener's first subflow: connect, OPEN, wait for ACCEPT (or a refusal), verify the
 /// listener's name, prove our own identity, then wait for the listener's verdict on ours: its
 /// first frame after ACCEPT is a DATA_ACK when it admits the session, an ABORT when it refuses.
-final class OpenAttempt: SubflowDelegate {
+final class OpenAttempt: SubflowDelegate, OpenRaceEntrant {
     struct Accepted {
         var accept: Frame.Accept
         var identity: Frame.Identity?

@@ -11,11 +11,12 @@ import NIOCore
 /// it claims at once, and a racer (which never uses Fast Open) that connects while that SYN is
 /// still unanswered takes over from it. Over UDP the OPEN is the first datagram, so hellos race;
 /// a UDP listener admits only on the opener's DATA_ACK, so the claim comes with ACCEPT and a loser
-/// never sends one.
+/// never sends one. Plain TCP opens (a peer known to be legacy) race their connects too, as RFC
+/// 8305 describes: the first connection up is the session, and the others close unused.
 final class OpenRace: @unchecked Sendable {
     // Touched on `loop` only; `@unchecked` for the cancellation handler that hops there.
     private let loop: any EventLoop
-    private var attempts: [Int: OpenAttempt] = [:]
+    private var attempts: [Int: any OpenRaceEntrant] = [:]
     private var claimant: Int?
     private var ended = false
 
@@ -171,7 +172,7 @@ final class OpenRace: @unchecked Sendable {
         result?.fail(error)
     }
 
-    func register(_ index: Int, _ attempt: OpenAttempt) {
+    func register(_ index: Int, _ attempt: any OpenRaceEntrant) {
         loop.preconditionInEventLoop()
         attempts[index] = attempt
         if ended { attempt.abandon(Superseded(connected: false)) }
@@ -209,9 +210,25 @@ final class OpenRace: @unchecked Sendable {
     /// A Fast Open claimant's SYN carried its OPEN; until the kernel has the SYN-ACK, the listener
     /// may never have seen either. A plain connect that completed has had its answer.
     private func claimantSynUnanswered() -> EventLoopFuture<Bool> {
-        guard let claimant, let attempt = attempts[claimant], attempt.connectDeferred,
+        guard let claimant, let attempt = attempts[claimant] as? OpenAttempt, attempt.connectDeferred,
             let provider = attempt.channel as? any SocketOptionProvider
         else { return loop.makeSucceededFuture(false) }
         return provider.getKernelTCPInfo().map { $0.state == KernelTCPInfo.synSent }.recover { _ in false }
+    }
+}
+
+/// An attempt the race can close, when another wins or the open ends.
+protocol OpenRaceEntrant: AnyObject {
+    func abandon(_ error: any Error)
+}
+
+/// A plain TCP connect in a race: nothing is sent on it before it wins, so closing it is all.
+final class PlainConnectAttempt: OpenRaceEntrant {
+    var channel: (any Channel)?
+    private(set) var abandoned = false
+
+    func abandon(_ error: any Error) {
+        abandoned = true
+        channel?.close(promise: nil)
     }
 }

@@ -27,7 +27,8 @@ public struct NBSOptions: Sendable {
     /// does not wait out an attempt that has not reached the peer within this long: the next pair's
     /// starts beside it (Happy Eyeballs' Connection Attempt Delay, RFC 8305, whose 250 ms this
     /// takes). Over TCP the first connection up carries the OPEN; over UDP the first ACCEPT goes on
-    /// to the verdict. A path that is silently dead then costs this instead of `connectTimeout` or
+    /// to the verdict; a plain TCP open's first connection up is the session (and the UDP floor
+    /// does not apply to it). A path that is silently dead then costs this instead of `connectTimeout` or
     /// `handshakeTimeout`. nil: strictly one pair at a time; zero: every pair at once. Over UDP
     /// it is at least `udpOpenAttemptDelayFloor`.
     public var openAttemptDelay: TimeAmount? = .milliseconds(250)

@@ -144,6 +144,28 @@ struct OpenRaceTests {
         await server.close()
     }
 
+    /// A peer known to be legacy gets plain TCP connects, raced as RFC 8305 has them.
+    @Test("a plain TCP open does not wait out a silent first address either, and the losing connect is closed")
+    func silentFirstAddressPlainTCP() async throws {
+        let plain = try await PlainServer.start(.echo, host: "127.0.0.22")
+        let silent = try SilentTCPAddress(host: "127.0.0.21", port: plain.port)
+        var options = legacyOptions(.legacyOnly, peer: "server.test")
+        options.resolver = StaticResolver(["server.test": ["127.0.0.21", "127.0.0.22"]])
+        let clock = ContinuousClock()
+        let started = clock.now
+        let (session, took) = try await timedOpen(port: plain.port, options: options)
+        #expect(took < .milliseconds(2500), "open took \(took)")
+        #expect(session.isLegacy)
+        #expect(silent.acceptWaiting() == SilentTCPAddress.fillers)
+        try await Task.sleep(for: .milliseconds(1500) - (clock.now - started))
+        #expect(silent.acceptWaiting() == 0, "the losing connect went on")
+        let data = pattern(50_000, seed: 22)
+        #expect(try await withTimeout(10) { try await echo(data, over: session) } == sha256(data))
+        #expect(await plain.log.connections.count == 1)
+        try await session.close()
+        await plain.stop()
+    }
+
     /// Every address silent: a cancelled open closes its connects at once, instead of leaving them
     /// to their timeout, and sends nothing more.
     @Test("a cancelled open ends at once and closes every attempt")
