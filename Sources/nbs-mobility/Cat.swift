@@ -120,12 +120,13 @@ struct Cat: AsyncParsableCommand {
 
     static func pumpStdout(from session: Session, tracked: TrackedSession) async throws -> ReceiveMeter {
         var meter = ReceiveMeter()
-        while let chunk = try await session.read() {
-            meter.record([chunk])
-            tracked.addProgress(chunk.readableBytes)
+        while let segments = try await session.readSegments() {
+            tracked.addProgress(meter.record(segments))
             try await NIOThreadPool.singleton.runIfActive {
-                if let failure = chunk.withUnsafeReadableBytes({ Terminal.writeAll(STDOUT_FILENO, $0) }) {
-                    throw CLIError("cannot write stdout: \(String(cString: strerror(failure)))", hint: "the reader of stdout went away")
+                for segment in segments {
+                    if let failure = segment.withUnsafeReadableBytes({ Terminal.writeAll(STDOUT_FILENO, $0) }) {
+                        throw CLIError("cannot write stdout: \(String(cString: strerror(failure)))", hint: "the reader of stdout went away")
+                    }
                 }
             }
         }

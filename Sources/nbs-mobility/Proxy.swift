@@ -183,9 +183,11 @@ func relay(_ plain: NIOAsyncChannel<ByteBuffer, ByteBuffer>, _ session: Session,
                     // output shutdown below finds nothing queued: once the plain peer has ended its
                     // side, NIO turns the shutdown into a full close that would drop queued writes.
                     var count = 0
-                    while let chunk = try await session.read() {
-                        count += chunk.readableBytes
-                        try await plain.channel.writeAndFlush(chunk)
+                    while let segments = try await session.readSegments(), let last = segments.last {
+                        // As they arrived: one flush, and the last write's completion covers the others'.
+                        for segment in segments.dropLast() { plain.channel.write(segment, promise: nil) }
+                        count += segments.reduce(0) { $0 + $1.readableBytes }
+                        try await plain.channel.writeAndFlush(last)
                     }
                     try? await plain.channel.close(mode: .output)
                     return .fromPeer(count)
