@@ -13,16 +13,24 @@ public enum DatagramWire {
     /// form, connection ID, packet number, control base, transport items length.
     public static let headerLength = 1 + 8 + 8 + 4 + 2
     public static let tagLength = 16
-    /// Every datagram fits the IPv6 minimum MTU (1280) less IPv6 and UDP headers, so no path
-    /// fragments it; QUIC makes the same choice.
-    public static let maxDatagramSize = 1200
+    /// Every subflow starts with datagrams that fit the IPv6 minimum MTU (1280) less IPv6 and UDP
+    /// headers, so no path fragments them; QUIC makes the same choice. Larger sizes are probed
+    /// for (`PathMTUSearch`).
+    public static let baseDatagramSize = 1200
+    /// The largest datagram a subflow sends or receives: what its probes may try, and what a
+    /// socket's read buffer holds. On loopback (MTU 65,536) this is the limit; on Ethernet the
+    /// path's 1,500 is.
+    public static let largestDatagramSize = 16 * 1024
     /// Datagrams that open a subflow (OPEN, JOIN) are padded to this size, and a listener ignores
     /// shorter ones: its answer is then never larger than what a spoofed source made it receive,
     /// so it cannot amplify an attack on that source.
     public static let minimumHelloSize = 1200
     public static let maxAckRanges = 32
-    /// Room a DATA frame's payload has in a protected datagram that also carries a full ACK item.
-    public static let maxDataPayload = maxDatagramSize - headerLength - tagLength - NBSWire.frameHeaderLength - 8 - 3 - 64
+    /// Room a DATA frame's payload has in a protected datagram of `size` that also carries a full
+    /// ACK item.
+    public static func maxDataPayload(datagramSize size: Int) -> Int {
+        size - headerLength - tagLength - NBSWire.frameHeaderLength - 8 - 3 - 64
+    }
 }
 
 /// The transport's own items, carried ahead of the frames of a datagram.
@@ -162,7 +170,7 @@ public struct DatagramPacket: Sendable, Equatable {
     /// Parses a datagram whose tag (if any) has been checked and removed.
     public static func decode(_ body: ByteBuffer) throws(DatagramError) -> DatagramPacket {
         var b = body
-        guard b.readableBytes <= DatagramWire.maxDatagramSize + 512 else { throw .tooLarge(b.readableBytes) }
+        guard b.readableBytes <= DatagramWire.largestDatagramSize else { throw .tooLarge(b.readableBytes) }
         guard let form: UInt8 = b.readInteger(), let cid: UInt64 = b.readInteger(), let pn: UInt64 = b.readInteger(),
             let base: UInt32 = b.readInteger(), let itemsLength: UInt16 = b.readInteger()
         else { throw .truncated }

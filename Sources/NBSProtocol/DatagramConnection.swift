@@ -28,6 +28,8 @@ public struct DatagramConnection {
         case pathResponse(UInt64)
         /// An authenticated datagram that cannot be parsed: the peer is broken.
         case malformed(String)
+        /// A probe of this size was acknowledged: DATA may fill datagrams of it (`maxDataPayload`).
+        case datagramSizeConfirmed(Int)
     }
 
     public enum Drop: Sendable, Equatable {
@@ -88,6 +90,14 @@ public struct DatagramConnection {
     public private(set) var rtt = RTTEstimator()
     public private(set) var congestion = NewReno()
     public private(set) var statistics = Statistics()
+    public private(set) var pathMTU = PathMTUSearch()
+    private var lostPacketsAtProbe = 0
+    /// Packets of ours were lost since the probe in flight went out: its loss proves less.
+    private var lostSinceProbe: Bool { statistics.lostPackets > lostPacketsAtProbe }
+    /// The size of the datagrams this end sends: the base until a larger one is confirmed.
+    public var maxDatagramSize: Int { pathMTU.confirmed }
+    /// The largest DATA payload a datagram carries now.
+    public var maxDataPayload: Int { DatagramWire.maxDataPayload(datagramSize: maxDatagramSize) }
 
     private var sendKey: SymmetricKey?
     private var receiveKey: SymmetricKey?
@@ -179,6 +189,10 @@ public struct DatagramConnection {
 
     public mutating func queuePing() { itemQueue.append(.ping) }
 
+    /// Sizes to probe for (`PathMTUSearch.candidates`); probes start once the peer has shown it
+    /// holds the keys.
+    public mutating func probeDatagramSizes(_ sizes: [Int]) { pathMTU.consider(sizes) }
+
     private mutating func queueControl(_ item: ControlItem) {
         let sequence = nextControlSequence
         nextControlSequence += 1
@@ -231,11 +245,14 @@ public struct DatagramConnection {
     /// The next datagram to send now, if any.
     public mutating func nextDatagram(now: UInt64, allocator: ByteBufferAllocator = .init()) -> SendDecision {
         controlQueue.removeAll { controlItems[$0] == nil }
+        if receivedProtected, let size = pathMTU.sizeToProbe, congestion.bytesInFlight + size <= congestion.window {
+            return .datagram(buildProbe(size: size, now: now, allocator: allocator))
+        }
         let urgentItems = !itemQueue.isEmpty
         if hasWindowedWork {
             let windowOpen = congestion.bytesInFlight < congestion.window
             if windowOpen {
-                let when = congestion.sendTime(bytes: DatagramWire.maxDatagramSize, now: now, rtt: rtt)
+                let when = congestion.sendTime(bytes: maxDatagramSize, now: now, rtt: rtt)
                 if when <= now { return .datagram(build(now: now, allocator: allocator, includeWindowed: true)) }
                 if !ackNow && !urgentItems { return .wait(until: when) }
             }
@@ -246,8 +263,24 @@ public struct DatagramConnection {
         return .nothing
     }
 
+    /// A PING padded to `size`, authenticated. Not tracked with the others: its loss is no loss of
+    /// anything the subflow carries, and must not slow it or make it look dead.
+    private mutating func buildProbe(size: Int, now: UInt64, allocator: ByteBufferAllocator) -> ByteBuffer {
+        let fill = size - DatagramWire.headerLength - DatagramWire.tagLength - DatagramItem.ping.encodedLength - DatagramItem.padding(0).encodedLength
+        let packet = DatagramPacket(isProtected: true, connectionID: connectionID, packetNumber: nextPacketNumber,
+                                    controlBase: nextControlSequence, items: [.ping, .padding(fill)], frames: [])
+        let datagram = packet.encode(key: sendKey, allocator: allocator)
+        pathMTU.sent(number: nextPacketNumber, size: datagram.readableBytes, at: now)
+        lostPacketsAtProbe = statistics.lostPackets
+        nextPacketNumber += 1
+        statistics.datagramsSent += 1
+        statistics.bytesSent += datagram.readableBytes
+        return datagram
+    }
+
     private mutating func build(now: UInt64, allocator: ByteBufferAllocator, includeWindowed: Bool) -> ByteBuffer {
-        var budget = DatagramWire.maxDatagramSize - DatagramWire.headerLength
+        let size = maxDatagramSize
+        var budget = size - DatagramWire.headerLength
         var items: [DatagramItem] = []
         var frames: [Frame] = []
         var record = SentPacket(number: nextPacketNumber, sentAt: now, size: 0, ackEliciting: false, countsInFlight: false, isProtected: false)
@@ -323,7 +356,7 @@ public struct DatagramConnection {
             }
         }
         if carriesHello {
-            let used = DatagramWire.maxDatagramSize - DatagramWire.headerLength - budget
+            let used = size - DatagramWire.headerLength - budget
             let fill = DatagramWire.minimumHelloSize - DatagramWire.headerLength - used - 3
             if fill >= 0 { items.append(.padding(fill)) }
         }
@@ -414,6 +447,13 @@ public struct DatagramConnection {
         statistics.datagramsReceived += 1
         lastReceiveAt = now
         result.authenticated = packet.isProtected
+        // The peer's probe of this size came through: the way back likely carries ours. (A
+        // listener has no route MTU of its own to start from: its socket is not connected.)
+        // Only a probe's size (a PING padded out) is a size the peer chose to test.
+        if packet.isProtected, datagram.readableBytes > pathMTU.confirmed, packet.frames.isEmpty,
+           packet.items.contains(where: { if case .padding = $0 { true } else { false } }) {
+            pathMTU.consider([datagram.readableBytes])
+        }
         result.isNewest = previousLargest.map { packet.packetNumber > $0 } ?? true
         if result.isNewest { largestReceivedAt = now }
         if packet.isProtected, !receivedProtected {
@@ -503,13 +543,21 @@ public struct DatagramConnection {
                 if newlyAckedLargest.map({ packet.number > $0.number }) ?? true { newlyAckedLargest = packet }
             }
         }
-        guard let largestPacket = newlyAckedLargest else { return [] }
-        largestAcked = max(largestAcked ?? 0, newest)
-        if largestPacket.number == newest, largestPacket.ackEliciting, now > largestPacket.sentAt {
-            rtt.add(sample: now - largestPacket.sentAt, ackDelay: UInt64(delayMicros) * 1000)
+        var events: [Event] = []
+        if let largestPacket = newlyAckedLargest {
+            largestAcked = max(largestAcked ?? 0, newest)
+            if largestPacket.number == newest, largestPacket.ackEliciting, now > largestPacket.sentAt {
+                rtt.add(sample: now - largestPacket.sentAt, ackDelay: UInt64(delayMicros) * 1000)
+            }
+            probeTimeouts = 0
+            events = detectLosses(now: now)
         }
-        probeTimeouts = 0
-        return detectLosses(now: now)
+        // After the losses this ACK reveals, which say whether a lost probe proves anything.
+        if let size = pathMTU.acknowledged(ranges, congested: lostSinceProbe) {
+            congestion.maxDatagramSize = size
+            events.append(.datagramSizeConfirmed(size))
+        }
+        return events
     }
 
     private mutating func detectLosses(now: UInt64) -> [Event] {
@@ -553,11 +601,12 @@ public struct DatagramConnection {
 
     /// When `timeout(now:)` must next run.
     public var nextTimeout: UInt64? {
-        [ackDeadline, lossTime, probeDeadline].compactMap { $0 }.min()
+        [ackDeadline, lossTime, probeDeadline, pathMTU.deadline(probeTimeout: rtt.probeTimeout(maxAckDelay: maxAckDelay))].compactMap { $0 }.min()
     }
 
     public mutating func timeout(now: UInt64) -> [Event] {
         var events: [Event] = []
+        pathMTU.expire(now: now, probeTimeout: rtt.probeTimeout(maxAckDelay: maxAckDelay), congested: lostSinceProbe)
         if let deadline = ackDeadline, deadline <= now { ackNow = true }
         if let lossTime, lossTime <= now {
             events += detectLosses(now: now)

@@ -42,7 +42,8 @@ public struct RTTEstimator: Sendable, Equatable {
 /// NewReno (RFC 9002 §7) with a pacer, so a UDP session takes no more than its share of a
 /// bottleneck and does not send its window in one burst.
 public struct NewReno: Sendable, Equatable {
-    public let maxDatagramSize: Int
+    /// The subflow's datagram size (`PathMTUSearch.confirmed`): the unit of window growth and pacing.
+    public internal(set) var maxDatagramSize: Int
     public private(set) var window: Int
     public private(set) var slowStartThreshold = Int.max
     public private(set) var bytesInFlight = 0
@@ -52,7 +53,7 @@ public struct NewReno: Sendable, Equatable {
     private var tokens: Double
     private var lastRefill: UInt64?
 
-    public init(maxDatagramSize: Int = DatagramWire.maxDatagramSize) {
+    public init(maxDatagramSize: Int = DatagramWire.baseDatagramSize) {
         self.maxDatagramSize = maxDatagramSize
         window = 10 * maxDatagramSize
         tokens = Double(10 * maxDatagramSize)

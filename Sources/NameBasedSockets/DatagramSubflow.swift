@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import Logging
 import NBSProtocol
 import NIOCore
@@ -130,7 +133,7 @@ final class DatagramSubflow: SubflowTransport {
     var isWritable: Bool { !closed && connection.isWritable }
     var localAddress: SocketAddress? { local }
     var remoteAddress: SocketAddress? { remote }
-    var maxDataPayload: Int? { DatagramWire.maxDataPayload }
+    var maxDataPayload: Int? { connection.maxDataPayload }
     var deliversInOrder: Bool { false }
     private(set) var peerAddressConfirmed = false
 
@@ -253,8 +256,16 @@ final class DatagramSubflow: SubflowTransport {
     /// counts its backlog as its loop's lag.
     static func openSocket(on loop: any EventLoop, bind local: SocketAddress, connect remote: SocketAddress?, reuseAddress: Bool,
                            sharedByListener: Bool = false) -> EventLoopFuture<any Channel> {
+        // Don't Fragment, and the kernel's idea of the path MTU ignored (IP_PMTUDISC_PROBE): a probe
+        // too large for the path must be lost, not fragmented, and `PathMTUSearch` is the authority.
+        let mtuDiscovery: ChannelOptions.Types.SocketOption = local.protocol == .inet6
+            ? .init(level: .ipv6, name: .init(rawValue: IPV6_MTU_DISCOVER)) : .ipOption(.init(rawValue: IP_MTU_DISCOVER))
         var bootstrap = DatagramBootstrap(group: loop)
             .channelOption(.socketOption(.so_reuseaddr), value: reuseAddress ? 1 : 0)
+            .channelOption(mtuDiscovery, value: Int(local.protocol == .inet6 ? IPV6_PMTUDISC_PROBE : IP_PMTUDISC_PROBE))
+            // A listener's socket reads for every subflow to its address, whatever sizes they
+            // reach; an opener's is sized to its path once connected (`searchPathMTU`).
+            .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: sharedByListener ? DatagramWire.largestDatagramSize : Self.smallReadBuffer))
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(DatagramInbound(sharedByListener: sharedByListener))
@@ -280,6 +291,22 @@ final class DatagramSubflow: SubflowTransport {
 
     /// Datagrams NIO reads from a socket per wake-up (`maxMessagesPerRead`).
     static let readsPerWakeup = 256
+    /// NIO's own size for a datagram read: room for the base size and any Ethernet path's.
+    static let smallReadBuffer = 2048
+
+    /// An opener's socket is connected, so the kernel knows the route's MTU (`IP_MTU`): the sizes
+    /// to probe for follow from it, and so does what the socket must be able to read.
+    private func searchPathMTU(on channel: any Channel) {
+        guard let options = channel.syncOptions else { return }
+        let ipv6 = remote.protocol == .inet6
+        let routeMTU: ChannelOptions.Types.SocketOption = ipv6 ? .init(level: .ipv6, name: .init(rawValue: IPV6_MTU)) : .ipOption(.init(rawValue: IP_MTU))
+        guard let linkMTU = try? options.getOption(routeMTU) else { return }
+        let sizes = PathMTUSearch.candidates(linkMTU: Int(linkMTU), ipv6: ipv6).map { min($0, DatagramWire.largestDatagramSize) }
+        if let largest = sizes.max(), largest > Self.smallReadBuffer {
+            try? options.setOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: largest))
+        }
+        connection.probeDatagramSizes(sizes)
+    }
 
     /// Makes `channel` this subflow's socket (the first one, or the one a path check found).
     func attach(_ channel: any Channel) throws {
@@ -295,6 +322,7 @@ final class DatagramSubflow: SubflowTransport {
         }
         self.channel = channel
         self.inbound = inbound
+        if connection.isOpener { searchPathMTU(on: channel) }
         transmit()
         if closeOnAttach { close(error: nil) }
     }
@@ -484,6 +512,12 @@ final class DatagramSubflow: SubflowTransport {
 
     func receive(_ datagram: ByteBuffer, from source: SocketAddress) {
         guard !closed else { return }
+        var datagram = datagram
+        // A small datagram in a large read buffer would keep all of it alive while its DATA waits
+        // for the application, so memory would no longer be bounded by receiveCapacity.
+        if datagram.capacity > Self.smallReadBuffer, datagram.readableBytes < datagram.capacity / 4 {
+            datagram = (channel?.allocator ?? ByteBufferAllocator()).buffer(buffer: datagram)
+        }
         let result = connection.receive(datagram, now: Self.now)
         if result.authenticated { peerAddressConfirmed = true }
         if result.dropped != nil {
@@ -522,6 +556,9 @@ final class DatagramSubflow: SubflowTransport {
             case .malformed(let why):
                 closeError = NBSError.protocolViolation(why)
                 writeAndClose(.abort(.init(reason: .protocolViolation, message: why)))
+            case .datagramSizeConfirmed(let size):
+                // The engine sizes its segments to it at the next progress report (`maxDataPayload`).
+                logger.debug("subflow \(id) \(local) → \(remote): datagrams of \(size) bytes get through")
             }
         }
         if connection.shutdownAcknowledged, closingAfterShutdown { close(error: nil) }

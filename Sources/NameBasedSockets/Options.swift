@@ -252,6 +252,8 @@ public struct SubflowInfo: Sendable, Equatable {
     public var bytesReceived: Int
     public var reinjectedBytes: Int
     public var closeReason: String?
+    /// A UDP subflow's datagram size: 1,200 bytes until its path MTU search confirms more.
+    public var datagramSize: Int? = nil
 }
 
 public enum SessionEvent: Sendable, Equatable {

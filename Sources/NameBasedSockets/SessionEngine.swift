@@ -89,6 +89,7 @@ final class SessionEngine: SubflowDelegate {
     /// Test hook (`Session.dropArrivingFramesForTesting`): frames lost as if with their subflow.
     var droppedFrameTypesForTesting: Set<FrameType> = []
     private var queueHighWaterMark: [SubflowID: Int] = [:]
+    private var segmentPayloadLimit: [SubflowID: Int?] = [:]
     private var pendingInterfaceEvents: [InterfaceEvent] = []
     private var refusedJoinRetries = 0
     /// Our interfaces' tags in INTERFACE hints, numbered by first use in this session.
@@ -797,9 +798,12 @@ final class SessionEngine: SubflowDelegate {
         guard let rate, rate > 0 else { return }
         let target = Int(rate * options.queueTarget.seconds)
         let high = max(8 * 1024, min(1 << 20, Int(UInt(max(target, 1)).roundedUpToPowerOfTwo)))
-        guard queueHighWaterMark[id] != high else { return }
+        // A UDP subflow's datagrams grow as its path MTU search confirms larger ones.
+        let payload = record.handler.maxDataPayload
+        guard queueHighWaterMark[id] != high || segmentPayloadLimit[id] != payload else { return }
         queueHighWaterMark[id] = high
-        core.setSegmentLimit(id, min(max(Self.minimumSegment, high / Self.segmentsPerQueue), record.handler.maxDataPayload ?? .max))
+        segmentPayloadLimit[id] = payload
+        core.setSegmentLimit(id, min(max(Self.minimumSegment, high / Self.segmentsPerQueue), payload ?? .max))
         record.handler.setQueueLimit(high)
     }
 
@@ -1342,7 +1346,8 @@ final class SessionEngine: SubflowDelegate {
             : core.isSuspended(id) ? .stalled : core.isDraining(id) ? .draining : record.backup ? .backup : core.isStandby(id) ? .standby : .active
         return SubflowInfo(id: id.rawValue, local: record.local, remote: record.remote, interface: record.interface, state: state,
                            rttMilliseconds: core.smoothedRTT(id), bytesSent: stats.bytesSent, bytesReceived: stats.bytesReceived,
-                           reinjectedBytes: stats.reinjectedBytes, closeReason: record.closeReason)
+                           reinjectedBytes: stats.reinjectedBytes, closeReason: record.closeReason,
+                           datagramSize: (record.handler as? DatagramSubflow)?.connection.maxDatagramSize)
     }
 
     var subflowInfos: [SubflowInfo] { records.keys.sorted().map(info) }

@@ -193,7 +193,7 @@ struct TransferReport {
         if let sentBytes { lines.append("  sent \(sentBytes) bytes, sha256 \(sentSHA256 ?? "?")") }
         if reinjected > 0 { lines.append("  reinjected \(reinjected) bytes, at most \(subflowsMax) subflows at once") }
         for s in subflows {
-            lines.append("  subflow \(s.id) \(s.local.ipAddress ?? "?") -> \(s.remote.ipAddress ?? "?") \(s.interface ?? "-") \(displayState(s.state)) sent \(s.bytesSent) received \(s.bytesReceived) reinjected \(s.reinjectedBytes) rtt \(s.rttMilliseconds.map { String(format: "%.2f ms", $0) } ?? "-")\(s.closeReason.map { " (\($0))" } ?? "")")
+            lines.append("  subflow \(s.id) \(s.local.ipAddress ?? "?") -> \(s.remote.ipAddress ?? "?") \(s.interface ?? "-") \(displayState(s.state)) sent \(s.bytesSent) received \(s.bytesReceived) reinjected \(s.reinjectedBytes) rtt \(s.rttMilliseconds.map { String(format: "%.2f ms", $0) } ?? "-")\(s.datagramSize.map { " datagrams \($0) B" } ?? "")\(s.closeReason.map { " (\($0))" } ?? "")")
         }
         return lines.joined(separator: "\n")
     }
@@ -234,6 +234,7 @@ extension TransferReport: Encodable {
         private enum Key: String, CodingKey {
             case local, remote, state, interface
             case bytesSent = "bytes_sent", bytesReceived = "bytes_received", reinjectedBytes = "reinjected_bytes", rttMs = "rtt_ms"
+            case datagramSize = "datagram_size"
         }
 
         func encode(to encoder: any Encoder) throws {
@@ -246,6 +247,7 @@ extension TransferReport: Encodable {
             try c.encode(info.reinjectedBytes, forKey: .reinjectedBytes)
             try c.encode(info.rttMilliseconds.map(round3), forKey: .rttMs)  // null when unknown
             try c.encodeIfPresent(info.interface, forKey: .interface)
+            try c.encodeIfPresent(info.datagramSize, forKey: .datagramSize)  // UDP subflows only
         }
     }
 

@@ -190,6 +190,7 @@ struct SubflowStatus: Codable, Sendable, Equatable {
     var sendMbps: Double
     var recvMbps: Double
     var closeReason: String?
+    var datagramSize: Int?
 
     init(_ row: SubflowRow) {
         let s = row.info
@@ -206,6 +207,7 @@ struct SubflowStatus: Codable, Sendable, Equatable {
         sendMbps = round3(row.sendMbps)
         recvMbps = round3(row.receiveMbps)
         closeReason = s.closeReason
+        datagramSize = s.datagramSize
     }
 }
 

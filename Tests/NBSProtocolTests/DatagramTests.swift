@@ -147,6 +147,72 @@ import Testing
 
     /// Found at 4,000 idle UDP sessions on one host: a probe after a long idle spell counted its wait
     /// from the last ACK, seconds earlier, so one late answer made the session suspend the subflow.
+    /// RFC 8899 over a path that carries datagrams of at most `pathLimit` bytes: probes above it go
+    /// unanswered (three times each), the largest size that fits is confirmed by the opener and then
+    /// by the listener (from the opener's datagrams), DATA fills it, and the lost probes count as
+    /// neither congestion nor silence.
+    @Test(arguments: [1472, 1450, 1400, 1300])
+    func pathMTUSearchConfirmsTheLargestSizeThePathCarries(pathLimit: Int) throws {
+        var (opener, listener) = Self.keyedPair()
+        let candidates = PathMTUSearch.candidates(linkMTU: 1500, ipv6: false)
+        #expect(candidates == [1472, 1400])
+        opener.probeDatagramSizes(candidates)
+        opener.queue(.dataAck(.init(cumulativeAck: 0, window: 100)))  // something protected first
+        var now: UInt64 = 1_000_000
+        var confirmed: [Int] = []
+        for _ in 0..<300 {
+            for d in Self.drain(&opener, now: now) where d.readableBytes <= pathLimit { _ = listener.receive(d, now: now + 1_000_000) }
+            now += 12_000_000
+            _ = listener.timeout(now: now)
+            for d in Self.drain(&listener, now: now) where d.readableBytes <= pathLimit {
+                for case .datagramSizeConfirmed(let size) in opener.receive(d, now: now + 1_000_000).events { confirmed.append(size) }
+            }
+            now += 12_000_000
+            _ = opener.timeout(now: now)
+        }
+        let expected = pathLimit >= 1472 ? 1472 : pathLimit >= 1400 ? 1400 : DatagramWire.baseDatagramSize
+        #expect(opener.maxDatagramSize == expected)
+        #expect(confirmed == (expected > DatagramWire.baseDatagramSize ? [expected] : []))
+        #expect(listener.maxDatagramSize == expected, "the listener probes what the opener's datagrams showed")
+        #expect(opener.pathMTU.candidates.isEmpty && !opener.pathMTU.isProbing)
+        #expect(opener.congestion.slowStartThreshold == .max, "a lost probe is no congestion signal")
+        #expect(opener.probeTimeouts == 0 && !opener.hasAckElicitingInFlight, "nor a sign of a dead path")
+
+        opener.queueData(sequence: 0, payload: ByteBuffer(repeating: 1, count: opener.maxDataPayload))
+        let full = Self.drain(&opener, now: now)
+        #expect(full.count == 1 && full[0].readableBytes <= expected && full[0].readableBytes > expected - 100)
+    }
+
+    @Test func pathMTUCandidatesFollowTheRouteAndStayWithinWhatAReceiverReads() {
+        #expect(PathMTUSearch.candidates(linkMTU: 1500, ipv6: true) == [1452, 1400])
+        #expect(PathMTUSearch.candidates(linkMTU: 1280, ipv6: true) == [1232])
+        #expect(PathMTUSearch.candidates(linkMTU: 1228, ipv6: true) == [])
+        var search = PathMTUSearch()
+        search.consider(PathMTUSearch.candidates(linkMTU: 65536, ipv6: false) + [DatagramWire.largestDatagramSize])
+        #expect(search.candidates == [DatagramWire.largestDatagramSize, 1472, 1400], "65,508 is more than a receiver reads")
+        search.sent(number: 7, size: DatagramWire.largestDatagramSize, at: 0)
+        #expect(search.sizeToProbe == nil, "one probe at a time")
+        #expect(search.acknowledged([8...9]) == nil && search.isProbing, "two later packets are not yet a loss")
+        #expect(search.acknowledged([10...10]) == nil && !search.isProbing, "three are")
+        search.sent(number: 11, size: 1472, at: 100)
+        #expect(search.acknowledged([11...11]) == 1472)
+        #expect(search.candidates == [DatagramWire.largestDatagramSize], "what is left to try is larger")
+
+        // Probes lost among the subflow's own losses are excused (up to a bound); others count.
+        var at: UInt64 = 1_000
+        func probeAndLose(_ search: inout PathMTUSearch, congested: Bool) {
+            at += 1_000
+            search.sent(number: at, size: DatagramWire.largestDatagramSize, at: at)
+            search.expire(now: at + 500, probeTimeout: 100, congested: congested)
+        }
+        for _ in 0..<PathMTUSearch.excusedLossesPerSize { probeAndLose(&search, congested: true) }
+        for _ in 0..<(PathMTUSearch.probesPerSize - 1) { probeAndLose(&search, congested: false) }
+        #expect(search.sizeToProbe == DatagramWire.largestDatagramSize)
+        probeAndLose(&search, congested: true)
+        #expect(search.sizeToProbe == nil && search.confirmed == 1472, "excuses run out: the size is given up")
+        #expect(search.acknowledged([at...at]) == DatagramWire.largestDatagramSize, "unless its ACK comes after all, late")
+    }
+
     @Test func silenceCountsFromTheOldestUnansweredPacketNotTheLastAck() throws {
         var (opener, listener) = Self.keyedPair()
         opener.queue(.dataAck(.init(cumulativeAck: 0, window: 100)))
@@ -229,11 +295,11 @@ import Testing
         var controlReceived: [UInt32] = []
         var shutdowns = 0
         var doneAt: UInt64?
-        let payload = ByteBuffer(repeating: 7, count: DatagramWire.maxDataPayload)
+        let payload = ByteBuffer(repeating: 7, count: DatagramWire.maxDataPayload(datagramSize: DatagramWire.baseDatagramSize))
 
         mutating func refill() {
             while sender.isWritable, Int(nextSequence) < total {
-                let length = min(DatagramWire.maxDataPayload, total - Int(nextSequence))
+                let length = min(DatagramWire.maxDataPayload(datagramSize: DatagramWire.baseDatagramSize), total - Int(nextSequence))
                 sender.queueData(sequence: nextSequence, payload: payload.getSlice(at: 0, length: length)!)
                 nextSequence += UInt64(length)
             }

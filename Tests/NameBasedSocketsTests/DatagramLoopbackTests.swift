@@ -46,6 +46,29 @@ func transfer(_ total: Int, from client: Session, to server: Listener, during: (
 /// LoopbackTests runs for both transports).
 @Suite("UDP sessions on loopback", .timeLimit(.minutes(3)))
 struct DatagramLoopbackTests {
+    /// Loopback's MTU is 65,536: both ends reach the largest datagram a subflow reads, the opener
+    /// from its route's MTU, the listener from the opener's datagrams, and DATA fills them.
+    @Test("a UDP subflow on loopback probes up to the largest datagram size on both ends, and data fills it")
+    func pathMTUOnLoopback() async throws {
+        let server = try await udpListener()
+        let accepting = Task { try await server.accept() }
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: udpOptions())
+        let accepted = try await withTimeout(10) { try await accepting.value }
+        let data = pattern(8 << 20, seed: 9)
+        let reading = Task { try await drain(accepted) }
+        try await client.write(data)
+        await client.finish()
+        let (count, digest) = try await withTimeout(60) { try await reading.value }
+        #expect(count == data.readableBytes && digest == sha256(data))
+        #expect(await client.subflows.map(\.datagramSize) == [DatagramWire.largestDatagramSize])
+        #expect(await accepted.subflows.map(\.datagramSize) == [DatagramWire.largestDatagramSize])
+        let sent = Tally()
+        await client.withSubflowsForTesting(DatagramSubflow.self) { sent.add($0.connection.statistics.datagramsSent) }
+        let atBaseSize = data.readableBytes / DatagramWire.maxDataPayload(datagramSize: DatagramWire.baseDatagramSize)
+        #expect(sent.count < atBaseSize / 4, "\(sent.count) datagrams for 8 MiB; \(atBaseSize) at 1,200 bytes")
+        try await closeBothEnds(client, accepted, listener: server)
+    }
+
     @Test("16 MiB over three UDP subflows, two retired mid-transfer: every byte once, in order")
     func retiredSubflows() async throws {
         let server = try await udpListener()
@@ -470,7 +493,7 @@ struct DatagramLoopbackTests {
             Issue.record("no hello datagram")
             return
         }
-        #expect(datagram.readableBytes == DatagramWire.maxDatagramSize)
+        #expect(datagram.readableBytes == DatagramWire.baseDatagramSize)
         try await channel.writeAndFlush(AddressedEnvelope(remoteAddress: try SocketAddress(ipAddress: "127.0.0.1", port: server.port), data: datagram))
         for _ in 0..<50 where datagrams.count == 0 { try await Task.sleep(for: .milliseconds(20)) }
         try await Task.sleep(for: .milliseconds(500))
