@@ -472,7 +472,10 @@ public struct DatagramConnection {
         if ackEliciting {
             ackElicitingSinceAck += 1
             if let previousLargest, packet.packetNumber != previousLargest + 1 { ackNow = true }
-            if ackElicitingSinceAck >= 2 || packet.frames.contains(where: { !$0.isOrderedOnDatagrams && $0.type != .data }) || ordered > 0 {
+            // A DATA_ACK waits as DATA does: a bulk sender's window is mostly full when one comes,
+            // so an ACK at once went alone, 5,100 datagrams per 16 MiB sent over 10+10 Mbit/s (3 %
+            // of the wire); delayed, it rides the next DATA datagram.
+            if ackElicitingSinceAck >= 2 || packet.frames.contains(where: { !$0.isOrderedOnDatagrams && $0.type != .data && $0.type != .dataAck }) || ordered > 0 {
                 ackNow = true
             } else if ackDeadline == nil {
                 ackDeadline = now + maxAckDelay
