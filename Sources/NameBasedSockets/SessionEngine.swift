@@ -176,6 +176,18 @@ final class SessionEngine: SubflowDelegate {
         // After the pump: a listener's first frame after ACCEPT must be its DATA_ACK, the verdict.
         pump()
         announceInterface(id)
+        copyUnacknowledgedFin(to: id)
+    }
+
+    /// Our DATA_FIN still waits for its acknowledgement when a subflow comes up: that path has just
+    /// carried the peer's JOIN, so it is the likeliest to carry the FIN. The copies on a timer
+    /// (`checkFinAcknowledgement`) come 1, 2, 4, 8, 16 s apart: an opener that moved and joined
+    /// just after one waited up to 16 s, longer than its close timeout allowed once (the debug UDP
+    /// soak in CI, seed 93324940: "the peer did not finish the session in time").
+    private func copyUnacknowledgedFin(to id: SubflowID) {
+        guard let (carrier, fin) = core.unacknowledgedFin, carrier != id, let record = records[id] else { return }
+        record.handler.write(.dataFin(fin), flush: true)
+        logger.info("our DATA_FIN on subflow \(carrier) is unacknowledged: copied to subflow \(id), just up")
     }
 
     private func announceInterface(_ id: SubflowID) {

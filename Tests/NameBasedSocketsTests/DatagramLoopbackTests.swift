@@ -197,6 +197,40 @@ struct DatagramLoopbackTests {
         await server.close()
     }
 
+    /// The CI soak's lost session in small (seed 93324940): the listener's DATA_FIN waits on a
+    /// subflow dead towards the opener, with no other subflow to copy it to, and the opener joins
+    /// from a new address only after three copy rounds (1, 2, 4 s apart); the next would come 8 s
+    /// later. The subflow that comes up carries a copy at once now.
+    @Test("a subflow that joins while the listener's DATA_FIN waits unacknowledged carries a copy at once")
+    func finCopiedToASubflowThatJustJoined() async throws {
+        let server = try await udpListener {
+            $0.minimumStallTimeout = .seconds(60)
+            $0.stallRetirement = .seconds(60)
+            $0.closeTimeout = .seconds(60)
+        }
+        let monitor = TestInterfaceMonitor(addresses: ["127.0.0.1"])
+        var options = movingOpenerOptions(monitor, server: ["127.0.0.1"], maxSubflows: 2)
+        options.minimumStallTimeout = .seconds(60)
+        let client = try await NBS.open(localName: "client.test", peerName: "server.test", port: server.port, options: options)
+        let session = try await server.accept()
+        await session.withSubflowsForTesting(DatagramSubflow.self) { $0.dropEveryForTesting = 1 }
+        try await client.write(pattern(1000))
+        await client.finish()
+        #expect(try await withTimeout(10, "the listener reading") { try await drain(session) }.bytes == 1000)
+        let serverClosed = Task { try await session.close() }
+        let reading = Task { try await drain(client) }
+        try await Task.sleep(for: .milliseconds(7500))  // copies at 1, 3 and 7 s, the next at 15 s
+        let joined = ContinuousClock.now
+        monitor.send(.addressAdded(TestInterfaceMonitor.loopback("127.0.0.2")))
+        #expect(try await withTimeout(20, "the opener reading to the end") { try await reading.value }.bytes == 0)
+        let took = ContinuousClock.now - joined
+        // A JOIN's round trip; the copy rounds would take 7.5 s more.
+        #expect(took < .seconds(5), "the opener saw the end \(took) after its JOIN")
+        try await withTimeout(15, "the listener closing") { try await serverClosed.value }
+        await client.abort()
+        await server.close()
+    }
+
     /// The refusal storm of `bench-scale.sh --transport udp --sessions 10000` in small: the opener
     /// gives its only subflow up and its close is lost, so the listener, at its limit of one, still
     /// holds the orphan, suspended, when the opener joins the same pair again. The listener retires
