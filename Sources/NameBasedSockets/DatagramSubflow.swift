@@ -512,12 +512,8 @@ final class DatagramSubflow: SubflowTransport {
 
     func receive(_ datagram: ByteBuffer, from source: SocketAddress) {
         guard !closed else { return }
-        var datagram = datagram
-        // A small datagram in a large read buffer would keep all of it alive while its DATA waits
-        // for the application, so memory would no longer be bounded by receiveCapacity.
-        if datagram.capacity > Self.smallReadBuffer, datagram.readableBytes < datagram.capacity / 4 {
-            datagram = (channel?.allocator ?? ByteBufferAllocator()).buffer(buffer: datagram)
-        }
+        // NIO's own small buffers are left as they were before path MTU discovery made them larger.
+        let datagram = datagram.capacity > Self.smallReadBuffer ? datagram.copiedOutIfSmall(allocator: channel?.allocator ?? ByteBufferAllocator()) : datagram
         let result = connection.receive(datagram, now: Self.now)
         if result.authenticated { peerAddressConfirmed = true }
         if result.dropped != nil {

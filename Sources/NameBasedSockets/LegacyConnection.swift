@@ -144,13 +144,7 @@ final class LegacyConnection: ChannelInboundHandler, RemovableChannelHandler, Se
                 return fail(.connectionLost("an NBS peer whose first bytes came after the legacy detection delay"))
             }
         }
-        // A small read would keep its whole receive buffer (64 KiB or more) alive while it waits
-        // for the application, so that memory would no longer be bounded by receiveCapacity.
-        if bytes.readableBytes < bytes.capacity / 4 {
-            var copy = context.channel.allocator.buffer(capacity: bytes.readableBytes)
-            copy.writeBuffer(&bytes)
-            bytes = copy
-        }
+        bytes = bytes.copiedOutIfSmall(allocator: context.channel.allocator)
         bytesReceived += bytes.readableBytes
         receivedBytes += bytes.readableBytes
         received.append(bytes)

@@ -105,3 +105,12 @@ enum SubflowConnector {
         }
     }
 }
+
+extension ByteBuffer {
+    /// A small read in a large receive buffer, copied out: kept as it is, it would hold the whole
+    /// buffer alive while it waits for the application, so that memory would no longer be bounded
+    /// by receiveCapacity.
+    func copiedOutIfSmall(allocator: ByteBufferAllocator) -> ByteBuffer {
+        readableBytes < capacity / 4 ? allocator.buffer(buffer: self) : self
+    }
+}
