@@ -134,6 +134,7 @@ final class DatagramSubflow: SubflowTransport {
     var localAddress: SocketAddress? { local }
     var remoteAddress: SocketAddress? { remote }
     var maxDataPayload: Int? { connection.maxDataPayload }
+    var datagramSize: Int? { connection.maxDatagramSize }
     var deliversInOrder: Bool { false }
     private(set) var peerAddressConfirmed = false
 

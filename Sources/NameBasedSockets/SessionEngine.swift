@@ -88,8 +88,12 @@ final class SessionEngine: SubflowDelegate {
     private(set) var drainsCutShort = 0
     /// Test hook (`Session.dropArrivingFramesForTesting`): frames lost as if with their subflow.
     var droppedFrameTypesForTesting: Set<FrameType> = []
-    private var queueHighWaterMark: [SubflowID: Int] = [:]
-    private var segmentPayloadLimit: [SubflowID: Int?] = [:]
+    /// What `resizeQueues` last applied to each subflow.
+    private var queueSizing: [SubflowID: QueueSizing] = [:]
+    private struct QueueSizing: Equatable {
+        var highWaterMark: Int
+        var maxDataPayload: Int?
+    }
     private var pendingInterfaceEvents: [InterfaceEvent] = []
     private var refusedJoinRetries = 0
     /// Our interfaces' tags in INTERFACE hints, numbered by first use in this session.
@@ -811,11 +815,10 @@ final class SessionEngine: SubflowDelegate {
         let target = Int(rate * options.queueTarget.seconds)
         let high = max(8 * 1024, min(1 << 20, Int(UInt(max(target, 1)).roundedUpToPowerOfTwo)))
         // A UDP subflow's datagrams grow as its path MTU search confirms larger ones.
-        let payload = record.handler.maxDataPayload
-        guard queueHighWaterMark[id] != high || segmentPayloadLimit[id] != payload else { return }
-        queueHighWaterMark[id] = high
-        segmentPayloadLimit[id] = payload
-        core.setSegmentLimit(id, min(max(Self.minimumSegment, high / Self.segmentsPerQueue), payload ?? .max))
+        let sizing = QueueSizing(highWaterMark: high, maxDataPayload: record.handler.maxDataPayload)
+        guard queueSizing[id] != sizing else { return }
+        queueSizing[id] = sizing
+        core.setSegmentLimit(id, min(max(Self.minimumSegment, high / Self.segmentsPerQueue), sizing.maxDataPayload ?? .max))
         record.handler.setQueueLimit(high)
     }
 
@@ -1359,7 +1362,7 @@ final class SessionEngine: SubflowDelegate {
         return SubflowInfo(id: id.rawValue, local: record.local, remote: record.remote, interface: record.interface, state: state,
                            rttMilliseconds: core.smoothedRTT(id), bytesSent: stats.bytesSent, bytesReceived: stats.bytesReceived,
                            reinjectedBytes: stats.reinjectedBytes, closeReason: record.closeReason,
-                           datagramSize: (record.handler as? DatagramSubflow)?.connection.maxDatagramSize)
+                           datagramSize: record.handler.datagramSize)
     }
 
     var subflowInfos: [SubflowInfo] { records.keys.sorted().map(info) }

@@ -130,6 +130,8 @@ protocol SubflowTransport: AnyObject {
     var remoteAddress: SocketAddress? { get }
     /// The largest DATA payload one transmission may carry; nil when the transport cuts for itself.
     var maxDataPayload: Int? { get }
+    /// A UDP subflow's datagram size (`SubflowInfo.datagramSize`); nil for a byte stream.
+    var datagramSize: Int? { get }
     /// A byte stream (TCP): what was sent arrives in that order (`SessionCore.addSubflow`).
     var deliversInOrder: Bool { get }
     /// Whether the peer has shown that it receives at its address: TCP's handshake shows it; a UDP
@@ -228,6 +230,7 @@ final class SubflowHandler: ChannelInboundHandler, SubflowTransport {
     var localAddress: SocketAddress? { context?.channel.localAddress }
     var remoteAddress: SocketAddress? { context?.channel.remoteAddress ?? connectedTo }
     var maxDataPayload: Int? { nil }
+    var datagramSize: Int? { nil }
     var deliversInOrder: Bool { true }
     var peerAddressConfirmed: Bool { true }
 
