@@ -87,6 +87,8 @@ public struct DatagramConnection {
     public let connectionID: UInt64
     public let isOpener: Bool
     public let maxAckDelay: UInt64 = 10_000_000
+    /// RFC 9002's PTO, before backoff: what a packet or a path MTU probe is given to be acknowledged.
+    private var probeTimeout: UInt64 { rtt.probeTimeout(maxAckDelay: maxAckDelay) }
     public private(set) var rtt = RTTEstimator()
     public private(set) var congestion = NewReno()
     public private(set) var statistics = Statistics()
@@ -221,7 +223,7 @@ public struct DatagramConnection {
     /// minute (the debug UDP soak, seed 31337).
     public func acknowledgementOverdue(now: UInt64) -> Bool {
         guard hasAckElicitingInFlight, let since = silentSince, now > since else { return false }
-        return now - since > rtt.probeTimeout(maxAckDelay: maxAckDelay)
+        return now - since > probeTimeout
     }
 
     // MARK: building datagrams
@@ -598,18 +600,17 @@ public struct DatagramConnection {
 
     private var probeDeadline: UInt64? {
         guard let last = lastAckElicitingSentAt, hasAckElicitingInFlight else { return nil }
-        let base = rtt.probeTimeout(maxAckDelay: maxAckDelay)
-        return last + base << min(probeTimeouts, 6)
+        return last + probeTimeout << min(probeTimeouts, 6)
     }
 
     /// When `timeout(now:)` must next run.
     public var nextTimeout: UInt64? {
-        [ackDeadline, lossTime, probeDeadline, pathMTU.deadline(probeTimeout: rtt.probeTimeout(maxAckDelay: maxAckDelay))].compactMap { $0 }.min()
+        [ackDeadline, lossTime, probeDeadline, pathMTU.deadline(probeTimeout: probeTimeout)].compactMap { $0 }.min()
     }
 
     public mutating func timeout(now: UInt64) -> [Event] {
         var events: [Event] = []
-        pathMTU.expire(now: now, probeTimeout: rtt.probeTimeout(maxAckDelay: maxAckDelay), congested: lostSinceProbe)
+        pathMTU.expire(now: now, probeTimeout: probeTimeout, congested: lostSinceProbe)
         if let deadline = ackDeadline, deadline <= now { ackNow = true }
         if let lossTime, lossTime <= now {
             events += detectLosses(now: now)

@@ -97,7 +97,8 @@ public struct PathMTUSearch: Sendable, Equatable {
     /// largest datagram that hop carries, then what an Ethernet path of 1,500 carries (the usual
     /// bottleneck beyond a larger first hop), then 1,400 (tunnels and PPPoE take a little off).
     public static func candidates(linkMTU: Int, ipv6: Bool) -> [Int] {
-        let largest = linkMTU - (ipv6 ? 40 : 20) - 8
-        return Set([largest, 1500 - (ipv6 ? 40 : 20) - 8, 1400]).filter { $0 <= largest && $0 > DatagramWire.baseDatagramSize }.sorted(by: >)
+        let headers = (ipv6 ? 40 : 20) + 8
+        let largest = linkMTU - headers
+        return Set([largest, 1500 - headers, 1400]).filter { $0 <= largest && $0 > DatagramWire.baseDatagramSize }.sorted(by: >)
     }
 }

@@ -259,11 +259,10 @@ final class DatagramSubflow: SubflowTransport {
                            sharedByListener: Bool = false) -> EventLoopFuture<any Channel> {
         // Don't Fragment, and the kernel's idea of the path MTU ignored (IP_PMTUDISC_PROBE): a probe
         // too large for the path must be lost, not fragmented, and `PathMTUSearch` is the authority.
-        let mtuDiscovery: ChannelOptions.Types.SocketOption = local.protocol == .inet6
-            ? .init(level: .ipv6, name: .init(rawValue: IPV6_MTU_DISCOVER)) : .ipOption(.init(rawValue: IP_MTU_DISCOVER))
+        let ipv6 = local.protocol == .inet6
         var bootstrap = DatagramBootstrap(group: loop)
             .channelOption(.socketOption(.so_reuseaddr), value: reuseAddress ? 1 : 0)
-            .channelOption(mtuDiscovery, value: Int(local.protocol == .inet6 ? IPV6_PMTUDISC_PROBE : IP_PMTUDISC_PROBE))
+            .channelOption(ipOption(ipv6: ipv6, v4: IP_MTU_DISCOVER, v6: IPV6_MTU_DISCOVER), value: Int(ipv6 ? IPV6_PMTUDISC_PROBE : IP_PMTUDISC_PROBE))
             // A listener's socket reads for every subflow to its address, whatever sizes they
             // reach; an opener's is sized to its path once connected (`searchPathMTU`).
             .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: sharedByListener ? DatagramWire.largestDatagramSize : Self.smallReadBuffer))
@@ -292,6 +291,11 @@ final class DatagramSubflow: SubflowTransport {
 
     /// Datagrams NIO reads from a socket per wake-up (`maxMessagesPerRead`).
     static let readsPerWakeup = 256
+
+    /// The IP-level option `v4` (IPPROTO_IP) or `v6` (IPPROTO_IPV6), as the socket's family needs.
+    static func ipOption(ipv6: Bool, v4: Int32, v6: Int32) -> ChannelOptions.Types.SocketOption {
+        ipv6 ? .init(level: .ipv6, name: .init(rawValue: v6)) : .ipOption(.init(rawValue: v4))
+    }
     /// NIO's own size for a datagram read: room for the base size and any Ethernet path's.
     static let smallReadBuffer = 2048
 
@@ -300,8 +304,7 @@ final class DatagramSubflow: SubflowTransport {
     private func searchPathMTU(on channel: any Channel) {
         guard let options = channel.syncOptions else { return }
         let ipv6 = remote.protocol == .inet6
-        let routeMTU: ChannelOptions.Types.SocketOption = ipv6 ? .init(level: .ipv6, name: .init(rawValue: IPV6_MTU)) : .ipOption(.init(rawValue: IP_MTU))
-        guard let linkMTU = try? options.getOption(routeMTU) else { return }
+        guard let linkMTU = try? options.getOption(Self.ipOption(ipv6: ipv6, v4: IP_MTU, v6: IPV6_MTU)) else { return }
         let sizes = PathMTUSearch.candidates(linkMTU: Int(linkMTU), ipv6: ipv6).map { min($0, DatagramWire.largestDatagramSize) }
         if let largest = sizes.max(), largest > Self.smallReadBuffer {
             try? options.setOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: largest))
