@@ -791,6 +791,19 @@ for path, role in zip(sys.argv[1:], ("client", "server")):
 EOF
 }
 
+# nbs_transfer PREFIX BYTES [CONNECT ARGS...]: `serve --sink --once --json` in the server namespace on a fresh port,
+# `connect --bytes BYTES --json [ARGS...]` in the client's, and waits for both. Sets NBS_CRC and NBS_SRC (exit codes).
+nbs_transfer() {
+    local prefix=$1 bytes=$2 port spid="" cpid=""
+    shift 2
+    NBS_CRC=0 NBS_SRC=0
+    port=$(nbs_port)
+    nbs_serve_bg spid "$port" "$prefix" --sink
+    nbs_connect_bg cpid "$port" "$prefix" "$bytes" "$@"
+    nbs_wait_rc NBS_CRC "$cpid"
+    nbs_wait_rc NBS_SRC "$spid"
+}
+
 # ---------------------------------------------------------------------------------------------- fault scenarios
 # nbs_transfer_with_fault PREFIX BYTES DELAY_S FAULT [CONNECT ARGS...]: `serve --sink --once --json` in the
 # server namespace, `connect --bytes BYTES --json [ARGS...]` in the client's, and DELAY_S seconds after the

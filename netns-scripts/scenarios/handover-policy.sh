@@ -22,14 +22,9 @@ export NBS_TIMEOUT=${NBS_TIMEOUT:-60}
 nbs_scenario_start --rate "${NBS_RATE:-10}"
 
 echo "== 1. both paths up: path 2 must stay (nearly) idle"
-spid="" cpid="" crc=0 src=0 # set by nbs_serve_bg, nbs_connect_bg, nbs_wait_rc
-port=$(nbs_port)
 quiet=$NBS_TMP/quiet
-nbs_serve_bg spid "$port" "$quiet" --sink
-nbs_connect_bg cpid "$port" "$quiet" "$quiet_bytes" --policy handover
-nbs_wait_rc crc "$cpid"
-nbs_wait_rc src "$spid"
-nbs_check "$quiet" "$quiet_bytes" "$crc" "$src" --max-sent-share "$path2" 10 || nbs_fail "handover without a fault"
+nbs_transfer "$quiet" "$quiet_bytes" --policy handover
+nbs_check "$quiet" "$quiet_bytes" "$NBS_CRC" "$NBS_SRC" --max-sent-share "$path2" 10 || nbs_fail "handover without a fault"
 
 echo "== 2. path 1 goes down: path 2 takes over"
 out=$NBS_TMP/xfer

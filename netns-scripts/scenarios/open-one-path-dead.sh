@@ -22,12 +22,9 @@ nbs_scenario_start --rate "${NBS_RATE:-10}"
 bytes=${NBS_BYTES:-$((2 * 1024 * 1024))} prefix=$NBS_TMP/xfer
 transport=${NBS_TRANSPORT:-tcp}
 if [[ $transport == tcp ]]; then
-    warm=$NBS_TMP/warm port=$(nbs_port)
-    nbs_serve_bg spid "$port" "$warm" --sink
-    nbs_connect_bg cpid "$port" "$warm" 65536 --policy aggregate
-    nbs_wait_rc crc "$cpid"
-    nbs_wait_rc src "$spid"
-    nbs_check "$warm" 65536 "$crc" "$src" >/dev/null || nbs_fail "the session before the fault failed"
+    warm=$NBS_TMP/warm
+    nbs_transfer "$warm" 65536 --policy aggregate
+    nbs_check "$warm" 65536 "$NBS_CRC" "$NBS_SRC" >/dev/null || nbs_fail "the session before the fault failed"
     nbs_log "a session before the fault: the client holds the server's Fast Open cookies"
 fi
 port=$(nbs_port)

@@ -16,16 +16,11 @@ bytes=${NBS_BYTES:-$((4 * 1024 * 1024))}
 nbs_scenario_start --rate "${NBS_RATE:-10}"
 ip -n "$NBS_NS_S" link set "$NBS_IF_1" mtu 1450
 
-spid="" cpid="" crc=0 src=0 # set by nbs_serve_bg, nbs_connect_bg, nbs_wait_rc
-port=$(nbs_port)
 out=$NBS_TMP/xfer
-nbs_serve_bg spid "$port" "$out" --sink
-nbs_connect_bg cpid "$port" "$out" "$bytes" --policy aggregate
-nbs_wait_rc crc "$cpid"
-nbs_wait_rc src "$spid"
+nbs_transfer "$out" "$bytes" --policy aggregate
 
 ok=1
-nbs_check "$out" "$bytes" "$crc" "$src" || ok=0
+nbs_check "$out" "$bytes" "$NBS_CRC" "$NBS_SRC" || ok=0
 python3 - "$out.client" "$out.server" <<'PY' || ok=0
 import json, sys
 
