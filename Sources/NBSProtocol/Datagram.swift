@@ -60,6 +60,10 @@ public enum DatagramItem: Sendable, Equatable {
         }
     }
 
+    var isPadding: Bool {
+        if case .padding = self { true } else { false }
+    }
+
     var encodedLength: Int {
         switch self {
         case .ack(let ranges, _): 3 + 4 + 1 + 16 * ranges.count

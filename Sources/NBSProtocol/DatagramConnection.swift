@@ -433,7 +433,7 @@ public struct DatagramConnection {
         }
         guard packet.connectionID == connectionID else { return drop(.wrongConnection) }
         if !packet.isProtected {
-            let allowed = packet.items.allSatisfy { if case .ack = $0 { true } else { $0 == .ping || { if case .padding = $0 { true } else { false } }($0) } }
+            let allowed = packet.items.allSatisfy { if case .ack = $0 { true } else { $0 == .ping || $0.isPadding } }
                 && packet.frames.allSatisfy { $0.isHandshake || $0.type == .abort }
             guard allowed else { return drop(.forbiddenUnprotected) }
         }
@@ -453,7 +453,7 @@ public struct DatagramConnection {
         // listener has no route MTU of its own to start from: its socket is not connected.)
         // Only a probe's size (a PING padded out) is a size the peer chose to test.
         if packet.isProtected, datagram.readableBytes > pathMTU.confirmed, packet.frames.isEmpty,
-           packet.items.contains(where: { if case .padding = $0 { true } else { false } }) {
+           packet.items.contains(where: \.isPadding) {
             pathMTU.consider([datagram.readableBytes])
         }
         result.isNewest = previousLargest.map { packet.packetNumber > $0 } ?? true
